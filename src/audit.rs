@@ -1,0 +1,60 @@
+//! The audit trail: one row per management action, naming the role that performed it.
+
+use crate::errors;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+use std::ffi::CStr;
+
+/// The role that called us. Management functions are SECURITY DEFINER, so `current_user` is
+/// their owner; the outer user id is the caller's role (after any SET ROLE).
+pub fn actor() -> String {
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+pub fn record(client: &mut SpiClient<'_>, action: &str, key_id: Option<&str>, details: serde_json::Value) {
+    errors::internal(client.update(
+        "INSERT INTO apikeys.audit_log (actor, action, key_id, details) VALUES ($1, $2, $3, $4)",
+        None,
+        &[actor().into(), action.into(), key_id.into(), JsonB(details).into()],
+    ));
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn every_management_action_is_audited_with_the_calling_role() {
+        Spi::run("CREATE ROLE audit_admin; GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA apikeys TO audit_admin")
+            .unwrap();
+        Spi::run("SET ROLE audit_admin").unwrap();
+        let id = Spi::get_one::<String>("SELECT id FROM apikeys.create_api_key(id => 'aud1')")
+            .unwrap()
+            .unwrap();
+        Spi::run("SELECT apikeys.update_api_key('aud1', name => 'renamed')").unwrap();
+        Spi::run("SELECT apikeys.rotate_api_key('aud1')").unwrap();
+        Spi::run("SELECT apikeys.revoke_api_key('aud1')").unwrap();
+        Spi::run("SELECT apikeys.delete_api_key('aud1')").unwrap();
+        Spi::run("RESET ROLE").unwrap();
+        let actions = Spi::get_one::<String>(&format!(
+            "SELECT string_agg(action || ':' || actor, ',' ORDER BY id) FROM apikeys.audit_log WHERE key_id = '{id}'"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            actions,
+            "create:audit_admin,update:audit_admin,rotate:audit_admin,revoke:audit_admin,delete:audit_admin"
+        );
+        // The audit never holds secrets.
+        let leaked = Spi::get_one::<bool>(
+            "SELECT bool_or(details::text ~ 'sk_' OR details ? 'hash') FROM apikeys.audit_log",
+        )
+        .unwrap();
+        assert_eq!(leaked, Some(false));
+    }
+}

@@ -1,0 +1,48 @@
+//! Raising the SPEC's SQLSTATEs. pgrx turns panics into XX000, so every user-facing failure goes
+//! through here with its own code, a message that names the argument, and a hint where one helps.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use std::fmt::Display;
+
+pub fn raise(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+    let mut report = ErrorReport::new(code, message, "pg_apikeys");
+    if let Some(hint) = hint {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// 22023: an argument has a value the function cannot use.
+pub fn invalid_argument(arg: &str, problem: impl Display) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("argument \"{arg}\" {problem}"),
+        None,
+    )
+}
+
+pub fn invalid_argument_hint(arg: &str, problem: impl Display, hint: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("argument \"{arg}\" {problem}"),
+        Some(hint),
+    )
+}
+
+/// P0002: update/revoke/rotate of an id that does not exist.
+pub fn key_not_found(id: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+        format!("API key \"{id}\" does not exist"),
+        Some("apikeys.list_api_keys() shows the existing keys."),
+    )
+}
+
+/// SPI failures that no input can cause; reported rather than panicking.
+pub fn internal<T, E: Display>(result: Result<T, E>) -> T {
+    result.unwrap_or_else(|e| {
+        raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("pg_apikeys internal error: {e}"), None)
+    })
+}

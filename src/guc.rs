@@ -1,0 +1,39 @@
+//! Settings. Both are USERSET: they choose defaults for keys a caller creates, nothing more.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+pub static DEFAULT_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"sk"));
+pub static DEFAULT_KEY_TTL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"apikeys.default_prefix",
+        c"Prefix of new API keys when create_api_key gets none.",
+        c"1 to 16 characters of [a-z0-9].",
+        &DEFAULT_PREFIX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"apikeys.default_key_ttl",
+        c"Lifetime of new API keys when create_api_key gets neither expires_in nor expires_at.",
+        c"An interval such as '90 days'; empty means keys never expire.",
+        &DEFAULT_KEY_TTL,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().trim().to_owned()).unwrap_or_default()
+}
+
+pub fn default_prefix() -> String {
+    string(&DEFAULT_PREFIX)
+}
+
+/// The configured default lifetime, or None when it is empty (never expire).
+pub fn default_key_ttl() -> Option<String> {
+    Some(string(&DEFAULT_KEY_TTL)).filter(|s| !s.is_empty())
+}

@@ -1,0 +1,177 @@
+//! Key strings: `<prefix>_<body>` where body is 43 base62 chars of 32 CSPRNG bytes followed by a
+//! 6-char base62 CRC32 of everything before it. The checksum lets `verify_key` reject typos and
+//! made-up strings without touching a table, and gives secret scanners a fixed shape to match.
+
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// base62 digits needed for 32 bytes: ceil(256 / log2(62)).
+pub const RANDOM_CHARS: usize = 43;
+pub const CHECKSUM_CHARS: usize = 6;
+pub const BODY_CHARS: usize = RANDOM_CHARS + CHECKSUM_CHARS;
+pub const MAX_PREFIX_CHARS: usize = 16;
+/// Longest possible key string; anything longer is rejected before parsing.
+pub const MAX_KEY_CHARS: usize = MAX_PREFIX_CHARS + 1 + BODY_CHARS;
+/// Body characters shown in `start` after `<prefix>_`.
+const START_BODY_CHARS: usize = 6;
+
+/// Fixed-width big-endian base62: `width` digits, left-padded with '0'.
+/// OsRng is used for key material (never a userspace RNG seeded before the postmaster forks).
+pub fn base62(bytes: &[u8], width: usize) -> String {
+    let mut num = bytes.to_vec();
+    let mut digits = vec![b'0'; width];
+    for slot in digits.iter_mut().rev() {
+        let mut rem = 0u32;
+        for byte in num.iter_mut() {
+            let acc = (rem << 8) | u32::from(*byte);
+            *byte = (acc / 62) as u8;
+            rem = acc % 62;
+        }
+        *slot = ALPHABET[rem as usize];
+    }
+    debug_assert!(num.iter().all(|b| *b == 0), "width too small for input");
+    // SAFETY of from_utf8: every byte comes from ALPHABET, which is ASCII.
+    String::from_utf8(digits).unwrap_or_default()
+}
+
+fn checksum(text: &str) -> String {
+    base62(&crc32fast::hash(text.as_bytes()).to_be_bytes(), CHECKSUM_CHARS)
+}
+
+/// A prefix is 1–16 characters of `[a-z0-9]`.
+pub fn is_valid_prefix(prefix: &str) -> bool {
+    (1..=MAX_PREFIX_CHARS).contains(&prefix.len())
+        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// A new key string with the given (already validated) prefix.
+pub fn generate(prefix: &str) -> String {
+    let mut secret = [0u8; 32];
+    OsRng.fill_bytes(&mut secret);
+    let head = format!("{prefix}_{}", base62(&secret, RANDOM_CHARS));
+    let sum = checksum(&head);
+    head + &sum
+}
+
+/// A random identifier body of `bytes` random bytes, for key ids and token ids.
+pub fn random_id(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    OsRng.fill_bytes(&mut raw);
+    let width = (bytes * 8 * 1000).div_ceil(5954); // log2(62) ≈ 5.954
+    base62(&raw, width)
+}
+
+/// A key string that has the right shape and checksum.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParsedKey<'a> {
+    pub prefix: &'a str,
+    pub body: &'a str,
+}
+
+impl ParsedKey<'_> {
+    /// What is shown for a key: its prefix and the first characters of its body.
+    pub fn start(&self) -> String {
+        format!("{}_{}", self.prefix, &self.body[..START_BODY_CHARS])
+    }
+}
+
+/// Parses and checks a key string; `None` for anything that is not a well-formed key.
+pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
+    if key.len() > MAX_KEY_CHARS || !key.is_ascii() {
+        return None;
+    }
+    let (prefix, body) = key.split_once('_')?;
+    if !is_valid_prefix(prefix)
+        || body.len() != BODY_CHARS
+        || !body.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return None;
+    }
+    let (head, sum) = key.split_at(key.len() - CHECKSUM_CHARS);
+    (checksum(head) == sum).then_some(ParsedKey { prefix, body })
+}
+
+/// What the table stores in place of the key.
+pub fn hash(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn base62_is_fixed_width_and_ordered() {
+        assert_eq!(base62(&[0], 3), "000");
+        assert_eq!(base62(&[61], 2), "0z");
+        assert_eq!(base62(&[62], 2), "10");
+        assert_eq!(base62(&[0xff; 32], RANDOM_CHARS).len(), RANDOM_CHARS);
+        assert_eq!(base62(&u32::MAX.to_be_bytes(), CHECKSUM_CHARS), "4gfFC3");
+    }
+
+    #[test]
+    fn generated_keys_parse() {
+        for prefix in ["sk", "a", "0123456789abcdef"] {
+            let key = generate(prefix);
+            assert_eq!(key.len(), prefix.len() + 1 + BODY_CHARS);
+            let parsed = parse(&key).expect("generated key parses");
+            assert_eq!(parsed.prefix, prefix);
+            assert!(parsed.start().starts_with(&format!("{prefix}_")));
+        }
+        assert_ne!(generate("sk"), generate("sk"));
+    }
+
+    #[test]
+    fn any_single_typo_is_rejected() {
+        let key = generate("sk");
+        for i in 0..key.len() {
+            let mut bytes = key.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+            let typo = String::from_utf8(bytes).unwrap();
+            assert!(parse(&typo).is_none(), "typo at {i} accepted: {typo}");
+        }
+    }
+
+    #[test]
+    fn malformed_strings_are_rejected() {
+        let key = generate("sk");
+        for bad in [
+            "",
+            "_",
+            "sk_",
+            "sk",
+            &key[..key.len() - 1],
+            &format!("{key}0"),
+            &key.to_uppercase(),
+            &format!("Sk{}", &key[2..]),
+            &key.replacen('_', "-", 1),
+            "sk_ééééééééééééééééééééééééééééééééééééééééééééééééé",
+            &"x".repeat(1_000_000),
+        ] {
+            assert!(parse(bad).is_none(), "accepted {bad:.40}");
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(is_valid_prefix("sk"));
+        assert!(is_valid_prefix("live2"));
+        for bad in ["", "SK", "s_k", "abcdefghijklmnopq", "ключ", "a b"] {
+            assert!(!is_valid_prefix(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hash_is_sha256() {
+        assert_eq!(hash("abc").len(), 32);
+        assert_eq!(hash("abc")[..4], [0xba, 0x78, 0x16, 0xbf]);
+    }
+
+    #[test]
+    fn random_ids_have_fixed_width() {
+        assert_eq!(random_id(16).len(), 22);
+        assert_ne!(random_id(16), random_id(16));
+    }
+}

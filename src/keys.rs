@@ -1,0 +1,710 @@
+//! Key management: create, read, update, revoke, delete, rotate. Every function here is
+//! SECURITY DEFINER with a fixed search_path (the tables are closed to PUBLIC), is not executable
+//! by PUBLIC, and writes an audit row for each change.
+
+use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
+use crate::schema::API_KEY_ROW;
+use crate::{audit, guc, key_format, permissions};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+use serde_json::json;
+
+const MAX_ID_CHARS: usize = 128;
+const MAX_NAME_CHARS: usize = 200;
+const MAX_DESCRIPTION_CHARS: usize = 2000;
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
+type ApiKey = pgrx::composite_type!('static, "apikeys.api_key");
+
+// ---- argument checks (pure, shared by create and update) ----
+
+fn check_text(arg: &str, value: Option<String>, max: usize) -> Option<String> {
+    if let Some(v) = &value {
+        let n = v.chars().count();
+        if n > max {
+            invalid_argument(arg, format!("must be at most {max} characters, got {n}"));
+        }
+    }
+    value
+}
+
+fn check_id(id: &str) -> &str {
+    let ok = (1..=MAX_ID_CHARS).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if !ok {
+        invalid_argument(
+            "id",
+            format!("must be 1 to {MAX_ID_CHARS} characters of [A-Za-z0-9_.:-]"),
+        );
+    }
+    id
+}
+
+fn check_json_size(arg: &str, value: &serde_json::Value) {
+    let n = value.to_string().len();
+    if n > MAX_JSON_BYTES {
+        invalid_argument(arg, format!("must be at most {MAX_JSON_BYTES} bytes of JSON, got {n}"));
+    }
+}
+
+fn check_permissions(value: Option<JsonB>) -> Option<serde_json::Value> {
+    let JsonB(value) = value?;
+    check_json_size("permissions", &value);
+    match permissions::parse(&value) {
+        Ok(perms) => Some(permissions::to_json(&perms)),
+        Err(problem) => invalid_argument_hint(
+            "permissions",
+            problem,
+            r#"Example: {"orders": ["read", "write"], "reports": ["*"]}"#,
+        ),
+    }
+}
+
+fn check_metadata(value: Option<JsonB>) -> Option<serde_json::Value> {
+    let JsonB(value) = value?;
+    check_json_size("metadata", &value);
+    Some(value)
+}
+
+fn check_positive(arg: &str, value: Option<Interval>) -> Option<Interval> {
+    if let Some(v) = value {
+        if v.as_micros() <= 0 {
+            invalid_argument(arg, "must be a positive interval");
+        }
+    }
+    value
+}
+
+fn check_non_negative<T: PartialOrd + Default + Copy>(arg: &str, value: Option<T>) -> Option<T> {
+    if value.is_some_and(|v| v < T::default()) {
+        invalid_argument(arg, "must not be negative");
+    }
+    value
+}
+
+fn check_role(client: &SpiClient<'_>, role: Option<String>) -> Option<String> {
+    let role = check_text("role", role, 63)?;
+    let exists = errors::internal(client.select(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+        None,
+        &[role.as_str().into()],
+    ))
+    .first()
+    .get_one::<bool>();
+    if errors::internal(exists) != Some(true) {
+        invalid_argument_hint("role", format!("names no database role: \"{role}\""), "Create the role first.");
+    }
+    Some(role)
+}
+
+fn check_prefix(arg: &str, prefix: &str) {
+    if !key_format::is_valid_prefix(prefix) {
+        invalid_argument(arg, format!("must be 1 to 16 characters of [a-z0-9], got \"{prefix}\""));
+    }
+}
+
+/// Both or neither of two arguments that only make sense together.
+fn check_pair<A, B>(a: (&str, &Option<A>), b: (&str, &Option<B>)) {
+    if a.1.is_some() != b.1.is_some() {
+        let (given, missing) = if a.1.is_some() { (a.0, b.0) } else { (b.0, a.0) };
+        invalid_argument(missing, format!("must be given together with \"{given}\""));
+    }
+}
+
+/// A key's expiry as the caller asked for it.
+#[derive(Clone, Copy)]
+enum Expiry {
+    Never,
+    At(TimestampWithTimeZone),
+    In(Interval),
+}
+
+impl Expiry {
+    /// From the two exclusive arguments; None when neither was given.
+    fn from_args(
+        expires_in: Option<Interval>,
+        expires_at: Option<TimestampWithTimeZone>,
+    ) -> Option<Expiry> {
+        match (check_positive("expires_in", expires_in), expires_at) {
+            (Some(_), Some(_)) => invalid_argument("expires_at", "cannot be combined with \"expires_in\""),
+            (Some(i), None) => Some(Expiry::In(i)),
+            (None, Some(t)) if t.is_infinity() => Some(Expiry::Never),
+            (None, Some(t)) => Some(Expiry::At(t)),
+            (None, None) => None,
+        }
+    }
+
+    /// From GUC apikeys.default_key_ttl.
+    fn default() -> Expiry {
+        let Some(text) = guc::default_key_ttl() else { return Expiry::Never };
+        let ttl = text.parse::<Interval>().unwrap_or_else(|_| {
+            invalid_argument("apikeys.default_key_ttl", format!("must be an interval, got \"{text}\""))
+        });
+        Expiry::In(check_positive("apikeys.default_key_ttl", Some(ttl)).unwrap_or(ttl))
+    }
+
+    /// Arguments for SQL's `COALESCE($at, clock_timestamp() + $in)`; both NULL means never.
+    fn sql_args(self) -> (Option<TimestampWithTimeZone>, Option<Interval>) {
+        match self {
+            Expiry::Never => (None, None),
+            Expiry::At(t) => (Some(t), None),
+            Expiry::In(i) => (None, Some(i)),
+        }
+    }
+}
+
+// ---- SQL functions ----
+
+/// Creates an API key and returns it. The `key` column is the only time the key is ever shown:
+/// only its SHA-256 is stored. See README "create_api_key" for every argument.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn create_api_key(
+    name: default!(Option<String>, "NULL"),
+    owner: default!(Option<String>, "NULL"),
+    permissions: default!(Option<JsonB>, "NULL"),
+    expires_in: default!(Option<Interval>, "NULL"),
+    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    prefix: default!(Option<String>, "NULL"),
+    id: default!(Option<String>, "NULL"),
+    secret: default!(Option<String>, "NULL"),
+    role: default!(Option<String>, "NULL"),
+    description: default!(Option<String>, "NULL"),
+    metadata: default!(Option<JsonB>, "NULL"),
+    master: default!(Option<bool>, false),
+    remaining: default!(Option<i64>, "NULL"),
+    refill_amount: default!(Option<i64>, "NULL"),
+    refill_interval: default!(Option<Interval>, "NULL"),
+    rate_limit_max: default!(Option<i32>, "NULL"),
+    rate_limit_window: default!(Option<Interval>, "NULL"),
+    enabled: default!(Option<bool>, true),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, String),
+        name!(key, String),
+        name!(start, String),
+        name!(prefix, String),
+        name!(name, Option<String>),
+        name!(owner, Option<String>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+        name!(created_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let name = check_text("name", name, MAX_NAME_CHARS);
+    let owner = check_text("owner", owner, MAX_NAME_CHARS);
+    let description = check_text("description", description, MAX_DESCRIPTION_CHARS);
+    let permissions = check_permissions(permissions).unwrap_or_else(|| json!({}));
+    let metadata = check_metadata(metadata);
+    let expiry = Expiry::from_args(expires_in, expires_at).unwrap_or_else(Expiry::default);
+    let remaining = check_non_negative("remaining", remaining);
+    let refill_amount = check_non_negative("refill_amount", refill_amount);
+    let refill_interval = check_positive("refill_interval", refill_interval);
+    check_pair(("refill_amount", &refill_amount), ("refill_interval", &refill_interval));
+    let rate_limit_window = check_positive("rate_limit_window", rate_limit_window);
+    if rate_limit_max.is_some_and(|m| m <= 0) {
+        invalid_argument("rate_limit_max", "must be greater than zero");
+    }
+    check_pair(("rate_limit_max", &rate_limit_max), ("rate_limit_window", &rate_limit_window));
+    // A refilling quota starts full unless told otherwise.
+    let remaining = remaining.or(refill_amount);
+
+    let (key, prefix) = match secret {
+        Some(secret) => {
+            let Some(parsed) = key_format::parse(&secret) else {
+                invalid_argument_hint(
+                    "secret",
+                    "is not a well-formed pg_apikeys key (<prefix>_<43 base62 chars><6-char checksum>)",
+                    "Import keys that pg_apikeys generated, or leave secret NULL to generate one.",
+                )
+            };
+            if prefix.as_deref().is_some_and(|p| p != parsed.prefix) {
+                invalid_argument("prefix", format!("does not match the prefix of \"secret\" (\"{}\")", parsed.prefix));
+            }
+            let prefix = parsed.prefix.to_owned();
+            (secret, prefix)
+        }
+        None => {
+            let (arg, prefix) = match prefix {
+                Some(p) => ("prefix", p),
+                None => ("apikeys.default_prefix", guc::default_prefix()),
+            };
+            check_prefix(arg, &prefix);
+            (key_format::generate(&prefix), prefix)
+        }
+    };
+    let start = key_format::parse(&key).map(|p| p.start()).unwrap_or_default();
+    let hash = key_format::hash(&key);
+    let id = match id {
+        Some(id) => check_id(&id).to_owned(),
+        None => format!("key_{}", key_format::random_id(16)),
+    };
+
+    let row = Spi::connect_mut(|client| {
+        let role = check_role(client, role);
+        let taken = errors::internal(client.select(
+            "SELECT EXISTS (SELECT 1 FROM apikeys.keys WHERE hash = $1 OR previous_hash = $1)",
+            None,
+            &[hash.as_slice().into()],
+        ));
+        if errors::internal(taken.first().get_one::<bool>()) == Some(true) {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                "argument \"secret\" is a key that is already registered".into(),
+                None,
+            );
+        }
+        let (expires_at, expires_in) = expiry.sql_args();
+        let actor = audit::actor();
+        let details = json!({"name": name, "owner": owner, "prefix": prefix, "master": master.unwrap_or(false)});
+        let args: Vec<DatumWithOid> = vec![
+            id.as_str().into(),
+            hash.as_slice().into(),
+            prefix.as_str().into(),
+            start.as_str().into(),
+            name.clone().into(),
+            owner.clone().into(),
+            description.into(),
+            JsonB(permissions).into(),
+            metadata.map(JsonB).into(),
+            role.into(),
+            master.unwrap_or(false).into(),
+            enabled.unwrap_or(true).into(),
+            expires_at.into(),
+            expires_in.into(),
+            remaining.into(),
+            refill_amount.into(),
+            refill_interval.into(),
+            rate_limit_max.into(),
+            rate_limit_window.into(),
+            actor.into(),
+            JsonB(details).into(),
+        ];
+        let table = errors::internal(client.update(
+            "WITH k AS (
+                INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,
+                    permissions, metadata, role, master, enabled, expires_at, remaining,
+                    refill_amount, refill_interval, last_refill_at, rate_limit_max,
+                    rate_limit_window, created_by, updated_by)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                    COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
+                    CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id, start, prefix, name, owner, expires_at, created_at
+            ), audit AS (
+                INSERT INTO apikeys.audit_log (actor, action, key_id, details)
+                SELECT $20, 'create', id, $21 FROM k
+            )
+            SELECT id, start, prefix, name, owner, expires_at, created_at FROM k",
+            None,
+            &args,
+        ));
+        if table.is_empty() {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                format!("API key \"{id}\" already exists"),
+                Some("Choose another id, or leave id NULL to generate one."),
+            );
+        }
+        let row = table.first();
+        errors::internal((|| -> Result<_, pgrx::spi::SpiError> {
+            Ok((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<String>(4)?,
+                row.get::<String>(5)?,
+                row.get::<TimestampWithTimeZone>(6)?,
+                row.get::<TimestampWithTimeZone>(7)?,
+            ))
+        })())
+    });
+    let (id, start, prefix, name, owner, expires_at, created_at) = row;
+    TableIterator::once((id, key, start, prefix, name, owner, expires_at, created_at))
+}
+
+fn required_id(id: Option<String>) -> String {
+    id.unwrap_or_else(|| invalid_argument("id", "must not be NULL"))
+}
+
+fn first_api_key(table: pgrx::spi::SpiTupleTable<'_>) -> Option<ApiKey> {
+    if table.is_empty() {
+        return None;
+    }
+    errors::internal(table.first().get::<ApiKey>(1))
+}
+
+/// One key by id (never its secret or hash); NULL when there is no such key.
+#[pg_extern(security_definer, stable)]
+#[search_path(pg_catalog, pg_temp)]
+fn get_api_key(id: Option<String>) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
+    let id = id?;
+    Spi::connect(|client| {
+        first_api_key(errors::internal(client.select(
+            &format!("SELECT {API_KEY_ROW} FROM apikeys.keys WHERE id = $1"),
+            None,
+            &[id.as_str().into()],
+        )))
+    })
+}
+
+/// Every key, or every key of one owner, oldest first.
+#[pg_extern(security_definer, stable)]
+#[search_path(pg_catalog, pg_temp)]
+fn list_api_keys(owner: default!(Option<String>, "NULL")) -> SetOfIterator<'static, pgrx::composite_type!('static, "apikeys.api_key")> {
+    let rows: Vec<ApiKey> = Spi::connect(|client| {
+        let table = errors::internal(client.select(
+            &format!(
+                "SELECT {API_KEY_ROW} FROM apikeys.keys WHERE $1::text IS NULL OR owner = $1 \
+                 ORDER BY created_at, id"
+            ),
+            None,
+            &[owner.into()],
+        ));
+        table.filter_map(|row| errors::internal(row.get::<ApiKey>(1))).collect()
+    });
+    SetOfIterator::new(rows)
+}
+
+/// Fields `update_api_key(clear => ...)` resets, under the name each is cleared by.
+fn canonical_clear_name(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "name" => "name",
+        "owner" => "owner",
+        "description" => "description",
+        "permissions" => "permissions",
+        "metadata" => "metadata",
+        "role" => "role",
+        "expires_at" | "expires_in" => "expires_at",
+        "remaining" => "remaining",
+        "refill" | "refill_amount" | "refill_interval" => "refill",
+        "rate_limit" | "rate_limit_max" | "rate_limit_window" => "rate_limit",
+        "enabled" => "enabled",
+        _ => return None,
+    })
+}
+
+/// A dynamic `SET` list: only the columns a call changes are written.
+struct Assignments<'a> {
+    sql: Vec<String>,
+    args: Vec<DatumWithOid<'a>>,
+    changed: Vec<&'static str>,
+}
+
+impl<'a> Assignments<'a> {
+    /// Adds `column_sql`, binding `values` to its `$?` placeholders in order.
+    fn set(&mut self, field: &'static str, column_sql: &str, values: Vec<DatumWithOid<'a>>) {
+        let mut sql = column_sql.to_owned();
+        for value in values {
+            self.args.push(value);
+            sql = sql.replacen("$?", &format!("${}", self.args.len()), 1);
+        }
+        self.sql.push(sql);
+        if !self.changed.contains(&field) {
+            self.changed.push(field);
+        }
+    }
+}
+
+/// Changes a key. A NULL argument leaves its field as it is; `clear` names fields to reset to
+/// their default ('expires_at' → never, 'remaining' → unlimited, 'rate_limit' → none, ...).
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn update_api_key(
+    id: Option<String>,
+    name: default!(Option<String>, "NULL"),
+    owner: default!(Option<String>, "NULL"),
+    permissions: default!(Option<JsonB>, "NULL"),
+    expires_in: default!(Option<Interval>, "NULL"),
+    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    role: default!(Option<String>, "NULL"),
+    description: default!(Option<String>, "NULL"),
+    metadata: default!(Option<JsonB>, "NULL"),
+    remaining: default!(Option<i64>, "NULL"),
+    refill_amount: default!(Option<i64>, "NULL"),
+    refill_interval: default!(Option<Interval>, "NULL"),
+    rate_limit_max: default!(Option<i32>, "NULL"),
+    rate_limit_window: default!(Option<Interval>, "NULL"),
+    enabled: default!(Option<bool>, "NULL"),
+    clear: default!(Option<Vec<Option<String>>>, "NULL"),
+) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
+    let id = required_id(id);
+    let mut cleared: Vec<&'static str> = Vec::new();
+    for field in clear.unwrap_or_default().into_iter().flatten() {
+        let Some(canonical) = canonical_clear_name(&field) else {
+            invalid_argument_hint(
+                "clear",
+                format!("names an unknown field \"{field}\""),
+                "Fields: name, owner, description, permissions, metadata, role, expires_at, \
+                 remaining, refill, rate_limit, enabled.",
+            )
+        };
+        if !cleared.contains(&canonical) {
+            cleared.push(canonical);
+        }
+    }
+    let name = check_text("name", name, MAX_NAME_CHARS);
+    let owner = check_text("owner", owner, MAX_NAME_CHARS);
+    let description = check_text("description", description, MAX_DESCRIPTION_CHARS);
+    let permissions = check_permissions(permissions);
+    let metadata = check_metadata(metadata);
+    let expiry = Expiry::from_args(expires_in, expires_at);
+    let remaining = check_non_negative("remaining", remaining);
+    let refill_amount = check_non_negative("refill_amount", refill_amount);
+    let refill_interval = check_positive("refill_interval", refill_interval);
+    let rate_limit_window = check_positive("rate_limit_window", rate_limit_window);
+    if rate_limit_max.is_some_and(|m| m <= 0) {
+        invalid_argument("rate_limit_max", "must be greater than zero");
+    }
+    let given = [
+        ("name", name.is_some()),
+        ("owner", owner.is_some()),
+        ("description", description.is_some()),
+        ("permissions", permissions.is_some()),
+        ("metadata", metadata.is_some()),
+        ("role", role.is_some()),
+        ("expires_at", expiry.is_some()),
+        ("remaining", remaining.is_some()),
+        ("refill", refill_amount.is_some() || refill_interval.is_some()),
+        ("rate_limit", rate_limit_max.is_some() || rate_limit_window.is_some()),
+        ("enabled", enabled.is_some()),
+    ];
+    for (field, is_given) in given {
+        if is_given && cleared.contains(&field) {
+            invalid_argument("clear", format!("names \"{field}\", which is also given a new value"));
+        }
+    }
+
+    Spi::connect_mut(|client| {
+        let current = errors::internal(client.update(
+            "SELECT refill_amount, refill_interval, rate_limit_max, rate_limit_window, remaining \
+             FROM apikeys.keys WHERE id = $1 FOR UPDATE",
+            None,
+            &[id.as_str().into()],
+        ));
+        if current.is_empty() {
+            key_not_found(&id);
+        }
+        let cur = current.first();
+        let (cur_amount, cur_interval, cur_max, cur_window, cur_remaining) = errors::internal(
+            (|| -> Result<_, pgrx::spi::SpiError> {
+                Ok((
+                    cur.get::<i64>(1)?,
+                    cur.get::<Interval>(2)?,
+                    cur.get::<i32>(3)?,
+                    cur.get::<Interval>(4)?,
+                    cur.get::<i64>(5)?,
+                ))
+            })(),
+        );
+        let keep = |field: &str| !cleared.contains(&field);
+        let final_amount = refill_amount.or(cur_amount).filter(|_| keep("refill"));
+        let final_interval = refill_interval.or(cur_interval).filter(|_| keep("refill"));
+        check_pair(("refill_amount", &final_amount), ("refill_interval", &final_interval));
+        let final_max = rate_limit_max.or(cur_max).filter(|_| keep("rate_limit"));
+        let final_window = rate_limit_window.or(cur_window).filter(|_| keep("rate_limit"));
+        check_pair(("rate_limit_max", &final_max), ("rate_limit_window", &final_window));
+        let role = check_role(client, role);
+
+        let mut set = Assignments { sql: vec![], args: vec![id.as_str().into()], changed: vec![] };
+        let text_fields = [("name", name), ("owner", owner), ("description", description), ("role", role)];
+        for (field, value) in text_fields {
+            if let Some(v) = value {
+                set.set(field, &format!("{field} = $?"), vec![v.into()]);
+            } else if cleared.contains(&field) {
+                set.set(field, &format!("{field} = NULL"), vec![]);
+            }
+        }
+        if let Some(p) = permissions {
+            set.set("permissions", "permissions = $?", vec![JsonB(p).into()]);
+        } else if cleared.contains(&"permissions") {
+            set.set("permissions", "permissions = '{}'", vec![]);
+        }
+        if let Some(m) = metadata {
+            set.set("metadata", "metadata = $?", vec![JsonB(m).into()]);
+        } else if cleared.contains(&"metadata") {
+            set.set("metadata", "metadata = NULL", vec![]);
+        }
+        if let Some(e) = enabled {
+            set.set("enabled", "enabled = $?", vec![e.into()]);
+        } else if cleared.contains(&"enabled") {
+            set.set("enabled", "enabled = true", vec![]);
+        }
+        if let Some(expiry) = expiry {
+            let (at, within) = expiry.sql_args();
+            set.set(
+                "expires_at",
+                "expires_at = COALESCE($?, clock_timestamp() + $?)",
+                vec![at.into(), within.into()],
+            );
+        } else if cleared.contains(&"expires_at") {
+            set.set("expires_at", "expires_at = NULL", vec![]);
+        }
+        // A newly configured refill starts its clock now and fills an unlimited quota.
+        let refill_given = refill_amount.is_some() || refill_interval.is_some();
+        let final_remaining = remaining
+            .or(cur_remaining)
+            .filter(|_| keep("remaining"))
+            .or(final_amount.filter(|_| refill_given && cur_remaining.is_none()));
+        if remaining.is_some() || cleared.contains(&"remaining") || final_remaining != cur_remaining {
+            set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
+        }
+        if refill_given {
+            set.set("refill", "refill_amount = $?", vec![final_amount.into()]);
+            set.set("refill", "refill_interval = $?", vec![final_interval.into()]);
+            set.set("refill", "last_refill_at = clock_timestamp()", vec![]);
+        } else if cleared.contains(&"refill") {
+            set.set("refill", "refill_amount = NULL, refill_interval = NULL, last_refill_at = NULL", vec![]);
+        }
+        if rate_limit_max.is_some() || rate_limit_window.is_some() {
+            set.set("rate_limit", "rate_limit_max = $?", vec![final_max.into()]);
+            set.set("rate_limit", "rate_limit_window = $?", vec![final_window.into()]);
+        } else if cleared.contains(&"rate_limit") {
+            set.set("rate_limit", "rate_limit_max = NULL, rate_limit_window = NULL, rate_window_start = NULL, rate_window_count = 0", vec![]);
+        }
+        let actor = audit::actor();
+        let changed: Vec<&str> = set.changed.clone();
+        set.set("updated_by", "updated_by = $?", vec![actor.into()]);
+        set.set("updated_by", "updated_at = clock_timestamp()", vec![]);
+        let updated = first_api_key(errors::internal(client.update(
+            &format!("UPDATE apikeys.keys SET {} WHERE id = $1 RETURNING {API_KEY_ROW}", set.sql.join(", ")),
+            None,
+            &set.args,
+        )));
+        audit::record(client, "update", Some(&id), json!({ "changed": changed }));
+        updated
+    })
+}
+
+/// Revokes a key for good: verify_key says REVOKED from now on. True if this call revoked it,
+/// false if it already was.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn revoke_api_key(id: Option<String>) -> bool {
+    let id = required_id(id);
+    Spi::connect_mut(|client| {
+        let revoked = errors::internal(client.update(
+            "UPDATE apikeys.keys SET revoked_at = clock_timestamp(), updated_at = clock_timestamp(), \
+             updated_by = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+            None,
+            &[id.as_str().into(), audit::actor().into()],
+        ));
+        if !revoked.is_empty() {
+            audit::record(client, "revoke", Some(&id), json!({}));
+            return true;
+        }
+        let exists = errors::internal(client.select(
+            "SELECT 1 FROM apikeys.keys WHERE id = $1",
+            None,
+            &[id.as_str().into()],
+        ));
+        if exists.is_empty() {
+            key_not_found(&id);
+        }
+        false
+    })
+}
+
+/// Deletes a key: verify_key says NOT_FOUND from now on. False if there was no such key.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn delete_api_key(id: Option<String>) -> bool {
+    let Some(id) = id else { return false };
+    Spi::connect_mut(|client| {
+        let deleted = errors::internal(client.update(
+            "DELETE FROM apikeys.keys WHERE id = $1 RETURNING id",
+            None,
+            &[id.as_str().into()],
+        ));
+        let deleted = !deleted.is_empty();
+        if deleted {
+            audit::record(client, "delete", Some(&id), json!({}));
+        }
+        deleted
+    })
+}
+
+/// Gives a key a new secret, keeping its id and settings. The old key keeps working for
+/// `grace` (default: not at all), then verify_key says EXPIRED for it.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn rotate_api_key(
+    id: Option<String>,
+    grace: default!(Option<Interval>, "'0'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, String),
+        name!(key, String),
+        name!(start, String),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let id = required_id(id);
+    let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
+    if grace.as_micros() < 0 {
+        invalid_argument("grace", "must not be negative");
+    }
+    let keep_old = grace.as_micros() > 0;
+    let (key, start, expires_at) = Spi::connect_mut(|client| {
+        let current = errors::internal(client.update(
+            "SELECT prefix FROM apikeys.keys WHERE id = $1 FOR UPDATE",
+            None,
+            &[id.as_str().into()],
+        ));
+        if current.is_empty() {
+            key_not_found(&id);
+        }
+        let prefix = errors::internal(current.first().get::<String>(1)).unwrap_or_default();
+        let key = key_format::generate(&prefix);
+        let start = key_format::parse(&key).map(|p| p.start()).unwrap_or_default();
+        let row = errors::internal(client.update(
+            "UPDATE apikeys.keys SET hash = $2, start = $3,
+                previous_hash = CASE WHEN $4 THEN hash END,
+                previous_valid_until = CASE WHEN $4 THEN clock_timestamp() + $5 END,
+                updated_at = clock_timestamp(), updated_by = $6
+             WHERE id = $1 RETURNING expires_at",
+            None,
+            &[
+                id.as_str().into(),
+                key_format::hash(&key).as_slice().into(),
+                start.as_str().into(),
+                keep_old.into(),
+                grace.into(),
+                audit::actor().into(),
+            ],
+        ));
+        let expires_at = errors::internal(row.first().get::<TimestampWithTimeZone>(1));
+        audit::record(client, "rotate", Some(&id), json!({ "grace_seconds": grace.as_micros() / 1_000_000 }));
+        (key, start, expires_at)
+    });
+    TableIterator::once((id, key, start, expires_at))
+}
+
+/// Deletes keys that expired more than `older_than` ago; returns how many.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64 {
+    let older_than = older_than.unwrap_or_else(|| Interval::from_micros(0));
+    if older_than.as_micros() < 0 {
+        invalid_argument("older_than", "must not be negative");
+    }
+    Spi::connect_mut(|client| {
+        let count = errors::internal(client.update(
+            "WITH gone AS (
+                DELETE FROM apikeys.keys WHERE expires_at <= clock_timestamp() - $1 RETURNING id
+             ), audit AS (
+                INSERT INTO apikeys.audit_log (actor, action, key_id, details)
+                SELECT $2, 'delete_expired', id, '{}' FROM gone
+             )
+             SELECT count(*) FROM gone",
+            None,
+            &[older_than.into(), audit::actor().into()],
+        ));
+        errors::internal(count.first().get::<i64>(1)).unwrap_or(0)
+    })
+}

@@ -1,0 +1,31 @@
+//! pg_apikeys: API keys managed and verified inside PostgreSQL.
+//! Each module is one concern; SQL functions live next to their tests.
+
+use pgrx::prelude::*;
+
+mod audit;
+mod errors;
+mod guc;
+pub mod key_format;
+mod keys;
+pub mod permissions;
+mod schema;
+mod verify;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,157 @@
+//! Permission documents: `{"resource": ["action", ...]}`, with `"*"` as a wildcard action (every
+//! action of that resource) or resource (every resource). Parsing and matching are pure Rust so
+//! they can be unit-tested and later called per row from policies without SPI.
+
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+pub const WILDCARD: &str = "*";
+/// Upper bound on a permissions document, so a 1 MB argument gets a clear error, not a huge row.
+pub const MAX_ENTRIES: usize = 1000;
+const MAX_NAME_CHARS: usize = 200;
+
+pub type Permissions = BTreeMap<String, Vec<String>>;
+
+/// Why a document is not a permissions document; shown after the argument's name.
+pub fn parse(value: &Value) -> Result<Permissions, String> {
+    let Value::Object(map) = value else {
+        return Err(format!("must be a JSON object of string arrays, not {}", kind(value)));
+    };
+    parse_object(map)
+}
+
+fn parse_object(map: &Map<String, Value>) -> Result<Permissions, String> {
+    let mut out = Permissions::new();
+    let mut entries = 0usize;
+    for (resource, actions) in map {
+        check_name("resource", resource)?;
+        let Value::Array(actions) = actions else {
+            return Err(format!(
+                "must map each resource to an array of action strings; \"{resource}\" maps to {}",
+                kind(actions)
+            ));
+        };
+        let mut list = Vec::with_capacity(actions.len());
+        for action in actions {
+            let Value::String(action) = action else {
+                return Err(format!(
+                    "must list actions as strings; \"{resource}\" lists {}",
+                    kind(action)
+                ));
+            };
+            check_name("action", action)?;
+            if !list.contains(action) {
+                list.push(action.clone());
+            }
+        }
+        entries += 1 + list.len();
+        if entries > MAX_ENTRIES {
+            return Err(format!("must have at most {MAX_ENTRIES} resources and actions"));
+        }
+        out.insert(resource.clone(), list);
+    }
+    Ok(out)
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!("must use {what} names of 1 to {MAX_NAME_CHARS} characters"));
+    }
+    Ok(())
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The document as stored and returned.
+pub fn to_json(perms: &Permissions) -> Value {
+    serde_json::to_value(perms).unwrap_or(Value::Object(Map::new()))
+}
+
+/// Does `granted` allow `action` on `resource`?
+pub fn allows(granted: &Permissions, resource: &str, action: &str) -> bool {
+    let has = |res: &str| {
+        granted
+            .get(res)
+            .is_some_and(|acts| acts.iter().any(|a| a == action || a == WILDCARD))
+    };
+    has(resource) || has(WILDCARD)
+}
+
+/// Does `granted` allow every listed action of every listed resource in `required`?
+pub fn covers(granted: &Permissions, required: &Permissions) -> bool {
+    required
+        .iter()
+        .all(|(res, acts)| acts.iter().all(|act| allows(granted, res, act)))
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use serde_json::json;
+
+    fn p(v: Value) -> Permissions {
+        parse(&v).expect("valid permissions")
+    }
+
+    #[test]
+    fn parses_and_dedups() {
+        let perms = p(json!({"orders": ["read", "write", "read"], "reports": []}));
+        assert_eq!(perms["orders"], vec!["read", "write"]);
+        assert!(perms["reports"].is_empty());
+        assert_eq!(to_json(&perms), json!({"orders": ["read", "write"], "reports": []}));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            json!([]),
+            json!("orders"),
+            json!(null),
+            json!({"orders": "read"}),
+            json!({"orders": [1]}),
+            json!({"orders": [null]}),
+            json!({"orders": [["read"]]}),
+            json!({"": ["read"]}),
+            json!({"orders": [""]}),
+            json!({"orders": ["x".repeat(201)]}),
+        ] {
+            assert!(parse(&bad).is_err(), "accepted {bad}");
+        }
+        let huge: Map<String, Value> =
+            (0..2000).map(|i| (format!("r{i}"), json!(["a"]))).collect();
+        assert!(parse(&Value::Object(huge)).is_err());
+    }
+
+    #[test]
+    fn matching_and_wildcards() {
+        let perms = p(json!({"orders": ["read"], "reports": ["*"]}));
+        assert!(allows(&perms, "orders", "read"));
+        assert!(!allows(&perms, "orders", "write"));
+        assert!(allows(&perms, "reports", "anything"));
+        assert!(!allows(&perms, "users", "read"));
+
+        let any_read = p(json!({"*": ["read"]}));
+        assert!(allows(&any_read, "users", "read"));
+        assert!(!allows(&any_read, "users", "write"));
+
+        let all = p(json!({"*": ["*"]}));
+        assert!(allows(&all, "x", "y"));
+
+        assert!(covers(&perms, &p(json!({}))));
+        assert!(covers(&perms, &p(json!({"orders": ["read"], "reports": ["a", "b"]}))));
+        assert!(!covers(&perms, &p(json!({"orders": ["read", "write"]}))));
+        assert!(!covers(&Permissions::new(), &p(json!({"orders": ["read"]}))));
+        // A literal "*" in `required` needs a wildcard grant.
+        assert!(!covers(&p(json!({"orders": ["read"]})), &p(json!({"orders": ["*"]}))));
+        assert!(covers(&perms, &p(json!({"reports": ["*"]}))));
+    }
+}
