@@ -708,3 +708,234 @@ fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64
         errors::internal(count.first().get::<i64>(1)).unwrap_or(0)
     })
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::key_format;
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn create_returns_the_key_once_and_stores_only_its_hash() {
+        let (id, key) = create("name => 'billing', owner => 'acme'");
+        assert!(id.starts_with("key_"));
+        let parsed = key_format::parse(&key).expect("well-formed key");
+        assert_eq!(parsed.prefix, "sk");
+        let row = format!("FROM apikeys.keys WHERE id = '{id}'");
+        assert_eq!(one::<Vec<u8>>(&format!("SELECT hash {row}")), Some(key_format::hash(&key)));
+        assert_eq!(one::<String>(&format!("SELECT start {row}")), Some(parsed.start()));
+        // No column of the stored row, nor of get_api_key, contains the key.
+        assert_eq!(one::<bool>(&format!("SELECT strpos(k::text, '{key}') = 0 FROM apikeys.keys k WHERE id = '{id}'")), Some(true));
+        assert_eq!(one::<bool>(&format!("SELECT strpos(apikeys.get_api_key('{id}')::text, '{key}') = 0")), Some(true));
+        assert_eq!(one::<String>(&format!("SELECT owner FROM apikeys.get_api_key('{id}')")).as_deref(), Some("acme"));
+        assert_eq!(one::<String>(&format!("SELECT created_by FROM apikeys.get_api_key('{id}')")).as_deref(), Some("postgres"));
+    }
+
+    #[pg_test]
+    fn prefixes_and_the_default_prefix_setting() {
+        let (_, key) = create("prefix => 'live'");
+        assert!(key.starts_with("live_"));
+        run("SET LOCAL apikeys.default_prefix = 'test0'");
+        let (_, key) = create("");
+        assert!(key.starts_with("test0_"));
+        assert_eq!(code(&key, ""), "VALID");
+        assert_error("SELECT apikeys.create_api_key(prefix => 'Bad_Prefix')", "22023", "\"prefix\"");
+        assert_error("SELECT apikeys.create_api_key(prefix => '')", "22023", "\"prefix\"");
+        assert_error("SELECT apikeys.create_api_key(prefix => 'abcdefghijklmnopq')", "22023", "\"prefix\"");
+        run("SET LOCAL apikeys.default_prefix = 'NO!'");
+        assert_error("SELECT apikeys.create_api_key()", "22023", "apikeys.default_prefix");
+    }
+
+    #[pg_test]
+    fn expiry_arguments_and_the_default_ttl_setting() {
+        let (id, _) = create("expires_in => '10 hours'");
+        assert_eq!(one::<bool>(&format!("SELECT expires_at BETWEEN now() + interval '9 hours 59 minutes' AND clock_timestamp() + interval '10 hours' FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        let (id, _) = create("expires_in => '3600000 ms'");
+        assert_eq!(one::<bool>(&format!("SELECT expires_at > now() + interval '59 minutes' FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        let (id, _) = create("");
+        assert_eq!(one::<bool>(&format!("SELECT expires_at IS NULL FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        run("SET LOCAL apikeys.default_key_ttl = '6 days'");
+        let (id, _) = create("");
+        assert_eq!(one::<bool>(&format!("SELECT expires_at > now() + interval '5 days 23 hours' FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        let (id, _) = create("expires_at => 'infinity'");
+        assert_eq!(one::<bool>(&format!("SELECT expires_at IS NULL FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        run("SET LOCAL apikeys.default_key_ttl = 'soon'");
+        assert_error("SELECT apikeys.create_api_key()", "22023", "apikeys.default_key_ttl");
+        run("SET LOCAL apikeys.default_key_ttl = ''");
+        assert_error("SELECT apikeys.create_api_key(expires_in => '1 day', expires_at => now())", "22023", "\"expires_at\"");
+        assert_error("SELECT apikeys.create_api_key(expires_in => '0')", "22023", "\"expires_in\"");
+        assert_error("SELECT apikeys.create_api_key(expires_in => '-1 day')", "22023", "\"expires_in\"");
+    }
+
+    #[pg_test]
+    fn arguments_are_checked() {
+        for (args, arg) in [
+            ("remaining => -1", "remaining"),
+            ("rate_limit_max => 5", "rate_limit_window"),
+            ("rate_limit_window => '1 minute'", "rate_limit_max"),
+            ("rate_limit_max => 0, rate_limit_window => '1 minute'", "rate_limit_max"),
+            ("rate_limit_max => 5, rate_limit_window => '0'", "rate_limit_window"),
+            ("refill_amount => 5", "refill_interval"),
+            ("refill_interval => '1 day'", "refill_amount"),
+            ("refill_amount => -5, refill_interval => '1 day'", "refill_amount"),
+            ("refill_amount => 5, refill_interval => '-1 day'", "refill_interval"),
+            ("role => 'no_such_role'", "role"),
+            ("permissions => '[\"orders\"]'", "permissions"),
+            ("permissions => '{\"orders\": \"read\"}'", "permissions"),
+            ("permissions => '{\"orders\": [1]}'", "permissions"),
+            ("permissions => '\"*\"'", "permissions"),
+            ("id => ''", "id"),
+            ("id => 'has space'", "id"),
+            ("id => 'ключ'", "id"),
+            ("name => repeat('x', 1000000)", "name"),
+            ("owner => repeat('x', 1000000)", "owner"),
+            ("description => repeat('é', 1000000)", "description"),
+            ("metadata => jsonb_build_object('blob', repeat('x', 1000000))", "metadata"),
+            ("secret => 'not-a-key'", "secret"),
+            ("secret => ''", "secret"),
+        ] {
+            assert_error(&format!("SELECT apikeys.create_api_key({args})"), "22023", &format!("\"{arg}\""));
+        }
+        // Non-ASCII where text is free-form is fine.
+        let (id, key) = create("name => 'ключ 🔑', owner => '租户'");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(one::<String>(&format!("SELECT name FROM apikeys.get_api_key('{id}')")).as_deref(), Some("ключ 🔑"));
+    }
+
+    #[pg_test]
+    fn caller_chosen_ids_and_imported_secrets() {
+        let (id, key) = create("id => 'svc-1'");
+        assert_eq!(id, "svc-1");
+        assert_error("SELECT apikeys.create_api_key(id => 'svc-1')", "23505", "svc-1");
+        assert_error(&format!("SELECT apikeys.create_api_key(secret => '{key}')"), "23505", "already registered");
+        run("SELECT apikeys.delete_api_key('svc-1')");
+        let (id, same) = create(&format!("id => 'svc-2', secret => '{key}', remaining => 1"));
+        assert_eq!(same, key);
+        assert_eq!(field::<String>(&key, "", "key_id"), Some(id));
+        let (_, live) = create("prefix => 'live'");
+        assert_error(&format!("SELECT apikeys.create_api_key(secret => '{live}', prefix => 'sk')"), "22023", "\"prefix\"");
+    }
+
+    #[pg_test]
+    fn get_and_list() {
+        create("id => 'a1', owner => 'alice'");
+        create("id => 'a2', owner => 'alice'");
+        create("id => 'b1', owner => 'bob'");
+        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys('alice')"), Some(2));
+        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys()"), Some(3));
+        assert_eq!(one::<String>("SELECT string_agg(id, ',') FROM apikeys.list_api_keys('alice')").as_deref(), Some("a1,a2"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys('nobody')"), Some(0));
+        assert_eq!(one::<String>("SELECT owner FROM apikeys.get_api_key('b1')").as_deref(), Some("bob"));
+        assert_eq!(one::<bool>("SELECT apikeys.get_api_key('zzz') IS NULL"), Some(true));
+        assert_eq!(one::<bool>("SELECT apikeys.get_api_key(NULL) IS NULL"), Some(true));
+    }
+
+    #[pg_test]
+    fn update_changes_given_fields_and_clears_named_ones() {
+        let (id, key) = create("name => 'n', owner => 'o', expires_in => '1 day', remaining => 5, rate_limit_max => 1, rate_limit_window => '1 hour', metadata => '{\"a\": 1}'");
+        let row = |col: &str| one::<String>(&format!("SELECT ({col})::text FROM apikeys.get_api_key('{id}')"));
+        run(&format!("SELECT apikeys.update_api_key('{id}', name => 'n2', permissions => '{{\"orders\": [\"read\"]}}')"));
+        assert_eq!(row("name").as_deref(), Some("n2"));
+        assert_eq!(row("owner").as_deref(), Some("o"), "NULL leaves a field unchanged");
+        assert_eq!(row("remaining").as_deref(), Some("5"));
+        assert_eq!(code(&key, "'{\"orders\": [\"read\"]}'"), "VALID");
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['expires_at', 'remaining', 'rate_limit', 'metadata'])"));
+        assert_eq!(row("expires_at"), None);
+        assert_eq!(row("remaining"), None);
+        assert_eq!(row("rate_limit_max"), None);
+        assert_eq!(row("metadata"), None);
+        assert_eq!(code(&key, ""), "VALID");
+        run(&format!("SELECT apikeys.update_api_key('{id}', remaining => 0, expires_at => now() - interval '1 s')"));
+        assert_eq!(code(&key, ""), "EXPIRED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', expires_in => '1 hour')"));
+        assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', refill_amount => 2, refill_interval => '1 day')"));
+        assert_eq!(row("refill_amount").as_deref(), Some("2"));
+        assert_eq!(row("updated_by").as_deref(), Some("postgres"));
+        // The returned row is the updated key.
+        assert_eq!(one::<String>(&format!("SELECT (apikeys.update_api_key('{id}', description => 'd')).description")).as_deref(), Some("d"));
+    }
+
+    #[pg_test]
+    fn update_checks_its_arguments() {
+        create("id => 'u1'");
+        assert_error("SELECT apikeys.update_api_key('nope', name => 'x')", "P0002", "nope");
+        assert_error("SELECT apikeys.update_api_key(NULL, name => 'x')", "22023", "\"id\"");
+        assert_error("SELECT apikeys.update_api_key('u1', rate_limit_max => 3)", "22023", "\"rate_limit_window\"");
+        assert_error("SELECT apikeys.update_api_key('u1', refill_interval => '1 day')", "22023", "\"refill_amount\"");
+        assert_error("SELECT apikeys.update_api_key('u1', clear => ARRAY['colour'])", "22023", "\"clear\"");
+        assert_error("SELECT apikeys.update_api_key('u1', name => 'x', clear => ARRAY['name'])", "22023", "\"clear\"");
+        assert_error("SELECT apikeys.update_api_key('u1', remaining => -1)", "22023", "\"remaining\"");
+        assert_error("SELECT apikeys.update_api_key('u1', role => 'no_such_role')", "22023", "\"role\"");
+        assert_error("SELECT apikeys.update_api_key('u1', permissions => '[]')", "22023", "\"permissions\"");
+        assert_error("SELECT apikeys.update_api_key('u1', expires_in => '-1 s')", "22023", "\"expires_in\"");
+        run("CREATE ROLE key_role");
+        run("SELECT apikeys.update_api_key('u1', role => 'key_role', rate_limit_max => 3, rate_limit_window => '1 s')");
+        assert_eq!(one::<String>("SELECT role FROM apikeys.get_api_key('u1')").as_deref(), Some("key_role"));
+        run("SELECT apikeys.update_api_key('u1', rate_limit_max => 4)");
+        assert_eq!(one::<i32>("SELECT rate_limit_max FROM apikeys.get_api_key('u1')"), Some(4));
+    }
+
+    #[pg_test]
+    fn revoke_delete_rotate_and_unknown_ids() {
+        let (id, key) = create("");
+        assert_eq!(one::<bool>(&format!("SELECT apikeys.revoke_api_key('{id}')")), Some(true));
+        assert_eq!(one::<bool>(&format!("SELECT apikeys.revoke_api_key('{id}')")), Some(false));
+        assert_eq!(code(&key, ""), "REVOKED");
+        assert_eq!(one::<bool>(&format!("SELECT (apikeys.get_api_key('{id}')).revoked_at IS NOT NULL")), Some(true));
+        assert_eq!(one::<bool>(&format!("SELECT apikeys.delete_api_key('{id}')")), Some(true));
+        assert_eq!(one::<bool>(&format!("SELECT apikeys.delete_api_key('{id}')")), Some(false));
+        assert_eq!(code(&key, ""), "NOT_FOUND");
+        assert_error("SELECT apikeys.revoke_api_key('nope')", "P0002", "nope");
+        assert_error("SELECT apikeys.rotate_api_key('nope')", "P0002", "nope");
+        let (id, _) = create("prefix => 'rot'");
+        assert_error(&format!("SELECT apikeys.rotate_api_key('{id}', grace => '-1 s')"), "22023", "\"grace\"");
+        let rotated = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
+        assert!(rotated.starts_with("rot_"), "rotation keeps the prefix");
+    }
+
+    #[pg_test]
+    fn delete_expired_keys() {
+        create("id => 'old', expires_at => now() - interval '2 days'");
+        create("id => 'recent', expires_at => now() - interval '1 hour'");
+        create("id => 'live', expires_in => '1 day'");
+        create("id => 'forever'");
+        assert_eq!(one::<i64>("SELECT apikeys.delete_expired_api_keys(older_than => '1 day')"), Some(1));
+        assert_eq!(one::<i64>("SELECT apikeys.delete_expired_api_keys()"), Some(1));
+        assert_eq!(one::<String>("SELECT string_agg(id, ',' ORDER BY id) FROM apikeys.keys").as_deref(), Some("forever,live"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'delete_expired'"), Some(2));
+        assert_error("SELECT apikeys.delete_expired_api_keys('-1 day')", "22023", "\"older_than\"");
+    }
+
+    #[pg_test]
+    fn privileges_public_verifies_but_cannot_manage_or_read_tables() {
+        let (_, key) = create("");
+        run("CREATE ROLE plain_user");
+        run("SET LOCAL ROLE plain_user");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_error("SELECT apikeys.create_api_key()", "42501", "permission denied");
+        assert_error("SELECT apikeys.list_api_keys()", "42501", "permission denied");
+        assert_error("SELECT apikeys.revoke_api_key('x')", "42501", "permission denied");
+        assert_error("SELECT * FROM apikeys.keys", "42501", "permission denied");
+        assert_error("SELECT * FROM apikeys.audit_log", "42501", "permission denied");
+        assert_error("UPDATE apikeys.keys SET remaining = 100", "42501", "permission denied");
+        run("RESET ROLE");
+        // A DBA grants management to an admin role, which then works without table access.
+        run("CREATE ROLE key_admin; GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA apikeys TO key_admin");
+        run("SET LOCAL ROLE key_admin");
+        let (id, _) = create("name => 'by admin'");
+        assert_error("SELECT * FROM apikeys.keys", "42501", "permission denied");
+        run("RESET ROLE");
+        assert_eq!(one::<String>(&format!("SELECT created_by FROM apikeys.keys WHERE id = '{id}'")).as_deref(), Some("key_admin"));
+    }
+
+    #[pg_test]
+    fn every_table_is_dumped_with_its_data() {
+        let dumped = one::<String>(
+            "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_extension e, unnest(e.extconfig) cfg, pg_class c WHERE e.extname = 'pg_apikeys' AND c.oid = cfg",
+        );
+        assert_eq!(dumped.as_deref(), Some("audit_log,audit_log_id_seq,keys"));
+    }
+}

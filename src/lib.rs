@@ -10,6 +10,7 @@ pub mod key_format;
 mod keys;
 pub mod permissions;
 mod schema;
+mod test_support;
 mod verify;
 
 ::pgrx::pg_module_magic!(name, version);

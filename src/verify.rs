@@ -117,6 +117,7 @@ struct KeyState {
     window_over: bool,
     window_count: i64,
     window_end: Option<TimestampWithTimeZone>,
+    now: Option<TimestampWithTimeZone>,
 }
 
 const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.metadata, k.enabled,
@@ -129,7 +130,8 @@ const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.
         k.rate_window_start IS NULL OR k.rate_window_start + k.rate_limit_window <= c.now,
         k.rate_window_count,
         CASE WHEN k.rate_window_start IS NULL OR k.rate_window_start + k.rate_limit_window <= c.now
-             THEN c.now + k.rate_limit_window ELSE k.rate_window_start + k.rate_limit_window END
+             THEN c.now + k.rate_limit_window ELSE k.rate_window_start + k.rate_limit_window END,
+        c.now
     FROM apikeys.keys k, LATERAL (SELECT clock_timestamp() AS now) c";
 
 impl KeyState {
@@ -152,6 +154,7 @@ impl KeyState {
             window_over: row.get(15)?.unwrap_or(true),
             window_count: row.get(16)?.unwrap_or(0),
             window_end: row.get(17)?,
+            now: row.get(18)?,
         })
     }
 
@@ -288,12 +291,12 @@ fn spend(client: &mut SpiClient<'_>, state: &KeyState, required: &permissions::P
         errors::internal(client.update(
             "UPDATE apikeys.keys SET
                 remaining = $2,
-                last_refill_at = CASE WHEN $3 THEN clock_timestamp() ELSE last_refill_at END,
+                last_refill_at = CASE WHEN $3 THEN $6 ELSE last_refill_at END,
                 rate_window_start = CASE WHEN rate_limit_max IS NULL THEN NULL
-                                         WHEN $4 THEN clock_timestamp() ELSE rate_window_start END,
+                                         WHEN $4 THEN $6 ELSE rate_window_start END,
                 rate_window_count = CASE WHEN rate_limit_max IS NULL THEN 0 ELSE $5 END,
                 request_count = request_count + 1,
-                last_used_at = clock_timestamp()
+                last_used_at = $6
              WHERE id = $1",
             None,
             &[
@@ -302,6 +305,7 @@ fn spend(client: &mut SpiClient<'_>, state: &KeyState, required: &permissions::P
                 state.refill_due.into(),
                 state.window_over.into(),
                 (window_count + consumed).into(),
+                state.now.into(),
             ],
         ));
     }
@@ -349,4 +353,194 @@ fn verify_key(
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let required = required_permissions(required);
     verify(key, &required, checked_cost(cost)).into_row()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn a_valid_key_verifies_and_its_use_is_counted() {
+        let (id, key) = create("name => 'svc', owner => 'acme', permissions => '{\"orders\": [\"read\"]}', metadata => '{\"plan\": \"pro\"}'");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(field::<bool>(&key, "", "valid"), Some(true));
+        assert_eq!(field::<String>(&key, "", "key_id"), Some(id.clone()));
+        assert_eq!(field::<String>(&key, "", "owner").as_deref(), Some("acme"));
+        assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("svc"));
+        assert_eq!(field::<String>(&key, "", "metadata->>'plan'").as_deref(), Some("pro"));
+        assert_eq!(field::<String>(&key, "", "permissions::text").as_deref(), Some(r#"{"orders": ["read"]}"#));
+        assert_eq!(field::<i64>(&key, "", "remaining"), None);
+        assert_eq!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")), Some(8));
+        assert_eq!(one::<bool>(&format!("SELECT last_used_at IS NOT NULL FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+    }
+
+    #[pg_test]
+    fn bad_keys_are_not_found_and_never_raise() {
+        let (id, key) = create("");
+        let mut typo = key.clone().into_bytes();
+        typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
+        let typo = String::from_utf8(typo).unwrap();
+        for bad in ["", "garbage", "sk_", "_", "ключ_ключ", &typo, &key.to_uppercase(), &format!("{key} "), &"x".repeat(1_000_000)] {
+            assert_eq!(code(bad, ""), "NOT_FOUND", "{bad:.30}");
+            assert_eq!(field::<bool>(bad, "", "valid"), Some(false));
+            assert_eq!(field::<String>(bad, "", "key_id"), None);
+        }
+        assert_eq!(one::<String>("SELECT code FROM apikeys.verify_key(NULL)").as_deref(), Some("NOT_FOUND"));
+        // Well-formed but unknown: the key of a deleted row.
+        run(&format!("SELECT apikeys.delete_api_key('{id}')"));
+        assert_eq!(code(&key, ""), "NOT_FOUND");
+    }
+
+    #[pg_test]
+    fn expiry_follows_the_wall_clock_not_the_transaction_start() {
+        let (_, key) = create("expires_in => '200 milliseconds'");
+        assert_eq!(code(&key, ""), "VALID");
+        run("SELECT pg_sleep(0.25)");
+        // Still the same transaction: now() has not moved, clock_timestamp() has.
+        assert_eq!(code(&key, ""), "EXPIRED");
+        assert_eq!(field::<bool>(&key, "", "expires_at < clock_timestamp()"), Some(true));
+        let (_, past) = create("expires_at => now() - interval '1 day'");
+        assert_eq!(code(&past, ""), "EXPIRED");
+        let (_, never) = create("expires_at => 'infinity'");
+        assert_eq!(field::<bool>(&never, "", "expires_at IS NULL"), Some(true));
+        assert_eq!(code(&never, ""), "VALID");
+    }
+
+    #[pg_test]
+    fn disabled_and_revoked_keys() {
+        let (id, key) = create("enabled => false");
+        assert_eq!(code(&key, ""), "DISABLED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        assert_eq!(code(&key, ""), "VALID");
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_eq!(code(&key, ""), "REVOKED");
+        // Revocation is permanent: enabling does not bring the key back.
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        assert_eq!(code(&key, ""), "REVOKED");
+    }
+
+    #[pg_test]
+    fn checks_run_in_the_spec_order() {
+        let (id, key) = create("expires_at => now() - interval '1 s', enabled => false, remaining => 0, rate_limit_max => 1, rate_limit_window => '1 hour'");
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "EXPIRED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['expires_at'])"));
+        assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "DISABLED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "REVOKED");
+
+        let (_, key) = create("remaining => 0, rate_limit_max => 1, rate_limit_window => '1 hour'");
+        assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "USAGE_EXCEEDED");
+        let (_, key) = create("remaining => 5, rate_limit_max => 1, rate_limit_window => '1 hour'");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "RATE_LIMITED");
+        let (_, key) = create("remaining => 5, rate_limit_max => 5, rate_limit_window => '1 hour'");
+        assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "INSUFFICIENT_PERMISSIONS");
+    }
+
+    #[pg_test]
+    fn quota_is_spent_only_by_valid_verifications() {
+        let (id, key) = create("remaining => 3, permissions => '{\"orders\": [\"read\"]}'");
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
+        assert_eq!(code(&key, "'{\"orders\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(code(&key, "cost => 5"), "USAGE_EXCEEDED");
+        assert_eq!(one::<i64>(&format!("SELECT remaining FROM apikeys.keys WHERE id = '{id}'")), Some(2));
+        assert_eq!(field::<i64>(&key, "cost => 0", "remaining"), Some(2));
+        assert_eq!(field::<i64>(&key, "cost => 2", "remaining"), Some(0));
+        assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(0));
+        assert_eq!(code(&key, "cost => 0"), "VALID");
+        // Four VALID results: the first, cost 0, cost 2 and the last cost 0.
+        assert_eq!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")), Some(4));
+    }
+
+    #[pg_test]
+    fn quota_refills_after_its_interval() {
+        let (_, key) = create("remaining => 1, refill_amount => 3, refill_interval => '200 milliseconds'");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
+        run("SELECT pg_sleep(0.25)");
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(1));
+        // A refilling quota without `remaining` starts full.
+        let (_, key) = create("refill_amount => 2, refill_interval => '1 day'");
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(1));
+    }
+
+    #[pg_test]
+    fn rate_limit_is_a_fixed_window() {
+        let (_, key) = create("rate_limit_max => 2, rate_limit_window => '300 milliseconds'");
+        assert_eq!(field::<i64>(&key, "", "rate_limit_remaining"), Some(1));
+        assert_eq!(
+            field::<bool>(&key, "", "rate_limit_reset BETWEEN clock_timestamp() AND clock_timestamp() + interval '300 ms'"),
+            Some(true)
+        );
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        assert_eq!(field::<i64>(&key, "", "rate_limit_remaining"), Some(0));
+        run("SELECT pg_sleep(0.35)");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(code(&key, "cost => 2"), "RATE_LIMITED");
+        // A rate-limited call does not spend the quota.
+        let (id, key) = create("remaining => 10, rate_limit_max => 1, rate_limit_window => '1 hour'");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        assert_eq!(one::<i64>(&format!("SELECT remaining FROM apikeys.keys WHERE id = '{id}'")), Some(9));
+    }
+
+    #[pg_test]
+    fn required_permissions_with_wildcards() {
+        let (_, key) = create("permissions => '{\"orders\": [\"read\", \"write\"], \"reports\": [\"*\"]}'");
+        assert_eq!(code(&key, "'{}'"), "VALID");
+        assert_eq!(code(&key, "'{\"orders\": [\"read\"]}'"), "VALID");
+        assert_eq!(code(&key, "'{\"orders\": [\"read\", \"write\"], \"reports\": [\"export\"]}'"), "VALID");
+        assert_eq!(code(&key, "'{\"orders\": [\"delete\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(code(&key, "'{\"users\": [\"read\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        let (_, admin) = create("permissions => '{\"*\": [\"*\"]}'");
+        assert_eq!(code(&admin, "'{\"anything\": [\"at-all\"]}'"), "VALID");
+        let (_, reader) = create("permissions => '{\"*\": [\"read\"]}'");
+        assert_eq!(code(&reader, "'{\"users\": [\"read\"]}'"), "VALID");
+        assert_eq!(code(&reader, "'{\"users\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        let (_, none) = create("");
+        assert_eq!(code(&none, "'{\"orders\": [\"read\"]}'"), "INSUFFICIENT_PERMISSIONS");
+    }
+
+    #[pg_test]
+    fn bad_verification_arguments_raise_22023() {
+        let (_, key) = create("");
+        let k = pgrx::spi::quote_literal(&key);
+        assert_error(&format!("SELECT apikeys.verify_key({k}, '[\"orders\"]')"), "22023", "\"required\"");
+        assert_error(&format!("SELECT apikeys.verify_key({k}, '{{\"orders\": \"read\"}}')"), "22023", "\"required\"");
+        assert_error(&format!("SELECT apikeys.verify_key({k}, cost => -1)"), "22023", "\"cost\"");
+        // A bad key with a bad argument is still an argument error, not NOT_FOUND.
+        assert_error("SELECT apikeys.verify_key('nope', cost => -1)", "22023", "\"cost\"");
+    }
+
+    #[pg_test]
+    fn rotation_with_and_without_grace() {
+        let (id, old) = create("");
+        let new = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
+        assert_eq!(code(&old, ""), "NOT_FOUND");
+        assert_eq!(field::<String>(&new, "", "key_id"), Some(id.clone()));
+
+        let newer = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}', grace => '200 ms')")).unwrap();
+        assert_eq!(code(&new, ""), "VALID");
+        assert_eq!(code(&newer, ""), "VALID");
+        assert_eq!(field::<bool>(&new, "", "expires_at <= clock_timestamp() + interval '200 ms'"), Some(true));
+        run("SELECT pg_sleep(0.25)");
+        assert_eq!(code(&new, ""), "EXPIRED");
+        assert_eq!(code(&newer, ""), "VALID");
+    }
+
+    #[pg_test]
+    fn read_only_transactions_verify_plain_keys_and_refuse_limited_ones() {
+        let (id, plain) = create("");
+        let (_, limited) = create("remaining => 5");
+        run("SET LOCAL transaction_read_only = on");
+        assert_eq!(code(&plain, ""), "VALID");
+        assert_eq!(code(&plain, "'{\"x\": [\"y\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_error(&format!("SELECT apikeys.verify_key('{limited}')"), "25006", "read-only");
+        assert_eq!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")), Some(0));
+    }
 }

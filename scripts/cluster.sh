@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A scratch PostgreSQL cluster run by user postgres on a loopback port (initdb refuses root).
+# Usage: scripts/cluster.sh start|stop|psql DIR PORT [psql args...]
+set -euo pipefail
+PG_MAJOR=${PG_MAJOR:-15}
+BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+cmd=$1 dir=$2 port=$3; shift 3
+as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres "$@"; fi; }
+case "$cmd" in
+  start)
+    if [ ! -f "$dir/PG_VERSION" ]; then
+      mkdir -p "$dir" && chown postgres "$dir"
+      as_pg "$BIN/initdb" -D "$dir" -U postgres -A trust --no-sync >/dev/null
+      cat >> "$dir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+fsync = off
+max_connections = 100
+CONF
+    fi
+    as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    ;;
+  stop)
+    [ -f "$dir/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null || true
+    ;;
+  psql)
+    exec psql -h 127.0.0.1 -p "$port" -U postgres -X -v ON_ERROR_STOP=1 "$@"
+    ;;
+  *) echo "usage: $0 start|stop|psql DIR PORT" >&2; exit 2 ;;
+esac

@@ -1,0 +1,185 @@
+//! Behaviour that needs several connections to a real server: exactness of quotas and rate
+//! limits under concurrency, verification that never waits on other sessions, and backends that
+//! survive hostile input. `make test-integration` starts the server and sets PG_APIKEYS_TEST_URL.
+
+use postgres::{Client, NoTls};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const DB: &str = "pg_apikeys_it";
+
+fn base_url() -> String {
+    std::env::var("PG_APIKEYS_TEST_URL")
+        .expect("PG_APIKEYS_TEST_URL must name a server with pg_apikeys installed (make test-integration sets it)")
+}
+
+/// A connection to the test database, created with the extension on first use.
+fn connect() -> Client {
+    let mut admin = Client::connect(&base_url(), NoTls).expect("connect to server");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&DB])
+        .unwrap()
+        .is_some();
+    if !exists {
+        admin.batch_execute(&format!("CREATE DATABASE {DB}")).unwrap();
+    }
+    let mut client = Client::connect(&format!("{} dbname={DB}", base_url()), NoTls).unwrap();
+    client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_apikeys").unwrap();
+    client
+}
+
+fn create(client: &mut Client, args: &str) -> (String, String) {
+    let row = client
+        .query_one(&format!("SELECT id, key FROM apikeys.create_api_key({args})"), &[])
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Runs `per_thread` verifications of `key` on each of `threads` connections at once and
+/// returns how many came back with each code.
+fn hammer(key: &str, threads: usize, per_thread: usize) -> std::collections::BTreeMap<String, usize> {
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let key = key.to_owned();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut client = connect();
+                let stmt = client.prepare("SELECT code FROM apikeys.verify_key($1)").unwrap();
+                barrier.wait();
+                (0..per_thread)
+                    .map(|_| client.query_one(&stmt, &[&key]).unwrap().get::<_, String>(0))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for h in handles {
+        for code in h.join().expect("verifier thread") {
+            *counts.entry(code).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn quota_is_exact_under_concurrency() {
+    let mut client = connect();
+    let n = 50i64;
+    let (id, key) = create(&mut client, &format!("remaining => {n}"));
+    let counts = hammer(&key, 8, 25);
+    assert_eq!(counts.get("VALID").copied().unwrap_or(0), n as usize, "{counts:?}");
+    assert_eq!(counts.get("USAGE_EXCEEDED").copied().unwrap_or(0), 8 * 25 - n as usize, "{counts:?}");
+    let row = client
+        .query_one("SELECT remaining, request_count FROM apikeys.keys WHERE id = $1", &[&id])
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0);
+    assert_eq!(row.get::<_, i64>(1), n);
+}
+
+#[test]
+fn rate_limit_is_exact_under_concurrency() {
+    let mut client = connect();
+    let (_, key) = create(&mut client, "rate_limit_max => 30, rate_limit_window => '1 hour'");
+    let counts = hammer(&key, 8, 10);
+    assert_eq!(counts.get("VALID").copied().unwrap_or(0), 30, "{counts:?}");
+    assert_eq!(counts.get("RATE_LIMITED").copied().unwrap_or(0), 50, "{counts:?}");
+}
+
+#[test]
+fn quota_and_rate_limit_together_under_concurrency() {
+    let mut client = connect();
+    let (id, key) = create(&mut client, "remaining => 100, rate_limit_max => 20, rate_limit_window => '1 hour'");
+    let counts = hammer(&key, 8, 10);
+    assert_eq!(counts.get("VALID").copied().unwrap_or(0), 20, "{counts:?}");
+    let remaining: i64 = client
+        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(remaining, 80, "rate-limited calls must not spend the quota");
+}
+
+#[test]
+fn plain_keys_never_wait_for_other_sessions() {
+    let mut holder = connect();
+    let mut other = connect();
+    let (_, key) = create(&mut holder, "");
+    // The first session verifies inside an open transaction, holding the key's usage row.
+    holder.batch_execute("BEGIN").unwrap();
+    let code: String = holder.query_one("SELECT code FROM apikeys.verify_key($1)", &[&key]).unwrap().get(0);
+    assert_eq!(code, "VALID");
+    other.batch_execute("SET statement_timeout = '5s'").unwrap();
+    let started = Instant::now();
+    let code: String = other.query_one("SELECT code FROM apikeys.verify_key($1)", &[&key]).unwrap().get(0);
+    assert_eq!(code, "VALID");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    holder.batch_execute("COMMIT").unwrap();
+}
+
+#[test]
+fn hostile_input_never_crashes_a_backend() {
+    let mut client = connect();
+    let started: String = client.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let big = "x".repeat(1_000_000);
+    let texts: Vec<String> = vec![
+        String::new(),
+        "sk_".into(),
+        "ключ_🔑".into(),
+        big.clone(),
+        "\u{1}\u{7f}".into(),
+        "sk_".to_string() + &"A".repeat(49),
+        "'; DROP TABLE apikeys.keys; --".into(),
+    ];
+    for t in &texts {
+        let row = client.query_one("SELECT valid, code FROM apikeys.verify_key($1)", &[t]).unwrap();
+        assert!(!row.get::<_, bool>(0));
+        assert_eq!(row.get::<_, String>(1), "NOT_FOUND");
+        for sql in [
+            "SELECT apikeys.create_api_key(name => $1)",
+            "SELECT apikeys.create_api_key(id => $1)",
+            "SELECT apikeys.create_api_key(prefix => $1)",
+            "SELECT apikeys.create_api_key(secret => $1)",
+            "SELECT apikeys.create_api_key(role => $1)",
+            "SELECT apikeys.get_api_key($1)",
+            "SELECT apikeys.update_api_key($1, name => 'x')",
+            "SELECT apikeys.revoke_api_key($1)",
+            "SELECT apikeys.delete_api_key($1)",
+            "SELECT apikeys.rotate_api_key($1)",
+        ] {
+            // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
+            if let Err(e) = client.query(sql, &[t]) {
+                let code = e.code().unwrap_or_else(|| panic!("{sql}: not a SQL error: {e}"));
+                assert_ne!(code.code(), "XX000", "{sql}: internal error {e}");
+            }
+        }
+    }
+    for doc in ["[]", "{\"a\": 1}", "{\"a\": [[]]}", "\"*\"", "null", "{\"\": [\"x\"]}"] {
+        for sql in [
+            "SELECT apikeys.create_api_key(permissions => $1::jsonb)",
+            "SELECT apikeys.verify_key('sk_x', required => $1::jsonb)",
+        ] {
+            let err = client.query(sql, &[&doc]).expect_err(doc);
+            assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{sql} {doc}: {err}");
+        }
+    }
+    for interval in ["0", "-1 day", "-1 ms"] {
+        for sql in [
+            "SELECT apikeys.create_api_key(expires_in => $1::interval)",
+            "SELECT apikeys.create_api_key(refill_amount => 1, refill_interval => $1::interval)",
+            "SELECT apikeys.create_api_key(rate_limit_max => 1, rate_limit_window => $1::interval)",
+        ] {
+            let err = client.query(sql, &[&interval]).expect_err(interval);
+            assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{sql} {interval}: {err}");
+        }
+    }
+    for n in [-1i64, i64::MIN] {
+        let err = client.query("SELECT apikeys.create_api_key(remaining => $1)", &[&n]).unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    }
+    // Same backend, same postmaster: nothing crashed or restarted.
+    let pid_after: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let started_after: String = client.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
+    assert_eq!((pid, started), (pid_after, started_after));
+}
