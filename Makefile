@@ -43,7 +43,7 @@ test-regress: install
 	scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); rm -rf $(TEST_DIR)
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
 	rm -rf tests/pg_regress/results
-	$(PG_REGRESS) --use-existing --host=127.0.0.1 --port=$(TEST_PORT) --user=postgres \
+	$(PG_REGRESS) --host=127.0.0.1 --port=$(TEST_PORT) --user=postgres \
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress --dbname=pg_apikeys_regress \
 	  $(REGRESS) || { cat tests/pg_regress/regression.diffs; scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit 1; }
 

@@ -157,8 +157,8 @@ fn hostile_input_never_crashes_a_backend() {
     }
     for doc in ["[]", "{\"a\": 1}", "{\"a\": [[]]}", "\"*\"", "null", "{\"\": [\"x\"]}"] {
         for sql in [
-            "SELECT apikeys.create_api_key(permissions => $1::jsonb)",
-            "SELECT apikeys.verify_key('sk_x', required => $1::jsonb)",
+            "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)",
+            "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)",
         ] {
             let err = client.query(sql, &[&doc]).expect_err(doc);
             assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{sql} {doc}: {err}");
@@ -166,9 +166,9 @@ fn hostile_input_never_crashes_a_backend() {
     }
     for interval in ["0", "-1 day", "-1 ms"] {
         for sql in [
-            "SELECT apikeys.create_api_key(expires_in => $1::interval)",
-            "SELECT apikeys.create_api_key(refill_amount => 1, refill_interval => $1::interval)",
-            "SELECT apikeys.create_api_key(rate_limit_max => 1, rate_limit_window => $1::interval)",
+            "SELECT apikeys.create_api_key(expires_in => $1::text::interval)",
+            "SELECT apikeys.create_api_key(refill_amount => 1, refill_interval => $1::text::interval)",
+            "SELECT apikeys.create_api_key(rate_limit_max => 1, rate_limit_window => $1::text::interval)",
         ] {
             let err = client.query(sql, &[&interval]).expect_err(interval);
             assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{sql} {interval}: {err}");

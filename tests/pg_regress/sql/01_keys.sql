@@ -28,7 +28,7 @@ SELECT code FROM apikeys.verify_key(NULL);
 
 -- A usage quota, refilled daily, and a rate limit of 2 per minute.
 SELECT key AS metered FROM apikeys.create_api_key(
-         owner => 'acme', remaining => 100, refill_amount => 100, refill_interval => '1 day',
+         id => 'metered', owner => 'acme', remaining => 100, refill_amount => 100, refill_interval => '1 day',
          rate_limit_max => 2, rate_limit_window => '1 minute') \gset
 SELECT valid, code, remaining, rate_limit_remaining FROM apikeys.verify_key(:'metered');
 SELECT valid, code, remaining, rate_limit_remaining FROM apikeys.verify_key(:'metered', cost => 5);
@@ -48,7 +48,7 @@ SELECT code FROM apikeys.verify_key(:'new_key');
 SELECT code FROM apikeys.verify_key(:'rotated');
 
 -- Disable, revoke, delete.
-SELECT apikeys.update_api_key('billing-svc', enabled => false) IS NOT NULL AS updated;
+SELECT (apikeys.update_api_key('billing-svc', enabled => false)).enabled;
 SELECT code FROM apikeys.verify_key(:'rotated');
 SELECT apikeys.revoke_api_key('billing-svc');
 SELECT code FROM apikeys.verify_key(:'rotated');
@@ -65,8 +65,8 @@ SELECT action, key_id, actor FROM apikeys.audit_log ORDER BY id;
 -- Errors carry SQLSTATEs: 22023 for bad arguments, 23505 duplicates, P0002 unknown ids.
 \set VERBOSITY sqlstate
 SELECT apikeys.create_api_key(rate_limit_max => 10);
-SELECT apikeys.create_api_key(id => 'dup');
-SELECT apikeys.create_api_key(id => 'dup');
+SELECT id FROM apikeys.create_api_key(id => 'dup');
+SELECT id FROM apikeys.create_api_key(id => 'dup');
 SELECT apikeys.revoke_api_key('no-such-key');
 \set VERBOSITY default
 SELECT apikeys.create_api_key(permissions => '{"orders": "read"}');
