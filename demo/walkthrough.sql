@@ -19,8 +19,8 @@ SELECT valid, code FROM apikeys.verify_key(overlay(:'key' placing 'X' from 8 for
 \echo '== 4. A metered key: 3 calls in all, at most 2 a minute.'
 SELECT key AS metered FROM apikeys.create_api_key(owner => 'acme', remaining => 3,
     rate_limit_max => 2, rate_limit_window => '1 minute') \gset
-SELECT n, v.code, v.remaining, v.rate_limit_remaining
-  FROM generate_series(1, 3) n, LATERAL apikeys.verify_key(:'metered') v;
+SELECT n, (v).code, (v).remaining, (v).rate_limit_remaining
+  FROM (SELECT n, apikeys.verify_key(:'metered') AS v FROM generate_series(1, 3) n OFFSET 0) calls;
 
 \echo '== 5. Revoke the first key: it stops verifying at once.'
 SELECT apikeys.revoke_api_key(:'id') AS revoked;

@@ -490,6 +490,16 @@ mod tests {
     }
 
     #[pg_test]
+    fn calls_within_one_statement_each_see_the_previous_spend() {
+        let (_, key) = create("remaining => 3, rate_limit_max => 2, rate_limit_window => '1 hour'");
+        let codes = one::<String>(&format!(
+            "SELECT string_agg((v).code || ':' || (v).remaining, ',' ORDER BY n) FROM \
+             (SELECT n, apikeys.verify_key('{key}') AS v FROM generate_series(1, 4) n OFFSET 0) calls"
+        ));
+        assert_eq!(codes.as_deref(), Some("VALID:2,VALID:1,RATE_LIMITED:1,RATE_LIMITED:1"));
+    }
+
+    #[pg_test]
     fn required_permissions_with_wildcards() {
         let (_, key) = create("permissions => '{\"orders\": [\"read\", \"write\"], \"reports\": [\"*\"]}'");
         assert_eq!(code(&key, "'{}'"), "VALID");
