@@ -11,13 +11,8 @@ case "$cmd" in
     if [ ! -f "$dir/PG_VERSION" ]; then
       mkdir -p "$dir" && chown postgres "$dir"
       as_pg "$BIN/initdb" -D "$dir" -U postgres -A trust --no-sync >/dev/null
-      cat >> "$dir/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$dir'
-fsync = off
-max_connections = 100
-CONF
+      cat "$(dirname "$0")/../pg_test.conf" >> "$dir/postgresql.conf"
+      printf "port = %s\nunix_socket_directories = '%s'\n" "$port" "$dir" >> "$dir/postgresql.conf"
     fi
     as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
     ;;

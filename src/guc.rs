@@ -1,20 +1,38 @@
 //! Settings. Both are USERSET: they choose defaults for keys a caller creates, nothing more.
 
+use crate::key_format;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use std::ffi::CString;
+use pgrx::pg_sys;
+use std::ffi::{c_char, c_void, CStr, CString};
 
 pub static DEFAULT_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"sk"));
 pub static DEFAULT_KEY_TTL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
+/// Rejects a bad prefix at SET time rather than at the next create_api_key.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_prefix(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe { newval.as_ref().filter(|p| !p.is_null()).map(|p| CStr::from_ptr(*p)) };
+    value.and_then(|v| v.to_str().ok()).is_some_and(key_format::is_valid_prefix)
+}
+
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"apikeys.default_prefix",
-        c"Prefix of new API keys when create_api_key gets none.",
-        c"1 to 16 characters of [a-z0-9].",
-        &DEFAULT_PREFIX,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"apikeys.default_prefix",
+            c"Prefix of new API keys when create_api_key gets none.",
+            c"1 to 16 characters of [a-z0-9].",
+            &DEFAULT_PREFIX,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_prefix),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_string_guc(
         c"apikeys.default_key_ttl",
         c"Lifetime of new API keys when create_api_key gets neither expires_in nor expires_at.",

@@ -743,8 +743,9 @@ mod tests {
         assert_error("SELECT apikeys.create_api_key(prefix => 'Bad_Prefix')", "22023", "\"prefix\"");
         assert_error("SELECT apikeys.create_api_key(prefix => '')", "22023", "\"prefix\"");
         assert_error("SELECT apikeys.create_api_key(prefix => 'abcdefghijklmnopq')", "22023", "\"prefix\"");
-        run("SET LOCAL apikeys.default_prefix = 'NO!'");
-        assert_error("SELECT apikeys.create_api_key()", "22023", "apikeys.default_prefix");
+        assert_error("SET LOCAL apikeys.default_prefix = 'NO!'", "22023", "apikeys.default_prefix");
+        assert_error("SET LOCAL apikeys.default_prefix = ''", "22023", "apikeys.default_prefix");
+        assert_eq!(one::<String>("SELECT current_setting('apikeys.default_prefix')").as_deref(), Some("test0"));
     }
 
     #[pg_test]
