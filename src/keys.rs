@@ -155,13 +155,73 @@ impl Expiry {
     }
 }
 
+/// The arguments create_api_key and update_api_key share, each checked on its own. Pairs
+/// (refill, rate limit) are checked by the caller: update_api_key checks them after merging
+/// with the stored key.
+struct Settings {
+    name: Option<String>,
+    owner: Option<String>,
+    description: Option<String>,
+    permissions: Option<serde_json::Value>,
+    metadata: Option<serde_json::Value>,
+    expiry: Option<Expiry>,
+    remaining: Option<i64>,
+    refill_amount: Option<i64>,
+    refill_interval: Option<Interval>,
+    rate_limit_max: Option<i32>,
+    rate_limit_window: Option<Interval>,
+}
+
+impl Settings {
+    #[allow(clippy::too_many_arguments)]
+    fn checked(
+        name: Option<String>,
+        owner: Option<String>,
+        description: Option<String>,
+        permissions: Option<JsonB>,
+        metadata: Option<JsonB>,
+        expires_in: Option<Interval>,
+        expires_at: Option<TimestampWithTimeZone>,
+        remaining: Option<i64>,
+        refill_amount: Option<i64>,
+        refill_interval: Option<Interval>,
+        rate_limit_max: Option<i32>,
+        rate_limit_window: Option<Interval>,
+    ) -> Settings {
+        if rate_limit_max.is_some_and(|m| m <= 0) {
+            invalid_argument("rate_limit_max", "must be greater than zero");
+        }
+        Settings {
+            name: check_text("name", name, MAX_NAME_CHARS),
+            owner: check_text("owner", owner, MAX_NAME_CHARS),
+            description: check_text("description", description, MAX_DESCRIPTION_CHARS),
+            permissions: check_permissions(permissions),
+            metadata: check_metadata(metadata),
+            expiry: Expiry::from_args(expires_in, expires_at),
+            remaining: check_non_negative("remaining", remaining),
+            refill_amount: check_non_negative("refill_amount", refill_amount),
+            refill_interval: check_positive("refill_interval", refill_interval),
+            rate_limit_max,
+            rate_limit_window: check_positive("rate_limit_window", rate_limit_window),
+        }
+    }
+
+    fn refill_given(&self) -> bool {
+        self.refill_amount.is_some() || self.refill_interval.is_some()
+    }
+
+    fn rate_limit_given(&self) -> bool {
+        self.rate_limit_max.is_some() || self.rate_limit_window.is_some()
+    }
+}
+
 // ---- SQL functions ----
 
 /// Creates an API key and returns it. The `key` column is the only time the key is ever shown:
 /// only its SHA-256 is stored. See README "create_api_key" for every argument.
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn create_api_key(
     name: default!(Option<String>, "NULL"),
     owner: default!(Option<String>, "NULL"),
@@ -194,23 +254,16 @@ fn create_api_key(
         name!(created_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let name = check_text("name", name, MAX_NAME_CHARS);
-    let owner = check_text("owner", owner, MAX_NAME_CHARS);
-    let description = check_text("description", description, MAX_DESCRIPTION_CHARS);
-    let permissions = check_permissions(permissions).unwrap_or_else(|| json!({}));
-    let metadata = check_metadata(metadata);
-    let expiry = Expiry::from_args(expires_in, expires_at).unwrap_or_else(Expiry::default);
-    let remaining = check_non_negative("remaining", remaining);
-    let refill_amount = check_non_negative("refill_amount", refill_amount);
-    let refill_interval = check_positive("refill_interval", refill_interval);
-    check_pair(("refill_amount", &refill_amount), ("refill_interval", &refill_interval));
-    let rate_limit_window = check_positive("rate_limit_window", rate_limit_window);
-    if rate_limit_max.is_some_and(|m| m <= 0) {
-        invalid_argument("rate_limit_max", "must be greater than zero");
-    }
-    check_pair(("rate_limit_max", &rate_limit_max), ("rate_limit_window", &rate_limit_window));
+    let s = Settings::checked(
+        name, owner, description, permissions, metadata, expires_in, expires_at, remaining,
+        refill_amount, refill_interval, rate_limit_max, rate_limit_window,
+    );
+    check_pair(("refill_amount", &s.refill_amount), ("refill_interval", &s.refill_interval));
+    check_pair(("rate_limit_max", &s.rate_limit_max), ("rate_limit_window", &s.rate_limit_window));
+    let expiry = s.expiry.unwrap_or_else(Expiry::default);
     // A refilling quota starts full unless told otherwise.
-    let remaining = remaining.or(refill_amount);
+    let remaining = s.remaining.or(s.refill_amount);
+    let imported = secret.is_some();
 
     let (key, prefix) = match secret {
         Some(secret) => {
@@ -245,41 +298,44 @@ fn create_api_key(
 
     let row = Spi::connect_mut(|client| {
         let role = check_role(client, role);
-        let taken = errors::internal(client.select(
-            "SELECT EXISTS (SELECT 1 FROM apikeys.keys WHERE hash = $1 OR previous_hash = $1)",
-            None,
-            &[hash.as_slice().into()],
-        ));
-        if errors::internal(taken.first().get_one::<bool>()) == Some(true) {
-            errors::raise(
-                PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
-                "argument \"secret\" is a key that is already registered".into(),
+        // Generated keys cannot collide; an imported one may already be registered.
+        if imported {
+            let taken = errors::internal(client.select(
+                "SELECT 1 FROM apikeys.keys WHERE hash = $1 OR previous_hash = $1",
                 None,
-            );
+                &[hash.as_slice().into()],
+            ));
+            if !taken.is_empty() {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                    "argument \"secret\" is a key that is already registered".into(),
+                    None,
+                );
+            }
         }
         let (expires_at, expires_in) = expiry.sql_args();
         let actor = audit::actor();
-        let details = json!({"name": name, "owner": owner, "prefix": prefix, "master": master.unwrap_or(false)});
+        let details = json!({"name": s.name, "owner": s.owner, "prefix": prefix, "master": master.unwrap_or(false)});
         let args: Vec<DatumWithOid> = vec![
             id.as_str().into(),
             hash.as_slice().into(),
             prefix.as_str().into(),
             start.as_str().into(),
-            name.clone().into(),
-            owner.clone().into(),
-            description.into(),
-            JsonB(permissions).into(),
-            metadata.map(JsonB).into(),
+            s.name.clone().into(),
+            s.owner.clone().into(),
+            s.description.into(),
+            JsonB(s.permissions.unwrap_or_else(|| json!({}))).into(),
+            s.metadata.map(JsonB).into(),
             role.into(),
             master.unwrap_or(false).into(),
             enabled.unwrap_or(true).into(),
             expires_at.into(),
             expires_in.into(),
             remaining.into(),
-            refill_amount.into(),
-            refill_interval.into(),
-            rate_limit_max.into(),
-            rate_limit_window.into(),
+            s.refill_amount.into(),
+            s.refill_interval.into(),
+            s.rate_limit_max.into(),
+            s.rate_limit_window.into(),
             actor.into(),
             JsonB(details).into(),
         ];
@@ -293,12 +349,12 @@ fn create_api_key(
                     COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
                     CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20)
                 ON CONFLICT (id) DO NOTHING
-                RETURNING id, start, prefix, name, owner, expires_at, created_at
+                RETURNING id, expires_at, created_at
             ), audit AS (
                 INSERT INTO apikeys.audit_log (actor, action, key_id, details)
                 SELECT $20, 'create', id, $21 FROM k
             )
-            SELECT id, start, prefix, name, owner, expires_at, created_at FROM k",
+            SELECT expires_at, created_at FROM k",
             None,
             &args,
         ));
@@ -309,21 +365,10 @@ fn create_api_key(
                 Some("Choose another id, or leave id NULL to generate one."),
             );
         }
-        let row = table.first();
-        errors::internal((|| -> Result<_, pgrx::spi::SpiError> {
-            Ok((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<String>(2)?.unwrap_or_default(),
-                row.get::<String>(3)?.unwrap_or_default(),
-                row.get::<String>(4)?,
-                row.get::<String>(5)?,
-                row.get::<TimestampWithTimeZone>(6)?,
-                row.get::<TimestampWithTimeZone>(7)?,
-            ))
-        })())
+        errors::internal(table.first().get_two::<TimestampWithTimeZone, TimestampWithTimeZone>())
     });
-    let (id, start, prefix, name, owner, expires_at, created_at) = row;
-    TableIterator::once((id, key, start, prefix, name, owner, expires_at, created_at))
+    let (expires_at, created_at) = row;
+    TableIterator::once((id, key, start, prefix, s.name, s.owner, expires_at, created_at))
 }
 
 fn required_id(id: Option<String>) -> String {
@@ -447,30 +492,21 @@ fn update_api_key(
             cleared.push(canonical);
         }
     }
-    let name = check_text("name", name, MAX_NAME_CHARS);
-    let owner = check_text("owner", owner, MAX_NAME_CHARS);
-    let description = check_text("description", description, MAX_DESCRIPTION_CHARS);
-    let permissions = check_permissions(permissions);
-    let metadata = check_metadata(metadata);
-    let expiry = Expiry::from_args(expires_in, expires_at);
-    let remaining = check_non_negative("remaining", remaining);
-    let refill_amount = check_non_negative("refill_amount", refill_amount);
-    let refill_interval = check_positive("refill_interval", refill_interval);
-    let rate_limit_window = check_positive("rate_limit_window", rate_limit_window);
-    if rate_limit_max.is_some_and(|m| m <= 0) {
-        invalid_argument("rate_limit_max", "must be greater than zero");
-    }
+    let s = Settings::checked(
+        name, owner, description, permissions, metadata, expires_in, expires_at, remaining,
+        refill_amount, refill_interval, rate_limit_max, rate_limit_window,
+    );
     let given = [
-        ("name", name.is_some()),
-        ("owner", owner.is_some()),
-        ("description", description.is_some()),
-        ("permissions", permissions.is_some()),
-        ("metadata", metadata.is_some()),
+        ("name", s.name.is_some()),
+        ("owner", s.owner.is_some()),
+        ("description", s.description.is_some()),
+        ("permissions", s.permissions.is_some()),
+        ("metadata", s.metadata.is_some()),
         ("role", role.is_some()),
-        ("expires_at", expiry.is_some()),
-        ("remaining", remaining.is_some()),
-        ("refill", refill_amount.is_some() || refill_interval.is_some()),
-        ("rate_limit", rate_limit_max.is_some() || rate_limit_window.is_some()),
+        ("expires_at", s.expiry.is_some()),
+        ("remaining", s.remaining.is_some()),
+        ("refill", s.refill_given()),
+        ("rate_limit", s.rate_limit_given()),
         ("enabled", enabled.is_some()),
     ];
     for (field, is_given) in given {
@@ -502,16 +538,17 @@ fn update_api_key(
             })(),
         );
         let keep = |field: &str| !cleared.contains(&field);
-        let final_amount = refill_amount.or(cur_amount).filter(|_| keep("refill"));
-        let final_interval = refill_interval.or(cur_interval).filter(|_| keep("refill"));
+        let final_amount = s.refill_amount.or(cur_amount).filter(|_| keep("refill"));
+        let final_interval = s.refill_interval.or(cur_interval).filter(|_| keep("refill"));
         check_pair(("refill_amount", &final_amount), ("refill_interval", &final_interval));
-        let final_max = rate_limit_max.or(cur_max).filter(|_| keep("rate_limit"));
-        let final_window = rate_limit_window.or(cur_window).filter(|_| keep("rate_limit"));
+        let final_max = s.rate_limit_max.or(cur_max).filter(|_| keep("rate_limit"));
+        let final_window = s.rate_limit_window.or(cur_window).filter(|_| keep("rate_limit"));
         check_pair(("rate_limit_max", &final_max), ("rate_limit_window", &final_window));
         let role = check_role(client, role);
+        let (refill_given, rate_limit_given) = (s.refill_given(), s.rate_limit_given());
 
         let mut set = Assignments { sql: vec![], args: vec![id.as_str().into()], changed: vec![] };
-        let text_fields = [("name", name), ("owner", owner), ("description", description), ("role", role)];
+        let text_fields = [("name", s.name), ("owner", s.owner), ("description", s.description), ("role", role)];
         for (field, value) in text_fields {
             if let Some(v) = value {
                 set.set(field, &format!("{field} = $?"), vec![v.into()]);
@@ -519,12 +556,12 @@ fn update_api_key(
                 set.set(field, &format!("{field} = NULL"), vec![]);
             }
         }
-        if let Some(p) = permissions {
+        if let Some(p) = s.permissions {
             set.set("permissions", "permissions = $?", vec![JsonB(p).into()]);
         } else if cleared.contains(&"permissions") {
             set.set("permissions", "permissions = '{}'", vec![]);
         }
-        if let Some(m) = metadata {
+        if let Some(m) = s.metadata {
             set.set("metadata", "metadata = $?", vec![JsonB(m).into()]);
         } else if cleared.contains(&"metadata") {
             set.set("metadata", "metadata = NULL", vec![]);
@@ -534,7 +571,7 @@ fn update_api_key(
         } else if cleared.contains(&"enabled") {
             set.set("enabled", "enabled = true", vec![]);
         }
-        if let Some(expiry) = expiry {
+        if let Some(expiry) = s.expiry {
             let (at, within) = expiry.sql_args();
             set.set(
                 "expires_at",
@@ -545,12 +582,11 @@ fn update_api_key(
             set.set("expires_at", "expires_at = NULL", vec![]);
         }
         // A newly configured refill starts its clock now and fills an unlimited quota.
-        let refill_given = refill_amount.is_some() || refill_interval.is_some();
-        let final_remaining = remaining
+        let final_remaining = s.remaining
             .or(cur_remaining)
             .filter(|_| keep("remaining"))
             .or(final_amount.filter(|_| refill_given && cur_remaining.is_none()));
-        if remaining.is_some() || cleared.contains(&"remaining") || final_remaining != cur_remaining {
+        if s.remaining.is_some() || cleared.contains(&"remaining") || final_remaining != cur_remaining {
             set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
         }
         if refill_given {
@@ -560,7 +596,7 @@ fn update_api_key(
         } else if cleared.contains(&"refill") {
             set.set("refill", "refill_amount = NULL, refill_interval = NULL, last_refill_at = NULL", vec![]);
         }
-        if rate_limit_max.is_some() || rate_limit_window.is_some() {
+        if rate_limit_given {
             set.set("rate_limit", "rate_limit_max = $?", vec![final_max.into()]);
             set.set("rate_limit", "rate_limit_window = $?", vec![final_window.into()]);
         } else if cleared.contains(&"rate_limit") {
@@ -930,6 +966,37 @@ mod tests {
         assert_error("SELECT * FROM apikeys.keys", "42501", "permission denied");
         run("RESET ROLE");
         assert_eq!(one::<String>(&format!("SELECT created_by FROM apikeys.keys WHERE id = '{id}'")).as_deref(), Some("key_admin"));
+    }
+
+    #[pg_test]
+    fn null_arguments_mean_defaults_or_a_clear_error() {
+        let (id, key) = create(
+            "name => NULL, owner => NULL, permissions => NULL, expires_in => NULL, expires_at => NULL, \
+             prefix => NULL, id => NULL, secret => NULL, role => NULL, description => NULL, \
+             metadata => NULL, master => NULL, remaining => NULL, refill_amount => NULL, \
+             refill_interval => NULL, rate_limit_max => NULL, rate_limit_window => NULL, enabled => NULL",
+        );
+        assert_eq!(code(&key, "NULL, NULL"), "VALID");
+        let row = format!("FROM apikeys.get_api_key('{id}')");
+        assert_eq!(one::<bool>(&format!("SELECT enabled AND NOT master AND permissions = '{{}}' {row}")), Some(true));
+        assert_error("SELECT apikeys.update_api_key(NULL)", "22023", "\"id\"");
+        assert_error("SELECT apikeys.revoke_api_key(NULL)", "22023", "\"id\"");
+        assert_error("SELECT apikeys.rotate_api_key(NULL)", "22023", "\"id\"");
+        assert_eq!(one::<bool>("SELECT apikeys.delete_api_key(NULL)"), Some(false));
+        assert_eq!(one::<bool>("SELECT apikeys.get_api_key(NULL) IS NULL"), Some(true));
+        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys(NULL)"), Some(1));
+        assert_eq!(one::<i64>("SELECT apikeys.delete_expired_api_keys(NULL)"), Some(0));
+        // NULL everywhere in update leaves the key unchanged.
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', name => NULL, owner => NULL, permissions => NULL, \
+             expires_in => NULL, expires_at => NULL, role => NULL, description => NULL, metadata => NULL, \
+             remaining => NULL, refill_amount => NULL, refill_interval => NULL, rate_limit_max => NULL, \
+             rate_limit_window => NULL, enabled => NULL, clear => NULL)"
+        ));
+        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY[NULL]::text[])"));
+        assert_eq!(code(&key, ""), "VALID");
+        let rotated = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}', NULL)")).unwrap();
+        assert_eq!(code(&rotated, ""), "VALID");
     }
 
     #[pg_test]

@@ -213,15 +213,11 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
     };
     let hash = key_format::hash(key);
     Spi::connect_mut(|client| {
-        let by_hash = |client: &mut SpiClient<'_>, column: &str, lock: &str| {
-            fetch(
-                client,
-                &format!("{STATE_SQL} WHERE k.{column} = $1 {lock}"),
-                &[hash.as_slice().into()],
-            )
+        // The current hash first; a rotated-out key (previous_hash) is the rare case.
+        let by_hash = |client: &mut SpiClient<'_>, column: &str| {
+            fetch(client, &format!("{STATE_SQL} WHERE k.{column} = $1"), &[hash.as_slice().into()])
         };
-        let Some(mut state) =
-            by_hash(client, "hash", "").or_else(|| by_hash(client, "previous_hash", ""))
+        let Some(mut state) = by_hash(client, "hash").or_else(|| by_hash(client, "previous_hash"))
         else {
             return Verification::not_found();
         };
