@@ -49,7 +49,7 @@ test-regress: install
 
 test-integration: install
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
-	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
+	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  $(CARGO) test --features integration --test integration -- --test-threads=1; rc=$$?; \
 	  scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
 
