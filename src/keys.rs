@@ -68,13 +68,24 @@ fn check_metadata(value: Option<JsonB>) -> Option<serde_json::Value> {
     Some(value)
 }
 
-fn check_positive(arg: &str, value: Option<Interval>) -> Option<Interval> {
-    if let Some(v) = value {
-        if v.as_micros() <= 0 {
-            invalid_argument(arg, "must be a positive interval");
-        }
+/// Durations are bounded so that `now + duration` (computed at every verification for windows
+/// and refills) stays a valid timestamp.
+const MAX_DURATION_YEARS: i32 = 1000;
+
+fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
+    let micros = value.as_micros();
+    if micros < 0 || (micros == 0 && !allow_zero) {
+        let expected = if allow_zero { "must not be negative" } else { "must be a positive interval" };
+        invalid_argument(arg, expected);
+    }
+    if micros > Interval::from_years(MAX_DURATION_YEARS).as_micros() {
+        invalid_argument(arg, format!("must be at most {MAX_DURATION_YEARS} years"));
     }
     value
+}
+
+fn check_positive(arg: &str, value: Option<Interval>) -> Option<Interval> {
+    value.map(|v| check_duration(arg, v, false))
 }
 
 fn check_non_negative<T: PartialOrd + Default + Copy>(arg: &str, value: Option<T>) -> Option<T> {
@@ -681,10 +692,7 @@ fn rotate_api_key(
     ),
 > {
     let id = required_id(id);
-    let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
-    if grace.as_micros() < 0 {
-        invalid_argument("grace", "must not be negative");
-    }
+    let grace = check_duration("grace", grace.unwrap_or_else(|| Interval::from_micros(0)), true);
     let keep_old = grace.as_micros() > 0;
     let (key, start, expires_at) = Spi::connect_mut(|client| {
         let current = errors::internal(client.update(
@@ -725,10 +733,8 @@ fn rotate_api_key(
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64 {
-    let older_than = older_than.unwrap_or_else(|| Interval::from_micros(0));
-    if older_than.as_micros() < 0 {
-        invalid_argument("older_than", "must not be negative");
-    }
+    let older_than =
+        check_duration("older_than", older_than.unwrap_or_else(|| Interval::from_micros(0)), true);
     Spi::connect_mut(|client| {
         let count = errors::internal(client.update(
             "WITH gone AS (
@@ -817,6 +823,9 @@ mod tests {
             ("refill_interval => '1 day'", "refill_amount"),
             ("refill_amount => -5, refill_interval => '1 day'", "refill_amount"),
             ("refill_amount => 5, refill_interval => '-1 day'", "refill_interval"),
+            ("refill_amount => 5, refill_interval => '1001 years'", "refill_interval"),
+            ("rate_limit_max => 5, rate_limit_window => '1000000 years'", "rate_limit_window"),
+            ("expires_in => '178000000 years'", "expires_in"),
             ("role => 'no_such_role'", "role"),
             ("permissions => '[\"orders\"]'", "permissions"),
             ("permissions => '{\"orders\": \"read\"}'", "permissions"),
@@ -929,6 +938,7 @@ mod tests {
         assert_error("SELECT apikeys.rotate_api_key('nope')", "P0002", "nope");
         let (id, _) = create("prefix => 'rot'");
         assert_error(&format!("SELECT apikeys.rotate_api_key('{id}', grace => '-1 s')"), "22023", "\"grace\"");
+        assert_error(&format!("SELECT apikeys.rotate_api_key('{id}', grace => '5000 years')"), "22023", "\"grace\"");
         let rotated = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
         assert!(rotated.starts_with("rot_"), "rotation keeps the prefix");
     }
@@ -944,6 +954,7 @@ mod tests {
         assert_eq!(one::<String>("SELECT string_agg(id, ',' ORDER BY id) FROM apikeys.keys").as_deref(), Some("forever,live"));
         assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'delete_expired'"), Some(2));
         assert_error("SELECT apikeys.delete_expired_api_keys('-1 day')", "22023", "\"older_than\"");
+        assert_error("SELECT apikeys.delete_expired_api_keys('1000000 years')", "22023", "\"older_than\"");
     }
 
     #[pg_test]
