@@ -169,6 +169,32 @@ mod unit {
         assert_eq!(hash("abc")[..4], [0xba, 0x78, 0x16, 0xbf]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_and_accepts_only_checksummed_keys(s in "\\PC{0,80}") {
+            if let Some(parsed) = parse(&s) {
+                proptest::prop_assert!(is_valid_prefix(parsed.prefix));
+                proptest::prop_assert_eq!(parsed.body.len(), BODY_CHARS);
+                let (head, sum) = s.split_at(s.len() - CHECKSUM_CHARS);
+                proptest::prop_assert_eq!(checksum(head), sum);
+            }
+        }
+
+        #[test]
+        fn near_misses_of_the_key_shape_are_rejected(prefix in "[a-z0-9]{1,16}", body in "[0-9A-Za-z]{49}") {
+            // A random body has a 1 in 62^6 chance of a valid checksum; treat a hit as a bug.
+            let key = format!("{prefix}_{body}");
+            proptest::prop_assert!(parse(&key).is_none());
+        }
+
+        #[test]
+        fn base62_round_trips_through_its_width(bytes in proptest::collection::vec(proptest::num::u8::ANY, 32)) {
+            let text = base62(&bytes, RANDOM_CHARS);
+            proptest::prop_assert_eq!(text.len(), RANDOM_CHARS);
+            proptest::prop_assert!(text.bytes().all(|b| b.is_ascii_alphanumeric()));
+        }
+    }
+
     #[test]
     fn random_ids_have_fixed_width() {
         assert_eq!(random_id(16).len(), 22);

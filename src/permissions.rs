@@ -131,6 +131,43 @@ mod unit {
         assert!(parse(&Value::Object(huge)).is_err());
     }
 
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map("\\PC{0,8}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_and_round_trips(value in arb_json()) {
+            if let Ok(perms) = parse(&value) {
+                proptest::prop_assert_eq!(parse(&to_json(&perms)), Ok(perms));
+            }
+        }
+
+        #[test]
+        fn a_grant_covers_itself_and_everything_covers_anything(
+            doc in proptest::collection::btree_map("[a-z*]{1,6}", proptest::collection::vec("[a-z*]{1,6}", 0..4), 0..6)
+        ) {
+            let perms: Permissions = doc;
+            let everything = p(json!({"*": ["*"]}));
+            proptest::prop_assert!(covers(&perms, &perms));
+            proptest::prop_assert!(covers(&everything, &perms));
+            proptest::prop_assert!(covers(&perms, &Permissions::new()));
+        }
+    }
+
     #[test]
     fn matching_and_wildcards() {
         let perms = p(json!({"orders": ["read"], "reports": ["*"]}));
