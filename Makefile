@@ -8,6 +8,8 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 TEST_DIR    ?= /tmp/pg_apikeys_test
 TEST_PORT   ?= 55434
+STANDBY_DIR ?= /tmp/pg_apikeys_standby
+STANDBY_PORT ?= 55435
 DEMO_DIR    ?= /tmp/pg_apikeys_demo
 DEMO_PORT   ?= 55433
 REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql))))
@@ -47,12 +49,17 @@ test-regress: install
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress --dbname=pg_apikeys_regress \
 	  $(REGRESS) || { cat tests/pg_regress/regression.diffs; scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit 1; }
 
+# Integration tests: a primary and a streaming hot standby made with pg_basebackup.
 test-integration: install
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
-	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
+	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); rm -rf $(STANDBY_DIR)
+	scripts/cluster.sh standby $(STANDBY_DIR) $(STANDBY_PORT) $(TEST_PORT)
+	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
+	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  $(CARGO) test --features integration --test integration -- --test-threads=1; rc=$$?; \
-	  scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
+	  scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
 
 clean-clusters:
-	scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT)
-	rm -rf $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest
+	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
+	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT)
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest

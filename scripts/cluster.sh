@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A scratch PostgreSQL cluster run by user postgres on a loopback port (initdb refuses root).
 # Usage: scripts/cluster.sh start|stop|psql DIR PORT [psql args...]
+#        scripts/cluster.sh standby DIR PORT PRIMARY_PORT   (a streaming replica of the primary)
 set -euo pipefail
 PG_MAJOR=${PG_MAJOR:-15}
 BIN=/usr/lib/postgresql/$PG_MAJOR/bin
@@ -19,8 +20,17 @@ case "$cmd" in
   stop)
     [ -f "$dir/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null || true
     ;;
+  standby)
+    primary_port=$1
+    if [ ! -f "$dir/PG_VERSION" ]; then
+      mkdir -p "$dir" && chown postgres "$dir" && chmod 700 "$dir"
+      as_pg "$BIN/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres -D "$dir" -R -X stream
+      printf "port = %s\nunix_socket_directories = '%s'\nhot_standby = on\n" "$port" "$dir" >> "$dir/postgresql.conf"
+    fi
+    as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    ;;
   psql)
     exec psql -h 127.0.0.1 -p "$port" -U postgres -X -v ON_ERROR_STOP=1 "$@"
     ;;
-  *) echo "usage: $0 start|stop|psql DIR PORT" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|standby|psql DIR PORT" >&2; exit 2 ;;
 esac

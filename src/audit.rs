@@ -15,11 +15,21 @@ pub fn actor() -> String {
     }
 }
 
-pub fn record(client: &mut SpiClient<'_>, action: &str, key_id: Option<&str>, details: serde_json::Value) {
+pub fn record(
+    client: &mut SpiClient<'_>,
+    action: &str,
+    key_id: Option<&str>,
+    details: serde_json::Value,
+) {
     errors::internal(client.update(
         "INSERT INTO apikeys.audit_log (actor, action, key_id, details) VALUES ($1, $2, $3, $4)",
         None,
-        &[actor().into(), action.into(), key_id.into(), JsonB(details).into()],
+        &[
+            actor().into(),
+            action.into(),
+            key_id.into(),
+            JsonB(details).into(),
+        ],
     ));
 }
 

@@ -43,6 +43,10 @@ pub fn key_not_found(id: &str) -> ! {
 /// SPI failures that no input can cause; reported rather than panicking.
 pub fn internal<T, E: Display>(result: Result<T, E>) -> T {
     result.unwrap_or_else(|e| {
-        raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("pg_apikeys internal error: {e}"), None)
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("pg_apikeys internal error: {e}"),
+            None,
+        )
     })
 }

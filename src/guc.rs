@@ -5,8 +5,10 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use std::ffi::{c_char, c_void, CStr, CString};
 
-pub static DEFAULT_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"sk"));
-pub static DEFAULT_KEY_TTL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static DEFAULT_PREFIX: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"sk"));
+pub static DEFAULT_KEY_TTL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -15,8 +17,15 @@ unsafe extern "C-unwind" fn check_prefix(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    let value = unsafe { newval.as_ref().filter(|p| !p.is_null()).map(|p| CStr::from_ptr(*p)) };
-    value.and_then(|v| v.to_str().ok()).is_some_and(key_format::is_valid_prefix)
+    let value = unsafe {
+        newval
+            .as_ref()
+            .filter(|p| !p.is_null())
+            .map(|p| CStr::from_ptr(*p))
+    };
+    value
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(key_format::is_valid_prefix)
 }
 
 pub fn init() {
@@ -44,7 +53,10 @@ pub fn init() {
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
-    setting.get().map(|s| s.to_string_lossy().trim().to_owned()).unwrap_or_default()
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().trim().to_owned())
+        .unwrap_or_default()
 }
 
 pub fn default_prefix() -> String {

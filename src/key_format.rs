@@ -37,13 +37,18 @@ pub fn base62(bytes: &[u8], width: usize) -> String {
 }
 
 fn checksum(text: &str) -> String {
-    base62(&crc32fast::hash(text.as_bytes()).to_be_bytes(), CHECKSUM_CHARS)
+    base62(
+        &crc32fast::hash(text.as_bytes()).to_be_bytes(),
+        CHECKSUM_CHARS,
+    )
 }
 
 /// A prefix is 1–16 characters of `[a-z0-9]`.
 pub fn is_valid_prefix(prefix: &str) -> bool {
     (1..=MAX_PREFIX_CHARS).contains(&prefix.len())
-        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// A new key string with the given (already validated) prefix.

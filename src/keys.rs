@@ -32,7 +32,9 @@ fn check_text(arg: &str, value: Option<String>, max: usize) -> Option<String> {
 
 fn check_id(id: &str) -> &str {
     let ok = (1..=MAX_ID_CHARS).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
     if !ok {
         invalid_argument(
             "id",
@@ -45,7 +47,10 @@ fn check_id(id: &str) -> &str {
 fn check_json_size(arg: &str, value: &serde_json::Value) {
     let n = value.to_string().len();
     if n > MAX_JSON_BYTES {
-        invalid_argument(arg, format!("must be at most {MAX_JSON_BYTES} bytes of JSON, got {n}"));
+        invalid_argument(
+            arg,
+            format!("must be at most {MAX_JSON_BYTES} bytes of JSON, got {n}"),
+        );
     }
 }
 
@@ -75,7 +80,11 @@ const MAX_DURATION_YEARS: i32 = 1000;
 fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
     let micros = value.as_micros();
     if micros < 0 || (micros == 0 && !allow_zero) {
-        let expected = if allow_zero { "must not be negative" } else { "must be a positive interval" };
+        let expected = if allow_zero {
+            "must not be negative"
+        } else {
+            "must be a positive interval"
+        };
         invalid_argument(arg, expected);
     }
     if micros > Interval::from_years(MAX_DURATION_YEARS).as_micros() {
@@ -105,21 +114,32 @@ fn check_role(client: &SpiClient<'_>, role: Option<String>) -> Option<String> {
     .first()
     .get_one::<bool>();
     if errors::internal(exists) != Some(true) {
-        invalid_argument_hint("role", format!("names no database role: \"{role}\""), "Create the role first.");
+        invalid_argument_hint(
+            "role",
+            format!("names no database role: \"{role}\""),
+            "Create the role first.",
+        );
     }
     Some(role)
 }
 
 fn check_prefix(arg: &str, prefix: &str) {
     if !key_format::is_valid_prefix(prefix) {
-        invalid_argument(arg, format!("must be 1 to 16 characters of [a-z0-9], got \"{prefix}\""));
+        invalid_argument(
+            arg,
+            format!("must be 1 to 16 characters of [a-z0-9], got \"{prefix}\""),
+        );
     }
 }
 
 /// Both or neither of two arguments that only make sense together.
 fn check_pair<A, B>(a: (&str, &Option<A>), b: (&str, &Option<B>)) {
     if a.1.is_some() != b.1.is_some() {
-        let (given, missing) = if a.1.is_some() { (a.0, b.0) } else { (b.0, a.0) };
+        let (given, missing) = if a.1.is_some() {
+            (a.0, b.0)
+        } else {
+            (b.0, a.0)
+        };
         invalid_argument(missing, format!("must be given together with \"{given}\""));
     }
 }
@@ -139,7 +159,9 @@ impl Expiry {
         expires_at: Option<TimestampWithTimeZone>,
     ) -> Option<Expiry> {
         match (check_positive("expires_in", expires_in), expires_at) {
-            (Some(_), Some(_)) => invalid_argument("expires_at", "cannot be combined with \"expires_in\""),
+            (Some(_), Some(_)) => {
+                invalid_argument("expires_at", "cannot be combined with \"expires_in\"")
+            }
             (Some(i), None) => Some(Expiry::In(i)),
             (None, Some(t)) if t.is_infinity() => Some(Expiry::Never),
             (None, Some(t)) => Some(Expiry::At(t)),
@@ -149,9 +171,14 @@ impl Expiry {
 
     /// From GUC apikeys.default_key_ttl.
     fn default() -> Expiry {
-        let Some(text) = guc::default_key_ttl() else { return Expiry::Never };
+        let Some(text) = guc::default_key_ttl() else {
+            return Expiry::Never;
+        };
         let ttl = text.parse::<Interval>().unwrap_or_else(|_| {
-            invalid_argument("apikeys.default_key_ttl", format!("must be an interval, got \"{text}\""))
+            invalid_argument(
+                "apikeys.default_key_ttl",
+                format!("must be an interval, got \"{text}\""),
+            )
         });
         Expiry::In(check_positive("apikeys.default_key_ttl", Some(ttl)).unwrap_or(ttl))
     }
@@ -266,11 +293,27 @@ fn create_api_key(
     ),
 > {
     let s = Settings::checked(
-        name, owner, description, permissions, metadata, expires_in, expires_at, remaining,
-        refill_amount, refill_interval, rate_limit_max, rate_limit_window,
+        name,
+        owner,
+        description,
+        permissions,
+        metadata,
+        expires_in,
+        expires_at,
+        remaining,
+        refill_amount,
+        refill_interval,
+        rate_limit_max,
+        rate_limit_window,
     );
-    check_pair(("refill_amount", &s.refill_amount), ("refill_interval", &s.refill_interval));
-    check_pair(("rate_limit_max", &s.rate_limit_max), ("rate_limit_window", &s.rate_limit_window));
+    check_pair(
+        ("refill_amount", &s.refill_amount),
+        ("refill_interval", &s.refill_interval),
+    );
+    check_pair(
+        ("rate_limit_max", &s.rate_limit_max),
+        ("rate_limit_window", &s.rate_limit_window),
+    );
     let expiry = s.expiry.unwrap_or_else(Expiry::default);
     // A refilling quota starts full unless told otherwise.
     let remaining = s.remaining.or(s.refill_amount);
@@ -286,7 +329,13 @@ fn create_api_key(
                 )
             };
             if prefix.as_deref().is_some_and(|p| p != parsed.prefix) {
-                invalid_argument("prefix", format!("does not match the prefix of \"secret\" (\"{}\")", parsed.prefix));
+                invalid_argument(
+                    "prefix",
+                    format!(
+                        "does not match the prefix of \"secret\" (\"{}\")",
+                        parsed.prefix
+                    ),
+                );
             }
             let prefix = parsed.prefix.to_owned();
             (secret, prefix)
@@ -300,7 +349,9 @@ fn create_api_key(
             (key_format::generate(&prefix), prefix)
         }
     };
-    let start = key_format::parse(&key).map(|p| p.start()).unwrap_or_default();
+    let start = key_format::parse(&key)
+        .map(|p| p.start())
+        .unwrap_or_default();
     let hash = key_format::hash(&key);
     let id = match id {
         Some(id) => check_id(&id).to_owned(),
@@ -376,10 +427,16 @@ fn create_api_key(
                 Some("Choose another id, or leave id NULL to generate one."),
             );
         }
-        errors::internal(table.first().get_two::<TimestampWithTimeZone, TimestampWithTimeZone>())
+        errors::internal(
+            table
+                .first()
+                .get_two::<TimestampWithTimeZone, TimestampWithTimeZone>(),
+        )
     });
     let (expires_at, created_at) = row;
-    TableIterator::once((id, key, start, prefix, s.name, s.owner, expires_at, created_at))
+    TableIterator::once((
+        id, key, start, prefix, s.name, s.owner, expires_at, created_at,
+    ))
 }
 
 fn required_id(id: Option<String>) -> String {
@@ -410,7 +467,9 @@ fn get_api_key(id: Option<String>) -> Option<pgrx::composite_type!('static, "api
 /// Every key, or every key of one owner, oldest first.
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, pg_temp)]
-fn list_api_keys(owner: default!(Option<String>, "NULL")) -> SetOfIterator<'static, pgrx::composite_type!('static, "apikeys.api_key")> {
+fn list_api_keys(
+    owner: default!(Option<String>, "NULL"),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "apikeys.api_key")> {
     let rows: Vec<ApiKey> = Spi::connect(|client| {
         let table = errors::internal(client.select(
             &format!(
@@ -420,7 +479,9 @@ fn list_api_keys(owner: default!(Option<String>, "NULL")) -> SetOfIterator<'stat
             None,
             &[owner.into()],
         ));
-        table.filter_map(|row| errors::internal(row.get::<ApiKey>(1))).collect()
+        table
+            .filter_map(|row| errors::internal(row.get::<ApiKey>(1)))
+            .collect()
     });
     SetOfIterator::new(rows)
 }
@@ -504,8 +565,18 @@ fn update_api_key(
         }
     }
     let s = Settings::checked(
-        name, owner, description, permissions, metadata, expires_in, expires_at, remaining,
-        refill_amount, refill_interval, rate_limit_max, rate_limit_window,
+        name,
+        owner,
+        description,
+        permissions,
+        metadata,
+        expires_in,
+        expires_at,
+        remaining,
+        refill_amount,
+        refill_interval,
+        rate_limit_max,
+        rate_limit_window,
     );
     let given = [
         ("name", s.name.is_some()),
@@ -522,7 +593,10 @@ fn update_api_key(
     ];
     for (field, is_given) in given {
         if is_given && cleared.contains(&field) {
-            invalid_argument("clear", format!("names \"{field}\", which is also given a new value"));
+            invalid_argument(
+                "clear",
+                format!("names \"{field}\", which is also given a new value"),
+            );
         }
     }
 
@@ -537,8 +611,8 @@ fn update_api_key(
             key_not_found(&id);
         }
         let cur = current.first();
-        let (cur_amount, cur_interval, cur_max, cur_window, cur_remaining) = errors::internal(
-            (|| -> Result<_, pgrx::spi::SpiError> {
+        let (cur_amount, cur_interval, cur_max, cur_window, cur_remaining) =
+            errors::internal((|| -> Result<_, pgrx::spi::SpiError> {
                 Ok((
                     cur.get::<i64>(1)?,
                     cur.get::<Interval>(2)?,
@@ -546,20 +620,40 @@ fn update_api_key(
                     cur.get::<Interval>(4)?,
                     cur.get::<i64>(5)?,
                 ))
-            })(),
-        );
+            })());
         let keep = |field: &str| !cleared.contains(&field);
         let final_amount = s.refill_amount.or(cur_amount).filter(|_| keep("refill"));
-        let final_interval = s.refill_interval.or(cur_interval).filter(|_| keep("refill"));
-        check_pair(("refill_amount", &final_amount), ("refill_interval", &final_interval));
+        let final_interval = s
+            .refill_interval
+            .or(cur_interval)
+            .filter(|_| keep("refill"));
+        check_pair(
+            ("refill_amount", &final_amount),
+            ("refill_interval", &final_interval),
+        );
         let final_max = s.rate_limit_max.or(cur_max).filter(|_| keep("rate_limit"));
-        let final_window = s.rate_limit_window.or(cur_window).filter(|_| keep("rate_limit"));
-        check_pair(("rate_limit_max", &final_max), ("rate_limit_window", &final_window));
+        let final_window = s
+            .rate_limit_window
+            .or(cur_window)
+            .filter(|_| keep("rate_limit"));
+        check_pair(
+            ("rate_limit_max", &final_max),
+            ("rate_limit_window", &final_window),
+        );
         let role = check_role(client, role);
         let (refill_given, rate_limit_given) = (s.refill_given(), s.rate_limit_given());
 
-        let mut set = Assignments { sql: vec![], args: vec![id.as_str().into()], changed: vec![] };
-        let text_fields = [("name", s.name), ("owner", s.owner), ("description", s.description), ("role", role)];
+        let mut set = Assignments {
+            sql: vec![],
+            args: vec![id.as_str().into()],
+            changed: vec![],
+        };
+        let text_fields = [
+            ("name", s.name),
+            ("owner", s.owner),
+            ("description", s.description),
+            ("role", role),
+        ];
         for (field, value) in text_fields {
             if let Some(v) = value {
                 set.set(field, &format!("{field} = $?"), vec![v.into()]);
@@ -593,23 +687,39 @@ fn update_api_key(
             set.set("expires_at", "expires_at = NULL", vec![]);
         }
         // A newly configured refill starts its clock now and fills an unlimited quota.
-        let final_remaining = s.remaining
+        let final_remaining = s
+            .remaining
             .or(cur_remaining)
             .filter(|_| keep("remaining"))
             .or(final_amount.filter(|_| refill_given && cur_remaining.is_none()));
-        if s.remaining.is_some() || cleared.contains(&"remaining") || final_remaining != cur_remaining {
+        if s.remaining.is_some()
+            || cleared.contains(&"remaining")
+            || final_remaining != cur_remaining
+        {
             set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
         }
         if refill_given {
             set.set("refill", "refill_amount = $?", vec![final_amount.into()]);
-            set.set("refill", "refill_interval = $?", vec![final_interval.into()]);
+            set.set(
+                "refill",
+                "refill_interval = $?",
+                vec![final_interval.into()],
+            );
             set.set("refill", "last_refill_at = clock_timestamp()", vec![]);
         } else if cleared.contains(&"refill") {
-            set.set("refill", "refill_amount = NULL, refill_interval = NULL, last_refill_at = NULL", vec![]);
+            set.set(
+                "refill",
+                "refill_amount = NULL, refill_interval = NULL, last_refill_at = NULL",
+                vec![],
+            );
         }
         if rate_limit_given {
             set.set("rate_limit", "rate_limit_max = $?", vec![final_max.into()]);
-            set.set("rate_limit", "rate_limit_window = $?", vec![final_window.into()]);
+            set.set(
+                "rate_limit",
+                "rate_limit_window = $?",
+                vec![final_window.into()],
+            );
         } else if cleared.contains(&"rate_limit") {
             set.set("rate_limit", "rate_limit_max = NULL, rate_limit_window = NULL, rate_window_start = NULL, rate_window_count = 0", vec![]);
         }
@@ -618,7 +728,10 @@ fn update_api_key(
         set.set("updated_by", "updated_by = $?", vec![actor.into()]);
         set.set("updated_by", "updated_at = clock_timestamp()", vec![]);
         let updated = first_api_key(errors::internal(client.update(
-            &format!("UPDATE apikeys.keys SET {} WHERE id = $1 RETURNING {API_KEY_ROW}", set.sql.join(", ")),
+            &format!(
+                "UPDATE apikeys.keys SET {} WHERE id = $1 RETURNING {API_KEY_ROW}",
+                set.sql.join(", ")
+            ),
             None,
             &set.args,
         )));
@@ -692,7 +805,11 @@ fn rotate_api_key(
     ),
 > {
     let id = required_id(id);
-    let grace = check_duration("grace", grace.unwrap_or_else(|| Interval::from_micros(0)), true);
+    let grace = check_duration(
+        "grace",
+        grace.unwrap_or_else(|| Interval::from_micros(0)),
+        true,
+    );
     let keep_old = grace.as_micros() > 0;
     let (key, start, expires_at) = Spi::connect_mut(|client| {
         let current = errors::internal(client.update(
@@ -705,7 +822,9 @@ fn rotate_api_key(
         }
         let prefix = errors::internal(current.first().get::<String>(1)).unwrap_or_default();
         let key = key_format::generate(&prefix);
-        let start = key_format::parse(&key).map(|p| p.start()).unwrap_or_default();
+        let start = key_format::parse(&key)
+            .map(|p| p.start())
+            .unwrap_or_default();
         let row = errors::internal(client.update(
             "UPDATE apikeys.keys SET hash = $2, start = $3,
                 previous_hash = CASE WHEN $4 THEN hash END,
@@ -723,7 +842,12 @@ fn rotate_api_key(
             ],
         ));
         let expires_at = errors::internal(row.first().get::<TimestampWithTimeZone>(1));
-        audit::record(client, "rotate", Some(&id), json!({ "grace_seconds": grace.as_micros() / 1_000_000 }));
+        audit::record(
+            client,
+            "rotate",
+            Some(&id),
+            json!({ "grace_seconds": grace.as_micros() / 1_000_000 }),
+        );
         (key, start, expires_at)
     });
     TableIterator::once((id, key, start, expires_at))
@@ -733,8 +857,11 @@ fn rotate_api_key(
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64 {
-    let older_than =
-        check_duration("older_than", older_than.unwrap_or_else(|| Interval::from_micros(0)), true);
+    let older_than = check_duration(
+        "older_than",
+        older_than.unwrap_or_else(|| Interval::from_micros(0)),
+        true,
+    );
     Spi::connect_mut(|client| {
         let count = errors::internal(client.update(
             "WITH gone AS (
@@ -765,13 +892,38 @@ mod tests {
         let parsed = key_format::parse(&key).expect("well-formed key");
         assert_eq!(parsed.prefix, "sk");
         let row = format!("FROM apikeys.keys WHERE id = '{id}'");
-        assert_eq!(one::<Vec<u8>>(&format!("SELECT hash {row}")), Some(key_format::hash(&key)));
-        assert_eq!(one::<String>(&format!("SELECT start {row}")), Some(parsed.start()));
+        assert_eq!(
+            one::<Vec<u8>>(&format!("SELECT hash {row}")),
+            Some(key_format::hash(&key))
+        );
+        assert_eq!(
+            one::<String>(&format!("SELECT start {row}")),
+            Some(parsed.start())
+        );
         // No column of the stored row, nor of get_api_key, contains the key.
-        assert_eq!(one::<bool>(&format!("SELECT strpos(k::text, '{key}') = 0 FROM apikeys.keys k WHERE id = '{id}'")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT strpos(apikeys.get_api_key('{id}')::text, '{key}') = 0")), Some(true));
-        assert_eq!(one::<String>(&format!("SELECT owner FROM apikeys.get_api_key('{id}')")).as_deref(), Some("acme"));
-        assert_eq!(one::<String>(&format!("SELECT created_by FROM apikeys.get_api_key('{id}')")).as_deref(), Some("postgres"));
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT strpos(k::text, '{key}') = 0 FROM apikeys.keys k WHERE id = '{id}'"
+            )),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT strpos(apikeys.get_api_key('{id}')::text, '{key}') = 0"
+            )),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>(&format!("SELECT owner FROM apikeys.get_api_key('{id}')")).as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT created_by FROM apikeys.get_api_key('{id}')"
+            ))
+            .as_deref(),
+            Some("postgres")
+        );
     }
 
     #[pg_test]
@@ -782,12 +934,35 @@ mod tests {
         let (_, key) = create("");
         assert!(key.starts_with("test0_"));
         assert_eq!(code(&key, ""), "VALID");
-        assert_error("SELECT apikeys.create_api_key(prefix => 'Bad_Prefix')", "22023", "\"prefix\"");
-        assert_error("SELECT apikeys.create_api_key(prefix => '')", "22023", "\"prefix\"");
-        assert_error("SELECT apikeys.create_api_key(prefix => 'abcdefghijklmnopq')", "22023", "\"prefix\"");
-        assert_error("SET LOCAL apikeys.default_prefix = 'NO!'", "22023", "apikeys.default_prefix");
-        assert_error("SET LOCAL apikeys.default_prefix = ''", "22023", "apikeys.default_prefix");
-        assert_eq!(one::<String>("SELECT current_setting('apikeys.default_prefix')").as_deref(), Some("test0"));
+        assert_error(
+            "SELECT apikeys.create_api_key(prefix => 'Bad_Prefix')",
+            "22023",
+            "\"prefix\"",
+        );
+        assert_error(
+            "SELECT apikeys.create_api_key(prefix => '')",
+            "22023",
+            "\"prefix\"",
+        );
+        assert_error(
+            "SELECT apikeys.create_api_key(prefix => 'abcdefghijklmnopq')",
+            "22023",
+            "\"prefix\"",
+        );
+        assert_error(
+            "SET LOCAL apikeys.default_prefix = 'NO!'",
+            "22023",
+            "apikeys.default_prefix",
+        );
+        assert_error(
+            "SET LOCAL apikeys.default_prefix = ''",
+            "22023",
+            "apikeys.default_prefix",
+        );
+        assert_eq!(
+            one::<String>("SELECT current_setting('apikeys.default_prefix')").as_deref(),
+            Some("test0")
+        );
     }
 
     #[pg_test]
@@ -797,18 +972,44 @@ mod tests {
         let (id, _) = create("expires_in => '3600000 ms'");
         assert_eq!(one::<bool>(&format!("SELECT expires_at > now() + interval '59 minutes' FROM apikeys.keys WHERE id = '{id}'")), Some(true));
         let (id, _) = create("");
-        assert_eq!(one::<bool>(&format!("SELECT expires_at IS NULL FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT expires_at IS NULL FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(true)
+        );
         run("SET LOCAL apikeys.default_key_ttl = '6 days'");
         let (id, _) = create("");
         assert_eq!(one::<bool>(&format!("SELECT expires_at > now() + interval '5 days 23 hours' FROM apikeys.keys WHERE id = '{id}'")), Some(true));
         let (id, _) = create("expires_at => 'infinity'");
-        assert_eq!(one::<bool>(&format!("SELECT expires_at IS NULL FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT expires_at IS NULL FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(true)
+        );
         run("SET LOCAL apikeys.default_key_ttl = 'soon'");
-        assert_error("SELECT apikeys.create_api_key()", "22023", "apikeys.default_key_ttl");
+        assert_error(
+            "SELECT apikeys.create_api_key()",
+            "22023",
+            "apikeys.default_key_ttl",
+        );
         run("SET LOCAL apikeys.default_key_ttl = ''");
-        assert_error("SELECT apikeys.create_api_key(expires_in => '1 day', expires_at => now())", "22023", "\"expires_at\"");
-        assert_error("SELECT apikeys.create_api_key(expires_in => '0')", "22023", "\"expires_in\"");
-        assert_error("SELECT apikeys.create_api_key(expires_in => '-1 day')", "22023", "\"expires_in\"");
+        assert_error(
+            "SELECT apikeys.create_api_key(expires_in => '1 day', expires_at => now())",
+            "22023",
+            "\"expires_at\"",
+        );
+        assert_error(
+            "SELECT apikeys.create_api_key(expires_in => '0')",
+            "22023",
+            "\"expires_in\"",
+        );
+        assert_error(
+            "SELECT apikeys.create_api_key(expires_in => '-1 day')",
+            "22023",
+            "\"expires_in\"",
+        );
     }
 
     #[pg_test]
@@ -817,14 +1018,32 @@ mod tests {
             ("remaining => -1", "remaining"),
             ("rate_limit_max => 5", "rate_limit_window"),
             ("rate_limit_window => '1 minute'", "rate_limit_max"),
-            ("rate_limit_max => 0, rate_limit_window => '1 minute'", "rate_limit_max"),
-            ("rate_limit_max => 5, rate_limit_window => '0'", "rate_limit_window"),
+            (
+                "rate_limit_max => 0, rate_limit_window => '1 minute'",
+                "rate_limit_max",
+            ),
+            (
+                "rate_limit_max => 5, rate_limit_window => '0'",
+                "rate_limit_window",
+            ),
             ("refill_amount => 5", "refill_interval"),
             ("refill_interval => '1 day'", "refill_amount"),
-            ("refill_amount => -5, refill_interval => '1 day'", "refill_amount"),
-            ("refill_amount => 5, refill_interval => '-1 day'", "refill_interval"),
-            ("refill_amount => 5, refill_interval => '1001 years'", "refill_interval"),
-            ("rate_limit_max => 5, rate_limit_window => '1000000 years'", "rate_limit_window"),
+            (
+                "refill_amount => -5, refill_interval => '1 day'",
+                "refill_amount",
+            ),
+            (
+                "refill_amount => 5, refill_interval => '-1 day'",
+                "refill_interval",
+            ),
+            (
+                "refill_amount => 5, refill_interval => '1001 years'",
+                "refill_interval",
+            ),
+            (
+                "rate_limit_max => 5, rate_limit_window => '1000000 years'",
+                "rate_limit_window",
+            ),
             ("expires_in => '178000000 years'", "expires_in"),
             ("role => 'no_such_role'", "role"),
             ("permissions => '[\"orders\"]'", "permissions"),
@@ -837,30 +1056,52 @@ mod tests {
             ("name => repeat('x', 1000000)", "name"),
             ("owner => repeat('x', 1000000)", "owner"),
             ("description => repeat('é', 1000000)", "description"),
-            ("metadata => jsonb_build_object('blob', repeat('x', 1000000))", "metadata"),
+            (
+                "metadata => jsonb_build_object('blob', repeat('x', 1000000))",
+                "metadata",
+            ),
             ("secret => 'not-a-key'", "secret"),
             ("secret => ''", "secret"),
         ] {
-            assert_error(&format!("SELECT apikeys.create_api_key({args})"), "22023", &format!("\"{arg}\""));
+            assert_error(
+                &format!("SELECT apikeys.create_api_key({args})"),
+                "22023",
+                &format!("\"{arg}\""),
+            );
         }
         // Non-ASCII where text is free-form is fine.
         let (id, key) = create("name => 'ключ 🔑', owner => '租户'");
         assert_eq!(code(&key, ""), "VALID");
-        assert_eq!(one::<String>(&format!("SELECT name FROM apikeys.get_api_key('{id}')")).as_deref(), Some("ключ 🔑"));
+        assert_eq!(
+            one::<String>(&format!("SELECT name FROM apikeys.get_api_key('{id}')")).as_deref(),
+            Some("ключ 🔑")
+        );
     }
 
     #[pg_test]
     fn caller_chosen_ids_and_imported_secrets() {
         let (id, key) = create("id => 'svc-1'");
         assert_eq!(id, "svc-1");
-        assert_error("SELECT apikeys.create_api_key(id => 'svc-1')", "23505", "svc-1");
-        assert_error(&format!("SELECT apikeys.create_api_key(secret => '{key}')"), "23505", "already registered");
+        assert_error(
+            "SELECT apikeys.create_api_key(id => 'svc-1')",
+            "23505",
+            "svc-1",
+        );
+        assert_error(
+            &format!("SELECT apikeys.create_api_key(secret => '{key}')"),
+            "23505",
+            "already registered",
+        );
         run("SELECT apikeys.delete_api_key('svc-1')");
         let (id, same) = create(&format!("id => 'svc-2', secret => '{key}', remaining => 1"));
         assert_eq!(same, key);
         assert_eq!(field::<String>(&key, "", "key_id"), Some(id));
         let (_, live) = create("prefix => 'live'");
-        assert_error(&format!("SELECT apikeys.create_api_key(secret => '{live}', prefix => 'sk')"), "22023", "\"prefix\"");
+        assert_error(
+            &format!("SELECT apikeys.create_api_key(secret => '{live}', prefix => 'sk')"),
+            "22023",
+            "\"prefix\"",
+        );
     }
 
     #[pg_test]
@@ -868,22 +1109,52 @@ mod tests {
         create("id => 'a1', owner => 'alice'");
         create("id => 'a2', owner => 'alice'");
         create("id => 'b1', owner => 'bob'");
-        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys('alice')"), Some(2));
-        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys()"), Some(3));
-        assert_eq!(one::<String>("SELECT string_agg(id, ',') FROM apikeys.list_api_keys('alice')").as_deref(), Some("a1,a2"));
-        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys('nobody')"), Some(0));
-        assert_eq!(one::<String>("SELECT owner FROM apikeys.get_api_key('b1')").as_deref(), Some("bob"));
-        assert_eq!(one::<bool>("SELECT apikeys.get_api_key('zzz') IS NULL"), Some(true));
-        assert_eq!(one::<bool>("SELECT apikeys.get_api_key(NULL) IS NULL"), Some(true));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.list_api_keys('alice')"),
+            Some(2)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.list_api_keys()"),
+            Some(3)
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(id, ',') FROM apikeys.list_api_keys('alice')")
+                .as_deref(),
+            Some("a1,a2")
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.list_api_keys('nobody')"),
+            Some(0)
+        );
+        assert_eq!(
+            one::<String>("SELECT owner FROM apikeys.get_api_key('b1')").as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.get_api_key('zzz') IS NULL"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.get_api_key(NULL) IS NULL"),
+            Some(true)
+        );
     }
 
     #[pg_test]
     fn update_changes_given_fields_and_clears_named_ones() {
         let (id, key) = create("name => 'n', owner => 'o', expires_in => '1 day', remaining => 5, rate_limit_max => 1, rate_limit_window => '1 hour', metadata => '{\"a\": 1}'");
-        let row = |col: &str| one::<String>(&format!("SELECT ({col})::text FROM apikeys.get_api_key('{id}')"));
+        let row = |col: &str| {
+            one::<String>(&format!(
+                "SELECT ({col})::text FROM apikeys.get_api_key('{id}')"
+            ))
+        };
         run(&format!("SELECT apikeys.update_api_key('{id}', name => 'n2', permissions => '{{\"orders\": [\"read\"]}}')"));
         assert_eq!(row("name").as_deref(), Some("n2"));
-        assert_eq!(row("owner").as_deref(), Some("o"), "NULL leaves a field unchanged");
+        assert_eq!(
+            row("owner").as_deref(),
+            Some("o"),
+            "NULL leaves a field unchanged"
+        );
         assert_eq!(row("remaining").as_deref(), Some("5"));
         assert_eq!(code(&key, "'{\"orders\": [\"read\"]}'"), "VALID");
         assert_eq!(code(&key, ""), "RATE_LIMITED");
@@ -895,51 +1166,133 @@ mod tests {
         assert_eq!(code(&key, ""), "VALID");
         run(&format!("SELECT apikeys.update_api_key('{id}', remaining => 0, expires_at => now() - interval '1 s')"));
         assert_eq!(code(&key, ""), "EXPIRED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', expires_in => '1 hour')"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', expires_in => '1 hour')"
+        ));
         assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', refill_amount => 2, refill_interval => '1 day')"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', refill_amount => 2, refill_interval => '1 day')"
+        ));
         assert_eq!(row("refill_amount").as_deref(), Some("2"));
         assert_eq!(row("updated_by").as_deref(), Some("postgres"));
         // The returned row is the updated key.
-        assert_eq!(one::<String>(&format!("SELECT (apikeys.update_api_key('{id}', description => 'd')).description")).as_deref(), Some("d"));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT (apikeys.update_api_key('{id}', description => 'd')).description"
+            ))
+            .as_deref(),
+            Some("d")
+        );
     }
 
     #[pg_test]
     fn update_checks_its_arguments() {
         create("id => 'u1'");
-        assert_error("SELECT apikeys.update_api_key('nope', name => 'x')", "P0002", "nope");
-        assert_error("SELECT apikeys.update_api_key(NULL, name => 'x')", "22023", "\"id\"");
-        assert_error("SELECT apikeys.update_api_key('u1', rate_limit_max => 3)", "22023", "\"rate_limit_window\"");
-        assert_error("SELECT apikeys.update_api_key('u1', refill_interval => '1 day')", "22023", "\"refill_amount\"");
-        assert_error("SELECT apikeys.update_api_key('u1', clear => ARRAY['colour'])", "22023", "\"clear\"");
-        assert_error("SELECT apikeys.update_api_key('u1', name => 'x', clear => ARRAY['name'])", "22023", "\"clear\"");
-        assert_error("SELECT apikeys.update_api_key('u1', remaining => -1)", "22023", "\"remaining\"");
-        assert_error("SELECT apikeys.update_api_key('u1', role => 'no_such_role')", "22023", "\"role\"");
-        assert_error("SELECT apikeys.update_api_key('u1', permissions => '[]')", "22023", "\"permissions\"");
-        assert_error("SELECT apikeys.update_api_key('u1', expires_in => '-1 s')", "22023", "\"expires_in\"");
+        assert_error(
+            "SELECT apikeys.update_api_key('nope', name => 'x')",
+            "P0002",
+            "nope",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key(NULL, name => 'x')",
+            "22023",
+            "\"id\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', rate_limit_max => 3)",
+            "22023",
+            "\"rate_limit_window\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', refill_interval => '1 day')",
+            "22023",
+            "\"refill_amount\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', clear => ARRAY['colour'])",
+            "22023",
+            "\"clear\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', name => 'x', clear => ARRAY['name'])",
+            "22023",
+            "\"clear\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', remaining => -1)",
+            "22023",
+            "\"remaining\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', role => 'no_such_role')",
+            "22023",
+            "\"role\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', permissions => '[]')",
+            "22023",
+            "\"permissions\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_api_key('u1', expires_in => '-1 s')",
+            "22023",
+            "\"expires_in\"",
+        );
         run("CREATE ROLE key_role");
         run("SELECT apikeys.update_api_key('u1', role => 'key_role', rate_limit_max => 3, rate_limit_window => '1 s')");
-        assert_eq!(one::<String>("SELECT role FROM apikeys.get_api_key('u1')").as_deref(), Some("key_role"));
+        assert_eq!(
+            one::<String>("SELECT role FROM apikeys.get_api_key('u1')").as_deref(),
+            Some("key_role")
+        );
         run("SELECT apikeys.update_api_key('u1', rate_limit_max => 4)");
-        assert_eq!(one::<i32>("SELECT rate_limit_max FROM apikeys.get_api_key('u1')"), Some(4));
+        assert_eq!(
+            one::<i32>("SELECT rate_limit_max FROM apikeys.get_api_key('u1')"),
+            Some(4)
+        );
     }
 
     #[pg_test]
     fn revoke_delete_rotate_and_unknown_ids() {
         let (id, key) = create("");
-        assert_eq!(one::<bool>(&format!("SELECT apikeys.revoke_api_key('{id}')")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT apikeys.revoke_api_key('{id}')")), Some(false));
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.revoke_api_key('{id}')")),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.revoke_api_key('{id}')")),
+            Some(false)
+        );
         assert_eq!(code(&key, ""), "REVOKED");
-        assert_eq!(one::<bool>(&format!("SELECT (apikeys.get_api_key('{id}')).revoked_at IS NOT NULL")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT apikeys.delete_api_key('{id}')")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT apikeys.delete_api_key('{id}')")), Some(false));
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT (apikeys.get_api_key('{id}')).revoked_at IS NOT NULL"
+            )),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.delete_api_key('{id}')")),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.delete_api_key('{id}')")),
+            Some(false)
+        );
         assert_eq!(code(&key, ""), "NOT_FOUND");
         assert_error("SELECT apikeys.revoke_api_key('nope')", "P0002", "nope");
         assert_error("SELECT apikeys.rotate_api_key('nope')", "P0002", "nope");
         let (id, _) = create("prefix => 'rot'");
-        assert_error(&format!("SELECT apikeys.rotate_api_key('{id}', grace => '-1 s')"), "22023", "\"grace\"");
-        assert_error(&format!("SELECT apikeys.rotate_api_key('{id}', grace => '5000 years')"), "22023", "\"grace\"");
-        let rotated = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
+        assert_error(
+            &format!("SELECT apikeys.rotate_api_key('{id}', grace => '-1 s')"),
+            "22023",
+            "\"grace\"",
+        );
+        assert_error(
+            &format!("SELECT apikeys.rotate_api_key('{id}', grace => '5000 years')"),
+            "22023",
+            "\"grace\"",
+        );
+        let rotated =
+            one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
         assert!(rotated.starts_with("rot_"), "rotation keeps the prefix");
     }
 
@@ -949,12 +1302,32 @@ mod tests {
         create("id => 'recent', expires_at => now() - interval '1 hour'");
         create("id => 'live', expires_in => '1 day'");
         create("id => 'forever'");
-        assert_eq!(one::<i64>("SELECT apikeys.delete_expired_api_keys(older_than => '1 day')"), Some(1));
-        assert_eq!(one::<i64>("SELECT apikeys.delete_expired_api_keys()"), Some(1));
-        assert_eq!(one::<String>("SELECT string_agg(id, ',' ORDER BY id) FROM apikeys.keys").as_deref(), Some("forever,live"));
-        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'delete_expired'"), Some(2));
-        assert_error("SELECT apikeys.delete_expired_api_keys('-1 day')", "22023", "\"older_than\"");
-        assert_error("SELECT apikeys.delete_expired_api_keys('1000000 years')", "22023", "\"older_than\"");
+        assert_eq!(
+            one::<i64>("SELECT apikeys.delete_expired_api_keys(older_than => '1 day')"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i64>("SELECT apikeys.delete_expired_api_keys()"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(id, ',' ORDER BY id) FROM apikeys.keys").as_deref(),
+            Some("forever,live")
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'delete_expired'"),
+            Some(2)
+        );
+        assert_error(
+            "SELECT apikeys.delete_expired_api_keys('-1 day')",
+            "22023",
+            "\"older_than\"",
+        );
+        assert_error(
+            "SELECT apikeys.delete_expired_api_keys('1000000 years')",
+            "22023",
+            "\"older_than\"",
+        );
     }
 
     #[pg_test]
@@ -963,12 +1336,32 @@ mod tests {
         run("CREATE ROLE plain_user");
         run("SET LOCAL ROLE plain_user");
         assert_eq!(code(&key, ""), "VALID");
-        assert_error("SELECT apikeys.create_api_key()", "42501", "permission denied");
-        assert_error("SELECT apikeys.list_api_keys()", "42501", "permission denied");
-        assert_error("SELECT apikeys.revoke_api_key('x')", "42501", "permission denied");
+        assert_error(
+            "SELECT apikeys.create_api_key()",
+            "42501",
+            "permission denied",
+        );
+        assert_error(
+            "SELECT apikeys.list_api_keys()",
+            "42501",
+            "permission denied",
+        );
+        assert_error(
+            "SELECT apikeys.revoke_api_key('x')",
+            "42501",
+            "permission denied",
+        );
         assert_error("SELECT * FROM apikeys.keys", "42501", "permission denied");
-        assert_error("SELECT * FROM apikeys.audit_log", "42501", "permission denied");
-        assert_error("UPDATE apikeys.keys SET remaining = 100", "42501", "permission denied");
+        assert_error(
+            "SELECT * FROM apikeys.audit_log",
+            "42501",
+            "permission denied",
+        );
+        assert_error(
+            "UPDATE apikeys.keys SET remaining = 100",
+            "42501",
+            "permission denied",
+        );
         run("RESET ROLE");
         // A DBA grants management to an admin role, which then works without table access.
         run("CREATE ROLE key_admin; GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA apikeys TO key_admin");
@@ -976,7 +1369,13 @@ mod tests {
         let (id, _) = create("name => 'by admin'");
         assert_error("SELECT * FROM apikeys.keys", "42501", "permission denied");
         run("RESET ROLE");
-        assert_eq!(one::<String>(&format!("SELECT created_by FROM apikeys.keys WHERE id = '{id}'")).as_deref(), Some("key_admin"));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT created_by FROM apikeys.keys WHERE id = '{id}'"
+            ))
+            .as_deref(),
+            Some("key_admin")
+        );
     }
 
     #[pg_test]
@@ -989,14 +1388,31 @@ mod tests {
         );
         assert_eq!(code(&key, "NULL, NULL"), "VALID");
         let row = format!("FROM apikeys.get_api_key('{id}')");
-        assert_eq!(one::<bool>(&format!("SELECT enabled AND NOT master AND permissions = '{{}}' {row}")), Some(true));
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT enabled AND NOT master AND permissions = '{{}}' {row}"
+            )),
+            Some(true)
+        );
         assert_error("SELECT apikeys.update_api_key(NULL)", "22023", "\"id\"");
         assert_error("SELECT apikeys.revoke_api_key(NULL)", "22023", "\"id\"");
         assert_error("SELECT apikeys.rotate_api_key(NULL)", "22023", "\"id\"");
-        assert_eq!(one::<bool>("SELECT apikeys.delete_api_key(NULL)"), Some(false));
-        assert_eq!(one::<bool>("SELECT apikeys.get_api_key(NULL) IS NULL"), Some(true));
-        assert_eq!(one::<i64>("SELECT count(*) FROM apikeys.list_api_keys(NULL)"), Some(1));
-        assert_eq!(one::<i64>("SELECT apikeys.delete_expired_api_keys(NULL)"), Some(0));
+        assert_eq!(
+            one::<bool>("SELECT apikeys.delete_api_key(NULL)"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.get_api_key(NULL) IS NULL"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.list_api_keys(NULL)"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i64>("SELECT apikeys.delete_expired_api_keys(NULL)"),
+            Some(0)
+        );
         // NULL everywhere in update leaves the key unchanged.
         run(&format!(
             "SELECT apikeys.update_api_key('{id}', name => NULL, owner => NULL, permissions => NULL, \
@@ -1004,9 +1420,14 @@ mod tests {
              remaining => NULL, refill_amount => NULL, refill_interval => NULL, rate_limit_max => NULL, \
              rate_limit_window => NULL, enabled => NULL, clear => NULL)"
         ));
-        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY[NULL]::text[])"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY[NULL]::text[])"
+        ));
         assert_eq!(code(&key, ""), "VALID");
-        let rotated = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}', NULL)")).unwrap();
+        let rotated = one::<String>(&format!(
+            "SELECT key FROM apikeys.rotate_api_key('{id}', NULL)"
+        ))
+        .unwrap();
         assert_eq!(code(&rotated, ""), "VALID");
     }
 

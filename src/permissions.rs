@@ -15,7 +15,10 @@ pub type Permissions = BTreeMap<String, Vec<String>>;
 /// Why a document is not a permissions document; shown after the argument's name.
 pub fn parse(value: &Value) -> Result<Permissions, String> {
     let Value::Object(map) = value else {
-        return Err(format!("must be a JSON object of string arrays, not {}", kind(value)));
+        return Err(format!(
+            "must be a JSON object of string arrays, not {}",
+            kind(value)
+        ));
     };
     parse_object(map)
 }
@@ -46,7 +49,9 @@ fn parse_object(map: &Map<String, Value>) -> Result<Permissions, String> {
         }
         entries += 1 + list.len();
         if entries > MAX_ENTRIES {
-            return Err(format!("must have at most {MAX_ENTRIES} resources and actions"));
+            return Err(format!(
+                "must have at most {MAX_ENTRIES} resources and actions"
+            ));
         }
         out.insert(resource.clone(), list);
     }
@@ -55,7 +60,9 @@ fn parse_object(map: &Map<String, Value>) -> Result<Permissions, String> {
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-        return Err(format!("must use {what} names of 1 to {MAX_NAME_CHARS} characters"));
+        return Err(format!(
+            "must use {what} names of 1 to {MAX_NAME_CHARS} characters"
+        ));
     }
     Ok(())
 }
@@ -107,7 +114,10 @@ mod unit {
         let perms = p(json!({"orders": ["read", "write", "read"], "reports": []}));
         assert_eq!(perms["orders"], vec!["read", "write"]);
         assert!(perms["reports"].is_empty());
-        assert_eq!(to_json(&perms), json!({"orders": ["read", "write"], "reports": []}));
+        assert_eq!(
+            to_json(&perms),
+            json!({"orders": ["read", "write"], "reports": []})
+        );
     }
 
     #[test]
@@ -126,8 +136,7 @@ mod unit {
         ] {
             assert!(parse(&bad).is_err(), "accepted {bad}");
         }
-        let huge: Map<String, Value> =
-            (0..2000).map(|i| (format!("r{i}"), json!(["a"]))).collect();
+        let huge: Map<String, Value> = (0..2000).map(|i| (format!("r{i}"), json!(["a"]))).collect();
         assert!(parse(&Value::Object(huge)).is_err());
     }
 
@@ -184,11 +193,20 @@ mod unit {
         assert!(allows(&all, "x", "y"));
 
         assert!(covers(&perms, &p(json!({}))));
-        assert!(covers(&perms, &p(json!({"orders": ["read"], "reports": ["a", "b"]}))));
+        assert!(covers(
+            &perms,
+            &p(json!({"orders": ["read"], "reports": ["a", "b"]}))
+        ));
         assert!(!covers(&perms, &p(json!({"orders": ["read", "write"]}))));
-        assert!(!covers(&Permissions::new(), &p(json!({"orders": ["read"]}))));
+        assert!(!covers(
+            &Permissions::new(),
+            &p(json!({"orders": ["read"]}))
+        ));
         // A literal "*" in `required` needs a wildcard grant.
-        assert!(!covers(&p(json!({"orders": ["read"]})), &p(json!({"orders": ["*"]}))));
+        assert!(!covers(
+            &p(json!({"orders": ["read"]})),
+            &p(json!({"orders": ["*"]}))
+        ));
         assert!(covers(&perms, &p(json!({"reports": ["*"]}))));
     }
 }

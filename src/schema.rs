@@ -96,7 +96,8 @@ GRANT EXECUTE ON FUNCTION apikeys.verify_key(text, jsonb, integer) TO PUBLIC;
 );
 
 /// Columns of `apikeys.api_key`, in order, as expressions over `apikeys.keys`.
-pub const API_KEY_ROW: &str = "ROW(id, name, owner, prefix, start, description, permissions, metadata, \
+pub const API_KEY_ROW: &str =
+    "ROW(id, name, owner, prefix, start, description, permissions, metadata, \
      role, master, enabled, expires_at, revoked_at, remaining, refill_amount, refill_interval, \
      last_refill_at, rate_limit_max, rate_limit_window, request_count, last_used_at, created_at, \
      created_by, updated_at, updated_by)::apikeys.api_key";

@@ -31,14 +31,23 @@ pub fn run(sql: &str) {
 
 /// The 'SQLSTATE: message' of the error `sql` raises, or None.
 pub fn error_of(sql: &str) -> Option<String> {
-    one::<String>(&format!("SELECT tests.error_of({})", pgrx::spi::quote_literal(sql)))
+    one::<String>(&format!(
+        "SELECT tests.error_of({})",
+        pgrx::spi::quote_literal(sql)
+    ))
 }
 
 /// Asserts that `sql` fails with `sqlstate` and a message containing `needle`.
 pub fn assert_error(sql: &str, sqlstate: &str, needle: &str) {
     let err = error_of(sql).unwrap_or_else(|| panic!("no error from {sql}"));
-    assert!(err.starts_with(sqlstate), "{sql}: expected {sqlstate}, got {err}");
-    assert!(err.contains(needle), "{sql}: expected message with {needle:?}, got {err}");
+    assert!(
+        err.starts_with(sqlstate),
+        "{sql}: expected {sqlstate}, got {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "{sql}: expected message with {needle:?}, got {err}"
+    );
 }
 
 /// Creates a key with the given create_api_key arguments; returns (id, key).

@@ -193,8 +193,20 @@ impl KeyState {
     }
 }
 
-fn fetch(client: &mut SpiClient<'_>, sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> Option<KeyState> {
-    let table = errors::internal(client.update(sql, Some(1), args));
+/// Reads a key's state. Plain reads go through `select`, which (unlike `update`) does not
+/// assign a transaction id: verification must work on hot standbys and must not turn every
+/// read-only caller into a writing transaction.
+fn fetch(
+    client: &mut SpiClient<'_>,
+    lock: bool,
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Option<KeyState> {
+    let table = if lock {
+        errors::internal(client.update(sql, Some(1), args))
+    } else {
+        errors::internal(client.select(sql, Some(1), args))
+    };
     if table.is_empty() {
         return None;
     }
@@ -215,7 +227,12 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
     Spi::connect_mut(|client| {
         // The current hash first; a rotated-out key (previous_hash) is the rare case.
         let by_hash = |client: &mut SpiClient<'_>, column: &str| {
-            fetch(client, &format!("{STATE_SQL} WHERE k.{column} = $1"), &[hash.as_slice().into()])
+            fetch(
+                client,
+                false,
+                &format!("{STATE_SQL} WHERE k.{column} = $1"),
+                &[hash.as_slice().into()],
+            )
         };
         let Some(mut state) = by_hash(client, "hash").or_else(|| by_hash(client, "previous_hash"))
         else {
@@ -225,7 +242,11 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
             return state.verification(code);
         }
         if !state.limited() {
-            let code = if permissions_cover(&state, required) { Code::Valid } else { Code::InsufficientPermissions };
+            let code = if permissions_cover(&state, required) {
+                Code::Valid
+            } else {
+                Code::InsufficientPermissions
+            };
             if code == Code::Valid && !read_only() {
                 record_use(client, &state.id);
             }
@@ -242,10 +263,13 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
         // rotated the key since the first read.
         let locked = fetch(
             client,
+            true,
             &format!("{STATE_SQL} WHERE k.id = $2 AND (k.hash = $1 OR k.previous_hash = $1) FOR UPDATE OF k"),
             &[hash.as_slice().into(), state.id.as_str().into()],
         );
-        let Some(locked) = locked else { return Verification::not_found() };
+        let Some(locked) = locked else {
+            return Verification::not_found();
+        };
         state = locked;
         if let Some(code) = state.status_code() {
             return state.verification(code);
@@ -263,12 +287,28 @@ fn permissions_cover(state: &KeyState, required: &permissions::Permissions) -> b
 }
 
 /// Quota, refill and rate limit for a locked row; writes only when the result is VALID.
-fn spend(client: &mut SpiClient<'_>, state: &KeyState, required: &permissions::Permissions, cost: i64) -> Verification {
-    let remaining = if state.refill_due { state.refill_amount } else { state.remaining };
-    let window_count = if state.window_over { 0 } else { state.window_count };
+fn spend(
+    client: &mut SpiClient<'_>,
+    state: &KeyState,
+    required: &permissions::Permissions,
+    cost: i64,
+) -> Verification {
+    let remaining = if state.refill_due {
+        state.refill_amount
+    } else {
+        state.remaining
+    };
+    let window_count = if state.window_over {
+        0
+    } else {
+        state.window_count
+    };
     let code = if remaining.is_some_and(|r| r < cost) {
         Code::UsageExceeded
-    } else if state.rate_limit_max.is_some_and(|max| window_count + cost > i64::from(max)) {
+    } else if state
+        .rate_limit_max
+        .is_some_and(|max| window_count + cost > i64::from(max))
+    {
         Code::RateLimited
     } else if !permissions_cover(state, required) {
         Code::InsufficientPermissions
@@ -281,7 +321,11 @@ fn spend(client: &mut SpiClient<'_>, state: &KeyState, required: &permissions::P
     if let Some(max) = state.rate_limit_max {
         let used = window_count + consumed;
         result.rate_limit_remaining = Some((i64::from(max) - used).max(0));
-        result.rate_limit_reset = if state.window_over && consumed == 0 { None } else { state.window_end };
+        result.rate_limit_reset = if state.window_over && consumed == 0 {
+            None
+        } else {
+            state.window_end
+        };
     }
     if code == Code::Valid {
         errors::internal(client.update(
@@ -323,9 +367,8 @@ fn record_use(client: &mut SpiClient<'_>, id: &str) {
 pub fn required_permissions(required: Option<JsonB>) -> permissions::Permissions {
     match required {
         None => permissions::Permissions::new(),
-        Some(JsonB(value)) => permissions::parse(&value).unwrap_or_else(|problem| {
-            invalid_argument("required", problem)
-        }),
+        Some(JsonB(value)) => permissions::parse(&value)
+            .unwrap_or_else(|problem| invalid_argument("required", problem)),
     }
 }
 
@@ -365,11 +408,27 @@ mod tests {
         assert_eq!(field::<String>(&key, "", "key_id"), Some(id.clone()));
         assert_eq!(field::<String>(&key, "", "owner").as_deref(), Some("acme"));
         assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("svc"));
-        assert_eq!(field::<String>(&key, "", "metadata->>'plan'").as_deref(), Some("pro"));
-        assert_eq!(field::<String>(&key, "", "permissions::text").as_deref(), Some(r#"{"orders": ["read"]}"#));
+        assert_eq!(
+            field::<String>(&key, "", "metadata->>'plan'").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(
+            field::<String>(&key, "", "permissions::text").as_deref(),
+            Some(r#"{"orders": ["read"]}"#)
+        );
         assert_eq!(field::<i64>(&key, "", "remaining"), None);
-        assert_eq!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")), Some(8));
-        assert_eq!(one::<bool>(&format!("SELECT last_used_at IS NOT NULL FROM apikeys.keys WHERE id = '{id}'")), Some(true));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT request_count FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(8)
+        );
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT last_used_at IS NOT NULL FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(true)
+        );
     }
 
     #[pg_test]
@@ -378,12 +437,25 @@ mod tests {
         let mut typo = key.clone().into_bytes();
         typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
         let typo = String::from_utf8(typo).unwrap();
-        for bad in ["", "garbage", "sk_", "_", "ключ_ключ", &typo, &key.to_uppercase(), &format!("{key} "), &"x".repeat(1_000_000)] {
+        for bad in [
+            "",
+            "garbage",
+            "sk_",
+            "_",
+            "ключ_ключ",
+            &typo,
+            &key.to_uppercase(),
+            &format!("{key} "),
+            &"x".repeat(1_000_000),
+        ] {
             assert_eq!(code(bad, ""), "NOT_FOUND", "{bad:.30}");
             assert_eq!(field::<bool>(bad, "", "valid"), Some(false));
             assert_eq!(field::<String>(bad, "", "key_id"), None);
         }
-        assert_eq!(one::<String>("SELECT code FROM apikeys.verify_key(NULL)").as_deref(), Some("NOT_FOUND"));
+        assert_eq!(
+            one::<String>("SELECT code FROM apikeys.verify_key(NULL)").as_deref(),
+            Some("NOT_FOUND")
+        );
         // Well-formed but unknown: the key of a deleted row.
         run(&format!("SELECT apikeys.delete_api_key('{id}')"));
         assert_eq!(code(&key, ""), "NOT_FOUND");
@@ -396,7 +468,10 @@ mod tests {
         run("SELECT pg_sleep(0.25)");
         // Still the same transaction: now() has not moved, clock_timestamp() has.
         assert_eq!(code(&key, ""), "EXPIRED");
-        assert_eq!(field::<bool>(&key, "", "expires_at < clock_timestamp()"), Some(true));
+        assert_eq!(
+            field::<bool>(&key, "", "expires_at < clock_timestamp()"),
+            Some(true)
+        );
         let (_, past) = create("expires_at => now() - interval '1 day'");
         assert_eq!(code(&past, ""), "EXPIRED");
         let (_, never) = create("expires_at => 'infinity'");
@@ -408,12 +483,16 @@ mod tests {
     fn disabled_and_revoked_keys() {
         let (id, key) = create("enabled => false");
         assert_eq!(code(&key, ""), "DISABLED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => true)"
+        ));
         assert_eq!(code(&key, ""), "VALID");
         run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
         assert_eq!(code(&key, ""), "REVOKED");
         // Revocation is permanent: enabling does not bring the key back.
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => true)"
+        ));
         assert_eq!(code(&key, ""), "REVOKED");
     }
 
@@ -422,9 +501,13 @@ mod tests {
         let (id, key) = create("expires_at => now() - interval '1 s', enabled => false, remaining => 0, rate_limit_max => 1, rate_limit_window => '1 hour'");
         run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
         assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "EXPIRED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['expires_at'])"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY['expires_at'])"
+        ));
         assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "DISABLED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => true)"
+        ));
         assert_eq!(code(&key, "'{\"x\": [\"y\"]}'"), "REVOKED");
 
         let (_, key) = create("remaining => 0, rate_limit_max => 1, rate_limit_window => '1 hour'");
@@ -440,21 +523,35 @@ mod tests {
     fn quota_is_spent_only_by_valid_verifications() {
         let (id, key) = create("remaining => 3, permissions => '{\"orders\": [\"read\"]}'");
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
-        assert_eq!(code(&key, "'{\"orders\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            code(&key, "'{\"orders\": [\"write\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
         assert_eq!(code(&key, "cost => 5"), "USAGE_EXCEEDED");
-        assert_eq!(one::<i64>(&format!("SELECT remaining FROM apikeys.keys WHERE id = '{id}'")), Some(2));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(2)
+        );
         assert_eq!(field::<i64>(&key, "cost => 0", "remaining"), Some(2));
         assert_eq!(field::<i64>(&key, "cost => 2", "remaining"), Some(0));
         assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(0));
         assert_eq!(code(&key, "cost => 0"), "VALID");
         // Four VALID results: the first, cost 0, cost 2 and the last cost 0.
-        assert_eq!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")), Some(4));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT request_count FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(4)
+        );
     }
 
     #[pg_test]
     fn quota_refills_after_its_interval() {
-        let (_, key) = create("remaining => 1, refill_amount => 3, refill_interval => '200 milliseconds'");
+        let (_, key) =
+            create("remaining => 1, refill_amount => 3, refill_interval => '200 milliseconds'");
         assert_eq!(code(&key, ""), "VALID");
         assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
         run("SELECT pg_sleep(0.25)");
@@ -479,10 +576,16 @@ mod tests {
         assert_eq!(code(&key, ""), "VALID");
         assert_eq!(code(&key, "cost => 2"), "RATE_LIMITED");
         // A rate-limited call does not spend the quota.
-        let (id, key) = create("remaining => 10, rate_limit_max => 1, rate_limit_window => '1 hour'");
+        let (id, key) =
+            create("remaining => 10, rate_limit_max => 1, rate_limit_window => '1 hour'");
         assert_eq!(code(&key, ""), "VALID");
         assert_eq!(code(&key, ""), "RATE_LIMITED");
-        assert_eq!(one::<i64>(&format!("SELECT remaining FROM apikeys.keys WHERE id = '{id}'")), Some(9));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(9)
+        );
     }
 
     #[pg_test]
@@ -492,48 +595,97 @@ mod tests {
             "SELECT string_agg((v).code || ':' || (v).remaining, ',' ORDER BY n) FROM \
              (SELECT n, apikeys.verify_key('{key}') AS v FROM generate_series(1, 4) n OFFSET 0) calls"
         ));
-        assert_eq!(codes.as_deref(), Some("VALID:2,VALID:1,RATE_LIMITED:1,RATE_LIMITED:1"));
+        assert_eq!(
+            codes.as_deref(),
+            Some("VALID:2,VALID:1,RATE_LIMITED:1,RATE_LIMITED:1")
+        );
     }
 
     #[pg_test]
     fn required_permissions_with_wildcards() {
-        let (_, key) = create("permissions => '{\"orders\": [\"read\", \"write\"], \"reports\": [\"*\"]}'");
+        let (_, key) =
+            create("permissions => '{\"orders\": [\"read\", \"write\"], \"reports\": [\"*\"]}'");
         assert_eq!(code(&key, "'{}'"), "VALID");
         assert_eq!(code(&key, "'{\"orders\": [\"read\"]}'"), "VALID");
-        assert_eq!(code(&key, "'{\"orders\": [\"read\", \"write\"], \"reports\": [\"export\"]}'"), "VALID");
-        assert_eq!(code(&key, "'{\"orders\": [\"delete\"]}'"), "INSUFFICIENT_PERMISSIONS");
-        assert_eq!(code(&key, "'{\"users\": [\"read\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            code(
+                &key,
+                "'{\"orders\": [\"read\", \"write\"], \"reports\": [\"export\"]}'"
+            ),
+            "VALID"
+        );
+        assert_eq!(
+            code(&key, "'{\"orders\": [\"delete\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
+        assert_eq!(
+            code(&key, "'{\"users\": [\"read\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
         let (_, admin) = create("permissions => '{\"*\": [\"*\"]}'");
         assert_eq!(code(&admin, "'{\"anything\": [\"at-all\"]}'"), "VALID");
         let (_, reader) = create("permissions => '{\"*\": [\"read\"]}'");
         assert_eq!(code(&reader, "'{\"users\": [\"read\"]}'"), "VALID");
-        assert_eq!(code(&reader, "'{\"users\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            code(&reader, "'{\"users\": [\"write\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
         let (_, none) = create("");
-        assert_eq!(code(&none, "'{\"orders\": [\"read\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            code(&none, "'{\"orders\": [\"read\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
     }
 
     #[pg_test]
     fn bad_verification_arguments_raise_22023() {
         let (_, key) = create("");
         let k = pgrx::spi::quote_literal(&key);
-        assert_error(&format!("SELECT apikeys.verify_key({k}, '[\"orders\"]')"), "22023", "\"required\"");
-        assert_error(&format!("SELECT apikeys.verify_key({k}, '{{\"orders\": \"read\"}}')"), "22023", "\"required\"");
-        assert_error(&format!("SELECT apikeys.verify_key({k}, cost => -1)"), "22023", "\"cost\"");
+        assert_error(
+            &format!("SELECT apikeys.verify_key({k}, '[\"orders\"]')"),
+            "22023",
+            "\"required\"",
+        );
+        assert_error(
+            &format!("SELECT apikeys.verify_key({k}, '{{\"orders\": \"read\"}}')"),
+            "22023",
+            "\"required\"",
+        );
+        assert_error(
+            &format!("SELECT apikeys.verify_key({k}, cost => -1)"),
+            "22023",
+            "\"cost\"",
+        );
         // A bad key with a bad argument is still an argument error, not NOT_FOUND.
-        assert_error("SELECT apikeys.verify_key('nope', cost => -1)", "22023", "\"cost\"");
+        assert_error(
+            "SELECT apikeys.verify_key('nope', cost => -1)",
+            "22023",
+            "\"cost\"",
+        );
     }
 
     #[pg_test]
     fn rotation_with_and_without_grace() {
         let (id, old) = create("");
-        let new = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
+        let new =
+            one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
         assert_eq!(code(&old, ""), "NOT_FOUND");
         assert_eq!(field::<String>(&new, "", "key_id"), Some(id.clone()));
 
-        let newer = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}', grace => '200 ms')")).unwrap();
+        let newer = one::<String>(&format!(
+            "SELECT key FROM apikeys.rotate_api_key('{id}', grace => '200 ms')"
+        ))
+        .unwrap();
         assert_eq!(code(&new, ""), "VALID");
         assert_eq!(code(&newer, ""), "VALID");
-        assert_eq!(field::<bool>(&new, "", "expires_at <= clock_timestamp() + interval '200 ms'"), Some(true));
+        assert_eq!(
+            field::<bool>(
+                &new,
+                "",
+                "expires_at <= clock_timestamp() + interval '200 ms'"
+            ),
+            Some(true)
+        );
         run("SELECT pg_sleep(0.25)");
         assert_eq!(code(&new, ""), "EXPIRED");
         assert_eq!(code(&newer, ""), "VALID");
@@ -545,8 +697,20 @@ mod tests {
         let (_, limited) = create("remaining => 5");
         run("SET LOCAL transaction_read_only = on");
         assert_eq!(code(&plain, ""), "VALID");
-        assert_eq!(code(&plain, "'{\"x\": [\"y\"]}'"), "INSUFFICIENT_PERMISSIONS");
-        assert_error(&format!("SELECT apikeys.verify_key('{limited}')"), "25006", "read-only");
-        assert_eq!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")), Some(0));
+        assert_eq!(
+            code(&plain, "'{\"x\": [\"y\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
+        assert_error(
+            &format!("SELECT apikeys.verify_key('{limited}')"),
+            "25006",
+            "read-only",
+        );
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT request_count FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(0)
+        );
     }
 }

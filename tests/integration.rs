@@ -22,23 +22,34 @@ fn connect() -> Client {
         .unwrap()
         .is_some();
     if !exists {
-        admin.batch_execute(&format!("CREATE DATABASE {DB}")).unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {DB}"))
+            .unwrap();
     }
     let mut client = Client::connect(&format!("{} dbname={DB}", base_url()), NoTls).unwrap();
-    client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_apikeys").unwrap();
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_apikeys")
+        .unwrap();
     client
 }
 
 fn create(client: &mut Client, args: &str) -> (String, String) {
     let row = client
-        .query_one(&format!("SELECT id, key FROM apikeys.create_api_key({args})"), &[])
+        .query_one(
+            &format!("SELECT id, key FROM apikeys.create_api_key({args})"),
+            &[],
+        )
         .unwrap();
     (row.get(0), row.get(1))
 }
 
 /// Runs `per_thread` verifications of `key` on each of `threads` connections at once and
 /// returns how many came back with each code.
-fn hammer(key: &str, threads: usize, per_thread: usize) -> std::collections::BTreeMap<String, usize> {
+fn hammer(
+    key: &str,
+    threads: usize,
+    per_thread: usize,
+) -> std::collections::BTreeMap<String, usize> {
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
@@ -46,10 +57,17 @@ fn hammer(key: &str, threads: usize, per_thread: usize) -> std::collections::BTr
             let barrier = barrier.clone();
             thread::spawn(move || {
                 let mut client = connect();
-                let stmt = client.prepare("SELECT code FROM apikeys.verify_key($1)").unwrap();
+                let stmt = client
+                    .prepare("SELECT code FROM apikeys.verify_key($1)")
+                    .unwrap();
                 barrier.wait();
                 (0..per_thread)
-                    .map(|_| client.query_one(&stmt, &[&key]).unwrap().get::<_, String>(0))
+                    .map(|_| {
+                        client
+                            .query_one(&stmt, &[&key])
+                            .unwrap()
+                            .get::<_, String>(0)
+                    })
                     .collect::<Vec<_>>()
             })
         })
@@ -69,10 +87,21 @@ fn quota_is_exact_under_concurrency() {
     let n = 50i64;
     let (id, key) = create(&mut client, &format!("remaining => {n}"));
     let counts = hammer(&key, 8, 25);
-    assert_eq!(counts.get("VALID").copied().unwrap_or(0), n as usize, "{counts:?}");
-    assert_eq!(counts.get("USAGE_EXCEEDED").copied().unwrap_or(0), 8 * 25 - n as usize, "{counts:?}");
+    assert_eq!(
+        counts.get("VALID").copied().unwrap_or(0),
+        n as usize,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.get("USAGE_EXCEEDED").copied().unwrap_or(0),
+        8 * 25 - n as usize,
+        "{counts:?}"
+    );
     let row = client
-        .query_one("SELECT remaining, request_count FROM apikeys.keys WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT remaining, request_count FROM apikeys.keys WHERE id = $1",
+            &[&id],
+        )
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 0);
     assert_eq!(row.get::<_, i64>(1), n);
@@ -81,16 +110,26 @@ fn quota_is_exact_under_concurrency() {
 #[test]
 fn rate_limit_is_exact_under_concurrency() {
     let mut client = connect();
-    let (_, key) = create(&mut client, "rate_limit_max => 30, rate_limit_window => '1 hour'");
+    let (_, key) = create(
+        &mut client,
+        "rate_limit_max => 30, rate_limit_window => '1 hour'",
+    );
     let counts = hammer(&key, 8, 10);
     assert_eq!(counts.get("VALID").copied().unwrap_or(0), 30, "{counts:?}");
-    assert_eq!(counts.get("RATE_LIMITED").copied().unwrap_or(0), 50, "{counts:?}");
+    assert_eq!(
+        counts.get("RATE_LIMITED").copied().unwrap_or(0),
+        50,
+        "{counts:?}"
+    );
 }
 
 #[test]
 fn quota_and_rate_limit_together_under_concurrency() {
     let mut client = connect();
-    let (id, key) = create(&mut client, "remaining => 100, rate_limit_max => 20, rate_limit_window => '1 hour'");
+    let (id, key) = create(
+        &mut client,
+        "remaining => 100, rate_limit_max => 20, rate_limit_window => '1 hour'",
+    );
     let counts = hammer(&key, 8, 10);
     assert_eq!(counts.get("VALID").copied().unwrap_or(0), 20, "{counts:?}");
     let remaining: i64 = client
@@ -107,11 +146,17 @@ fn plain_keys_never_wait_for_other_sessions() {
     let (_, key) = create(&mut holder, "");
     // The first session verifies inside an open transaction, holding the key's usage row.
     holder.batch_execute("BEGIN").unwrap();
-    let code: String = holder.query_one("SELECT code FROM apikeys.verify_key($1)", &[&key]).unwrap().get(0);
+    let code: String = holder
+        .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+        .unwrap()
+        .get(0);
     assert_eq!(code, "VALID");
     other.batch_execute("SET statement_timeout = '5s'").unwrap();
     let started = Instant::now();
-    let code: String = other.query_one("SELECT code FROM apikeys.verify_key($1)", &[&key]).unwrap().get(0);
+    let code: String = other
+        .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+        .unwrap()
+        .get(0);
     assert_eq!(code, "VALID");
     assert!(started.elapsed() < Duration::from_secs(5));
     holder.batch_execute("COMMIT").unwrap();
@@ -120,8 +165,14 @@ fn plain_keys_never_wait_for_other_sessions() {
 #[test]
 fn hostile_input_never_crashes_a_backend() {
     let mut client = connect();
-    let started: String = client.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
-    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let started: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .unwrap()
+        .get(0);
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
     let big = "x".repeat(1_000_000);
     let texts: Vec<String> = vec![
         String::new(),
@@ -133,7 +184,9 @@ fn hostile_input_never_crashes_a_backend() {
         "'; DROP TABLE apikeys.keys; --".into(),
     ];
     for t in &texts {
-        let row = client.query_one("SELECT valid, code FROM apikeys.verify_key($1)", &[t]).unwrap();
+        let row = client
+            .query_one("SELECT valid, code FROM apikeys.verify_key($1)", &[t])
+            .unwrap();
         assert!(!row.get::<_, bool>(0));
         assert_eq!(row.get::<_, String>(1), "NOT_FOUND");
         for sql in [
@@ -150,18 +203,31 @@ fn hostile_input_never_crashes_a_backend() {
         ] {
             // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
             if let Err(e) = client.query(sql, &[t]) {
-                let code = e.code().unwrap_or_else(|| panic!("{sql}: not a SQL error: {e}"));
+                let code = e
+                    .code()
+                    .unwrap_or_else(|| panic!("{sql}: not a SQL error: {e}"));
                 assert_ne!(code.code(), "XX000", "{sql}: internal error {e}");
             }
         }
     }
-    for doc in ["[]", "{\"a\": 1}", "{\"a\": [[]]}", "\"*\"", "null", "{\"\": [\"x\"]}"] {
+    for doc in [
+        "[]",
+        "{\"a\": 1}",
+        "{\"a\": [[]]}",
+        "\"*\"",
+        "null",
+        "{\"\": [\"x\"]}",
+    ] {
         for sql in [
             "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)",
             "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)",
         ] {
             let err = client.query(sql, &[&doc]).expect_err(doc);
-            assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{sql} {doc}: {err}");
+            assert_eq!(
+                err.code().map(|c| c.code()),
+                Some("22023"),
+                "{sql} {doc}: {err}"
+            );
         }
     }
     for interval in ["0", "-1 day", "-1 ms", "1000000 years"] {
@@ -175,12 +241,20 @@ fn hostile_input_never_crashes_a_backend() {
         }
     }
     for n in [-1i64, i64::MIN] {
-        let err = client.query("SELECT apikeys.create_api_key(remaining => $1)", &[&n]).unwrap_err();
+        let err = client
+            .query("SELECT apikeys.create_api_key(remaining => $1)", &[&n])
+            .unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("22023"));
     }
     // Same backend, same postmaster: nothing crashed or restarted.
-    let pid_after: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    let started_after: String = client.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
+    let pid_after: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let started_after: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .unwrap()
+        .get(0);
     assert_eq!((pid, started), (pid_after, started_after));
 }
 
@@ -190,8 +264,15 @@ fn pg_bin(tool: &str) -> String {
 }
 
 fn run_tool(tool: &str, args: &[&str]) {
-    let out = std::process::Command::new(pg_bin(tool)).args(args).output().expect(tool);
-    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(pg_bin(tool))
+        .args(args)
+        .output()
+        .expect(tool);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -201,43 +282,155 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     let (_, metered) = create(&mut client, "remaining => 5");
     let (revoked_id, revoked) = create(&mut client, "");
     for _ in 0..2 {
-        client.query_one("SELECT apikeys.verify_key($1)", &[&metered]).unwrap();
+        client
+            .query_one("SELECT apikeys.verify_key($1)", &[&metered])
+            .unwrap();
     }
-    client.query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id]).unwrap();
-    let audit_rows: i64 = client.query_one("SELECT count(*) FROM apikeys.audit_log", &[]).unwrap().get(0);
+    client
+        .query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id])
+        .unwrap();
+    let audit_rows: i64 = client
+        .query_one("SELECT count(*) FROM apikeys.audit_log", &[])
+        .unwrap()
+        .get(0);
 
     let file = std::env::temp_dir().join("pg_apikeys_it.dump");
     let file = file.to_str().unwrap();
-    run_tool("pg_dump", &["-Fc", "-f", file, "-d", &format!("{} dbname={DB}", base_url())]);
+    run_tool(
+        "pg_dump",
+        &[
+            "-Fc",
+            "-f",
+            file,
+            "-d",
+            &format!("{} dbname={DB}", base_url()),
+        ],
+    );
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
-    admin.batch_execute("DROP DATABASE IF EXISTS pg_apikeys_restored").unwrap();
-    admin.batch_execute("CREATE DATABASE pg_apikeys_restored").unwrap();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS pg_apikeys_restored")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE pg_apikeys_restored")
+        .unwrap();
     let restored_url = format!("{} dbname=pg_apikeys_restored", base_url());
-    run_tool("pg_restore", &["--exit-on-error", "-d", &restored_url, file]);
+    run_tool(
+        "pg_restore",
+        &["--exit-on-error", "-d", &restored_url, file],
+    );
 
     let mut restored = Client::connect(&restored_url, NoTls).unwrap();
     let code = |c: &mut Client, key: &str| -> (String, Option<i64>) {
-        let row = c.query_one("SELECT code, remaining FROM apikeys.verify_key($1)", &[&key]).unwrap();
+        let row = c
+            .query_one(
+                "SELECT code, remaining FROM apikeys.verify_key($1)",
+                &[&key],
+            )
+            .unwrap();
         (row.get(0), row.get(1))
     };
     assert_eq!(code(&mut restored, &plain), ("VALID".into(), None));
     assert_eq!(code(&mut restored, &metered), ("VALID".into(), Some(2)));
     assert_eq!(code(&mut restored, &revoked), ("REVOKED".into(), None));
-    let restored_audit: i64 = restored.query_one("SELECT count(*) FROM apikeys.audit_log", &[]).unwrap().get(0);
+    let restored_audit: i64 = restored
+        .query_one("SELECT count(*) FROM apikeys.audit_log", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(restored_audit, audit_rows);
     // The audit sequence was restored too: new actions get new ids.
     create(&mut restored, "");
     let distinct: bool = restored
-        .query_one("SELECT count(*) = count(DISTINCT id) FROM apikeys.audit_log", &[])
+        .query_one(
+            "SELECT count(*) = count(DISTINCT id) FROM apikeys.audit_log",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(distinct);
     // Privileges survive: PUBLIC still cannot read the tables.
     let public_can_read: bool = restored
-        .query_one("SELECT has_table_privilege('public', 'apikeys.keys', 'SELECT')", &[])
+        .query_one(
+            "SELECT has_table_privilege('public', 'apikeys.keys', 'SELECT')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(!public_can_read);
     drop(restored);
-    admin.batch_execute("DROP DATABASE pg_apikeys_restored").unwrap();
+    admin
+        .batch_execute("DROP DATABASE pg_apikeys_restored")
+        .unwrap();
+}
+
+#[test]
+fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
+    let mut primary = connect();
+    let (_, plain) = create(
+        &mut primary,
+        "owner => 'replica', permissions => '{\"orders\": [\"read\"]}'",
+    );
+    let (metered_id, metered) = create(&mut primary, "remaining => 5");
+    // Wait until the standby has replayed everything the primary has written so far.
+    let lsn: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let standby_url = std::env::var("PG_APIKEYS_STANDBY_URL")
+        .expect("PG_APIKEYS_STANDBY_URL must name a hot standby of the test server (make test-integration sets it)");
+    let mut standby =
+        Client::connect(&format!("{standby_url} dbname={DB}"), NoTls).expect("connect to standby");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let caught_up: bool = standby
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                &[&lsn],
+            )
+            .unwrap()
+            .get(0);
+        if caught_up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "standby did not replay {lsn} within 30 s"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let in_recovery: bool = standby
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .unwrap()
+        .get(0);
+    assert!(in_recovery);
+    let row = standby
+        .query_one(
+            "SELECT code, owner FROM apikeys.verify_key($1, '{\"orders\": [\"read\"]}')",
+            &[&plain],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("VALID".into(), "replica".into())
+    );
+    let code: String = standby
+        .query_one("SELECT code FROM apikeys.verify_key('sk_nope')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "NOT_FOUND");
+    // A quota cannot be spent on a read-only node: a clear error, never a silent over-spend.
+    let err = standby
+        .query_one("SELECT apikeys.verify_key($1)", &[&metered])
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{err}");
+    let remaining: i64 = primary
+        .query_one(
+            "SELECT remaining FROM apikeys.keys WHERE id = $1",
+            &[&metered_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        remaining, 5,
+        "nothing was spent by the refused verification"
+    );
 }
