@@ -24,7 +24,7 @@ case "$cmd" in
     primary_port=$1
     if [ ! -f "$dir/PG_VERSION" ]; then
       mkdir -p "$dir" && chown postgres "$dir" && chmod 700 "$dir"
-      as_pg "$BIN/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres -D "$dir" -R -X stream
+      as_pg "$BIN/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres -D "$dir" -R -X stream -c fast
       printf "port = %s\nunix_socket_directories = '%s'\nhot_standby = on\n" "$port" "$dir" >> "$dir/postgresql.conf"
     fi
     as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
