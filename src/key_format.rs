@@ -98,6 +98,49 @@ pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
     (checksum(head) == sum).then_some(ParsedKey { prefix, body })
 }
 
+/// Imported keys of another format: long enough to be a secret, short enough to index.
+pub const MIN_FOREIGN_CHARS: usize = 16;
+pub const MAX_FOREIGN_CHARS: usize = 256;
+
+/// How a string presented as a key is treated.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shape<'a> {
+    /// A pg_apikeys key with a valid checksum: worth a lookup.
+    Ours(ParsedKey<'a>),
+    /// A key of another format, possibly imported with `secret`: worth a lookup.
+    Foreign,
+    /// Cannot be a key: empty, too short or long, non-printable, or shaped like ours with a bad
+    /// checksum (a typo). Rejected without touching a table.
+    Invalid,
+}
+
+/// True when `key` has our shape, whatever its checksum.
+fn has_our_shape(key: &str) -> bool {
+    key.split_once('_').is_some_and(|(prefix, body)| {
+        is_valid_prefix(prefix)
+            && body.len() == BODY_CHARS
+            && body.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+pub fn classify(key: &str) -> Shape<'_> {
+    if let Some(parsed) = parse(key) {
+        return Shape::Ours(parsed);
+    }
+    let plausible = (MIN_FOREIGN_CHARS..=MAX_FOREIGN_CHARS).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_graphic());
+    if plausible && !has_our_shape(key) {
+        Shape::Foreign
+    } else {
+        Shape::Invalid
+    }
+}
+
+/// What is shown of an imported foreign key: few characters, as it may be short.
+pub fn foreign_start(key: &str) -> String {
+    key.chars().take(4).collect()
+}
+
 /// What the table stores in place of the key.
 pub fn hash(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
@@ -169,6 +212,31 @@ mod unit {
     }
 
     #[test]
+    fn classify_separates_typos_from_foreign_keys() {
+        let key = generate("sk");
+        assert!(matches!(classify(&key), Shape::Ours(_)));
+        let typo = format!(
+            "{}{}",
+            &key[..key.len() - 1],
+            if key.ends_with('a') { 'b' } else { 'a' }
+        );
+        assert_eq!(classify(&typo), Shape::Invalid);
+        assert_eq!(classify("legacy-0123456789abcdef"), Shape::Foreign);
+        assert_eq!(classify("nx_live_0123456789abcdef0123"), Shape::Foreign);
+        for bad in [
+            "",
+            "short",
+            "has space in it ok",
+            "ключключключключключ",
+            &"x".repeat(257),
+            "tab\there-0123456789",
+        ] {
+            assert_eq!(classify(bad), Shape::Invalid, "{bad:.20}");
+        }
+        assert_eq!(foreign_start("legacy-0123456789abcdef"), "lega");
+    }
+
+    #[test]
     fn hash_is_sha256() {
         assert_eq!(hash("abc").len(), 32);
         assert_eq!(hash("abc")[..4], [0xba, 0x78, 0x16, 0xbf]);
@@ -190,6 +258,12 @@ mod unit {
             // A random body has a 1 in 62^6 chance of a valid checksum; treat a hit as a bug.
             let key = format!("{prefix}_{body}");
             proptest::prop_assert!(parse(&key).is_none());
+            proptest::prop_assert_eq!(classify(&key), Shape::Invalid);
+        }
+
+        #[test]
+        fn classify_never_panics(s in "\\PC{0,300}") {
+            let _ = classify(&s);
         }
 
         #[test]

@@ -319,39 +319,54 @@ fn create_api_key(
     let remaining = s.remaining.or(s.refill_amount);
     let imported = secret.is_some();
 
-    let (key, prefix) = match secret {
-        Some(secret) => {
-            let Some(parsed) = key_format::parse(&secret) else {
-                invalid_argument_hint(
-                    "secret",
-                    "is not a well-formed pg_apikeys key (<prefix>_<43 base62 chars><6-char checksum>)",
-                    "Import keys that pg_apikeys generated, or leave secret NULL to generate one.",
-                )
-            };
-            if prefix.as_deref().is_some_and(|p| p != parsed.prefix) {
-                invalid_argument(
-                    "prefix",
-                    format!(
-                        "does not match the prefix of \"secret\" (\"{}\")",
-                        parsed.prefix
-                    ),
-                );
-            }
-            let prefix = parsed.prefix.to_owned();
-            (secret, prefix)
+    let prefix_given = prefix.is_some();
+    let prefix = match prefix {
+        Some(p) => {
+            check_prefix("prefix", &p);
+            p
         }
         None => {
-            let (arg, prefix) = match prefix {
-                Some(p) => ("prefix", p),
-                None => ("apikeys.default_prefix", guc::default_prefix()),
-            };
-            check_prefix(arg, &prefix);
-            (key_format::generate(&prefix), prefix)
+            let p = guc::default_prefix();
+            check_prefix("apikeys.default_prefix", &p);
+            p
         }
     };
-    let start = key_format::parse(&key)
-        .map(|p| p.start())
-        .unwrap_or_default();
+    let (key, prefix, start) = match secret.as_deref() {
+        None => {
+            let key = key_format::generate(&prefix);
+            let start = key_format::parse(&key)
+                .map(|p| p.start())
+                .unwrap_or_default();
+            (key, prefix, start)
+        }
+        Some(secret) => match key_format::classify(secret) {
+            key_format::Shape::Ours(parsed) => {
+                if prefix_given && parsed.prefix != prefix {
+                    invalid_argument(
+                        "prefix",
+                        format!(
+                            "does not match the prefix of \"secret\" (\"{}\")",
+                            parsed.prefix
+                        ),
+                    );
+                }
+                (secret.to_owned(), parsed.prefix.to_owned(), parsed.start())
+            }
+            // Imported from another system: looked up by hash, shown by its first characters.
+            key_format::Shape::Foreign => {
+                (secret.to_owned(), prefix, key_format::foreign_start(secret))
+            }
+            key_format::Shape::Invalid => invalid_argument_hint(
+                "secret",
+                format!(
+                    "must be a pg_apikeys key or {}–{} printable ASCII characters without spaces",
+                    key_format::MIN_FOREIGN_CHARS,
+                    key_format::MAX_FOREIGN_CHARS
+                ),
+                "A string shaped like a pg_apikeys key must carry a valid checksum.",
+            ),
+        },
+    };
     let hash = key_format::hash(&key);
     let id = match id {
         Some(id) => check_id(&id).to_owned(),
@@ -1060,8 +1075,10 @@ mod tests {
                 "metadata => jsonb_build_object('blob', repeat('x', 1000000))",
                 "metadata",
             ),
-            ("secret => 'not-a-key'", "secret"),
+            ("secret => 'short'", "secret"),
             ("secret => ''", "secret"),
+            ("secret => 'has spaces in the secret'", "secret"),
+            ("secret => repeat('x', 257)", "secret"),
         ] {
             assert_error(
                 &format!("SELECT apikeys.create_api_key({args})"),
