@@ -539,6 +539,21 @@ impl<'a> Assignments<'a> {
             self.changed.push(field);
         }
     }
+
+    /// `column = value` when a value is given, `column = default_sql` when the field is cleared.
+    fn assign(
+        &mut self,
+        field: &'static str,
+        value: Option<DatumWithOid<'a>>,
+        cleared: bool,
+        default_sql: &str,
+    ) {
+        match value {
+            Some(v) => self.set(field, &format!("{field} = $?"), vec![v]),
+            None if cleared => self.set(field, &format!("{field} = {default_sql}"), vec![]),
+            None => {}
+        }
+    }
 }
 
 /// Changes a key. A NULL argument leaves its field as it is; `clear` names fields to reset to
@@ -663,33 +678,21 @@ fn update_api_key(
             args: vec![id.as_str().into()],
             changed: vec![],
         };
-        let text_fields = [
-            ("name", s.name),
-            ("owner", s.owner),
-            ("description", s.description),
-            ("role", role),
+        let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 7] = [
+            ("name", s.name.map(Into::into), "NULL"),
+            ("owner", s.owner.map(Into::into), "NULL"),
+            ("description", s.description.map(Into::into), "NULL"),
+            ("role", role.map(Into::into), "NULL"),
+            (
+                "permissions",
+                s.permissions.map(|p| JsonB(p).into()),
+                "'{}'",
+            ),
+            ("metadata", s.metadata.map(|m| JsonB(m).into()), "NULL"),
+            ("enabled", enabled.map(Into::into), "true"),
         ];
-        for (field, value) in text_fields {
-            if let Some(v) = value {
-                set.set(field, &format!("{field} = $?"), vec![v.into()]);
-            } else if cleared.contains(&field) {
-                set.set(field, &format!("{field} = NULL"), vec![]);
-            }
-        }
-        if let Some(p) = s.permissions {
-            set.set("permissions", "permissions = $?", vec![JsonB(p).into()]);
-        } else if cleared.contains(&"permissions") {
-            set.set("permissions", "permissions = '{}'", vec![]);
-        }
-        if let Some(m) = s.metadata {
-            set.set("metadata", "metadata = $?", vec![JsonB(m).into()]);
-        } else if cleared.contains(&"metadata") {
-            set.set("metadata", "metadata = NULL", vec![]);
-        }
-        if let Some(e) = enabled {
-            set.set("enabled", "enabled = $?", vec![e.into()]);
-        } else if cleared.contains(&"enabled") {
-            set.set("enabled", "enabled = true", vec![]);
+        for (field, value, default_sql) in plain_fields {
+            set.assign(field, value, cleared.contains(&field), default_sql);
         }
         if let Some(expiry) = s.expiry {
             let (at, within) = expiry.sql_args();
@@ -701,18 +704,16 @@ fn update_api_key(
         } else if cleared.contains(&"expires_at") {
             set.set("expires_at", "expires_at = NULL", vec![]);
         }
-        // A newly configured refill starts its clock now and fills an unlimited quota.
+        // As in create_api_key, a refilling key always has a quota: it starts (or is cleared) full.
         let final_remaining = s
             .remaining
             .or(cur_remaining)
             .filter(|_| keep("remaining"))
-            .or(final_amount.filter(|_| refill_given && cur_remaining.is_none()));
-        if s.remaining.is_some()
-            || cleared.contains(&"remaining")
-            || final_remaining != cur_remaining
-        {
+            .or(final_amount);
+        if s.remaining.is_some() || final_remaining != cur_remaining {
             set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
         }
+        // A newly configured refill starts its clock now.
         if refill_given {
             set.set("refill", "refill_amount = $?", vec![final_amount.into()]);
             set.set(
@@ -1191,6 +1192,11 @@ mod tests {
             "SELECT apikeys.update_api_key('{id}', refill_amount => 2, refill_interval => '1 day')"
         ));
         assert_eq!(row("refill_amount").as_deref(), Some("2"));
+        // A refilling key always has a quota: clearing `remaining` refills it.
+        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['remaining'])"));
+        assert_eq!(row("remaining").as_deref(), Some("2"));
+        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['refill', 'remaining'])"));
+        assert_eq!((row("remaining"), row("refill_interval")), (None, None));
         assert_eq!(row("updated_by").as_deref(), Some("postgres"));
         // The returned row is the updated key.
         assert_eq!(
