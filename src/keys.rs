@@ -1193,9 +1193,13 @@ mod tests {
         ));
         assert_eq!(row("refill_amount").as_deref(), Some("2"));
         // A refilling key always has a quota: clearing `remaining` refills it.
-        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['remaining'])"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY['remaining'])"
+        ));
         assert_eq!(row("remaining").as_deref(), Some("2"));
-        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['refill', 'remaining'])"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY['refill', 'remaining'])"
+        ));
         assert_eq!((row("remaining"), row("refill_interval")), (None, None));
         assert_eq!(row("updated_by").as_deref(), Some("postgres"));
         // The returned row is the updated key.

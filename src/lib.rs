@@ -8,6 +8,7 @@ mod errors;
 mod guc;
 pub mod key_format;
 mod keys;
+pub mod metering;
 pub mod permissions;
 mod schema;
 mod test_support;

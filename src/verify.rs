@@ -4,6 +4,7 @@
 //! callers queue on the row and exactly `remaining` of them succeed.
 
 use crate::errors::{self, invalid_argument};
+use crate::metering::{Meter, Verdict};
 use crate::{key_format, permissions};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -110,12 +111,7 @@ struct KeyState {
     revoked: bool,
     expired: bool,
     expires_at: Option<TimestampWithTimeZone>,
-    remaining: Option<i64>,
-    refill_amount: Option<i64>,
-    refill_due: bool,
-    rate_limit_max: Option<i32>,
-    window_over: bool,
-    window_count: i64,
+    meter: Meter,
     window_end: Option<TimestampWithTimeZone>,
     now: Option<TimestampWithTimeZone>,
 }
@@ -147,19 +143,21 @@ impl KeyState {
             revoked: row.get(8)?.unwrap_or(true),
             expired: row.get(9)?.unwrap_or(false),
             expires_at: row.get(10)?,
-            remaining: row.get(11)?,
-            refill_amount: row.get(12)?,
-            refill_due: row.get(13)?.unwrap_or(false),
-            rate_limit_max: row.get(14)?,
-            window_over: row.get(15)?.unwrap_or(true),
-            window_count: row.get(16)?.unwrap_or(0),
+            meter: Meter {
+                remaining: row.get(11)?,
+                refill_amount: row.get(12)?,
+                refill_due: row.get(13)?.unwrap_or(false),
+                rate_limit_max: row.get(14)?,
+                window_over: row.get(15)?.unwrap_or(true),
+                window_count: row.get(16)?.unwrap_or(0),
+            },
             window_end: row.get(17)?,
             now: row.get(18)?,
         })
     }
 
     fn limited(&self) -> bool {
-        self.remaining.is_some() || self.rate_limit_max.is_some()
+        self.meter.remaining.is_some() || self.meter.rate_limit_max.is_some()
     }
 
     /// The checks that need no counters, in the SPEC's order.
@@ -185,7 +183,7 @@ impl KeyState {
             permissions: Some(self.permissions.clone()),
             metadata: self.metadata.clone(),
             expires_at: self.expires_at,
-            remaining: self.remaining,
+            remaining: self.meter.remaining,
             rate_limit_remaining: None,
             rate_limit_reset: None,
             claims: None,
@@ -294,39 +292,21 @@ fn spend(
     required: &permissions::Permissions,
     cost: i64,
 ) -> Verification {
-    let remaining = if state.refill_due {
-        state.refill_amount
-    } else {
-        state.remaining
+    let permitted = permissions_cover(state, required);
+    let charge = state.meter.charge(cost, permitted);
+    let code = match charge.verdict {
+        Verdict::UsageExceeded => Code::UsageExceeded,
+        Verdict::RateLimited => Code::RateLimited,
+        Verdict::Allowed if !permitted => Code::InsufficientPermissions,
+        Verdict::Allowed => Code::Valid,
     };
-    let window_count = if state.window_over {
-        0
-    } else {
-        state.window_count
-    };
-    let code = if remaining.is_some_and(|r| r < cost) {
-        Code::UsageExceeded
-    } else if state
-        .rate_limit_max
-        .is_some_and(|max| window_count + cost > i64::from(max))
-    {
-        Code::RateLimited
-    } else if !permissions_cover(state, required) {
-        Code::InsufficientPermissions
-    } else {
-        Code::Valid
-    };
-    let consumed = if code == Code::Valid { cost } else { 0 };
     let mut result = state.verification(code);
-    result.remaining = remaining.map(|r| r - consumed);
-    if let Some(max) = state.rate_limit_max {
-        let used = window_count + consumed;
-        result.rate_limit_remaining = Some((i64::from(max) - used).max(0));
-        result.rate_limit_reset = if state.window_over && consumed == 0 {
-            None
-        } else {
-            state.window_end
-        };
+    result.remaining = charge.remaining;
+    if let Some(max) = state.meter.rate_limit_max {
+        result.rate_limit_remaining = Some((i64::from(max) - charge.window_used).max(0));
+        // A call that opened no window reports no window end.
+        let no_window = state.meter.window_over && !charge.opens_window;
+        result.rate_limit_reset = if no_window { None } else { state.window_end };
     }
     if code == Code::Valid {
         errors::internal(client.update(
@@ -342,10 +322,10 @@ fn spend(
             None,
             &[
                 state.id.as_str().into(),
-                result.remaining.into(),
-                state.refill_due.into(),
-                state.window_over.into(),
-                (window_count + consumed).into(),
+                charge.remaining.into(),
+                state.meter.refill_due.into(),
+                charge.opens_window.into(),
+                charge.window_used.into(),
                 state.now.into(),
             ],
         ));
