@@ -434,3 +434,59 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         "nothing was spent by the refused verification"
     );
 }
+
+/// Starts `verify_key(key)` on a new connection while `holder` keeps the key's row locked by an
+/// uncommitted management change, waits until the verifier is blocked on that lock, commits the
+/// change, and returns the verifier's code.
+fn verify_across_a_commit(holder: &mut Client, key: &str) -> String {
+    let key = key.to_owned();
+    let verifier = thread::spawn(move || {
+        let mut client = connect();
+        client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get::<_, String>(0)
+    });
+    let mut watcher = connect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock' \
+                 AND query LIKE '%verify_key%'",
+                &[&DB],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the verifier never waited for the row lock");
+        thread::sleep(Duration::from_millis(20));
+    }
+    holder.batch_execute("COMMIT").unwrap();
+    verifier.join().expect("verifier thread")
+}
+
+#[test]
+fn a_revocation_committed_while_a_metered_verification_waits_wins() {
+    let mut admin = connect();
+    let (id, key) = create(&mut admin, "remaining => 5");
+    admin.batch_execute("BEGIN").unwrap();
+    admin.query_one("SELECT apikeys.revoke_api_key($1)", &[&id]).unwrap();
+    assert_eq!(verify_across_a_commit(&mut admin, &key), "REVOKED");
+    let remaining: i64 = admin
+        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(remaining, 5);
+}
+
+#[test]
+fn a_rotation_committed_while_a_metered_verification_waits_wins() {
+    let mut admin = connect();
+    let (id, old) = create(&mut admin, "remaining => 5");
+    admin.batch_execute("BEGIN").unwrap();
+    admin.query_one("SELECT apikeys.rotate_api_key($1)", &[&id]).unwrap();
+    assert_eq!(verify_across_a_commit(&mut admin, &old), "NOT_FOUND");
+}
