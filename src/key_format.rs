@@ -51,13 +51,15 @@ pub fn is_valid_prefix(prefix: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-/// A new key string with the given (already validated) prefix.
-pub fn generate(prefix: &str) -> String {
+/// A new key string with the given (already validated) prefix, and its `start` for display.
+pub fn generate(prefix: &str) -> (String, String) {
     let mut secret = [0u8; 32];
     OsRng.fill_bytes(&mut secret);
-    let head = format!("{prefix}_{}", base62(&secret, RANDOM_CHARS));
+    let random = base62(&secret, RANDOM_CHARS);
+    let start = format!("{prefix}_{}", &random[..START_BODY_CHARS]);
+    let head = format!("{prefix}_{random}");
     let sum = checksum(&head);
-    head + &sum
+    (head + &sum, start)
 }
 
 /// A random identifier body of `bytes` random bytes, for key ids and token ids.
@@ -162,18 +164,19 @@ mod unit {
     #[test]
     fn generated_keys_parse() {
         for prefix in ["sk", "a", "0123456789abcdef"] {
-            let key = generate(prefix);
+            let (key, start) = generate(prefix);
             assert_eq!(key.len(), prefix.len() + 1 + BODY_CHARS);
             let parsed = parse(&key).expect("generated key parses");
             assert_eq!(parsed.prefix, prefix);
-            assert!(parsed.start().starts_with(&format!("{prefix}_")));
+            assert_eq!(parsed.start(), start);
+            assert!(start.starts_with(&format!("{prefix}_")));
         }
-        assert_ne!(generate("sk"), generate("sk"));
+        assert_ne!(generate("sk").0, generate("sk").0);
     }
 
     #[test]
     fn any_single_typo_is_rejected() {
-        let key = generate("sk");
+        let (key, _) = generate("sk");
         for i in 0..key.len() {
             let mut bytes = key.clone().into_bytes();
             bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
@@ -184,7 +187,7 @@ mod unit {
 
     #[test]
     fn malformed_strings_are_rejected() {
-        let key = generate("sk");
+        let (key, _) = generate("sk");
         for bad in [
             "",
             "_",
@@ -213,7 +216,7 @@ mod unit {
 
     #[test]
     fn classify_separates_typos_from_foreign_keys() {
-        let key = generate("sk");
+        let (key, _) = generate("sk");
         assert!(matches!(classify(&key), Shape::Ours(_)));
         let typo = format!(
             "{}{}",

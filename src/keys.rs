@@ -333,10 +333,7 @@ fn create_api_key(
     };
     let (key, prefix, start) = match secret.as_deref() {
         None => {
-            let key = key_format::generate(&prefix);
-            let start = key_format::parse(&key)
-                .map(|p| p.start())
-                .unwrap_or_default();
+            let (key, start) = key_format::generate(&prefix);
             (key, prefix, start)
         }
         Some(secret) => match key_format::classify(secret) {
@@ -837,10 +834,7 @@ fn rotate_api_key(
             key_not_found(&id);
         }
         let prefix = errors::internal(current.first().get::<String>(1)).unwrap_or_default();
-        let key = key_format::generate(&prefix);
-        let start = key_format::parse(&key)
-            .map(|p| p.start())
-            .unwrap_or_default();
+        let (key, start) = key_format::generate(&prefix);
         let row = errors::internal(client.update(
             "UPDATE apikeys.keys SET hash = $2, start = $3,
                 previous_hash = CASE WHEN $4 THEN hash END,

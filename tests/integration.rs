@@ -461,7 +461,10 @@ fn verify_across_a_commit(holder: &mut Client, key: &str) -> String {
         if waiting > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the verifier never waited for the row lock");
+        assert!(
+            Instant::now() < deadline,
+            "the verifier never waited for the row lock"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     holder.batch_execute("COMMIT").unwrap();
@@ -473,7 +476,9 @@ fn a_revocation_committed_while_a_metered_verification_waits_wins() {
     let mut admin = connect();
     let (id, key) = create(&mut admin, "remaining => 5");
     admin.batch_execute("BEGIN").unwrap();
-    admin.query_one("SELECT apikeys.revoke_api_key($1)", &[&id]).unwrap();
+    admin
+        .query_one("SELECT apikeys.revoke_api_key($1)", &[&id])
+        .unwrap();
     assert_eq!(verify_across_a_commit(&mut admin, &key), "REVOKED");
     let remaining: i64 = admin
         .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
@@ -487,6 +492,8 @@ fn a_rotation_committed_while_a_metered_verification_waits_wins() {
     let mut admin = connect();
     let (id, old) = create(&mut admin, "remaining => 5");
     admin.batch_execute("BEGIN").unwrap();
-    admin.query_one("SELECT apikeys.rotate_api_key($1)", &[&id]).unwrap();
+    admin
+        .query_one("SELECT apikeys.rotate_api_key($1)", &[&id])
+        .unwrap();
     assert_eq!(verify_across_a_commit(&mut admin, &old), "NOT_FOUND");
 }
