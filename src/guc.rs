@@ -1,4 +1,6 @@
-//! Settings. Both are USERSET: they choose defaults for keys a caller creates, nothing more.
+//! Settings. The key defaults are USERSET: they shape keys a caller creates, nothing more. The
+//! token settings are SUSET: a key holder who could set them would mint tokens for any audience
+//! or lifetime, so only a superuser (or a role granted SET on them) changes them.
 
 use crate::key_format;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -8,6 +10,12 @@ use std::ffi::{c_char, c_void, CStr, CString};
 pub static DEFAULT_PREFIX: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"sk"));
 pub static DEFAULT_KEY_TTL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+
+pub static MAX_TOKEN_TTL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static JWT_ISSUER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"pg_apikeys"));
+pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
@@ -50,6 +58,32 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"apikeys.max_token_ttl",
+        c"Longest lifetime mint_token grants.",
+        c"In seconds unless a unit is given: '15min', '1h', '7d'.",
+        &MAX_TOKEN_TTL,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"apikeys.jwt_issuer",
+        c"The iss claim of minted tokens; verify_token accepts only this issuer.",
+        c"",
+        &JWT_ISSUER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"apikeys.jwt_audience",
+        c"The aud claim of minted tokens; when set, verify_token requires it.",
+        c"Empty: tokens carry no aud and any aud is accepted.",
+        &JWT_AUDIENCE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
@@ -66,4 +100,17 @@ pub fn default_prefix() -> String {
 /// The configured default lifetime, or None when it is empty (never expire).
 pub fn default_key_ttl() -> Option<String> {
     Some(string(&DEFAULT_KEY_TTL)).filter(|s| !s.is_empty())
+}
+
+/// The longest token lifetime, in milliseconds.
+pub fn max_token_ttl_ms() -> i64 {
+    i64::from(MAX_TOKEN_TTL.get()) * 1000
+}
+
+pub fn jwt_issuer() -> String {
+    string(&JWT_ISSUER)
+}
+
+pub fn jwt_audience() -> Option<String> {
+    Some(string(&JWT_AUDIENCE)).filter(|s| !s.is_empty())
 }

@@ -1457,6 +1457,6 @@ mod tests {
         let dumped = one::<String>(
             "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_extension e, unnest(e.extconfig) cfg, pg_class c WHERE e.extname = 'pg_apikeys' AND c.oid = cfg",
         );
-        assert_eq!(dumped.as_deref(), Some("audit_log,audit_log_id_seq,keys"));
+        assert_eq!(dumped.as_deref(), Some("audit_log,audit_log_id_seq,keys,signing_keys"));
     }
 }

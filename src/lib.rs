@@ -4,6 +4,7 @@
 use pgrx::prelude::*;
 
 mod audit;
+pub mod claims;
 mod errors;
 mod guc;
 pub mod key_format;
@@ -11,7 +12,9 @@ mod keys;
 pub mod metering;
 pub mod permissions;
 mod schema;
+mod signing;
 mod test_support;
+mod tokens;
 mod verify;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -49,13 +49,27 @@ CREATE TABLE apikeys.audit_log (
     id      bigserial PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     actor   text NOT NULL,   -- the calling role (after SET ROLE), not the functions' owner
-    action  text NOT NULL,   -- create, update, revoke, delete, rotate, delete_expired
+    action  text NOT NULL,   -- create, update, revoke, delete, rotate, delete_expired,
+                             -- rotate_signing_key, retire_signing_key, export_signing_key
     key_id  text,
     details jsonb
 );
 CREATE INDEX audit_log_key_id_idx ON apikeys.audit_log (key_id);
 
+-- Keys that sign tokens. The newest unretired one signs; every unretired one verifies.
+CREATE TABLE apikeys.signing_keys (
+    kid        text PRIMARY KEY,         -- the JWT header's "kid"
+    algorithm  text NOT NULL CHECK (algorithm IN ('HS256', 'ES256', 'EdDSA')),
+    secret     bytea NOT NULL,           -- HMAC key or PKCS#8 private key: never leaves the extension
+    public_jwk jsonb,                    -- ES256/EdDSA: the public half, as jwks() publishes it
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    created_by text NOT NULL,
+    retired_at timestamptz,              -- set once: its tokens stop verifying
+    retired_by text
+);
+
 SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
 
@@ -90,6 +104,10 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
 GRANT USAGE ON SCHEMA apikeys TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.verify_key(text, jsonb, integer) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer) TO PUBLIC;
+-- Minting needs a valid API key, which is its own authorization.
+GRANT EXECUTE ON FUNCTION apikeys.mint_token(text, bigint, text, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.jwks() TO PUBLIC;
 "#,
     name = "privileges",
     finalize

@@ -77,3 +77,31 @@ pub fn field<T: FromDatum + IntoDatum>(key: &str, extra: &str, column: &str) -> 
         pgrx::spi::quote_literal(key)
     ))
 }
+
+/// mint_token(key, <args>)
+pub fn mint(key: &str, args: &str) -> String {
+    one::<String>(&format!(
+        "SELECT apikeys.mint_token({}, {args})",
+        pgrx::spi::quote_literal(key)
+    ))
+    .unwrap()
+}
+
+/// A column of verify_token(token, <extra args>).
+pub fn token_field<T: FromDatum + IntoDatum>(token: &str, extra: &str, column: &str) -> Option<T> {
+    let sep = if extra.is_empty() { "" } else { ", " };
+    one::<T>(&format!(
+        "SELECT {column} FROM apikeys.verify_token({}{sep}{extra})",
+        pgrx::spi::quote_literal(token)
+    ))
+}
+
+/// verify_token(token, <extra args>).code
+pub fn token_code(token: &str, extra: &str) -> String {
+    token_field::<String>(token, extra, "code").unwrap()
+}
+
+/// The wall clock in epoch milliseconds, as PostgreSQL reads it.
+pub fn clock_ms() -> i64 {
+    one::<i64>("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint").unwrap()
+}

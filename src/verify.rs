@@ -56,6 +56,9 @@ pub struct Verification {
     pub rate_limit_remaining: Option<i64>,
     pub rate_limit_reset: Option<TimestampWithTimeZone>,
     pub claims: Option<Value>,
+    /// Not in the SQL result: what minting needs to know about the key it judged.
+    pub master: bool,
+    pub now: Option<TimestampWithTimeZone>,
 }
 
 impl Verification {
@@ -73,6 +76,8 @@ impl Verification {
             rate_limit_remaining: None,
             rate_limit_reset: None,
             claims: None,
+            master: false,
+            now: None,
         }
     }
 
@@ -107,19 +112,22 @@ struct KeyState {
     role: Option<String>,
     permissions: Value,
     metadata: Option<Value>,
+    master: bool,
     enabled: bool,
     revoked: bool,
     expired: bool,
     expires_at: Option<TimestampWithTimeZone>,
     meter: Meter,
     window_end: Option<TimestampWithTimeZone>,
-    now: Option<TimestampWithTimeZone>,
+    now: TimestampWithTimeZone,
 }
 
-const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.metadata, k.enabled,
-        k.revoked_at IS NOT NULL,
-        k.expires_at <= c.now OR (k.hash <> $1 AND k.previous_valid_until <= c.now),
-        CASE WHEN k.hash = $1 THEN k.expires_at ELSE LEAST(k.expires_at, k.previous_valid_until) END,
+/// `$1` is the hash the caller presented (NULL when the key is named by id, as a token does);
+/// a key presented by its rotated-out hash is valid only until `previous_valid_until`.
+const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.metadata, k.master,
+        k.enabled, k.revoked_at IS NOT NULL,
+        k.expires_at <= c.now OR (p.old AND k.previous_valid_until <= c.now),
+        CASE WHEN p.old THEN LEAST(k.expires_at, k.previous_valid_until) ELSE k.expires_at END,
         k.remaining, k.refill_amount,
         COALESCE(k.last_refill_at + k.refill_interval <= c.now, false),
         k.rate_limit_max,
@@ -128,7 +136,8 @@ const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.
         CASE WHEN k.rate_window_start IS NULL OR k.rate_window_start + k.rate_limit_window <= c.now
              THEN c.now + k.rate_limit_window ELSE k.rate_window_start + k.rate_limit_window END,
         c.now
-    FROM apikeys.keys k, LATERAL (SELECT clock_timestamp() AS now) c";
+    FROM apikeys.keys k, LATERAL (SELECT clock_timestamp() AS now) c,
+         LATERAL (SELECT COALESCE(k.previous_hash = $1::bytea AND k.hash <> $1::bytea, false) AS old) p";
 
 impl KeyState {
     fn from_row(row: &SpiHeapTupleData<'_>) -> SpiResult<KeyState> {
@@ -139,20 +148,21 @@ impl KeyState {
             role: row.get(4)?,
             permissions: row.get::<JsonB>(5)?.map(|j| j.0).unwrap_or(Value::Null),
             metadata: row.get::<JsonB>(6)?.map(|j| j.0),
-            enabled: row.get(7)?.unwrap_or(false),
-            revoked: row.get(8)?.unwrap_or(true),
-            expired: row.get(9)?.unwrap_or(false),
-            expires_at: row.get(10)?,
+            master: row.get(7)?.unwrap_or(false),
+            enabled: row.get(8)?.unwrap_or(false),
+            revoked: row.get(9)?.unwrap_or(true),
+            expired: row.get(10)?.unwrap_or(false),
+            expires_at: row.get(11)?,
             meter: Meter {
-                remaining: row.get(11)?,
-                refill_amount: row.get(12)?,
-                refill_due: row.get(13)?.unwrap_or(false),
-                rate_limit_max: row.get(14)?,
-                window_over: row.get(15)?.unwrap_or(true),
-                window_count: row.get(16)?.unwrap_or(0),
+                remaining: row.get(12)?,
+                refill_amount: row.get(13)?,
+                refill_due: row.get(14)?.unwrap_or(false),
+                rate_limit_max: row.get(15)?,
+                window_over: row.get(16)?.unwrap_or(true),
+                window_count: row.get(17)?.unwrap_or(0),
             },
-            window_end: row.get(17)?,
-            now: row.get(18)?,
+            window_end: row.get(18)?,
+            now: row.get(19)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
         })
     }
 
@@ -173,7 +183,19 @@ impl KeyState {
         }
     }
 
-    fn verification(&self, code: Code) -> Verification {
+    /// A token lives no longer than its key: its expiry joins the key's.
+    fn bound_by(&mut self, token: Option<&Token>) {
+        let Some(token) = token else { return };
+        let now_ms = epoch_ms(self.now);
+        self.expired |= now_ms >= token.exp_ms;
+        let token_end = from_epoch_ms(token.exp_ms);
+        self.expires_at = Some(match self.expires_at {
+            Some(key_end) if key_end < token_end => key_end,
+            _ => token_end,
+        });
+    }
+
+    fn verification(&self, code: Code, token: Option<&Token>) -> Verification {
         Verification {
             code,
             key_id: Some(self.id.clone()),
@@ -186,9 +208,43 @@ impl KeyState {
             remaining: self.meter.remaining,
             rate_limit_remaining: None,
             rate_limit_reset: None,
-            claims: None,
+            claims: token.map(|t| t.claims.clone()),
+            master: self.master,
+            now: Some(self.now),
         }
     }
+}
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+pub fn epoch_ms(t: TimestampWithTimeZone) -> i64 {
+    (t.into_inner() + PG_EPOCH_OFFSET_US).div_euclid(1000)
+}
+
+pub fn from_epoch_ms(ms: i64) -> TimestampWithTimeZone {
+    let us = ms.saturating_mul(1000).saturating_sub(PG_EPOCH_OFFSET_US);
+    TimestampWithTimeZone::try_from(us).unwrap_or_else(|_| {
+        if us < 0 {
+            TimestampWithTimeZone::negative_infinity()
+        } else {
+            TimestampWithTimeZone::positive_infinity()
+        }
+    })
+}
+
+/// What a signed, unexpired-by-signature token contributes to the judgement of its key.
+pub struct Token {
+    pub key_id: String,
+    pub exp_ms: i64,
+    pub permissions: permissions::Permissions,
+    pub claims: Value,
+}
+
+/// How the caller names the key: by the secret (verify_key) or by id (a token's `key_id`).
+pub enum Lookup<'a> {
+    Secret(&'a str),
+    Id(&'a str),
 }
 
 /// Reads a key's state. Plain reads go through `select`, which (unlike `update`) does not
@@ -219,29 +275,72 @@ fn read_only() -> bool {
 /// Verifies a key string: see the module comment for the order of checks.
 pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64) -> Verification {
     // Typos and impossible strings never reach the table.
-    let Some(key) = key.filter(|k| key_format::classify(k) != key_format::Shape::Invalid) else {
-        return Verification::not_found();
+    match key.filter(|k| key_format::classify(k) != key_format::Shape::Invalid) {
+        Some(key) => judge(Lookup::Secret(key), required, cost, None),
+        None => Verification::not_found(),
+    }
+}
+
+/// A key's status by id, without permissions, quota or rate limit and without charging it.
+pub fn peek(id: &str) -> Verification {
+    Spi::connect(|client| {
+        let found = errors::internal(client.select(
+            &format!("{STATE_SQL} WHERE k.id = $2"),
+            Some(1),
+            &[Option::<&[u8]>::None.into(), id.into()],
+        ));
+        let state = found
+            .into_iter()
+            .next()
+            .map(|row| errors::internal(KeyState::from_row(&row)));
+        match state {
+            Some(state) => state.verification(state.status_code().unwrap_or(Code::Valid), None),
+            None => Verification::not_found(),
+        }
+    })
+}
+
+/// Looks the key up and runs every check on it; with `token`, the token's expiry and
+/// permissions bind too. Only a VALID result consumes `cost`.
+pub fn judge(
+    lookup: Lookup<'_>,
+    required: &permissions::Permissions,
+    cost: i64,
+    token: Option<&Token>,
+) -> Verification {
+    let (hash, id) = match lookup {
+        Lookup::Secret(key) => (Some(key_format::hash(key)), None),
+        Lookup::Id(id) => (None, Some(id)),
     };
-    let hash = key_format::hash(key);
+    let hash = hash.as_deref();
     Spi::connect_mut(|client| {
-        // The current hash first; a rotated-out key (previous_hash) is the rare case.
-        let by_hash = |client: &mut SpiClient<'_>, column: &str| {
+        let by = |client: &mut SpiClient<'_>, column: &str| {
             fetch(
                 client,
                 false,
                 &format!("{STATE_SQL} WHERE k.{column} = $1"),
-                &[hash.as_slice().into()],
+                &[hash.into()],
             )
         };
-        let Some(mut state) = by_hash(client, "hash").or_else(|| by_hash(client, "previous_hash"))
-        else {
+        // The current hash first; a rotated-out key (previous_hash) is the rare case.
+        let found = match id {
+            Some(id) => fetch(
+                client,
+                false,
+                &format!("{STATE_SQL} WHERE k.id = $2"),
+                &[hash.into(), id.into()],
+            ),
+            None => by(client, "hash").or_else(|| by(client, "previous_hash")),
+        };
+        let Some(mut state) = found else {
             return Verification::not_found();
         };
+        state.bound_by(token);
         if let Some(code) = state.status_code() {
-            return state.verification(code);
+            return state.verification(code, token);
         }
         if !state.limited() {
-            let code = if permissions_cover(&state, required) {
+            let code = if permitted(&state, required, token) {
                 Code::Valid
             } else {
                 Code::InsufficientPermissions
@@ -249,7 +348,7 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
             if code == Code::Valid && !read_only() {
                 record_use(client, &state.id);
             }
-            return state.verification(code);
+            return state.verification(code, token);
         }
         if read_only() {
             errors::raise(
@@ -263,26 +362,30 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
         let locked = fetch(
             client,
             true,
-            &format!("{STATE_SQL} WHERE k.id = $2 AND (k.hash = $1 OR k.previous_hash = $1) FOR UPDATE OF k"),
-            &[hash.as_slice().into(), state.id.as_str().into()],
+            &format!("{STATE_SQL} WHERE k.id = $2 AND ($1 IS NULL OR k.hash = $1 OR k.previous_hash = $1) FOR UPDATE OF k"),
+            &[hash.into(), state.id.as_str().into()],
         );
         let Some(locked) = locked else {
             return Verification::not_found();
         };
         state = locked;
+        state.bound_by(token);
         if let Some(code) = state.status_code() {
-            return state.verification(code);
+            return state.verification(code, token);
         }
-        spend(client, &state, required, cost)
+        spend(client, &state, required, cost, token)
     })
 }
 
-fn permissions_cover(state: &KeyState, required: &permissions::Permissions) -> bool {
+/// Whether the key grants everything `required` names; a token must grant it too, so a key
+/// whose permissions shrank after minting does not lend its tokens the old ones.
+fn permitted(state: &KeyState, required: &permissions::Permissions, token: Option<&Token>) -> bool {
     if required.is_empty() {
         return true;
     }
     let granted = permissions::parse(&state.permissions).unwrap_or_default();
     permissions::covers(&granted, required)
+        && token.is_none_or(|t| permissions::covers(&t.permissions, required))
 }
 
 /// Quota, refill and rate limit for a locked row; writes only when the result is VALID.
@@ -291,8 +394,9 @@ fn spend(
     state: &KeyState,
     required: &permissions::Permissions,
     cost: i64,
+    token: Option<&Token>,
 ) -> Verification {
-    let permitted = permissions_cover(state, required);
+    let permitted = permitted(state, required, token);
     let charge = state.meter.charge(cost, permitted);
     let code = match charge.verdict {
         Verdict::UsageExceeded => Code::UsageExceeded,
@@ -300,7 +404,7 @@ fn spend(
         Verdict::Allowed if !permitted => Code::InsufficientPermissions,
         Verdict::Allowed => Code::Valid,
     };
-    let mut result = state.verification(code);
+    let mut result = state.verification(code, token);
     result.remaining = charge.remaining;
     if let Some(max) = state.meter.rate_limit_max {
         result.rate_limit_remaining = Some((i64::from(max) - charge.window_used).max(0));

@@ -1,0 +1,464 @@
+//! Signing keys for tokens: generated here, kept in `apikeys.signing_keys` (never readable by
+//! PUBLIC), rotated and retired by management functions, published as a JWK set for outside
+//! verifiers. The newest unretired key signs; every unretired key verifies.
+
+use crate::{audit, errors, key_format};
+use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use serde_json::{json, Value};
+
+/// The algorithms we sign with, by their JWT names.
+pub const ALGORITHMS: &[Algorithm] = &[Algorithm::HS256, Algorithm::ES256, Algorithm::EdDSA];
+
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    let name = name.trim();
+    ALGORITHMS
+        .iter()
+        .copied()
+        .find(|a| name.eq_ignore_ascii_case(name_of(*a)))
+        .or_else(|| name.eq_ignore_ascii_case("Ed25519").then_some(Algorithm::EdDSA))
+}
+
+pub fn name_of(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::ES256 => "ES256",
+        Algorithm::EdDSA => "EdDSA",
+        _ => "HS256",
+    }
+}
+
+/// A new key: the secret (HMAC bytes, or a PKCS#8 DER private key) and, for asymmetric
+/// algorithms, the public JWK that `jwks()` publishes.
+pub struct Material {
+    pub secret: Vec<u8>,
+    pub public_jwk: Option<Value>,
+}
+
+pub fn generate(alg: Algorithm, kid: &str) -> Result<Material, String> {
+    use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+    let secret = match alg {
+        Algorithm::ES256 => p256::ecdsa::SigningKey::random(&mut OsRng)
+            .to_pkcs8_der()
+            .map_err(|e| e.to_string())?
+            .as_bytes()
+            .to_vec(),
+        // PKCS#8 v1 (no public key inside), the 48-byte form jsonwebtoken reads.
+        Algorithm::EdDSA => ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: ed25519_dalek::SigningKey::generate(&mut OsRng).to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_der()
+            .map_err(|e| e.to_string())?
+            .as_bytes()
+            .to_vec(),
+        _ => {
+            // 256 bits, as RFC 7518 asks of an HS256 key.
+            let mut bytes = vec![0u8; 32];
+            OsRng.fill_bytes(&mut bytes);
+            bytes
+        }
+    };
+    let public_jwk = match alg {
+        Algorithm::HS256 => None,
+        _ => Some(public_jwk(alg, kid, &secret)?),
+    };
+    Ok(Material { secret, public_jwk })
+}
+
+fn public_jwk(alg: Algorithm, kid: &str, secret: &[u8]) -> Result<Value, String> {
+    let mut jwk = Jwk::from_encoding_key(&encoding_key(alg, secret), alg).map_err(|e| e.to_string())?;
+    jwk.common.key_id = Some(kid.to_owned());
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    serde_json::to_value(jwk).map_err(|e| e.to_string())
+}
+
+pub fn encoding_key(alg: Algorithm, secret: &[u8]) -> EncodingKey {
+    match alg {
+        Algorithm::ES256 => EncodingKey::from_ec_der(secret),
+        Algorithm::EdDSA => EncodingKey::from_ed_der(secret),
+        _ => EncodingKey::from_secret(secret),
+    }
+}
+
+pub fn decoding_key(alg: Algorithm, secret: &[u8], public_jwk: Option<&Value>) -> Option<DecodingKey> {
+    match alg {
+        Algorithm::HS256 => Some(DecodingKey::from_secret(secret)),
+        _ => {
+            let jwk: Jwk = serde_json::from_value(public_jwk?.clone()).ok()?;
+            DecodingKey::from_jwk(&jwk).ok()
+        }
+    }
+}
+
+/// The key that signs new tokens.
+pub struct Signer {
+    pub kid: String,
+    pub alg: Algorithm,
+    pub key: EncodingKey,
+}
+
+const CURRENT_SQL: &str = "SELECT kid, algorithm, secret FROM apikeys.signing_keys
+    WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1";
+
+fn current(client: &mut SpiClient<'_>) -> Option<Signer> {
+    let table = errors::internal(client.select(CURRENT_SQL, Some(1), &[]));
+    let row = table.into_iter().next()?;
+    let kid: String = errors::internal(row.get(1))?;
+    let alg = parse_algorithm(&errors::internal(row.get::<String>(2))?)?;
+    let secret: Vec<u8> = errors::internal(row.get(3))?;
+    Some(Signer {
+        kid,
+        alg,
+        key: encoding_key(alg, &secret),
+    })
+}
+
+/// The current signing key. A database without one gets an HS256 key at its first mint, so
+/// tokens work right after CREATE EXTENSION.
+pub fn signer(client: &mut SpiClient<'_>) -> Signer {
+    if let Some(signer) = current(client) {
+        return signer;
+    }
+    if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "there is no signing key to mint tokens with".into(),
+            Some("Call apikeys.rotate_signing_key() once on the primary, in a read-write transaction."),
+        );
+    }
+    // Two first mints at once must not both create a key.
+    errors::internal(client.update(
+        "SELECT pg_advisory_xact_lock(hashtext('apikeys.signing_keys'))",
+        None,
+        &[],
+    ));
+    if let Some(signer) = current(client) {
+        return signer;
+    }
+    let kid = create(client, Algorithm::HS256);
+    current(client).unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
+}
+
+/// The key a token's `kid` names, if it exists and is not retired.
+pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, DecodingKey)> {
+    let table = errors::internal(client.select(
+        "SELECT algorithm, secret, public_jwk FROM apikeys.signing_keys
+         WHERE kid = $1 AND retired_at IS NULL",
+        Some(1),
+        &[kid.into()],
+    ));
+    let row = table.into_iter().next()?;
+    let alg = parse_algorithm(&errors::internal(row.get::<String>(1))?)?;
+    let secret: Vec<u8> = errors::internal(row.get(2))?;
+    let public_jwk = errors::internal(row.get::<JsonB>(3)).map(|j| j.0);
+    Some((alg, decoding_key(alg, &secret, public_jwk.as_ref())?))
+}
+
+fn create(client: &mut SpiClient<'_>, alg: Algorithm) -> String {
+    let kid = format!("{}_{}", name_of(alg).to_ascii_lowercase(), key_format::random_id(12));
+    let material = errors::internal(generate(alg, &kid));
+    errors::internal(client.update(
+        "INSERT INTO apikeys.signing_keys (kid, algorithm, secret, public_jwk, created_by)
+         VALUES ($1, $2, $3, $4, $5)",
+        None,
+        &[
+            kid.as_str().into(),
+            name_of(alg).into(),
+            material.secret.as_slice().into(),
+            material.public_jwk.map(JsonB).into(),
+            audit::actor().into(),
+        ],
+    ));
+    audit::record(
+        client,
+        "rotate_signing_key",
+        None,
+        json!({"kid": kid, "algorithm": name_of(alg)}),
+    );
+    kid
+}
+
+/// Creates a signing key and makes it the one new tokens are signed with; returns its kid.
+/// Tokens signed by older keys keep verifying until those keys are retired.
+/// `algorithm`: 'HS256' (default), 'ES256' or 'EdDSA' (Ed25519).
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn rotate_signing_key(algorithm: default!(Option<&str>, "'HS256'")) -> String {
+    let name = algorithm.unwrap_or("HS256");
+    let Some(alg) = parse_algorithm(name) else {
+        errors::invalid_argument_hint(
+            "algorithm",
+            format!("must be a supported JWT algorithm, got \"{name}\""),
+            "Use 'HS256', 'ES256' or 'EdDSA'.",
+        )
+    };
+    Spi::connect_mut(|client| create(client, alg))
+}
+
+/// Retires a signing key: tokens it signed stop verifying at once and it signs no more.
+/// Returns false when it was already retired; an unknown kid raises P0002.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn retire_signing_key(kid: Option<&str>) -> bool {
+    let Some(kid) = kid else {
+        errors::invalid_argument("kid", "must not be NULL")
+    };
+    Spi::connect_mut(|client| {
+        let was = errors::internal(client.update(
+            "SELECT retired_at IS NULL FROM apikeys.signing_keys WHERE kid = $1 FOR UPDATE",
+            Some(1),
+            &[kid.into()],
+        ));
+        let Some(active) = was.into_iter().next() else {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+                format!("signing key \"{kid}\" does not exist"),
+                Some("SELECT kid FROM apikeys.signing_keys lists them (as the extension owner)."),
+            )
+        };
+        if !errors::internal(active.get::<bool>(1)).unwrap_or(false) {
+            return false;
+        }
+        errors::internal(client.update(
+            "UPDATE apikeys.signing_keys SET retired_at = clock_timestamp(), retired_by = $2
+             WHERE kid = $1",
+            None,
+            &[kid.into(), audit::actor().into()],
+        ));
+        audit::record(client, "retire_signing_key", None, json!({ "kid": kid }));
+        true
+    })
+}
+
+/// The public keys (ES256 and EdDSA) that verify our tokens, as a JWK set
+/// (`{"keys": [...]}`, RFC 7517) for outside verifiers. Never contains a secret.
+#[pg_extern(security_definer, stable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
+fn jwks() -> JsonB {
+    let keys = errors::internal(Spi::get_one::<JsonB>(
+        "SELECT COALESCE(jsonb_agg(public_jwk ORDER BY created_at DESC, kid DESC), '[]')
+         FROM apikeys.signing_keys WHERE retired_at IS NULL AND public_jwk IS NOT NULL",
+    ));
+    JsonB(json!({ "keys": keys.map_or(json!([]), |k| k.0) }))
+}
+
+/// A signing key as a JWK, for an outside service that must verify our tokens: an HS256
+/// key with its secret (`"k"`), an asymmetric key with its public part only. Audited.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn export_signing_key(kid: Option<&str>) -> JsonB {
+    let Some(kid) = kid else {
+        errors::invalid_argument("kid", "must not be NULL")
+    };
+    Spi::connect_mut(|client| {
+        let table = errors::internal(client.select(
+            "SELECT algorithm, secret, public_jwk FROM apikeys.signing_keys WHERE kid = $1",
+            Some(1),
+            &[kid.into()],
+        ));
+        let Some(row) = table.into_iter().next() else {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+                format!("signing key \"{kid}\" does not exist"),
+                None,
+            )
+        };
+        let alg: String = errors::internal(row.get(1)).unwrap_or_default();
+        let jwk = match errors::internal(row.get::<JsonB>(3)) {
+            Some(public) => public.0,
+            None => {
+                use base64::Engine as _;
+                let secret: Vec<u8> = errors::internal(row.get(2)).unwrap_or_default();
+                let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+                json!({"kty": "oct", "k": k, "alg": alg, "kid": kid, "use": "sig"})
+            }
+        };
+        audit::record(client, "export_signing_key", None, json!({ "kid": kid }));
+        JsonB(jwk)
+    })
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use jsonwebtoken::{decode, encode, Header, Validation};
+
+    #[test]
+    fn algorithms_by_name() {
+        assert_eq!(parse_algorithm("hs256"), Some(Algorithm::HS256));
+        assert_eq!(parse_algorithm("ES256"), Some(Algorithm::ES256));
+        assert_eq!(parse_algorithm("eddsa"), Some(Algorithm::EdDSA));
+        assert_eq!(parse_algorithm("Ed25519"), Some(Algorithm::EdDSA));
+        assert_eq!(parse_algorithm("none"), None);
+        assert_eq!(parse_algorithm("RS256"), None);
+    }
+
+    #[test]
+    fn generated_keys_sign_and_verify_and_publish_no_secret() {
+        for &alg in ALGORITHMS {
+            let m = generate(alg, "kid1").unwrap();
+            let claims = json!({"sub": "x"});
+            let token = encode(&Header::new(alg), &claims, &encoding_key(alg, &m.secret)).unwrap();
+            let key = decoding_key(alg, &m.secret, m.public_jwk.as_ref()).unwrap();
+            let mut v = Validation::new(alg);
+            v.required_spec_claims.clear();
+            v.validate_exp = false;
+            assert_eq!(decode::<Value>(&token, &key, &v).unwrap().claims, claims);
+            if let Some(jwk) = &m.public_jwk {
+                assert_eq!(jwk["kid"], "kid1");
+                assert!(jwk.get("d").is_none(), "{jwk}");
+                // Another key of the same algorithm does not verify it.
+                let other = generate(alg, "kid2").unwrap();
+                let other = decoding_key(alg, &other.secret, other.public_jwk.as_ref()).unwrap();
+                assert!(decode::<Value>(&token, &other, &v).is_err());
+            }
+        }
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+
+    fn kid_of(token: &str) -> String {
+        use base64::Engine as _;
+        let h = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap())
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&h).unwrap()["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[pg_test]
+    fn rotation_signs_with_the_new_key_and_old_tokens_keep_verifying() {
+        let (_, key) = create("");
+        let old = mint(&key, "60000");
+        for alg in ["ES256", "EdDSA", "HS256"] {
+            let kid = one::<String>(&format!("SELECT apikeys.rotate_signing_key('{alg}')")).unwrap();
+            assert!(kid.starts_with(&alg.to_ascii_lowercase()), "{kid}");
+            let token = mint(&key, "60000");
+            assert_eq!(kid_of(&token), kid);
+            assert_eq!(token_code(&token, ""), "VALID");
+        }
+        assert_eq!(token_code(&old, ""), "VALID");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'rotate_signing_key'"),
+            Some(4)
+        );
+        assert_eq!(one::<String>("SELECT apikeys.rotate_signing_key()").map(|k| k.starts_with("hs256_")), Some(true));
+        assert_error("SELECT apikeys.rotate_signing_key('none')", "22023", "\"algorithm\"");
+        assert_error("SELECT apikeys.rotate_signing_key('RS256')", "22023", "\"algorithm\"");
+    }
+
+    #[pg_test]
+    fn retiring_a_signing_key_stops_its_tokens() {
+        let (_, key) = create("");
+        let old = mint(&key, "60000");
+        let old_kid = kid_of(&old);
+        let new_kid = one::<String>("SELECT apikeys.rotate_signing_key('ES256')").unwrap();
+        let new = mint(&key, "60000");
+        assert_eq!(one::<bool>(&format!("SELECT apikeys.retire_signing_key('{old_kid}')")), Some(true));
+        assert_eq!(one::<bool>(&format!("SELECT apikeys.retire_signing_key('{old_kid}')")), Some(false));
+        assert_eq!(token_code(&old, ""), "NOT_FOUND");
+        assert_eq!(token_code(&new, ""), "VALID");
+        // Retiring the current key: the next mint falls back to another active key, or makes one.
+        run(&format!("SELECT apikeys.retire_signing_key('{new_kid}')"));
+        assert_eq!(token_code(&new, ""), "NOT_FOUND");
+        let fresh = mint(&key, "60000");
+        assert!(kid_of(&fresh).starts_with("hs256_"));
+        assert_eq!(token_code(&fresh, ""), "VALID");
+        assert_error("SELECT apikeys.retire_signing_key('nope')", "P0002", "nope");
+        assert_error("SELECT apikeys.retire_signing_key(NULL)", "22023", "\"kid\"");
+        assert_eq!(
+            one::<String>("SELECT string_agg(details->>'kid', ',' ORDER BY id) FROM apikeys.audit_log WHERE action = 'retire_signing_key'"),
+            Some(format!("{old_kid},{new_kid}"))
+        );
+    }
+
+    #[pg_test]
+    fn jwks_publishes_public_keys_only() {
+        let (_, key) = create("");
+        mint(&key, "1000");
+        let es = one::<String>("SELECT apikeys.rotate_signing_key('ES256')").unwrap();
+        let ed = one::<String>("SELECT apikeys.rotate_signing_key('EdDSA')").unwrap();
+        let set = one::<JsonB>("SELECT apikeys.jwks()").unwrap().0;
+        let keys = set["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 2, "{set}");
+        assert_eq!(keys[0]["kid"], ed.as_str());
+        assert_eq!(keys[0]["kty"], "OKP");
+        assert_eq!(keys[0]["crv"], "Ed25519");
+        assert_eq!(keys[0]["alg"], "EdDSA");
+        assert_eq!(keys[1]["kid"], es.as_str());
+        assert_eq!(keys[1]["kty"], "EC");
+        assert_eq!(keys[1]["crv"], "P-256");
+        assert_eq!(keys[1]["alg"], "ES256");
+        for k in keys {
+            assert_eq!(k["use"], "sig");
+            assert!(k.get("d").is_none() && k.get("k").is_none(), "{k}");
+        }
+        run(&format!("SELECT apikeys.retire_signing_key('{es}')"));
+        assert_eq!(
+            one::<i64>("SELECT jsonb_array_length(apikeys.jwks()->'keys')::bigint"),
+            Some(1)
+        );
+    }
+
+    #[pg_test]
+    fn exporting_an_hs256_key_gives_its_secret_and_is_audited() {
+        let kid = one::<String>("SELECT apikeys.rotate_signing_key('HS256')").unwrap();
+        let jwk = one::<JsonB>(&format!("SELECT apikeys.export_signing_key('{kid}')")).unwrap().0;
+        assert_eq!(jwk["kty"], "oct");
+        assert_eq!(jwk["alg"], "HS256");
+        assert_eq!(jwk["kid"], kid.as_str());
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT secret = decode(translate('{}', '-_', '+/') || '=', 'base64') FROM apikeys.signing_keys WHERE kid = '{kid}'",
+                jwk["k"].as_str().unwrap()
+            )),
+            Some(true)
+        );
+        let es = one::<String>("SELECT apikeys.rotate_signing_key('ES256')").unwrap();
+        let public = one::<JsonB>(&format!("SELECT apikeys.export_signing_key('{es}')")).unwrap().0;
+        assert!(public.get("d").is_none() && public["kty"] == "EC");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'export_signing_key'"),
+            Some(2)
+        );
+        assert_error("SELECT apikeys.export_signing_key('nope')", "P0002", "nope");
+    }
+
+    #[pg_test]
+    fn public_verifies_and_mints_but_never_sees_signing_keys() {
+        let (_, key) = create("");
+        let token = mint(&key, "60000");
+        let kid = kid_of(&token);
+        run("CREATE ROLE token_public");
+        run("SET LOCAL ROLE token_public");
+        assert_eq!(token_code(&token, ""), "VALID");
+        assert_eq!(token_code(&mint(&key, "1000"), ""), "VALID");
+        assert!(one::<JsonB>("SELECT apikeys.jwks()").is_some());
+        for denied in [
+            "SELECT * FROM apikeys.signing_keys".to_owned(),
+            "SELECT apikeys.rotate_signing_key()".to_owned(),
+            format!("SELECT apikeys.retire_signing_key('{kid}')"),
+            format!("SELECT apikeys.export_signing_key('{kid}')"),
+        ] {
+            assert_error(&denied, "42501", "permission denied");
+        }
+        run("RESET ROLE");
+        assert_eq!(
+            one::<bool>("SELECT 'apikeys.signing_keys'::regclass::oid = ANY(extconfig) FROM pg_extension WHERE extname = 'pg_apikeys'"),
+            Some(true)
+        );
+    }
+}

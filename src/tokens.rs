@@ -1,0 +1,520 @@
+//! Tokens: JWTs minted from an API key, carrying its access for `ms` milliseconds, and their
+//! verification. A token is only as good as its key: verify_token judges the key behind it
+//! with verify_key's checks, so revoking, disabling, deleting or expiring a key kills its tokens.
+
+use crate::verify::{self, Code, Lookup, Token, Verification};
+use crate::{claims, errors, guc, key_format, permissions, signing};
+use jsonwebtoken::{decode, decode_header, encode, Header, Validation};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn invalid_credential(message: String, hint: Option<&str>) -> ! {
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+        message,
+        hint,
+    )
+}
+
+/// Mints a token for `for_key` (default: the key itself) with `key`'s authority.
+pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: Option<&Value>) -> String {
+    let max = guc::max_token_ttl_ms();
+    match ms {
+        None => errors::invalid_argument("ms", "must not be NULL"),
+        Some(ms) if ms <= 0 => errors::invalid_argument(
+            "ms",
+            format!("must be a positive number of milliseconds, got {ms}"),
+        ),
+        Some(ms) if ms > max => errors::invalid_argument_hint(
+            "ms",
+            format!("must be at most {max} milliseconds (apikeys.max_token_ttl), got {ms}"),
+            "A superuser can raise apikeys.max_token_ttl.",
+        ),
+        Some(_) => {}
+    }
+    let ms = ms.unwrap_or(0);
+    let custom = custom.map(|c| claims::check_custom(c).unwrap_or_else(|p| errors::invalid_argument("claims", p)));
+    let Some(key) = key else {
+        invalid_credential("argument \"key\" must be an API key, got NULL".into(), None)
+    };
+    if claims::looks_like_token(key) {
+        invalid_credential(
+            "argument \"key\" is a token, and a token cannot mint tokens".into(),
+            Some("Mint with the API key the token came from."),
+        );
+    }
+    let minter = verify::verify(Some(key), &permissions::Permissions::new(), 1);
+    if minter.code != Code::Valid {
+        invalid_credential(
+            format!("argument \"key\" is not a valid API key: {}", minter.code.as_str()),
+            None,
+        );
+    }
+    let minter_id = minter.key_id.clone().unwrap_or_default();
+    let target = match for_key.filter(|id| *id != minter_id) {
+        None => minter,
+        Some(id) if !minter.master => errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("API key \"{minter_id}\" is not a master key and may mint tokens only for itself, not for \"{id}\""),
+            Some("Mint with a key created with master => true, or leave for_key NULL."),
+        ),
+        Some(id) => {
+            let target = verify::peek(id);
+            match target.code {
+                Code::Valid => Verification { now: minter.now, ..target },
+                Code::NotFound => errors::key_not_found(id),
+                code => invalid_credential(
+                    format!("API key \"{id}\" named by argument \"for_key\" is not valid: {}", code.as_str()),
+                    None,
+                ),
+            }
+        }
+    };
+    let now_ms = target.now.map_or_else(wall_clock_ms, verify::epoch_ms);
+    let key_id = target.key_id.as_deref().unwrap_or_default();
+    let issuer = guc::jwt_issuer();
+    let audience = guc::jwt_audience();
+    let empty = Value::Object(Default::default());
+    let grant = claims::Grant {
+        key_id,
+        owner: target.owner.as_deref(),
+        role: target.role.as_deref(),
+        permissions: target.permissions.as_ref().unwrap_or(&empty),
+        now_ms,
+        exp_ms: claims::expiry(now_ms, ms, target.expires_at.map(verify::epoch_ms)),
+        jti: key_format::random_id(16),
+        issuer: &issuer,
+        audience: audience.as_deref(),
+    };
+    let payload = claims::build(&grant, custom);
+    let signer = Spi::connect_mut(signing::signer);
+    let mut header = Header::new(signer.alg);
+    header.kid = Some(signer.kid);
+    errors::internal(encode(&header, &payload, &signer.key))
+}
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Checks a token's signature and claims; None for anything that is not a token we signed
+/// and still accept. Never raises and never panics on any input.
+fn signed_claims(token: &str) -> Option<verify::Token> {
+    if token.is_empty() || token.len() > claims::MAX_TOKEN_BYTES {
+        return None;
+    }
+    let header = decode_header(token).ok()?;
+    let kid = header.kid.as_deref()?;
+    let (alg, key) = Spi::connect_mut(|client| signing::verifier(client, kid))?;
+    // The signing key decides the algorithm, never the token: no `none`, no HS256 made
+    // with a public key as its secret.
+    if header.alg != alg {
+        return None;
+    }
+    let mut validation = Validation::new(alg);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.leeway = 0;
+    let data = std::panic::catch_unwind(|| decode::<Value>(token, &key, &validation))
+        .ok()?
+        .ok()?;
+    let presented = claims::check(
+        &data.claims,
+        wall_clock_ms(),
+        &guc::jwt_issuer(),
+        guc::jwt_audience().as_deref(),
+    )
+    .ok()?;
+    Some(Token {
+        exp_ms: presented.exp_ms,
+        permissions: permissions::parse(&presented.permissions).ok()?,
+        claims: data.claims,
+        key_id: presented.key_id,
+    })
+}
+
+pub fn verify_token_str(token: Option<&str>, required: &permissions::Permissions, cost: i64) -> Verification {
+    match token.and_then(signed_claims) {
+        Some(token) => verify::judge(Lookup::Id(&token.key_id), required, cost, Some(&token)),
+        None => Verification::not_found(),
+    }
+}
+
+/// Mints a JWT that carries the access of an API key for `ms` milliseconds (never beyond the
+/// key's own expiry). `key` must verify as VALID and is charged like a verification; only a
+/// master key may name another key in `for_key`. `claims` adds custom claims (not the
+/// reserved ones). Raises 28000 for an invalid key or a token as `key`, 42501 for minting for
+/// another key without a master key, 22023 for bad arguments.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn mint_token(
+    key: Option<&str>,
+    ms: Option<i64>,
+    for_key: default!(Option<&str>, "NULL"),
+    claims: default!(Option<JsonB>, "NULL"),
+) -> String {
+    mint(key, ms, for_key, claims.as_ref().map(|c| &c.0))
+}
+
+/// Verifies a token minted by mint_token: signature (the algorithm is the signing key's),
+/// expiry to the millisecond, nbf, iss and aud, then the key behind it with every verify_key
+/// check, charging `cost` to its quota and rate limit. Never raises for a bad token.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_token(
+    token: Option<&str>,
+    required: default!(Option<JsonB>, "NULL"),
+    cost: default!(Option<i32>, 1),
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    let required = verify::required_permissions(required);
+    verify_token_str(token, &required, verify::checked_cost(cost)).into_row()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine as _;
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    fn payload(token: &str) -> Value {
+        let part = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(&B64.decode(part).unwrap()).unwrap()
+    }
+
+    fn header(token: &str) -> Value {
+        let part = token.split('.').next().unwrap();
+        serde_json::from_slice(&B64.decode(part).unwrap()).unwrap()
+    }
+
+    /// The token with one of its three parts replaced.
+    fn with_part(token: &str, index: usize, part: &str) -> String {
+        let mut parts: Vec<&str> = token.split('.').collect();
+        parts[index] = part;
+        parts.join(".")
+    }
+
+    fn encode_json(v: &Value) -> String {
+        B64.encode(v.to_string())
+    }
+
+    #[pg_test]
+    fn a_token_carries_its_keys_access_and_verifies() {
+        run("CREATE ROLE token_reader");
+        let (id, key) = create("owner => 'acme', name => 'svc', role => 'token_reader', permissions => '{\"orders\": [\"read\"]}', metadata => '{\"plan\": \"pro\"}'");
+        let before = clock_ms();
+        let token = mint(&key, "60000, claims => '{\"tenant\": \"t1\"}'");
+        let after = clock_ms();
+        let c = payload(&token);
+        assert_eq!(c["sub"], "acme");
+        assert_eq!(c["key_id"], id.as_str());
+        assert_eq!(c["role"], "token_reader");
+        assert_eq!(c["permissions"], json!({"orders": ["read"]}));
+        assert_eq!(c["iss"], "pg_apikeys");
+        assert_eq!(c["tenant"], "t1");
+        assert!(c.get("aud").is_none());
+        assert!(c["jti"].as_str().is_some_and(|j| j.len() >= 16));
+        let exp_ms = c["exp_ms"].as_i64().unwrap();
+        assert!(before + 60000 <= exp_ms && exp_ms <= after + 60000, "{before} {exp_ms} {after}");
+        assert_eq!(c["exp"].as_i64().unwrap(), exp_ms.div_euclid(1000));
+        assert!(c["iat"].as_i64().unwrap() * 1000 <= after);
+        let h = header(&token);
+        assert_eq!(h["alg"], "HS256");
+        assert_eq!(h["typ"], "JWT");
+        let kid = h["kid"].as_str().unwrap().to_owned();
+        assert_eq!(
+            one::<String>("SELECT kid FROM apikeys.signing_keys").as_deref(),
+            Some(kid.as_str())
+        );
+
+        assert_eq!(token_code(&token, ""), "VALID");
+        assert_eq!(token_field::<String>(&token, "", "key_id"), Some(id.clone()));
+        assert_eq!(token_field::<String>(&token, "", "owner").as_deref(), Some("acme"));
+        assert_eq!(token_field::<String>(&token, "", "role").as_deref(), Some("token_reader"));
+        assert_eq!(token_field::<String>(&token, "", "metadata->>'plan'").as_deref(), Some("pro"));
+        assert_eq!(token_field::<String>(&token, "", "claims->>'tenant'").as_deref(), Some("t1"));
+        assert_eq!(token_field::<String>(&token, "", "claims->>'jti'").as_deref(), c["jti"].as_str());
+        assert_eq!(
+            token_field::<i64>(&token, "", "floor(extract(epoch FROM expires_at) * 1000)::bigint"),
+            Some(exp_ms)
+        );
+        assert_eq!(token_code(&token, "'{\"orders\": [\"read\"]}'"), "VALID");
+        assert_eq!(token_code(&token, "'{\"orders\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        // Minting and verifying tokens count as uses of the key: 1 mint + 3 VALID above.
+        assert!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")).unwrap() >= 9);
+        // The first mint created the signing key, audited with the caller.
+        assert_eq!(
+            one::<String>("SELECT actor FROM apikeys.audit_log WHERE action = 'rotate_signing_key'").as_deref(),
+            one::<String>("SELECT current_user::text").as_deref()
+        );
+    }
+
+    #[pg_test]
+    fn a_token_is_valid_until_its_last_millisecond_and_expired_after() {
+        let (_, key) = create("");
+        let token = mint(&key, "300");
+        let exp_ms = payload(&token)["exp_ms"].as_i64().unwrap();
+        let (mut valid, mut expired) = (0, 0);
+        while expired < 3 {
+            let t0 = clock_ms();
+            let code = token_code(&token, "");
+            let t1 = clock_ms();
+            match code.as_str() {
+                "VALID" => {
+                    assert!(t0 < exp_ms, "VALID at {t0} but exp_ms {exp_ms}");
+                    valid += 1;
+                }
+                "EXPIRED" => {
+                    assert!(t1 >= exp_ms, "EXPIRED at {t1} before exp_ms {exp_ms}");
+                    expired += 1;
+                }
+                other => panic!("unexpected {other}"),
+            }
+            assert!(t1 < exp_ms + 5000, "never expired");
+        }
+        assert!(valid > 0);
+        // After expiry the key itself is still valid and mints again.
+        assert_eq!(code(&key, ""), "VALID");
+    }
+
+    #[pg_test]
+    fn a_token_never_outlives_its_key() {
+        let (id, key) = create("expires_in => '300 ms'");
+        let token = mint(&key, "60000");
+        let key_end = one::<i64>(&format!(
+            "SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM apikeys.keys WHERE id = '{id}'"
+        ))
+        .unwrap();
+        assert_eq!(payload(&token)["exp_ms"].as_i64(), Some(key_end));
+        assert_eq!(token_code(&token, ""), "VALID");
+        run("SELECT pg_sleep(0.35)");
+        assert_eq!(token_code(&token, ""), "EXPIRED");
+        // A key shortened after minting shortens its tokens too.
+        let (id, key) = create("");
+        let token = mint(&key, "60000");
+        run(&format!("SELECT apikeys.update_api_key('{id}', expires_at => now() - interval '1 s')"));
+        assert_eq!(token_code(&token, ""), "EXPIRED");
+    }
+
+    #[pg_test]
+    fn revoking_disabling_deleting_or_expiring_the_key_kills_its_tokens() {
+        let (id, key) = create("");
+        let token = mint(&key, "60000");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => false)"));
+        assert_eq!(token_code(&token, ""), "DISABLED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        assert_eq!(token_code(&token, ""), "VALID");
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_eq!(token_code(&token, ""), "REVOKED");
+        assert_eq!(token_field::<bool>(&token, "", "valid"), Some(false));
+        run(&format!("SELECT apikeys.delete_api_key('{id}')"));
+        assert_eq!(token_code(&token, ""), "NOT_FOUND");
+        assert_eq!(token_field::<String>(&token, "", "key_id"), None);
+    }
+
+    #[pg_test]
+    fn tokens_are_charged_like_verifications() {
+        let (id, key) = create("remaining => 4");
+        let token = mint(&key, "60000");
+        assert_eq!(token_field::<i64>(&token, "", "remaining"), Some(2));
+        assert_eq!(token_code(&token, "cost => 5"), "USAGE_EXCEEDED");
+        assert_eq!(token_field::<i64>(&token, "cost => 2", "remaining"), Some(0));
+        assert_eq!(token_code(&token, ""), "USAGE_EXCEEDED");
+        assert_error(
+            &format!("SELECT apikeys.mint_token('{key}', 1000)"),
+            "28000",
+            "USAGE_EXCEEDED",
+        );
+        assert_eq!(one::<i64>(&format!("SELECT remaining FROM apikeys.keys WHERE id = '{id}'")), Some(0));
+        let (_, key) = create("rate_limit_max => 2, rate_limit_window => '1 hour'");
+        let token = mint(&key, "60000");
+        assert_eq!(token_field::<i64>(&token, "", "rate_limit_remaining"), Some(0));
+        assert_eq!(token_code(&token, ""), "RATE_LIMITED");
+    }
+
+    #[pg_test]
+    fn a_key_whose_permissions_shrink_does_not_lend_its_tokens_the_old_ones() {
+        let (id, key) = create("permissions => '{\"orders\": [\"read\", \"write\"]}'");
+        let token = mint(&key, "60000");
+        assert_eq!(token_code(&token, "'{\"orders\": [\"write\"]}'"), "VALID");
+        run(&format!("SELECT apikeys.update_api_key('{id}', permissions => '{{\"orders\": [\"read\"]}}')"));
+        assert_eq!(token_code(&token, "'{\"orders\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(token_code(&token, "'{\"orders\": [\"read\"]}'"), "VALID");
+        // Nor does a key whose permissions grow lend its old tokens the new ones.
+        run(&format!("SELECT apikeys.update_api_key('{id}', permissions => '{{\"*\": [\"*\"]}}')"));
+        assert_eq!(token_code(&token, "'{\"users\": [\"read\"]}'"), "INSUFFICIENT_PERMISSIONS");
+    }
+
+    #[pg_test]
+    fn minting_refuses_tokens_bad_keys_and_bad_arguments() {
+        let (id, key) = create("");
+        let token = mint(&key, "60000");
+        assert_error(&format!("SELECT apikeys.mint_token('{token}', 1000)"), "28000", "a token cannot mint");
+        assert_error("SELECT apikeys.mint_token(NULL, 1000)", "28000", "\"key\"");
+        assert_error("SELECT apikeys.mint_token('garbage', 1000)", "28000", "NOT_FOUND");
+        let k = pgrx::spi::quote_literal(&key);
+        assert_error(&format!("SELECT apikeys.mint_token({k}, 0)"), "22023", "\"ms\"");
+        assert_error(&format!("SELECT apikeys.mint_token({k}, -5)"), "22023", "\"ms\"");
+        assert_error(&format!("SELECT apikeys.mint_token({k}, NULL)"), "22023", "\"ms\"");
+        assert_error(&format!("SELECT apikeys.mint_token({k}, 86400001)"), "22023", "max_token_ttl");
+        assert_error(&format!("SELECT apikeys.mint_token({k}, 1000, claims => '[1]')"), "22023", "\"claims\"");
+        for reserved in ["sub", "key_id", "role", "permissions", "exp", "exp_ms", "iat", "jti", "iss", "aud"] {
+            assert_error(
+                &format!("SELECT apikeys.mint_token({k}, 1000, claims => '{{\"{reserved}\": \"x\"}}')"),
+                "22023",
+                reserved,
+            );
+        }
+        run("SET LOCAL apikeys.max_token_ttl = '10s'");
+        assert_error(&format!("SELECT apikeys.mint_token({k}, 10001)"), "22023", "10000");
+        mint(&key, "10000");
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_error(&format!("SELECT apikeys.mint_token({k}, 1000)"), "28000", "REVOKED");
+        let (_, disabled) = create("enabled => false");
+        assert_error(&format!("SELECT apikeys.mint_token('{disabled}', 1000)"), "28000", "DISABLED");
+    }
+
+    #[pg_test]
+    fn only_a_master_key_mints_for_another_key() {
+        let (target_id, _) = create("owner => 'tenant-b', permissions => '{\"orders\": [\"read\"]}'");
+        let (plain_id, plain) = create("owner => 'tenant-a'");
+        let (_, master) = create("master => true, owner => 'ops'");
+        assert_error(
+            &format!("SELECT apikeys.mint_token('{plain}', 1000, for_key => '{target_id}')"),
+            "42501",
+            "master",
+        );
+        // Any key may name itself.
+        let own = mint(&plain, &format!("1000, for_key => '{plain_id}'"));
+        assert_eq!(payload(&own)["key_id"], plain_id.as_str());
+        let token = mint(&master, &format!("60000, for_key => '{target_id}'"));
+        let c = payload(&token);
+        assert_eq!(c["key_id"], target_id.as_str());
+        assert_eq!(c["sub"], "tenant-b");
+        assert_eq!(c["permissions"], json!({"orders": ["read"]}));
+        assert_eq!(token_field::<String>(&token, "", "owner").as_deref(), Some("tenant-b"));
+        assert_error(
+            &format!("SELECT apikeys.mint_token('{master}', 1000, for_key => 'no_such_key')"),
+            "P0002",
+            "no_such_key",
+        );
+        run(&format!("SELECT apikeys.revoke_api_key('{target_id}')"));
+        assert_eq!(token_code(&token, ""), "REVOKED");
+        assert_error(
+            &format!("SELECT apikeys.mint_token('{master}', 1000, for_key => '{target_id}')"),
+            "28000",
+            "REVOKED",
+        );
+    }
+
+    #[pg_test]
+    fn tampered_forged_and_foreign_tokens_are_rejected() {
+        let (_, key) = create("permissions => '{\"orders\": [\"read\"]}'");
+        let (_, other) = create("master => true");
+        let token = mint(&key, "60000");
+        let second = mint(&other, "60000");
+        assert_eq!(token_code(&token, ""), "VALID");
+        let h = header(&token);
+        let mut c = payload(&token);
+
+        // alg none, with and without a signature.
+        let none = encode_json(&json!({"alg": "none", "kid": h["kid"], "typ": "JWT"}));
+        assert_eq!(token_code(&with_part(&token, 0, &none), ""), "NOT_FOUND");
+        assert_eq!(token_code(&format!("{none}.{}.", encode_json(&c)), ""), "NOT_FOUND");
+        // Unknown and injected kids.
+        for kid in [json!("nope"), json!("' OR 1=1 --"), json!(1), Value::Null] {
+            let forged = encode_json(&json!({"alg": "HS256", "kid": kid, "typ": "JWT"}));
+            assert_eq!(token_code(&with_part(&token, 0, &forged), ""), "NOT_FOUND", "{kid}");
+        }
+        let no_kid = encode_json(&json!({"alg": "HS256", "typ": "JWT"}));
+        assert_eq!(token_code(&with_part(&token, 0, &no_kid), ""), "NOT_FOUND");
+        // A payload granting more, under the original signature.
+        c["permissions"] = json!({"*": ["*"]});
+        assert_eq!(token_code(&with_part(&token, 1, &encode_json(&c)), ""), "NOT_FOUND");
+        // A payload swapped between two valid tokens.
+        let swapped = with_part(&token, 1, second.split('.').nth(1).unwrap());
+        assert_eq!(token_code(&swapped, ""), "NOT_FOUND");
+        // A flipped signature character.
+        let sig = token.split('.').nth(2).unwrap();
+        let flipped: String = sig.chars().rev().collect();
+        assert_eq!(token_code(&with_part(&token, 2, &flipped), ""), "NOT_FOUND");
+        assert_eq!(token_code(&with_part(&token, 2, ""), ""), "NOT_FOUND");
+        // Issuer and audience come from the settings at verification time.
+        run("SET LOCAL apikeys.jwt_issuer = 'someone-else'");
+        assert_eq!(token_code(&token, ""), "NOT_FOUND");
+        run("RESET apikeys.jwt_issuer");
+        run("SET LOCAL apikeys.jwt_audience = 'orders-api'");
+        assert_eq!(token_code(&token, ""), "NOT_FOUND");
+        let for_orders = mint(&key, "60000");
+        assert_eq!(payload(&for_orders)["aud"], "orders-api");
+        assert_eq!(token_code(&for_orders, ""), "VALID");
+        run("SET LOCAL apikeys.jwt_audience = 'billing-api'");
+        assert_eq!(token_code(&for_orders, ""), "NOT_FOUND");
+        run("RESET apikeys.jwt_audience");
+        // nbf, from custom claims.
+        let now_s = clock_ms() / 1000;
+        let later = mint(&key, &format!("60000, claims => '{{\"nbf\": {}}}'", now_s + 30));
+        assert_eq!(token_code(&later, ""), "NOT_FOUND");
+        let earlier = mint(&key, &format!("60000, claims => '{{\"nbf\": {}}}'", now_s - 1));
+        assert_eq!(token_code(&earlier, ""), "VALID");
+    }
+
+    #[pg_test]
+    fn an_hs256_token_signed_with_a_public_key_is_rejected() {
+        let (_, key) = create("");
+        for alg in ["ES256", "EdDSA"] {
+            let kid = one::<String>(&format!("SELECT apikeys.rotate_signing_key('{alg}')")).unwrap();
+            let token = mint(&key, "60000");
+            assert_eq!(header(&token)["alg"], alg);
+            assert_eq!(token_code(&token, ""), "VALID");
+            // The classic confusion attack: the public JWK (or its x coordinate) as an HMAC secret.
+            let jwk = one::<pgrx::JsonB>(&format!("SELECT k FROM jsonb_array_elements(apikeys.jwks()->'keys') k WHERE k->>'kid' = '{kid}'")).unwrap().0;
+            for secret in [jwk.to_string(), jwk["x"].as_str().unwrap().to_owned()] {
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+                header.kid = Some(kid.clone());
+                let forged = jsonwebtoken::encode(
+                    &header,
+                    &payload(&token),
+                    &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+                )
+                .unwrap();
+                assert_eq!(token_code(&forged, ""), "NOT_FOUND");
+            }
+        }
+    }
+
+    #[pg_test]
+    fn garbage_never_raises() {
+        let long = "a".repeat(1_000_000);
+        let dotted = format!("{0}.{0}.{0}", "eyJ".repeat(300_000));
+        for bad in [
+            "", ".", "..", "...", "a.b.c", "garbage", "!!!.###.$$$", "bm90anNvbg.bm90anNvbg.c2ln",
+            "eyJhbGciOiJIUzI1NiJ9.bm90anNvbg.c2ln", "eyJhbGciOiJIUzI1NiJ9..", "ключ.ключ.ключ",
+            long.as_str(), dotted.as_str(),
+        ] {
+            assert_eq!(token_code(bad, ""), "NOT_FOUND", "{bad:.40}");
+            assert_eq!(token_field::<bool>(bad, "", "valid"), Some(false));
+        }
+        assert_eq!(one::<String>("SELECT code FROM apikeys.verify_token(NULL)").as_deref(), Some("NOT_FOUND"));
+        // An API key is not a token.
+        let (_, key) = create("");
+        assert_eq!(token_code(&key, ""), "NOT_FOUND");
+    }
+
+    #[pg_test]
+    fn plain_keys_mint_and_verify_tokens_in_read_only_transactions() {
+        let (_, key) = create("");
+        mint(&key, "1000"); // creates the signing key
+        run("SET LOCAL transaction_read_only = on");
+        let token = mint(&key, "60000");
+        assert_eq!(token_code(&token, ""), "VALID");
+    }
+}
