@@ -14,7 +14,9 @@ DEMO_DIR    ?= /tmp/pg_apikeys_demo
 DEMO_PORT   ?= 55433
 REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql))))
 
-.PHONY: setup build install demo test test-unit test-regress test-integration clean-clusters
+VENV        ?= .venv
+
+.PHONY: setup build install demo test test-unit test-regress test-integration venv clean-clusters
 
 setup:
 	bash scripts/setup.sh
@@ -49,13 +51,21 @@ test-regress: install
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress --dbname=pg_apikeys_regress \
 	  $(REGRESS) || { cat tests/pg_regress/regression.diffs; scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit 1; }
 
+# A local Python with PyJWT for the interoperability test (never installed globally).
+venv: $(VENV)/.ok
+$(VENV)/.ok: tests/interop/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt
+	touch $@
+
 # Integration tests: a primary and a streaming hot standby made with pg_basebackup.
-test-integration: install
+test-integration: install venv
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); rm -rf $(STANDBY_DIR)
 	scripts/cluster.sh standby $(STANDBY_DIR) $(STANDBY_PORT) $(TEST_PORT)
 	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
 	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
+	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	  $(CARGO) test --features integration --test integration -- --test-threads=1; rc=$$?; \
 	  scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
 

@@ -50,16 +50,25 @@ fn hammer(
     threads: usize,
     per_thread: usize,
 ) -> std::collections::BTreeMap<String, usize> {
+    hammer_with("SELECT code FROM apikeys.verify_key($1)", key, threads, per_thread)
+}
+
+/// `hammer` for any query that takes the credential as $1 and returns a code.
+fn hammer_with(
+    sql: &str,
+    key: &str,
+    threads: usize,
+    per_thread: usize,
+) -> std::collections::BTreeMap<String, usize> {
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let key = key.to_owned();
+            let sql = sql.to_owned();
             let barrier = barrier.clone();
             thread::spawn(move || {
                 let mut client = connect();
-                let stmt = client
-                    .prepare("SELECT code FROM apikeys.verify_key($1)")
-                    .unwrap();
+                let stmt = client.prepare(&sql).unwrap();
                 barrier.wait();
                 (0..per_thread)
                     .map(|_| {
@@ -105,6 +114,24 @@ fn quota_is_exact_under_concurrency() {
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 0);
     assert_eq!(row.get::<_, i64>(1), n);
+}
+
+#[test]
+fn token_quota_is_exact_under_concurrency() {
+    let mut client = connect();
+    let (id, key) = create(&mut client, "remaining => 41");
+    let token: String = client
+        .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
+        .unwrap()
+        .get(0);
+    let counts = hammer_with("SELECT code FROM apikeys.verify_token($1)", &token, 8, 10);
+    assert_eq!(counts.get("VALID").copied(), Some(40), "{counts:?}");
+    assert_eq!(counts.get("USAGE_EXCEEDED").copied(), Some(40), "{counts:?}");
+    let remaining: i64 = client
+        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(remaining, 0);
 }
 
 #[test]
@@ -281,6 +308,17 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     let (_, plain) = create(&mut client, "owner => 'dump'");
     let (_, metered) = create(&mut client, "remaining => 5");
     let (revoked_id, revoked) = create(&mut client, "");
+    let mint = |c: &mut Client, key: &str| -> String {
+        c.query_one("SELECT apikeys.mint_token($1, 600000)", &[&key])
+            .unwrap()
+            .get(0)
+    };
+    let hs_token = mint(&mut client, &plain);
+    client
+        .batch_execute("SELECT apikeys.rotate_signing_key('EdDSA')")
+        .unwrap();
+    let ed_token = mint(&mut client, &plain);
+    let revoked_token = mint(&mut client, &revoked);
     for _ in 0..2 {
         client
             .query_one("SELECT apikeys.verify_key($1)", &[&metered])
@@ -332,6 +370,19 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     assert_eq!(code(&mut restored, &plain), ("VALID".into(), None));
     assert_eq!(code(&mut restored, &metered), ("VALID".into(), Some(2)));
     assert_eq!(code(&mut restored, &revoked), ("REVOKED".into(), None));
+    // Tokens minted before the dump verify after the restore: the signing keys came along.
+    let token_code = |c: &mut Client, token: &str| -> String {
+        c.query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(token_code(&mut restored, &hs_token), "VALID");
+    assert_eq!(token_code(&mut restored, &ed_token), "VALID");
+    assert_eq!(token_code(&mut restored, &revoked_token), "REVOKED");
+    let jwks = |c: &mut Client| -> String {
+        c.query_one("SELECT apikeys.jwks()::text", &[]).unwrap().get(0)
+    };
+    assert_eq!(jwks(&mut restored), jwks(&mut client));
     let restored_audit: i64 = restored
         .query_one("SELECT count(*) FROM apikeys.audit_log", &[])
         .unwrap()
@@ -370,6 +421,10 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         "owner => 'replica', permissions => '{\"orders\": [\"read\"]}'",
     );
     let (metered_id, metered) = create(&mut primary, "remaining => 5");
+    let token: String = primary
+        .query_one("SELECT apikeys.mint_token($1, 600000)", &[&plain])
+        .unwrap()
+        .get(0);
     // Wait until the standby has replayed everything the primary has written so far.
     let lsn: String = primary
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -412,6 +467,21 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         (row.get::<_, String>(0), row.get::<_, String>(1)),
         ("VALID".into(), "replica".into())
     );
+    let code: String = standby
+        .query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "VALID");
+    // Plain keys mint on the standby too (the signing key was replicated).
+    let minted: String = standby
+        .query_one("SELECT apikeys.mint_token($1, 1000)", &[&plain])
+        .unwrap()
+        .get(0);
+    let code: String = standby
+        .query_one("SELECT code FROM apikeys.verify_token($1)", &[&minted])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "VALID");
     let code: String = standby
         .query_one("SELECT code FROM apikeys.verify_key('sk_nope')", &[])
         .unwrap()
@@ -496,4 +566,69 @@ fn a_rotation_committed_while_a_metered_verification_waits_wins() {
         .query_one("SELECT apikeys.rotate_api_key($1)", &[&id])
         .unwrap();
     assert_eq!(verify_across_a_commit(&mut admin, &old), "NOT_FOUND");
+}
+
+/// Our tokens verified by an independent JWT implementation (PyJWT with `cryptography`), given
+/// only what an outside service would have: `apikeys.jwks()` for ES256/EdDSA and the exported
+/// secret for HS256. Tokens forged or tampered with must fail there too.
+#[test]
+fn tokens_verify_with_an_independent_jwt_library() {
+    let python = std::env::var("PG_APIKEYS_PYTHON")
+        .expect("PG_APIKEYS_PYTHON must name a Python with PyJWT[crypto] (make test-integration sets it)");
+    let mut client = connect();
+    let (id, key) = create(&mut client, "owner => 'interop', permissions => '{\"orders\": [\"read\"]}'");
+    let mut tokens = Vec::new();
+    for alg in ["ES256", "EdDSA", "HS256"] {
+        client
+            .query_one("SELECT apikeys.rotate_signing_key($1)", &[&alg])
+            .unwrap();
+        let token: String = client
+            .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
+            .unwrap()
+            .get(0);
+        tokens.push(serde_json::json!({"alg": alg, "token": token}));
+    }
+    let jwks: String = client.query_one("SELECT apikeys.jwks()::text", &[]).unwrap().get(0);
+    let hs_kid: String = client
+        .query_one(
+            "SELECT kid FROM apikeys.signing_keys WHERE algorithm = 'HS256' ORDER BY created_at DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let hs_jwk: String = client
+        .query_one("SELECT apikeys.export_signing_key($1)::text", &[&hs_kid])
+        .unwrap()
+        .get(0);
+    let input = serde_json::json!({
+        "jwks": serde_json::from_str::<serde_json::Value>(&jwks).unwrap(),
+        "hs256": serde_json::from_str::<serde_json::Value>(&hs_jwk).unwrap(),
+        "tokens": tokens,
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/verify_jwt.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "PyJWT verification failed:\n{report}");
+    let results: serde_json::Value = serde_json::from_str(&report).expect("JSON report");
+    for alg in ["ES256", "EdDSA", "HS256"] {
+        let r = &results[alg];
+        assert_eq!(r["verified"], true, "{alg}: {r}");
+        assert_eq!(r["claims"]["key_id"], id.as_str(), "{alg}: {r}");
+        assert_eq!(r["claims"]["sub"], "interop", "{alg}: {r}");
+        assert_eq!(r["tampered_rejected"], true, "{alg}: {r}");
+        assert_eq!(r["wrong_key_rejected"], true, "{alg}: {r}");
+    }
 }
