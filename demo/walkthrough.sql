@@ -1,4 +1,5 @@
--- pg_apikeys walkthrough (make demo): keys are created, verified, metered and revoked in SQL.
+-- pg_apikeys walkthrough (make demo): keys are created, verified, metered and revoked, and
+-- tokens are minted from them and verified, all in SQL.
 \pset footer off
 CREATE EXTENSION pg_apikeys;
 
@@ -22,9 +23,27 @@ SELECT key AS metered FROM apikeys.create_api_key(owner => 'acme', remaining => 
 SELECT n, (v).code, (v).remaining, (v).rate_limit_remaining
   FROM (SELECT n, apikeys.verify_key(:'metered') AS v FROM generate_series(1, 3) n OFFSET 0) calls;
 
-\echo '== 5. Revoke the first key: it stops verifying at once.'
+\echo '== 5. Mint a token from the key: its access, for 60 000 ms (exp_ms is to the millisecond).'
+SELECT apikeys.mint_token(:'key', 60000, claims => '{"request": "demo"}') AS token \gset
+SELECT valid, code, key_id, owner, claims->>'exp_ms' AS exp_ms, claims->>'request' AS request
+  FROM apikeys.verify_token(:'token', '{"orders": ["read"]}');
+
+\echo '== 6. A token that ran out: 100 ms, then 150 ms later.'
+SELECT apikeys.mint_token(:'key', 100) AS short \gset
+SELECT code FROM apikeys.verify_token(:'short');
+SELECT pg_sleep(0.15);
+SELECT code FROM apikeys.verify_token(:'short');
+
+\echo '== 7. An ES256 signing key: outside services verify with the public JWK set.'
+SELECT apikeys.rotate_signing_key('ES256') AS kid \gset
+SELECT jsonb_pretty(apikeys.jwks());
+SELECT apikeys.mint_token(:'key', 60000) AS es_token \gset
+SELECT valid, code FROM apikeys.verify_token(:'es_token');
+
+\echo '== 8. Revoke the first key: it and every token minted from it stop verifying at once.'
 SELECT apikeys.revoke_api_key(:'id') AS revoked;
 SELECT valid, code FROM apikeys.verify_key(:'key');
+SELECT valid, code FROM apikeys.verify_token(:'token');
 
-\echo '== 6. The audit trail.'
+\echo '== 9. The audit trail.'
 SELECT action, key_id, actor FROM apikeys.audit_log ORDER BY id;

@@ -31,11 +31,20 @@ pub fn invalid_argument_hint(arg: &str, problem: impl Display, hint: &str) -> ! 
     )
 }
 
+/// A caller's value as quoted in a message: hostile input can be a megabyte long.
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &value[..cut]),
+        None => value.to_owned(),
+    }
+}
+
 /// P0002: update/revoke/rotate of an id that does not exist.
 pub fn key_not_found(id: &str) -> ! {
     raise(
         PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
-        format!("API key \"{id}\" does not exist"),
+        format!("API key \"{}\" does not exist", shown(id)),
         Some("apikeys.list_api_keys() shows the existing keys."),
     )
 }

@@ -116,7 +116,7 @@ fn check_role(client: &SpiClient<'_>, role: Option<String>) -> Option<String> {
     if errors::internal(exists) != Some(true) {
         invalid_argument_hint(
             "role",
-            format!("names no database role: \"{role}\""),
+            format!("names no database role: \"{}\"", errors::shown(&role)),
             "Create the role first.",
         );
     }
@@ -127,7 +127,7 @@ fn check_prefix(arg: &str, prefix: &str) {
     if !key_format::is_valid_prefix(prefix) {
         invalid_argument(
             arg,
-            format!("must be 1 to 16 characters of [a-z0-9], got \"{prefix}\""),
+            format!("must be 1 to 16 characters of [a-z0-9], got \"{}\"", errors::shown(prefix)),
         );
     }
 }
@@ -177,7 +177,7 @@ impl Expiry {
         let ttl = text.parse::<Interval>().unwrap_or_else(|_| {
             invalid_argument(
                 "apikeys.default_key_ttl",
-                format!("must be an interval, got \"{text}\""),
+                format!("must be an interval, got \"{}\"", errors::shown(&text)),
             )
         });
         Expiry::In(check_positive("apikeys.default_key_ttl", Some(ttl)).unwrap_or(ttl))
@@ -435,7 +435,7 @@ fn create_api_key(
         if table.is_empty() {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
-                format!("API key \"{id}\" already exists"),
+                format!("API key \"{}\" already exists", errors::shown(&id)),
                 Some("Choose another id, or leave id NULL to generate one."),
             );
         }

@@ -193,7 +193,7 @@ fn rotate_signing_key(algorithm: default!(Option<&str>, "'HS256'")) -> String {
     let Some(alg) = parse_algorithm(name) else {
         errors::invalid_argument_hint(
             "algorithm",
-            format!("must be a supported JWT algorithm, got \"{name}\""),
+            format!("must be a supported JWT algorithm, got \"{}\"", errors::shown(name)),
             "Use 'HS256', 'ES256' or 'EdDSA'.",
         )
     };
@@ -217,7 +217,7 @@ fn retire_signing_key(kid: Option<&str>) -> bool {
         let Some(active) = was.into_iter().next() else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
-                format!("signing key \"{kid}\" does not exist"),
+                format!("signing key \"{}\" does not exist", errors::shown(kid)),
                 Some("SELECT kid FROM apikeys.signing_keys lists them (as the extension owner)."),
             )
         };
@@ -264,7 +264,7 @@ fn export_signing_key(kid: Option<&str>) -> JsonB {
         let Some(row) = table.into_iter().next() else {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
-                format!("signing key \"{kid}\" does not exist"),
+                format!("signing key \"{}\" does not exist", errors::shown(kid)),
                 None,
             )
         };

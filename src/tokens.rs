@@ -57,7 +57,10 @@ pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: O
         None => minter,
         Some(id) if !minter.master => errors::raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("API key \"{minter_id}\" is not a master key and may mint tokens only for itself, not for \"{id}\""),
+            format!(
+                "API key \"{minter_id}\" is not a master key and may mint tokens only for itself, not for \"{}\"",
+                errors::shown(id)
+            ),
             Some("Mint with a key created with master => true, or leave for_key NULL."),
         ),
         Some(id) => {
@@ -66,7 +69,11 @@ pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: O
                 Code::Valid => Verification { now: minter.now, ..target },
                 Code::NotFound => errors::key_not_found(id),
                 code => invalid_credential(
-                    format!("API key \"{id}\" named by argument \"for_key\" is not valid: {}", code.as_str()),
+                    format!(
+                        "API key \"{}\" named by argument \"for_key\" is not valid: {}",
+                        errors::shown(id),
+                        code.as_str()
+                    ),
                     None,
                 ),
             }

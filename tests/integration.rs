@@ -209,13 +209,20 @@ fn hostile_input_never_crashes_a_backend() {
         "\u{1}\u{7f}".into(),
         "sk_".to_string() + &"A".repeat(49),
         "'; DROP TABLE apikeys.keys; --".into(),
+        "...".into(),
+        "eyJhbGciOiJub25lIn0.e30.".into(),
+        "!!!.###.$$$".into(),
+        format!("{0}.{0}.{0}", "eyJ".repeat(100_000)),
     ];
     for t in &texts {
-        let row = client
-            .query_one("SELECT valid, code FROM apikeys.verify_key($1)", &[t])
-            .unwrap();
-        assert!(!row.get::<_, bool>(0));
-        assert_eq!(row.get::<_, String>(1), "NOT_FOUND");
+        for sql in [
+            "SELECT valid, code FROM apikeys.verify_key($1)",
+            "SELECT valid, code FROM apikeys.verify_token($1)",
+        ] {
+            let row = client.query_one(sql, &[t]).unwrap();
+            assert!(!row.get::<_, bool>(0));
+            assert_eq!(row.get::<_, String>(1), "NOT_FOUND");
+        }
         for sql in [
             "SELECT apikeys.create_api_key(name => $1)",
             "SELECT apikeys.create_api_key(id => $1)",
@@ -227,6 +234,11 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.revoke_api_key($1)",
             "SELECT apikeys.delete_api_key($1)",
             "SELECT apikeys.rotate_api_key($1)",
+            "SELECT apikeys.mint_token($1, 1000)",
+            "SELECT apikeys.mint_token('sk_x', 1000, for_key => $1)",
+            "SELECT apikeys.rotate_signing_key($1)",
+            "SELECT apikeys.retire_signing_key($1)",
+            "SELECT apikeys.export_signing_key($1)",
         ] {
             // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
             if let Err(e) = client.query(sql, &[t]) {
@@ -248,6 +260,7 @@ fn hostile_input_never_crashes_a_backend() {
         for sql in [
             "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)",
             "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)",
+            "SELECT apikeys.verify_token('x.y.z', required => $1::text::jsonb)",
         ] {
             let err = client.query(sql, &[&doc]).expect_err(doc);
             assert_eq!(
@@ -272,6 +285,19 @@ fn hostile_input_never_crashes_a_backend() {
             .query("SELECT apikeys.create_api_key(remaining => $1)", &[&n])
             .unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    }
+    let (_, key) = create(&mut client, "");
+    for ms in [0i64, -1, i64::MIN, i64::MAX] {
+        let err = client
+            .query("SELECT apikeys.mint_token($1, $2)", &[&key, &ms])
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{ms}: {err}");
+    }
+    for claims in ["[]", "1", "\"x\"", "{\"sub\": 1}", "{\"nbf\": \"x\"}"] {
+        let err = client
+            .query("SELECT apikeys.mint_token($1, 1000, claims => $2::text::jsonb)", &[&key, &claims])
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{claims}: {err}");
     }
     // Same backend, same postmaster: nothing crashed or restarted.
     let pid_after: i32 = client
