@@ -59,10 +59,13 @@ $(VENV)/.ok: tests/interop/requirements.txt
 	touch $@
 
 # Integration tests: a primary and a streaming hot standby made with pg_basebackup.
+# Released versions' install scripts (tests/upgrade) are copied in for the upgrade test.
 test-integration: install venv
+	cp tests/upgrade/pg_apikeys--*.sql $$($(PG_CONFIG) --sharedir)/extension/
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); rm -rf $(STANDBY_DIR)
 	scripts/cluster.sh standby $(STANDBY_DIR) $(STANDBY_PORT) $(TEST_PORT)
+	scripts/cluster.sh psql $(TEST_DIR) $(TEST_PORT) -qc 'DROP DATABASE IF EXISTS pg_apikeys_it'
 	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
 	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \

@@ -349,6 +349,10 @@ fn create_api_key(
                 }
                 (secret.to_owned(), parsed.prefix.to_owned(), parsed.start())
             }
+            // A token would be ambiguous wherever a credential may be a key or a token.
+            key_format::Shape::Foreign if crate::claims::looks_like_token(secret) => {
+                invalid_argument("secret", "has the shape of a JWT; an API key must not")
+            }
             // Imported from another system: looked up by hash, shown by its first characters.
             key_format::Shape::Foreign => {
                 (secret.to_owned(), prefix, key_format::foreign_start(secret))
@@ -1074,6 +1078,7 @@ mod tests {
             ("secret => ''", "secret"),
             ("secret => 'has spaces in the secret'", "secret"),
             ("secret => repeat('x', 257)", "secret"),
+            ("secret => 'eyJhbGciOiJub25lIn0.e30.'", "secret"),
         ] {
             assert_error(
                 &format!("SELECT apikeys.create_api_key({args})"),

@@ -658,3 +658,123 @@ fn tokens_verify_with_an_independent_jwt_library() {
         assert_eq!(r["wrong_key_rejected"], true, "{alg}: {r}");
     }
 }
+
+/// Everything the extension defines, as comparable text: functions with their arguments, result,
+/// volatility, strictness, security, parallel safety, settings and privileges; tables, columns,
+/// defaults, constraints, indexes and privileges; composite types; dumped configuration tables.
+const CATALOG_SQL: &str = "
+SELECT 'function ' || p.proname || '(' || pg_get_function_arguments(p.oid) || ') ' ||
+       pg_get_function_result(p.oid) || ' ' || p.provolatile::text || p.proisstrict::text ||
+       p.prosecdef::text || p.proparallel::text || ' ' || coalesce(p.proconfig::text, '') || ' ' ||
+       coalesce(p.proacl::text, '') || ' ' || p.prosrc
+  FROM pg_proc p WHERE p.pronamespace = 'apikeys'::regnamespace
+UNION ALL
+SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' ' || coalesce(c.relacl::text, '')
+  FROM pg_class c WHERE c.relnamespace = 'apikeys'::regnamespace
+UNION ALL
+SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ||
+       ' ' || a.attnotnull::text || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE c.relnamespace = 'apikeys'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'constraint ' || conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+  FROM pg_constraint WHERE connamespace = 'apikeys'::regnamespace
+UNION ALL
+SELECT 'index ' || pg_get_indexdef(indexrelid)
+  FROM pg_index WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'apikeys'::regnamespace)
+UNION ALL
+SELECT 'member ' || pg_describe_object(classid, objid, objsubid)
+  FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_apikeys')
+UNION ALL
+SELECT 'config ' || cfg::regclass::text FROM pg_extension, unnest(extconfig) cfg WHERE extname = 'pg_apikeys'
+ORDER BY 1";
+
+fn recreate_database(admin: &mut Client, name: &str) {
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+}
+
+fn catalog(client: &mut Client) -> Vec<String> {
+    client
+        .query(CATALOG_SQL, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Installs each released version's SQL (tests/upgrade), uses it, updates to the current version,
+/// and checks that keys made before still verify, tokens work, and the catalog is exactly that
+/// of a fresh install.
+#[test]
+fn upgrades_from_every_released_version_match_a_fresh_install() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    let current: String = admin
+        .query_one(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_apikeys'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let fresh_db = "pg_apikeys_fresh";
+    recreate_database(&mut admin, fresh_db);
+    let mut fresh = Client::connect(&format!("{} dbname={fresh_db}", base_url()), NoTls).unwrap();
+    fresh.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let expected = catalog(&mut fresh);
+    assert!(expected.iter().any(|l| l.starts_with("function verify_token(")), "{expected:#?}");
+
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/upgrade");
+    let mut released: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let version = name.strip_prefix("pg_apikeys--")?.strip_suffix(".sql")?;
+            (!version.contains("--")).then(|| version.to_owned())
+        })
+        .collect();
+    released.sort();
+    assert!(!released.is_empty());
+    for old in released {
+        let db = "pg_apikeys_upgrade";
+        recreate_database(&mut admin, db);
+        let mut client = Client::connect(&format!("{} dbname={db}", base_url()), NoTls).unwrap();
+        client
+            .batch_execute(&format!("CREATE EXTENSION pg_apikeys VERSION '{old}'"))
+            .unwrap();
+        let (_, plain) = create(&mut client, "owner => 'before-upgrade'");
+        let (_, metered) = create(&mut client, "remaining => 3");
+        let (revoked_id, revoked) = create(&mut client, "");
+        client.query_one("SELECT apikeys.verify_key($1)", &[&metered]).unwrap();
+        client.query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id]).unwrap();
+
+        client.batch_execute("ALTER EXTENSION pg_apikeys UPDATE").unwrap();
+        let version: String = client
+            .query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(version, current, "from {old}");
+        let verify = |c: &mut Client, key: &str| -> (String, Option<i64>) {
+            let row = c.query_one("SELECT code, remaining FROM apikeys.verify_key($1)", &[&key]).unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!(verify(&mut client, &plain), ("VALID".into(), None), "from {old}");
+        assert_eq!(verify(&mut client, &metered), ("VALID".into(), Some(1)), "from {old}");
+        assert_eq!(verify(&mut client, &revoked), ("REVOKED".into(), None), "from {old}");
+        let token: String = client
+            .query_one("SELECT apikeys.mint_token($1, 60000)", &[&plain])
+            .unwrap()
+            .get(0);
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID", "from {old}");
+        assert_eq!(catalog(&mut client), expected, "catalog after {old} -> {current}");
+        drop(client);
+        admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
+    }
+    drop(fresh);
+    admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
+}
