@@ -22,6 +22,13 @@ CREATE FUNCTION apikeys."jwks"() RETURNS jsonb
 STRICT STABLE SECURITY DEFINER PARALLEL SAFE SET search_path TO pg_catalog, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'jwks_wrapper';
 
+CREATE FUNCTION apikeys."list_signing_keys"() RETURNS TABLE (
+    "kid" TEXT, "algorithm" TEXT, "signs" bool, "created_at" timestamp with time zone,
+    "created_by" TEXT, "retired_at" timestamp with time zone, "retired_by" TEXT
+)
+STRICT STABLE SECURITY DEFINER SET search_path TO pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'list_signing_keys_wrapper';
+
 CREATE FUNCTION apikeys."mint_token"(
     "key" TEXT, "ms" bigint, "for_key" TEXT DEFAULT NULL, "claims" jsonb DEFAULT NULL
 ) RETURNS TEXT
@@ -44,7 +51,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'verify_token_wrapper';
 
 -- The same privileges as a fresh install.
 REVOKE ALL ON apikeys.signing_keys FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION apikeys.export_signing_key(text), apikeys.jwks(),
+REVOKE EXECUTE ON FUNCTION apikeys.export_signing_key(text), apikeys.jwks(), apikeys.list_signing_keys(),
     apikeys.mint_token(text, bigint, text, jsonb), apikeys.retire_signing_key(text),
     apikeys.rotate_signing_key(text), apikeys.verify_token(text, jsonb, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer) TO PUBLIC;

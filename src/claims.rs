@@ -1,6 +1,7 @@
 //! JWT claims, as plain functions: what a minted token says about its key, and what a presented
 //! token must say before its key is judged. Signatures and the table live elsewhere.
 
+use crate::permissions::kind;
 use serde_json::{Map, Value};
 
 /// Claims the extension writes; `claims` passed to mint_token may not set them.
@@ -160,17 +161,6 @@ pub fn looks_like_token(s: &str) -> bool {
         .ok()
         .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
         .is_some_and(|v| v.is_object())
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,15 @@ pub fn key_not_found(id: &str) -> ! {
     )
 }
 
+/// P0002: a signing key id that does not exist.
+pub fn signing_key_not_found(kid: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+        format!("signing key \"{}\" does not exist", shown(kid)),
+        Some("apikeys.list_signing_keys() shows the signing keys."),
+    )
+}
+
 /// SPI failures that no input can cause; reported rather than panicking.
 pub fn internal<T, E: Display>(result: Result<T, E>) -> T {
     result.unwrap_or_else(|e| {

@@ -67,7 +67,8 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn kind(value: &Value) -> &'static str {
+/// How a JSON value is named in messages: "an array", "a string"...
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

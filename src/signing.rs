@@ -5,6 +5,7 @@
 use crate::{audit, errors, key_format};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -215,11 +216,7 @@ fn retire_signing_key(kid: Option<&str>) -> bool {
             &[kid.into()],
         ));
         let Some(active) = was.into_iter().next() else {
-            errors::raise(
-                PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
-                format!("signing key \"{}\" does not exist", errors::shown(kid)),
-                Some("SELECT kid FROM apikeys.signing_keys lists them (as the extension owner)."),
-            )
+            errors::signing_key_not_found(kid)
         };
         if !errors::internal(active.get::<bool>(1)).unwrap_or(false) {
             return false;
@@ -233,6 +230,53 @@ fn retire_signing_key(kid: Option<&str>) -> bool {
         audit::record(client, "retire_signing_key", None, json!({ "kid": kid }));
         true
     })
+}
+
+/// The signing keys, newest first, without their secrets; `signs` marks the one that signs
+/// new tokens.
+#[pg_extern(security_definer, stable)]
+#[search_path(pg_catalog, pg_temp)]
+fn list_signing_keys() -> TableIterator<
+    'static,
+    (
+        name!(kid, String),
+        name!(algorithm, String),
+        name!(signs, bool),
+        name!(created_at, TimestampWithTimeZone),
+        name!(created_by, String),
+        name!(retired_at, Option<TimestampWithTimeZone>),
+        name!(retired_by, Option<String>),
+    ),
+> {
+    let rows = Spi::connect(|client| {
+        let table = errors::internal(client.select(
+            &format!(
+                "SELECT kid, algorithm, kid = (SELECT kid FROM ({CURRENT_SQL}) c), created_at,
+                        created_by, retired_at, retired_by
+                 FROM apikeys.signing_keys ORDER BY created_at DESC, kid DESC"
+            ),
+            None,
+            &[],
+        ));
+        table
+            .into_iter()
+            .map(|r| {
+                errors::internal((|| -> pgrx::spi::SpiResult<_> {
+                    Ok((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                        r.get::<bool>(3)?.unwrap_or(false),
+                        r.get::<TimestampWithTimeZone>(4)?
+                            .unwrap_or_else(TimestampWithTimeZone::negative_infinity),
+                        r.get::<String>(5)?.unwrap_or_default(),
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                })())
+            })
+            .collect::<Vec<_>>()
+    });
+    TableIterator::new(rows)
 }
 
 /// The public keys (ES256 and EdDSA) that verify our tokens, as a JWK set
@@ -262,11 +306,7 @@ fn export_signing_key(kid: Option<&str>) -> JsonB {
             &[kid.into()],
         ));
         let Some(row) = table.into_iter().next() else {
-            errors::raise(
-                PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
-                format!("signing key \"{}\" does not exist", errors::shown(kid)),
-                None,
-            )
+            errors::signing_key_not_found(kid)
         };
         let alg: String = errors::internal(row.get(1)).unwrap_or_default();
         let jwk = match errors::internal(row.get::<JsonB>(3)) {
@@ -378,6 +418,10 @@ mod tests {
         assert!(kid_of(&fresh).starts_with("hs256_"));
         assert_eq!(token_code(&fresh, ""), "VALID");
         assert_error("SELECT apikeys.retire_signing_key('nope')", "P0002", "nope");
+        assert_eq!(
+            one::<String>("SELECT string_agg(kid || ':' || signs || ':' || (retired_at IS NOT NULL), ',' ORDER BY created_at) FROM apikeys.list_signing_keys()"),
+            Some(format!("{old_kid}:false:true,{new_kid}:false:true,{}:true:false", kid_of(&fresh)))
+        );
         assert_error("SELECT apikeys.retire_signing_key(NULL)", "22023", "\"kid\"");
         assert_eq!(
             one::<String>("SELECT string_agg(details->>'kid', ',' ORDER BY id) FROM apikeys.audit_log WHERE action = 'retire_signing_key'"),
@@ -452,6 +496,7 @@ mod tests {
             "SELECT apikeys.rotate_signing_key()".to_owned(),
             format!("SELECT apikeys.retire_signing_key('{kid}')"),
             format!("SELECT apikeys.export_signing_key('{kid}')"),
+            "SELECT * FROM apikeys.list_signing_keys()".to_owned(),
         ] {
             assert_error(&denied, "42501", "permission denied");
         }

@@ -61,21 +61,26 @@ pub fn create(args: &str) -> (String, String) {
 
 /// verify_key(key, <extra args>).code
 pub fn code(key: &str, extra: &str) -> String {
+    field::<String>(key, extra, "code").unwrap()
+}
+
+/// A column of apikeys.<function>(credential, <extra args>).
+fn result_field<T: FromDatum + IntoDatum>(
+    function: &str,
+    credential: &str,
+    extra: &str,
+    column: &str,
+) -> Option<T> {
     let sep = if extra.is_empty() { "" } else { ", " };
-    one::<String>(&format!(
-        "SELECT code FROM apikeys.verify_key({}{sep}{extra})",
-        pgrx::spi::quote_literal(key)
+    one::<T>(&format!(
+        "SELECT {column} FROM apikeys.{function}({}{sep}{extra})",
+        pgrx::spi::quote_literal(credential)
     ))
-    .unwrap()
 }
 
 /// A column of verify_key(key, <extra args>).
 pub fn field<T: FromDatum + IntoDatum>(key: &str, extra: &str, column: &str) -> Option<T> {
-    let sep = if extra.is_empty() { "" } else { ", " };
-    one::<T>(&format!(
-        "SELECT {column} FROM apikeys.verify_key({}{sep}{extra})",
-        pgrx::spi::quote_literal(key)
-    ))
+    result_field("verify_key", key, extra, column)
 }
 
 /// mint_token(key, <args>)
@@ -89,11 +94,7 @@ pub fn mint(key: &str, args: &str) -> String {
 
 /// A column of verify_token(token, <extra args>).
 pub fn token_field<T: FromDatum + IntoDatum>(token: &str, extra: &str, column: &str) -> Option<T> {
-    let sep = if extra.is_empty() { "" } else { ", " };
-    one::<T>(&format!(
-        "SELECT {column} FROM apikeys.verify_token({}{sep}{extra})",
-        pgrx::spi::quote_literal(token)
-    ))
+    result_field("verify_token", token, extra, column)
 }
 
 /// verify_token(token, <extra args>).code

@@ -267,9 +267,13 @@ mod tests {
     #[pg_test]
     fn a_token_is_valid_until_its_last_millisecond_and_expired_after() {
         let (_, key) = create("");
-        let token = mint(&key, "300");
+        // Long enough that even a loaded machine verifies it once before it runs out.
+        let token = mint(&key, "3000");
         let exp_ms = payload(&token)["exp_ms"].as_i64().unwrap();
-        let (mut valid, mut expired) = (0, 0);
+        assert_eq!(token_code(&token, ""), "VALID");
+        // Skip to just before the end, then watch the last milliseconds closely.
+        run(&format!("SELECT pg_sleep(greatest(0, {exp_ms} - {} - 100) / 1000.0)", clock_ms()));
+        let mut expired = 0;
         while expired < 3 {
             let t0 = clock_ms();
             let code = token_code(&token, "");
@@ -277,7 +281,6 @@ mod tests {
             match code.as_str() {
                 "VALID" => {
                     assert!(t0 < exp_ms, "VALID at {t0} but exp_ms {exp_ms}");
-                    valid += 1;
                 }
                 "EXPIRED" => {
                     assert!(t1 >= exp_ms, "EXPIRED at {t1} before exp_ms {exp_ms}");
@@ -285,16 +288,15 @@ mod tests {
                 }
                 other => panic!("unexpected {other}"),
             }
-            assert!(t1 < exp_ms + 5000, "never expired");
+            assert!(t1 < exp_ms + 30_000, "never expired");
         }
-        assert!(valid > 0);
         // After expiry the key itself is still valid and mints again.
         assert_eq!(code(&key, ""), "VALID");
     }
 
     #[pg_test]
     fn a_token_never_outlives_its_key() {
-        let (id, key) = create("expires_in => '300 ms'");
+        let (id, key) = create("expires_in => '2 s'");
         let token = mint(&key, "60000");
         let key_end = one::<i64>(&format!(
             "SELECT floor(extract(epoch FROM expires_at) * 1000)::bigint FROM apikeys.keys WHERE id = '{id}'"

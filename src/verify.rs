@@ -548,9 +548,9 @@ mod tests {
 
     #[pg_test]
     fn expiry_follows_the_wall_clock_not_the_transaction_start() {
-        let (_, key) = create("expires_in => '200 milliseconds'");
+        let (_, key) = create("expires_in => '1 s'");
         assert_eq!(code(&key, ""), "VALID");
-        run("SELECT pg_sleep(0.25)");
+        run("SELECT pg_sleep(1.05)");
         // Still the same transaction: now() has not moved, clock_timestamp() has.
         assert_eq!(code(&key, ""), "EXPIRED");
         assert_eq!(
@@ -636,10 +636,10 @@ mod tests {
     #[pg_test]
     fn quota_refills_after_its_interval() {
         let (_, key) =
-            create("remaining => 1, refill_amount => 3, refill_interval => '200 milliseconds'");
+            create("remaining => 1, refill_amount => 3, refill_interval => '1 s'");
         assert_eq!(code(&key, ""), "VALID");
         assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
-        run("SELECT pg_sleep(0.25)");
+        run("SELECT pg_sleep(1.05)");
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(1));
         // A refilling quota without `remaining` starts full.
@@ -649,15 +649,15 @@ mod tests {
 
     #[pg_test]
     fn rate_limit_is_a_fixed_window() {
-        let (_, key) = create("rate_limit_max => 2, rate_limit_window => '300 milliseconds'");
+        let (_, key) = create("rate_limit_max => 2, rate_limit_window => '1 s'");
         assert_eq!(field::<i64>(&key, "", "rate_limit_remaining"), Some(1));
         assert_eq!(
-            field::<bool>(&key, "", "rate_limit_reset BETWEEN clock_timestamp() AND clock_timestamp() + interval '300 ms'"),
+            field::<bool>(&key, "", "rate_limit_reset BETWEEN clock_timestamp() AND clock_timestamp() + interval '1 s'"),
             Some(true)
         );
         assert_eq!(code(&key, ""), "RATE_LIMITED");
         assert_eq!(field::<i64>(&key, "", "rate_limit_remaining"), Some(0));
-        run("SELECT pg_sleep(0.35)");
+        run("SELECT pg_sleep(1.05)");
         assert_eq!(code(&key, ""), "VALID");
         assert_eq!(code(&key, "cost => 2"), "RATE_LIMITED");
         // A rate-limited call does not spend the quota.
@@ -758,7 +758,7 @@ mod tests {
         assert_eq!(field::<String>(&new, "", "key_id"), Some(id.clone()));
 
         let newer = one::<String>(&format!(
-            "SELECT key FROM apikeys.rotate_api_key('{id}', grace => '200 ms')"
+            "SELECT key FROM apikeys.rotate_api_key('{id}', grace => '1 s')"
         ))
         .unwrap();
         assert_eq!(code(&new, ""), "VALID");
@@ -767,11 +767,11 @@ mod tests {
             field::<bool>(
                 &new,
                 "",
-                "expires_at <= clock_timestamp() + interval '200 ms'"
+                "expires_at <= clock_timestamp() + interval '1 s'"
             ),
             Some(true)
         );
-        run("SELECT pg_sleep(0.25)");
+        run("SELECT pg_sleep(1.05)");
         assert_eq!(code(&new, ""), "EXPIRED");
         assert_eq!(code(&newer, ""), "VALID");
     }

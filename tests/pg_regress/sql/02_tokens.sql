@@ -42,6 +42,9 @@ SELECT k->>'kty' AS kty, k->>'crv' AS crv, k->>'alg' AS alg, k->>'use' AS use,
 SELECT apikeys.retire_signing_key(:'es256_kid');
 SELECT code FROM apikeys.verify_token(:'es256_token');
 
+-- The signing keys, newest first, never with their secrets.
+SELECT algorithm, signs, retired_at IS NOT NULL AS retired, created_by FROM apikeys.list_signing_keys();
+
 -- Revoking the key kills every token minted from it.
 SELECT apikeys.revoke_api_key('orders-svc');
 SELECT code FROM apikeys.verify_token(:'token');
