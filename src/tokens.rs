@@ -482,6 +482,33 @@ mod tests {
     }
 
     #[pg_test]
+    fn every_single_character_change_to_a_token_is_rejected() {
+        let (_, key) = create("");
+        for alg in ["HS256", "ES256", "EdDSA"] {
+            run(&format!("SELECT apikeys.rotate_signing_key('{alg}')"));
+            let token = mint(&key, "60000");
+            let changed: Vec<String> = token
+                .char_indices()
+                .filter(|(_, c)| *c != '.')
+                .map(|(i, c)| {
+                    let other = if c == 'A' { "B" } else { "A" };
+                    format!("{}{other}{}", &token[..i], &token[i + 1..])
+                })
+                .collect();
+            let array = changed
+                .iter()
+                .map(|t| pgrx::spi::quote_literal(t))
+                .collect::<Vec<_>>()
+                .join(",");
+            let codes = one::<String>(&format!(
+                "SELECT string_agg(DISTINCT (apikeys.verify_token(t)).code, ',') FROM unnest(ARRAY[{array}]) t"
+            ));
+            assert_eq!(codes.as_deref(), Some("NOT_FOUND"), "{alg}: {} variants", changed.len());
+            assert_eq!(token_code(&token, ""), "VALID");
+        }
+    }
+
+    #[pg_test]
     fn an_hs256_token_signed_with_a_public_key_is_rejected() {
         let (_, key) = create("");
         for alg in ["ES256", "EdDSA"] {
