@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 pub const RESERVED: &[&str] = &[
     "sub",
     "key_id",
+    "key_created_us",
     "role",
     "permissions",
     "iat",
@@ -27,6 +28,7 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// What a token grants, taken from the key that is judged VALID when minting.
 pub struct Grant<'a> {
     pub key_id: &'a str,
+    pub key_created_us: i64,
     pub owner: Option<&'a str>,
     pub role: Option<&'a str>,
     pub permissions: &'a Value,
@@ -68,6 +70,7 @@ pub fn build(grant: &Grant<'_>, custom: Option<&Map<String, Value>>) -> Map<Stri
     };
     set("sub", grant.owner.unwrap_or(grant.key_id).into());
     set("key_id", grant.key_id.into());
+    set("key_created_us", grant.key_created_us.into());
     if let Some(role) = grant.role {
         set("role", role.into());
     }
@@ -87,6 +90,7 @@ pub fn build(grant: &Grant<'_>, custom: Option<&Map<String, Value>>) -> Map<Stri
 #[derive(Debug, PartialEq)]
 pub struct Presented {
     pub key_id: String,
+    pub key_created_us: i64,
     pub exp_ms: i64,
     pub permissions: Value,
 }
@@ -103,6 +107,10 @@ pub fn check(
         .get("key_id")
         .and_then(Value::as_str)
         .ok_or("no key_id")?;
+    let key_created_us = claims
+        .get("key_created_us")
+        .and_then(Value::as_i64)
+        .ok_or("no integer key_created_us")?;
     let exp_ms = claims
         .get("exp_ms")
         .and_then(Value::as_i64)
@@ -142,6 +150,7 @@ pub fn check(
     }
     Ok(Presented {
         key_id: key_id.to_owned(),
+        key_created_us,
         exp_ms,
         permissions,
     })
@@ -172,6 +181,7 @@ mod unit {
     fn grant(perms: &Value) -> Grant<'_> {
         Grant {
             key_id: "k1",
+            key_created_us: 1_600_000_000_000_001,
             owner: Some("acme"),
             role: Some("api_user"),
             permissions: perms,
@@ -254,6 +264,10 @@ mod unit {
         assert!(with(&|c| { c.insert("aud".into(), json!(["x", "orders-api"])); }).is_ok());
         assert_eq!(with(&|c| { c.remove("aud"); }), Err("wrong aud"));
         assert_eq!(with(&|c| { c.remove("key_id"); }), Err("no key_id"));
+        assert_eq!(
+            with(&|c| { c.remove("key_created_us"); }),
+            Err("no integer key_created_us")
+        );
         assert_eq!(with(&|c| { c.insert("exp_ms".into(), "1".into()); }), Err("no integer exp_ms"));
         assert_eq!(
             with(&|c| { c.insert("exp".into(), json!(1_800_000_000)); }),
@@ -285,9 +299,11 @@ mod unit {
     proptest! {
         #[test]
         fn check_never_panics(claims in any::<String>(), now in any::<i64>()) {
+            let _ = looks_like_token(&claims);
             let v: Value = serde_json::from_str(&claims).unwrap_or(Value::String(claims));
             let _ = check(&v, now, "pg_apikeys", Some("a"));
             let _ = check_custom(&v);
+
         }
 
         #[test]

@@ -86,6 +86,7 @@ pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: O
     let empty = Value::Object(Default::default());
     let grant = claims::Grant {
         key_id,
+        key_created_us: target.created_us,
         owner: target.owner.as_deref(),
         role: target.role.as_deref(),
         permissions: target.permissions.as_ref().unwrap_or(&empty),
@@ -139,6 +140,7 @@ fn signed_claims(token: &str) -> Option<verify::Token> {
     )
     .ok()?;
     Some(Token {
+        key_created_us: presented.key_created_us,
         exp_ms: presented.exp_ms,
         permissions: permissions::parse(&presented.permissions).ok()?,
         claims: data.claims,
@@ -223,6 +225,10 @@ mod tests {
         let c = payload(&token);
         assert_eq!(c["sub"], "acme");
         assert_eq!(c["key_id"], id.as_str());
+        assert_eq!(
+            c["key_created_us"].as_i64(),
+            one::<i64>(&format!("SELECT (extract(epoch FROM created_at) * 1000000)::bigint FROM apikeys.keys WHERE id = '{id}'"))
+        );
         assert_eq!(c["role"], "token_reader");
         assert_eq!(c["permissions"], json!({"orders": ["read"]}));
         assert_eq!(c["iss"], "pg_apikeys");
@@ -332,6 +338,14 @@ mod tests {
         run(&format!("SELECT apikeys.delete_api_key('{id}')"));
         assert_eq!(token_code(&token, ""), "NOT_FOUND");
         assert_eq!(token_field::<String>(&token, "", "key_id"), None);
+        // A new key that reuses the id does not bring the old key's tokens back.
+        let (_, reborn) = create(&format!("id => '{id}'"));
+        assert_eq!(token_code(&token, ""), "NOT_FOUND");
+        assert_eq!(token_code(&mint(&reborn, "60000"), ""), "VALID");
+        // Nor does rotating the key end them: rotation replaces the secret, not the key.
+        let live = mint(&reborn, "60000");
+        run(&format!("SELECT apikeys.rotate_api_key('{id}')"));
+        assert_eq!(token_code(&live, ""), "VALID");
     }
 
     #[pg_test]
@@ -380,7 +394,7 @@ mod tests {
         assert_error(&format!("SELECT apikeys.mint_token({k}, NULL)"), "22023", "\"ms\"");
         assert_error(&format!("SELECT apikeys.mint_token({k}, 86400001)"), "22023", "max_token_ttl");
         assert_error(&format!("SELECT apikeys.mint_token({k}, 1000, claims => '[1]')"), "22023", "\"claims\"");
-        for reserved in ["sub", "key_id", "role", "permissions", "exp", "exp_ms", "iat", "jti", "iss", "aud"] {
+        for reserved in ["sub", "key_id", "key_created_us", "role", "permissions", "exp", "exp_ms", "iat", "jti", "iss", "aud"] {
             assert_error(
                 &format!("SELECT apikeys.mint_token({k}, 1000, claims => '{{\"{reserved}\": \"x\"}}')"),
                 "22023",
@@ -548,6 +562,27 @@ mod tests {
         // An API key is not a token.
         let (_, key) = create("");
         assert_eq!(token_code(&key, ""), "NOT_FOUND");
+    }
+
+    #[pg_test]
+    fn only_a_superuser_sets_the_token_settings() {
+        run("CREATE ROLE token_settings_user");
+        run("SET LOCAL ROLE token_settings_user");
+        for setting in ["apikeys.jwt_audience = 'evil'", "apikeys.jwt_issuer = 'evil'", "apikeys.max_token_ttl = '100d'"] {
+            assert_error(&format!("SET {setting}"), "42501", "permission denied");
+            assert_error(
+                &format!("SELECT set_config('{}', 'x', true)", setting.split(' ').next().unwrap()),
+                "42501",
+                "permission denied",
+            );
+        }
+        // The key defaults stay settable by anyone.
+        run("SET LOCAL apikeys.default_prefix = 'pk'");
+        run("RESET ROLE");
+        run("SET LOCAL apikeys.max_token_ttl = '7d'");
+        assert_eq!(one::<String>("SHOW apikeys.max_token_ttl").as_deref(), Some("7d"));
+        let (_, key) = create("");
+        mint(&key, "604800000");
     }
 
     #[pg_test]

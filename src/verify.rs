@@ -59,6 +59,7 @@ pub struct Verification {
     /// Not in the SQL result: what minting needs to know about the key it judged.
     pub master: bool,
     pub now: Option<TimestampWithTimeZone>,
+    pub created_us: i64,
 }
 
 impl Verification {
@@ -78,6 +79,7 @@ impl Verification {
             claims: None,
             master: false,
             now: None,
+            created_us: 0,
         }
     }
 
@@ -120,6 +122,8 @@ struct KeyState {
     meter: Meter,
     window_end: Option<TimestampWithTimeZone>,
     now: TimestampWithTimeZone,
+    /// Tells this key from a later one created with the same id after it was deleted.
+    created_us: i64,
 }
 
 /// `$1` is the hash the caller presented (NULL when the key is named by id, as a token does);
@@ -135,7 +139,7 @@ const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.
         k.rate_window_count,
         CASE WHEN k.rate_window_start IS NULL OR k.rate_window_start + k.rate_limit_window <= c.now
              THEN c.now + k.rate_limit_window ELSE k.rate_window_start + k.rate_limit_window END,
-        c.now
+        c.now, k.created_at
     FROM apikeys.keys k, LATERAL (SELECT clock_timestamp() AS now) c,
          LATERAL (SELECT COALESCE(k.previous_hash = $1::bytea AND k.hash <> $1::bytea, false) AS old) p";
 
@@ -163,6 +167,9 @@ impl KeyState {
             },
             window_end: row.get(18)?,
             now: row.get(19)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
+            created_us: row
+                .get::<TimestampWithTimeZone>(20)?
+                .map_or(0, epoch_us),
         })
     }
 
@@ -181,6 +188,10 @@ impl KeyState {
         } else {
             None
         }
+    }
+
+    fn is_the_key_of(&self, token: Option<&Token>) -> bool {
+        token.is_none_or(|t| t.key_created_us == self.created_us)
     }
 
     /// A token lives no longer than its key: its expiry joins the key's.
@@ -211,6 +222,7 @@ impl KeyState {
             claims: token.map(|t| t.claims.clone()),
             master: self.master,
             now: Some(self.now),
+            created_us: self.created_us,
         }
     }
 }
@@ -218,8 +230,12 @@ impl KeyState {
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
+pub fn epoch_us(t: TimestampWithTimeZone) -> i64 {
+    t.into_inner().saturating_add(PG_EPOCH_OFFSET_US)
+}
+
 pub fn epoch_ms(t: TimestampWithTimeZone) -> i64 {
-    (t.into_inner() + PG_EPOCH_OFFSET_US).div_euclid(1000)
+    epoch_us(t).div_euclid(1000)
 }
 
 pub fn from_epoch_ms(ms: i64) -> TimestampWithTimeZone {
@@ -236,6 +252,9 @@ pub fn from_epoch_ms(ms: i64) -> TimestampWithTimeZone {
 /// What a signed, unexpired-by-signature token contributes to the judgement of its key.
 pub struct Token {
     pub key_id: String,
+    /// The `key_created_us` claim: a token outlives neither its key's deletion nor a new key
+    /// that reuses the id.
+    pub key_created_us: i64,
     pub exp_ms: i64,
     pub permissions: permissions::Permissions,
     pub claims: Value,
@@ -332,7 +351,7 @@ pub fn judge(
             ),
             None => by(client, "hash").or_else(|| by(client, "previous_hash")),
         };
-        let Some(mut state) = found else {
+        let Some(mut state) = found.filter(|s| s.is_the_key_of(token)) else {
             return Verification::not_found();
         };
         state.bound_by(token);
@@ -365,7 +384,7 @@ pub fn judge(
             &format!("{STATE_SQL} WHERE k.id = $2 AND ($1 IS NULL OR k.hash = $1 OR k.previous_hash = $1) FOR UPDATE OF k"),
             &[hash.into(), state.id.as_str().into()],
         );
-        let Some(locked) = locked else {
+        let Some(locked) = locked.filter(|s| s.is_the_key_of(token)) else {
             return Verification::not_found();
         };
         state = locked;
