@@ -100,7 +100,19 @@ pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: O
     let signer = Spi::connect_mut(signing::signer);
     let mut header = Header::new(signer.alg);
     header.kid = Some(signer.kid);
-    errors::internal(encode(&header, &payload, &signer.key))
+    let token = errors::internal(encode(&header, &payload, &signer.key));
+    if token.len() > claims::MAX_TOKEN_BYTES {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "the token would be {} bytes, more than the {} verify_token accepts",
+                token.len(),
+                claims::MAX_TOKEN_BYTES
+            ),
+            Some("Give the key fewer permissions or the token fewer custom claims."),
+        );
+    }
+    token
 }
 
 fn wall_clock_ms() -> i64 {
@@ -408,6 +420,17 @@ mod tests {
         assert_error(&format!("SELECT apikeys.mint_token({k}, 1000)"), "28000", "REVOKED");
         let (_, disabled) = create("enabled => false");
         assert_error(&format!("SELECT apikeys.mint_token('{disabled}', 1000)"), "28000", "DISABLED");
+    }
+
+    #[pg_test]
+    fn the_largest_token_a_key_can_have_still_verifies() {
+        let (_, key) = create(
+            "permissions => (SELECT jsonb_object_agg(repeat('r', 190) || n, jsonb_build_array(repeat('a', 200))) \
+             FROM generate_series(1, 150) n)",
+        );
+        let token = mint(&key, "60000, claims => jsonb_build_object('blob', repeat('x', 4000))");
+        assert!(token.len() > 80_000, "{}", token.len());
+        assert_eq!(token_code(&token, ""), "VALID");
     }
 
     #[pg_test]
