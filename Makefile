@@ -54,7 +54,7 @@ test-regress: install
 # A local Python with PyJWT for the interoperability test (never installed globally).
 venv: $(VENV)/.ok
 $(VENV)/.ok: tests/interop/requirements.txt
-	python3 -m venv $(VENV)
+	python3 -m venv $(VENV) || { apt-get install -y python3-venv && python3 -m venv $(VENV); }
 	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt
 	touch $@
 
