@@ -46,4 +46,4 @@ SELECT valid, code FROM apikeys.verify_key(:'key');
 SELECT valid, code FROM apikeys.verify_token(:'token');
 
 \echo '== 9. The audit trail.'
-SELECT action, key_id, actor FROM apikeys.audit_log ORDER BY id;
+SELECT action, coalesce(key_id, details->>'kid') AS subject, actor FROM apikeys.audit_log ORDER BY id;
