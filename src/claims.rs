@@ -162,7 +162,8 @@ pub fn check(
 pub fn looks_like_token(s: &str) -> bool {
     use base64::Engine as _;
     let mut parts = s.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return false;
     };
@@ -259,28 +260,72 @@ mod unit {
             check(&Value::Object(c), now, "pg_apikeys", Some("orders-api"))
         };
         assert!(with(&|_| {}).is_ok());
-        assert_eq!(with(&|c| { c.insert("iss".into(), "evil".into()); }), Err("wrong iss"));
-        assert_eq!(with(&|c| { c.remove("iss"); }), Err("wrong iss"));
-        assert_eq!(with(&|c| { c.insert("aud".into(), "other".into()); }), Err("wrong aud"));
-        assert!(with(&|c| { c.insert("aud".into(), json!(["x", "orders-api"])); }).is_ok());
-        assert_eq!(with(&|c| { c.remove("aud"); }), Err("wrong aud"));
-        assert_eq!(with(&|c| { c.remove("key_id"); }), Err("no key_id"));
         assert_eq!(
-            with(&|c| { c.remove("key_created_us"); }),
+            with(&|c| {
+                c.insert("iss".into(), "evil".into());
+            }),
+            Err("wrong iss")
+        );
+        assert_eq!(
+            with(&|c| {
+                c.remove("iss");
+            }),
+            Err("wrong iss")
+        );
+        assert_eq!(
+            with(&|c| {
+                c.insert("aud".into(), "other".into());
+            }),
+            Err("wrong aud")
+        );
+        assert!(with(&|c| {
+            c.insert("aud".into(), json!(["x", "orders-api"]));
+        })
+        .is_ok());
+        assert_eq!(
+            with(&|c| {
+                c.remove("aud");
+            }),
+            Err("wrong aud")
+        );
+        assert_eq!(
+            with(&|c| {
+                c.remove("key_id");
+            }),
+            Err("no key_id")
+        );
+        assert_eq!(
+            with(&|c| {
+                c.remove("key_created_us");
+            }),
             Err("no integer key_created_us")
         );
-        assert_eq!(with(&|c| { c.insert("exp_ms".into(), "1".into()); }), Err("no integer exp_ms"));
         assert_eq!(
-            with(&|c| { c.insert("exp".into(), json!(1_800_000_000)); }),
+            with(&|c| {
+                c.insert("exp_ms".into(), "1".into());
+            }),
+            Err("no integer exp_ms")
+        );
+        assert_eq!(
+            with(&|c| {
+                c.insert("exp".into(), json!(1_800_000_000));
+            }),
             Err("exp is later than exp_ms")
         );
         assert_eq!(
-            with(&|c| { c.insert("nbf".into(), json!(1_700_000_002)); }),
+            with(&|c| {
+                c.insert("nbf".into(), json!(1_700_000_002));
+            }),
             Err("not valid before nbf")
         );
-        assert!(with(&|c| { c.insert("nbf".into(), json!(1_700_000_001)); }).is_ok());
+        assert!(with(&|c| {
+            c.insert("nbf".into(), json!(1_700_000_001));
+        })
+        .is_ok());
         assert_eq!(
-            with(&|c| { c.insert("permissions".into(), json!(["x"])); }),
+            with(&|c| {
+                c.insert("permissions".into(), json!(["x"]));
+            }),
             Err("permissions is not an object")
         );
         // Without a configured audience any aud (or none) is accepted.

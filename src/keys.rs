@@ -127,7 +127,10 @@ fn check_prefix(arg: &str, prefix: &str) {
     if !key_format::is_valid_prefix(prefix) {
         invalid_argument(
             arg,
-            format!("must be 1 to 16 characters of [a-z0-9], got \"{}\"", errors::shown(prefix)),
+            format!(
+                "must be 1 to 16 characters of [a-z0-9], got \"{}\"",
+                errors::shown(prefix)
+            ),
         );
     }
 }
@@ -1462,6 +1465,9 @@ mod tests {
         let dumped = one::<String>(
             "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_extension e, unnest(e.extconfig) cfg, pg_class c WHERE e.extname = 'pg_apikeys' AND c.oid = cfg",
         );
-        assert_eq!(dumped.as_deref(), Some("audit_log,audit_log_id_seq,keys,signing_keys"));
+        assert_eq!(
+            dumped.as_deref(),
+            Some("audit_log,audit_log_id_seq,keys,signing_keys")
+        );
     }
 }

@@ -22,7 +22,10 @@ pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
         .iter()
         .copied()
         .find(|a| name.eq_ignore_ascii_case(name_of(*a)))
-        .or_else(|| name.eq_ignore_ascii_case("Ed25519").then_some(Algorithm::EdDSA))
+        .or_else(|| {
+            name.eq_ignore_ascii_case("Ed25519")
+                .then_some(Algorithm::EdDSA)
+        })
 }
 
 pub fn name_of(alg: Algorithm) -> &'static str {
@@ -54,9 +57,9 @@ pub fn generate(alg: Algorithm, kid: &str) -> Result<Material, String> {
             public_key: None,
         }
         .to_pkcs8_der()
-            .map_err(|e| e.to_string())?
-            .as_bytes()
-            .to_vec(),
+        .map_err(|e| e.to_string())?
+        .as_bytes()
+        .to_vec(),
         _ => {
             // 256 bits, as RFC 7518 asks of an HS256 key.
             let mut bytes = vec![0u8; 32];
@@ -72,7 +75,8 @@ pub fn generate(alg: Algorithm, kid: &str) -> Result<Material, String> {
 }
 
 fn public_jwk(alg: Algorithm, kid: &str, secret: &[u8]) -> Result<Value, String> {
-    let mut jwk = Jwk::from_encoding_key(&encoding_key(alg, secret), alg).map_err(|e| e.to_string())?;
+    let mut jwk =
+        Jwk::from_encoding_key(&encoding_key(alg, secret), alg).map_err(|e| e.to_string())?;
     jwk.common.key_id = Some(kid.to_owned());
     jwk.common.public_key_use = Some(PublicKeyUse::Signature);
     serde_json::to_value(jwk).map_err(|e| e.to_string())
@@ -86,7 +90,11 @@ pub fn encoding_key(alg: Algorithm, secret: &[u8]) -> EncodingKey {
     }
 }
 
-pub fn decoding_key(alg: Algorithm, secret: &[u8], public_jwk: Option<&Value>) -> Option<DecodingKey> {
+pub fn decoding_key(
+    alg: Algorithm,
+    secret: &[u8],
+    public_jwk: Option<&Value>,
+) -> Option<DecodingKey> {
     match alg {
         Algorithm::HS256 => Some(DecodingKey::from_secret(secret)),
         _ => {
@@ -161,7 +169,11 @@ pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, Dec
 }
 
 fn create(client: &mut SpiClient<'_>, alg: Algorithm) -> String {
-    let kid = format!("{}_{}", name_of(alg).to_ascii_lowercase(), key_format::random_id(12));
+    let kid = format!(
+        "{}_{}",
+        name_of(alg).to_ascii_lowercase(),
+        key_format::random_id(12)
+    );
     let material = errors::internal(generate(alg, &kid));
     errors::internal(client.update(
         "INSERT INTO apikeys.signing_keys (kid, algorithm, secret, public_jwk, created_by)
@@ -194,7 +206,10 @@ fn rotate_signing_key(algorithm: default!(Option<&str>, "'HS256'")) -> String {
     let Some(alg) = parse_algorithm(name) else {
         errors::invalid_argument_hint(
             "algorithm",
-            format!("must be a supported JWT algorithm, got \"{}\"", errors::shown(name)),
+            format!(
+                "must be a supported JWT algorithm, got \"{}\"",
+                errors::shown(name)
+            ),
             "Use 'HS256', 'ES256' or 'EdDSA'.",
         )
     };
@@ -384,7 +399,8 @@ mod tests {
         let (_, key) = create("");
         let old = mint(&key, "60000");
         for alg in ["ES256", "EdDSA", "HS256"] {
-            let kid = one::<String>(&format!("SELECT apikeys.rotate_signing_key('{alg}')")).unwrap();
+            let kid =
+                one::<String>(&format!("SELECT apikeys.rotate_signing_key('{alg}')")).unwrap();
             assert!(kid.starts_with(&alg.to_ascii_lowercase()), "{kid}");
             let token = mint(&key, "60000");
             assert_eq!(kid_of(&token), kid);
@@ -392,12 +408,25 @@ mod tests {
         }
         assert_eq!(token_code(&old, ""), "VALID");
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'rotate_signing_key'"),
+            one::<i64>(
+                "SELECT count(*) FROM apikeys.audit_log WHERE action = 'rotate_signing_key'"
+            ),
             Some(4)
         );
-        assert_eq!(one::<String>("SELECT apikeys.rotate_signing_key()").map(|k| k.starts_with("hs256_")), Some(true));
-        assert_error("SELECT apikeys.rotate_signing_key('none')", "22023", "\"algorithm\"");
-        assert_error("SELECT apikeys.rotate_signing_key('RS256')", "22023", "\"algorithm\"");
+        assert_eq!(
+            one::<String>("SELECT apikeys.rotate_signing_key()").map(|k| k.starts_with("hs256_")),
+            Some(true)
+        );
+        assert_error(
+            "SELECT apikeys.rotate_signing_key('none')",
+            "22023",
+            "\"algorithm\"",
+        );
+        assert_error(
+            "SELECT apikeys.rotate_signing_key('RS256')",
+            "22023",
+            "\"algorithm\"",
+        );
     }
 
     #[pg_test]
@@ -407,8 +436,14 @@ mod tests {
         let old_kid = kid_of(&old);
         let new_kid = one::<String>("SELECT apikeys.rotate_signing_key('ES256')").unwrap();
         let new = mint(&key, "60000");
-        assert_eq!(one::<bool>(&format!("SELECT apikeys.retire_signing_key('{old_kid}')")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT apikeys.retire_signing_key('{old_kid}')")), Some(false));
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.retire_signing_key('{old_kid}')")),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.retire_signing_key('{old_kid}')")),
+            Some(false)
+        );
         assert_eq!(token_code(&old, ""), "NOT_FOUND");
         assert_eq!(token_code(&new, ""), "VALID");
         // Retiring the current key: the next mint falls back to another active key, or makes one.
@@ -422,7 +457,11 @@ mod tests {
             one::<String>("SELECT string_agg(kid || ':' || signs || ':' || (retired_at IS NOT NULL), ',' ORDER BY created_at) FROM apikeys.list_signing_keys()"),
             Some(format!("{old_kid}:false:true,{new_kid}:false:true,{}:true:false", kid_of(&fresh)))
         );
-        assert_error("SELECT apikeys.retire_signing_key(NULL)", "22023", "\"kid\"");
+        assert_error(
+            "SELECT apikeys.retire_signing_key(NULL)",
+            "22023",
+            "\"kid\"",
+        );
         assert_eq!(
             one::<String>("SELECT string_agg(details->>'kid', ',' ORDER BY id) FROM apikeys.audit_log WHERE action = 'retire_signing_key'"),
             Some(format!("{old_kid},{new_kid}"))
@@ -460,7 +499,9 @@ mod tests {
     #[pg_test]
     fn exporting_an_hs256_key_gives_its_secret_and_is_audited() {
         let kid = one::<String>("SELECT apikeys.rotate_signing_key('HS256')").unwrap();
-        let jwk = one::<JsonB>(&format!("SELECT apikeys.export_signing_key('{kid}')")).unwrap().0;
+        let jwk = one::<JsonB>(&format!("SELECT apikeys.export_signing_key('{kid}')"))
+            .unwrap()
+            .0;
         assert_eq!(jwk["kty"], "oct");
         assert_eq!(jwk["alg"], "HS256");
         assert_eq!(jwk["kid"], kid.as_str());
@@ -472,10 +513,14 @@ mod tests {
             Some(true)
         );
         let es = one::<String>("SELECT apikeys.rotate_signing_key('ES256')").unwrap();
-        let public = one::<JsonB>(&format!("SELECT apikeys.export_signing_key('{es}')")).unwrap().0;
+        let public = one::<JsonB>(&format!("SELECT apikeys.export_signing_key('{es}')"))
+            .unwrap()
+            .0;
         assert!(public.get("d").is_none() && public["kty"] == "EC");
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE action = 'export_signing_key'"),
+            one::<i64>(
+                "SELECT count(*) FROM apikeys.audit_log WHERE action = 'export_signing_key'"
+            ),
             Some(2)
         );
         assert_error("SELECT apikeys.export_signing_key('nope')", "P0002", "nope");

@@ -18,8 +18,8 @@ fn invalid_credential(message: String, hint: Option<&str>) -> ! {
     )
 }
 
-/// Mints a token for `for_key` (default: the key itself) with `key`'s authority.
-pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: Option<&Value>) -> String {
+/// `ms` as mint_token accepts it: positive and within `apikeys.max_token_ttl`.
+fn checked_ms(ms: Option<i64>) -> i64 {
     let max = guc::max_token_ttl_ms();
     match ms {
         None => errors::invalid_argument("ms", "must not be NULL"),
@@ -32,10 +32,12 @@ pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: O
             format!("must be at most {max} milliseconds (apikeys.max_token_ttl), got {ms}"),
             "A superuser can raise apikeys.max_token_ttl.",
         ),
-        Some(_) => {}
+        Some(ms) => ms,
     }
-    let ms = ms.unwrap_or(0);
-    let custom = custom.map(|c| claims::check_custom(c).unwrap_or_else(|p| errors::invalid_argument("claims", p)));
+}
+
+/// The key that mints: an API key (never a token) that verifies as VALID, charged one use.
+fn minting_key(key: Option<&str>) -> Verification {
     let Some(key) = key else {
         invalid_credential("argument \"key\" must be an API key, got NULL".into(), None)
     };
@@ -48,37 +50,63 @@ pub fn mint(key: Option<&str>, ms: Option<i64>, for_key: Option<&str>, custom: O
     let minter = verify::verify(Some(key), &permissions::Permissions::new(), 1);
     if minter.code != Code::Valid {
         invalid_credential(
-            format!("argument \"key\" is not a valid API key: {}", minter.code.as_str()),
+            format!(
+                "argument \"key\" is not a valid API key: {}",
+                minter.code.as_str()
+            ),
             None,
         );
     }
+    minter
+}
+
+/// The key the token is for: the minter itself, or (for a master key only) the valid key
+/// that `for_key` names.
+fn token_key(minter: Verification, for_key: Option<&str>) -> Verification {
     let minter_id = minter.key_id.clone().unwrap_or_default();
-    let target = match for_key.filter(|id| *id != minter_id) {
-        None => minter,
-        Some(id) if !minter.master => errors::raise(
+    let Some(id) = for_key.filter(|id| *id != minter_id) else {
+        return minter;
+    };
+    if !minter.master {
+        errors::raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!(
                 "API key \"{minter_id}\" is not a master key and may mint tokens only for itself, not for \"{}\"",
                 errors::shown(id)
             ),
             Some("Mint with a key created with master => true, or leave for_key NULL."),
+        );
+    }
+    let target = verify::peek(id);
+    match target.code {
+        Code::Valid => Verification {
+            now: minter.now,
+            ..target
+        },
+        Code::NotFound => errors::key_not_found(id),
+        code => invalid_credential(
+            format!(
+                "API key \"{}\" named by argument \"for_key\" is not valid: {}",
+                errors::shown(id),
+                code.as_str()
+            ),
+            None,
         ),
-        Some(id) => {
-            let target = verify::peek(id);
-            match target.code {
-                Code::Valid => Verification { now: minter.now, ..target },
-                Code::NotFound => errors::key_not_found(id),
-                code => invalid_credential(
-                    format!(
-                        "API key \"{}\" named by argument \"for_key\" is not valid: {}",
-                        errors::shown(id),
-                        code.as_str()
-                    ),
-                    None,
-                ),
-            }
-        }
-    };
+    }
+}
+
+/// Mints a token for `for_key` (default: the key itself) with `key`'s authority. Arguments are
+/// checked before the key, so a bad argument is an argument error even with a bad key.
+pub fn mint(
+    key: Option<&str>,
+    ms: Option<i64>,
+    for_key: Option<&str>,
+    custom: Option<&Value>,
+) -> String {
+    let ms = checked_ms(ms);
+    let custom = custom
+        .map(|c| claims::check_custom(c).unwrap_or_else(|p| errors::invalid_argument("claims", p)));
+    let target = token_key(minting_key(key), for_key);
     let now_ms = target.now.map_or_else(wall_clock_ms, verify::epoch_ms);
     let key_id = target.key_id.as_deref().unwrap_or_default();
     let issuer = guc::jwt_issuer();
@@ -160,7 +188,11 @@ fn signed_claims(token: &str) -> Option<verify::Token> {
     })
 }
 
-pub fn verify_token_str(token: Option<&str>, required: &permissions::Permissions, cost: i64) -> Verification {
+pub fn verify_token_str(
+    token: Option<&str>,
+    required: &permissions::Permissions,
+    cost: i64,
+) -> Verification {
     match token.and_then(signed_claims) {
         Some(token) => verify::judge(Lookup::Id(&token.key_id), required, cost, Some(&token)),
         None => Verification::not_found(),
@@ -248,7 +280,10 @@ mod tests {
         assert!(c.get("aud").is_none());
         assert!(c["jti"].as_str().is_some_and(|j| j.len() >= 16));
         let exp_ms = c["exp_ms"].as_i64().unwrap();
-        assert!(before + 60000 <= exp_ms && exp_ms <= after + 60000, "{before} {exp_ms} {after}");
+        assert!(
+            before + 60000 <= exp_ms && exp_ms <= after + 60000,
+            "{before} {exp_ms} {after}"
+        );
         assert_eq!(c["exp"].as_i64().unwrap(), exp_ms.div_euclid(1000));
         assert!(c["iat"].as_i64().unwrap() * 1000 <= after);
         let h = header(&token);
@@ -261,23 +296,57 @@ mod tests {
         );
 
         assert_eq!(token_code(&token, ""), "VALID");
-        assert_eq!(token_field::<String>(&token, "", "key_id"), Some(id.clone()));
-        assert_eq!(token_field::<String>(&token, "", "owner").as_deref(), Some("acme"));
-        assert_eq!(token_field::<String>(&token, "", "role").as_deref(), Some("token_reader"));
-        assert_eq!(token_field::<String>(&token, "", "metadata->>'plan'").as_deref(), Some("pro"));
-        assert_eq!(token_field::<String>(&token, "", "claims->>'tenant'").as_deref(), Some("t1"));
-        assert_eq!(token_field::<String>(&token, "", "claims->>'jti'").as_deref(), c["jti"].as_str());
         assert_eq!(
-            token_field::<i64>(&token, "", "floor(extract(epoch FROM expires_at) * 1000)::bigint"),
+            token_field::<String>(&token, "", "key_id"),
+            Some(id.clone())
+        );
+        assert_eq!(
+            token_field::<String>(&token, "", "owner").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            token_field::<String>(&token, "", "role").as_deref(),
+            Some("token_reader")
+        );
+        assert_eq!(
+            token_field::<String>(&token, "", "metadata->>'plan'").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(
+            token_field::<String>(&token, "", "claims->>'tenant'").as_deref(),
+            Some("t1")
+        );
+        assert_eq!(
+            token_field::<String>(&token, "", "claims->>'jti'").as_deref(),
+            c["jti"].as_str()
+        );
+        assert_eq!(
+            token_field::<i64>(
+                &token,
+                "",
+                "floor(extract(epoch FROM expires_at) * 1000)::bigint"
+            ),
             Some(exp_ms)
         );
         assert_eq!(token_code(&token, "'{\"orders\": [\"read\"]}'"), "VALID");
-        assert_eq!(token_code(&token, "'{\"orders\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            token_code(&token, "'{\"orders\": [\"write\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
         // Minting and verifying tokens count as uses of the key: 1 mint + 3 VALID above.
-        assert!(one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{id}'")).unwrap() >= 9);
+        assert!(
+            one::<i64>(&format!(
+                "SELECT request_count FROM apikeys.keys WHERE id = '{id}'"
+            ))
+            .unwrap()
+                >= 9
+        );
         // The first mint created the signing key, audited with the caller.
         assert_eq!(
-            one::<String>("SELECT actor FROM apikeys.audit_log WHERE action = 'rotate_signing_key'").as_deref(),
+            one::<String>(
+                "SELECT actor FROM apikeys.audit_log WHERE action = 'rotate_signing_key'"
+            )
+            .as_deref(),
             one::<String>("SELECT current_user::text").as_deref()
         );
     }
@@ -290,7 +359,10 @@ mod tests {
         let exp_ms = payload(&token)["exp_ms"].as_i64().unwrap();
         assert_eq!(token_code(&token, ""), "VALID");
         // Skip to just before the end, then watch the last milliseconds closely.
-        run(&format!("SELECT pg_sleep(greatest(0, {exp_ms} - {} - 100) / 1000.0)", clock_ms()));
+        run(&format!(
+            "SELECT pg_sleep(greatest(0, {exp_ms} - {} - 100) / 1000.0)",
+            clock_ms()
+        ));
         let mut expired = 0;
         while expired < 3 {
             let t0 = clock_ms();
@@ -327,12 +399,17 @@ mod tests {
         if t0 + 50 < key_end {
             assert_eq!(before_end, "VALID");
         }
-        run(&format!("SELECT pg_sleep(greatest(0, {key_end} - {}) / 1000.0 + 0.02)", clock_ms()));
+        run(&format!(
+            "SELECT pg_sleep(greatest(0, {key_end} - {}) / 1000.0 + 0.02)",
+            clock_ms()
+        ));
         assert_eq!(token_code(&token, ""), "EXPIRED");
         // A key shortened after minting shortens its tokens too.
         let (id, key) = create("");
         let token = mint(&key, "60000");
-        run(&format!("SELECT apikeys.update_api_key('{id}', expires_at => now() - interval '1 s')"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', expires_at => now() - interval '1 s')"
+        ));
         assert_eq!(token_code(&token, ""), "EXPIRED");
     }
 
@@ -340,9 +417,13 @@ mod tests {
     fn revoking_disabling_deleting_or_expiring_the_key_kills_its_tokens() {
         let (id, key) = create("");
         let token = mint(&key, "60000");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => false)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => false)"
+        ));
         assert_eq!(token_code(&token, ""), "DISABLED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => true)"
+        ));
         assert_eq!(token_code(&token, ""), "VALID");
         run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
         assert_eq!(token_code(&token, ""), "REVOKED");
@@ -366,17 +447,28 @@ mod tests {
         let token = mint(&key, "60000");
         assert_eq!(token_field::<i64>(&token, "", "remaining"), Some(2));
         assert_eq!(token_code(&token, "cost => 5"), "USAGE_EXCEEDED");
-        assert_eq!(token_field::<i64>(&token, "cost => 2", "remaining"), Some(0));
+        assert_eq!(
+            token_field::<i64>(&token, "cost => 2", "remaining"),
+            Some(0)
+        );
         assert_eq!(token_code(&token, ""), "USAGE_EXCEEDED");
         assert_error(
             &format!("SELECT apikeys.mint_token('{key}', 1000)"),
             "28000",
             "USAGE_EXCEEDED",
         );
-        assert_eq!(one::<i64>(&format!("SELECT remaining FROM apikeys.keys WHERE id = '{id}'")), Some(0));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(0)
+        );
         let (_, key) = create("rate_limit_max => 2, rate_limit_window => '1 hour'");
         let token = mint(&key, "60000");
-        assert_eq!(token_field::<i64>(&token, "", "rate_limit_remaining"), Some(0));
+        assert_eq!(
+            token_field::<i64>(&token, "", "rate_limit_remaining"),
+            Some(0)
+        );
         assert_eq!(token_code(&token, ""), "RATE_LIMITED");
     }
 
@@ -385,41 +477,105 @@ mod tests {
         let (id, key) = create("permissions => '{\"orders\": [\"read\", \"write\"]}'");
         let token = mint(&key, "60000");
         assert_eq!(token_code(&token, "'{\"orders\": [\"write\"]}'"), "VALID");
-        run(&format!("SELECT apikeys.update_api_key('{id}', permissions => '{{\"orders\": [\"read\"]}}')"));
-        assert_eq!(token_code(&token, "'{\"orders\": [\"write\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', permissions => '{{\"orders\": [\"read\"]}}')"
+        ));
+        assert_eq!(
+            token_code(&token, "'{\"orders\": [\"write\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
         assert_eq!(token_code(&token, "'{\"orders\": [\"read\"]}'"), "VALID");
         // Nor does a key whose permissions grow lend its old tokens the new ones.
-        run(&format!("SELECT apikeys.update_api_key('{id}', permissions => '{{\"*\": [\"*\"]}}')"));
-        assert_eq!(token_code(&token, "'{\"users\": [\"read\"]}'"), "INSUFFICIENT_PERMISSIONS");
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', permissions => '{{\"*\": [\"*\"]}}')"
+        ));
+        assert_eq!(
+            token_code(&token, "'{\"users\": [\"read\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
     }
 
     #[pg_test]
     fn minting_refuses_tokens_bad_keys_and_bad_arguments() {
         let (id, key) = create("");
         let token = mint(&key, "60000");
-        assert_error(&format!("SELECT apikeys.mint_token('{token}', 1000)"), "28000", "a token cannot mint");
+        assert_error(
+            &format!("SELECT apikeys.mint_token('{token}', 1000)"),
+            "28000",
+            "a token cannot mint",
+        );
         assert_error("SELECT apikeys.mint_token(NULL, 1000)", "28000", "\"key\"");
-        assert_error("SELECT apikeys.mint_token('garbage', 1000)", "28000", "NOT_FOUND");
+        assert_error(
+            "SELECT apikeys.mint_token('garbage', 1000)",
+            "28000",
+            "NOT_FOUND",
+        );
         let k = pgrx::spi::quote_literal(&key);
-        assert_error(&format!("SELECT apikeys.mint_token({k}, 0)"), "22023", "\"ms\"");
-        assert_error(&format!("SELECT apikeys.mint_token({k}, -5)"), "22023", "\"ms\"");
-        assert_error(&format!("SELECT apikeys.mint_token({k}, NULL)"), "22023", "\"ms\"");
-        assert_error(&format!("SELECT apikeys.mint_token({k}, 86400001)"), "22023", "max_token_ttl");
-        assert_error(&format!("SELECT apikeys.mint_token({k}, 1000, claims => '[1]')"), "22023", "\"claims\"");
-        for reserved in ["sub", "key_id", "key_created_us", "role", "permissions", "exp", "exp_ms", "iat", "jti", "iss", "aud"] {
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, 0)"),
+            "22023",
+            "\"ms\"",
+        );
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, -5)"),
+            "22023",
+            "\"ms\"",
+        );
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, NULL)"),
+            "22023",
+            "\"ms\"",
+        );
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, 86400001)"),
+            "22023",
+            "max_token_ttl",
+        );
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, 1000, claims => '[1]')"),
+            "22023",
+            "\"claims\"",
+        );
+        for reserved in [
+            "sub",
+            "key_id",
+            "key_created_us",
+            "role",
+            "permissions",
+            "exp",
+            "exp_ms",
+            "iat",
+            "jti",
+            "iss",
+            "aud",
+        ] {
             assert_error(
-                &format!("SELECT apikeys.mint_token({k}, 1000, claims => '{{\"{reserved}\": \"x\"}}')"),
+                &format!(
+                    "SELECT apikeys.mint_token({k}, 1000, claims => '{{\"{reserved}\": \"x\"}}')"
+                ),
                 "22023",
                 reserved,
             );
         }
         run("SET LOCAL apikeys.max_token_ttl = '10s'");
-        assert_error(&format!("SELECT apikeys.mint_token({k}, 10001)"), "22023", "10000");
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, 10001)"),
+            "22023",
+            "10000",
+        );
         mint(&key, "10000");
         run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
-        assert_error(&format!("SELECT apikeys.mint_token({k}, 1000)"), "28000", "REVOKED");
+        assert_error(
+            &format!("SELECT apikeys.mint_token({k}, 1000)"),
+            "28000",
+            "REVOKED",
+        );
         let (_, disabled) = create("enabled => false");
-        assert_error(&format!("SELECT apikeys.mint_token('{disabled}', 1000)"), "28000", "DISABLED");
+        assert_error(
+            &format!("SELECT apikeys.mint_token('{disabled}', 1000)"),
+            "28000",
+            "DISABLED",
+        );
     }
 
     #[pg_test]
@@ -428,14 +584,18 @@ mod tests {
             "permissions => (SELECT jsonb_object_agg(repeat('r', 190) || n, jsonb_build_array(repeat('a', 200))) \
              FROM generate_series(1, 150) n)",
         );
-        let token = mint(&key, "60000, claims => jsonb_build_object('blob', repeat('x', 4000))");
+        let token = mint(
+            &key,
+            "60000, claims => jsonb_build_object('blob', repeat('x', 4000))",
+        );
         assert!(token.len() > 80_000, "{}", token.len());
         assert_eq!(token_code(&token, ""), "VALID");
     }
 
     #[pg_test]
     fn only_a_master_key_mints_for_another_key() {
-        let (target_id, _) = create("owner => 'tenant-b', permissions => '{\"orders\": [\"read\"]}'");
+        let (target_id, _) =
+            create("owner => 'tenant-b', permissions => '{\"orders\": [\"read\"]}'");
         let (plain_id, plain) = create("owner => 'tenant-a'");
         let (_, master) = create("master => true, owner => 'ops'");
         assert_error(
@@ -451,7 +611,10 @@ mod tests {
         assert_eq!(c["key_id"], target_id.as_str());
         assert_eq!(c["sub"], "tenant-b");
         assert_eq!(c["permissions"], json!({"orders": ["read"]}));
-        assert_eq!(token_field::<String>(&token, "", "owner").as_deref(), Some("tenant-b"));
+        assert_eq!(
+            token_field::<String>(&token, "", "owner").as_deref(),
+            Some("tenant-b")
+        );
         assert_error(
             &format!("SELECT apikeys.mint_token('{master}', 1000, for_key => 'no_such_key')"),
             "P0002",
@@ -479,17 +642,27 @@ mod tests {
         // alg none, with and without a signature.
         let none = encode_json(&json!({"alg": "none", "kid": h["kid"], "typ": "JWT"}));
         assert_eq!(token_code(&with_part(&token, 0, &none), ""), "NOT_FOUND");
-        assert_eq!(token_code(&format!("{none}.{}.", encode_json(&c)), ""), "NOT_FOUND");
+        assert_eq!(
+            token_code(&format!("{none}.{}.", encode_json(&c)), ""),
+            "NOT_FOUND"
+        );
         // Unknown and injected kids.
         for kid in [json!("nope"), json!("' OR 1=1 --"), json!(1), Value::Null] {
             let forged = encode_json(&json!({"alg": "HS256", "kid": kid, "typ": "JWT"}));
-            assert_eq!(token_code(&with_part(&token, 0, &forged), ""), "NOT_FOUND", "{kid}");
+            assert_eq!(
+                token_code(&with_part(&token, 0, &forged), ""),
+                "NOT_FOUND",
+                "{kid}"
+            );
         }
         let no_kid = encode_json(&json!({"alg": "HS256", "typ": "JWT"}));
         assert_eq!(token_code(&with_part(&token, 0, &no_kid), ""), "NOT_FOUND");
         // A payload granting more, under the original signature.
         c["permissions"] = json!({"*": ["*"]});
-        assert_eq!(token_code(&with_part(&token, 1, &encode_json(&c)), ""), "NOT_FOUND");
+        assert_eq!(
+            token_code(&with_part(&token, 1, &encode_json(&c)), ""),
+            "NOT_FOUND"
+        );
         // A payload swapped between two valid tokens.
         let swapped = with_part(&token, 1, second.split('.').nth(1).unwrap());
         assert_eq!(token_code(&swapped, ""), "NOT_FOUND");
@@ -512,9 +685,15 @@ mod tests {
         run("RESET apikeys.jwt_audience");
         // nbf, from custom claims.
         let now_s = clock_ms() / 1000;
-        let later = mint(&key, &format!("60000, claims => '{{\"nbf\": {}}}'", now_s + 30));
+        let later = mint(
+            &key,
+            &format!("60000, claims => '{{\"nbf\": {}}}'", now_s + 30),
+        );
         assert_eq!(token_code(&later, ""), "NOT_FOUND");
-        let earlier = mint(&key, &format!("60000, claims => '{{\"nbf\": {}}}'", now_s - 1));
+        let earlier = mint(
+            &key,
+            &format!("60000, claims => '{{\"nbf\": {}}}'", now_s - 1),
+        );
         assert_eq!(token_code(&earlier, ""), "VALID");
     }
 
@@ -540,7 +719,12 @@ mod tests {
             let codes = one::<String>(&format!(
                 "SELECT string_agg(DISTINCT (apikeys.verify_token(t)).code, ',') FROM unnest(ARRAY[{array}]) t"
             ));
-            assert_eq!(codes.as_deref(), Some("NOT_FOUND"), "{alg}: {} variants", changed.len());
+            assert_eq!(
+                codes.as_deref(),
+                Some("NOT_FOUND"),
+                "{alg}: {} variants",
+                changed.len()
+            );
             assert_eq!(token_code(&token, ""), "VALID");
         }
     }
@@ -549,7 +733,8 @@ mod tests {
     fn an_hs256_token_signed_with_a_public_key_is_rejected() {
         let (_, key) = create("");
         for alg in ["ES256", "EdDSA"] {
-            let kid = one::<String>(&format!("SELECT apikeys.rotate_signing_key('{alg}')")).unwrap();
+            let kid =
+                one::<String>(&format!("SELECT apikeys.rotate_signing_key('{alg}')")).unwrap();
             let token = mint(&key, "60000");
             assert_eq!(header(&token)["alg"], alg);
             assert_eq!(token_code(&token, ""), "VALID");
@@ -574,14 +759,27 @@ mod tests {
         let long = "a".repeat(1_000_000);
         let dotted = format!("{0}.{0}.{0}", "eyJ".repeat(300_000));
         for bad in [
-            "", ".", "..", "...", "a.b.c", "garbage", "!!!.###.$$$", "bm90anNvbg.bm90anNvbg.c2ln",
-            "eyJhbGciOiJIUzI1NiJ9.bm90anNvbg.c2ln", "eyJhbGciOiJIUzI1NiJ9..", "ключ.ключ.ключ",
-            long.as_str(), dotted.as_str(),
+            "",
+            ".",
+            "..",
+            "...",
+            "a.b.c",
+            "garbage",
+            "!!!.###.$$$",
+            "bm90anNvbg.bm90anNvbg.c2ln",
+            "eyJhbGciOiJIUzI1NiJ9.bm90anNvbg.c2ln",
+            "eyJhbGciOiJIUzI1NiJ9..",
+            "ключ.ключ.ключ",
+            long.as_str(),
+            dotted.as_str(),
         ] {
             assert_eq!(token_code(bad, ""), "NOT_FOUND", "{bad:.40}");
             assert_eq!(token_field::<bool>(bad, "", "valid"), Some(false));
         }
-        assert_eq!(one::<String>("SELECT code FROM apikeys.verify_token(NULL)").as_deref(), Some("NOT_FOUND"));
+        assert_eq!(
+            one::<String>("SELECT code FROM apikeys.verify_token(NULL)").as_deref(),
+            Some("NOT_FOUND")
+        );
         // An API key is not a token.
         let (_, key) = create("");
         assert_eq!(token_code(&key, ""), "NOT_FOUND");
@@ -591,10 +789,17 @@ mod tests {
     fn only_a_superuser_sets_the_token_settings() {
         run("CREATE ROLE token_settings_user");
         run("SET LOCAL ROLE token_settings_user");
-        for setting in ["apikeys.jwt_audience = 'evil'", "apikeys.jwt_issuer = 'evil'", "apikeys.max_token_ttl = '100d'"] {
+        for setting in [
+            "apikeys.jwt_audience = 'evil'",
+            "apikeys.jwt_issuer = 'evil'",
+            "apikeys.max_token_ttl = '100d'",
+        ] {
             assert_error(&format!("SET {setting}"), "42501", "permission denied");
             assert_error(
-                &format!("SELECT set_config('{}', 'x', true)", setting.split(' ').next().unwrap()),
+                &format!(
+                    "SELECT set_config('{}', 'x', true)",
+                    setting.split(' ').next().unwrap()
+                ),
                 "42501",
                 "permission denied",
             );
@@ -603,7 +808,10 @@ mod tests {
         run("SET LOCAL apikeys.default_prefix = 'pk'");
         run("RESET ROLE");
         run("SET LOCAL apikeys.max_token_ttl = '7d'");
-        assert_eq!(one::<String>("SHOW apikeys.max_token_ttl").as_deref(), Some("7d"));
+        assert_eq!(
+            one::<String>("SHOW apikeys.max_token_ttl").as_deref(),
+            Some("7d")
+        );
         let (_, key) = create("");
         mint(&key, "604800000");
     }

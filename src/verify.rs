@@ -166,10 +166,10 @@ impl KeyState {
                 window_count: row.get(17)?.unwrap_or(0),
             },
             window_end: row.get(18)?,
-            now: row.get(19)?.unwrap_or_else(TimestampWithTimeZone::negative_infinity),
-            created_us: row
-                .get::<TimestampWithTimeZone>(20)?
-                .map_or(0, epoch_us),
+            now: row
+                .get(19)?
+                .unwrap_or_else(TimestampWithTimeZone::negative_infinity),
+            created_us: row.get::<TimestampWithTimeZone>(20)?.map_or(0, epoch_us),
         })
     }
 
@@ -654,8 +654,7 @@ mod tests {
 
     #[pg_test]
     fn quota_refills_after_its_interval() {
-        let (_, key) =
-            create("remaining => 1, refill_amount => 3, refill_interval => '1 s'");
+        let (_, key) = create("remaining => 1, refill_amount => 3, refill_interval => '1 s'");
         assert_eq!(code(&key, ""), "VALID");
         assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
         run("SELECT pg_sleep(1.05)");
@@ -671,7 +670,11 @@ mod tests {
         let (_, key) = create("rate_limit_max => 2, rate_limit_window => '1 s'");
         assert_eq!(field::<i64>(&key, "", "rate_limit_remaining"), Some(1));
         assert_eq!(
-            field::<bool>(&key, "", "rate_limit_reset BETWEEN clock_timestamp() AND clock_timestamp() + interval '1 s'"),
+            field::<bool>(
+                &key,
+                "",
+                "rate_limit_reset BETWEEN clock_timestamp() AND clock_timestamp() + interval '1 s'"
+            ),
             Some(true)
         );
         assert_eq!(code(&key, ""), "RATE_LIMITED");
@@ -783,11 +786,7 @@ mod tests {
         assert_eq!(code(&new, ""), "VALID");
         assert_eq!(code(&newer, ""), "VALID");
         assert_eq!(
-            field::<bool>(
-                &new,
-                "",
-                "expires_at <= clock_timestamp() + interval '1 s'"
-            ),
+            field::<bool>(&new, "", "expires_at <= clock_timestamp() + interval '1 s'"),
             Some(true)
         );
         run("SELECT pg_sleep(1.05)");

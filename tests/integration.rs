@@ -50,7 +50,12 @@ fn hammer(
     threads: usize,
     per_thread: usize,
 ) -> std::collections::BTreeMap<String, usize> {
-    hammer_with("SELECT code FROM apikeys.verify_key($1)", key, threads, per_thread)
+    hammer_with(
+        "SELECT code FROM apikeys.verify_key($1)",
+        key,
+        threads,
+        per_thread,
+    )
 }
 
 /// `hammer` for any query that takes the credential as $1 and returns a code.
@@ -126,7 +131,11 @@ fn token_quota_is_exact_under_concurrency() {
         .get(0);
     let counts = hammer_with("SELECT code FROM apikeys.verify_token($1)", &token, 8, 10);
     assert_eq!(counts.get("VALID").copied(), Some(40), "{counts:?}");
-    assert_eq!(counts.get("USAGE_EXCEEDED").copied(), Some(40), "{counts:?}");
+    assert_eq!(
+        counts.get("USAGE_EXCEEDED").copied(),
+        Some(40),
+        "{counts:?}"
+    );
     let remaining: i64 = client
         .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
         .unwrap()
@@ -295,9 +304,16 @@ fn hostile_input_never_crashes_a_backend() {
     }
     for claims in ["[]", "1", "\"x\"", "{\"sub\": 1}", "{\"nbf\": \"x\"}"] {
         let err = client
-            .query("SELECT apikeys.mint_token($1, 1000, claims => $2::text::jsonb)", &[&key, &claims])
+            .query(
+                "SELECT apikeys.mint_token($1, 1000, claims => $2::text::jsonb)",
+                &[&key, &claims],
+            )
             .unwrap_err();
-        assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{claims}: {err}");
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("22023"),
+            "{claims}: {err}"
+        );
     }
     // Same backend, same postmaster: nothing crashed or restarted.
     let pid_after: i32 = client
@@ -406,7 +422,9 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     assert_eq!(token_code(&mut restored, &ed_token), "VALID");
     assert_eq!(token_code(&mut restored, &revoked_token), "REVOKED");
     let jwks = |c: &mut Client| -> String {
-        c.query_one("SELECT apikeys.jwks()::text", &[]).unwrap().get(0)
+        c.query_one("SELECT apikeys.jwks()::text", &[])
+            .unwrap()
+            .get(0)
     };
     assert_eq!(jwks(&mut restored), jwks(&mut client));
     let restored_audit: i64 = restored
@@ -599,10 +617,14 @@ fn a_rotation_committed_while_a_metered_verification_waits_wins() {
 /// secret for HS256. Tokens forged or tampered with must fail there too.
 #[test]
 fn tokens_verify_with_an_independent_jwt_library() {
-    let python = std::env::var("PG_APIKEYS_PYTHON")
-        .expect("PG_APIKEYS_PYTHON must name a Python with PyJWT[crypto] (make test-integration sets it)");
+    let python = std::env::var("PG_APIKEYS_PYTHON").expect(
+        "PG_APIKEYS_PYTHON must name a Python with PyJWT[crypto] (make test-integration sets it)",
+    );
     let mut client = connect();
-    let (id, key) = create(&mut client, "owner => 'interop', permissions => '{\"orders\": [\"read\"]}'");
+    let (id, key) = create(
+        &mut client,
+        "owner => 'interop', permissions => '{\"orders\": [\"read\"]}'",
+    );
     let mut tokens = Vec::new();
     for alg in ["ES256", "EdDSA", "HS256"] {
         client
@@ -614,7 +636,10 @@ fn tokens_verify_with_an_independent_jwt_library() {
             .get(0);
         tokens.push(serde_json::json!({"alg": alg, "token": token}));
     }
-    let jwks: String = client.query_one("SELECT apikeys.jwks()::text", &[]).unwrap().get(0);
+    let jwks: String = client
+        .query_one("SELECT apikeys.jwks()::text", &[])
+        .unwrap()
+        .get(0);
     let hs_kid: String = client
         .query_one(
             "SELECT kid FROM apikeys.signing_keys WHERE algorithm = 'HS256' ORDER BY created_at DESC LIMIT 1",
@@ -692,8 +717,12 @@ SELECT 'config ' || cfg::regclass::text FROM pg_extension, unnest(extconfig) cfg
 ORDER BY 1";
 
 fn recreate_database(admin: &mut Client, name: &str) {
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
 }
 
 fn catalog(client: &mut Client) -> Vec<String> {
@@ -723,7 +752,12 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
     let mut fresh = Client::connect(&format!("{} dbname={fresh_db}", base_url()), NoTls).unwrap();
     fresh.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
     let expected = catalog(&mut fresh);
-    assert!(expected.iter().any(|l| l.starts_with("function verify_token(")), "{expected:#?}");
+    assert!(
+        expected
+            .iter()
+            .any(|l| l.starts_with("function verify_token(")),
+        "{expected:#?}"
+    );
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/upgrade");
     let mut released: Vec<String> = std::fs::read_dir(dir)
@@ -746,22 +780,48 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         let (_, plain) = create(&mut client, "owner => 'before-upgrade'");
         let (_, metered) = create(&mut client, "remaining => 3");
         let (revoked_id, revoked) = create(&mut client, "");
-        client.query_one("SELECT apikeys.verify_key($1)", &[&metered]).unwrap();
-        client.query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id]).unwrap();
+        client
+            .query_one("SELECT apikeys.verify_key($1)", &[&metered])
+            .unwrap();
+        client
+            .query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id])
+            .unwrap();
 
-        client.batch_execute("ALTER EXTENSION pg_apikeys UPDATE").unwrap();
+        client
+            .batch_execute("ALTER EXTENSION pg_apikeys UPDATE")
+            .unwrap();
         let version: String = client
-            .query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'", &[])
+            .query_one(
+                "SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'",
+                &[],
+            )
             .unwrap()
             .get(0);
         assert_eq!(version, current, "from {old}");
         let verify = |c: &mut Client, key: &str| -> (String, Option<i64>) {
-            let row = c.query_one("SELECT code, remaining FROM apikeys.verify_key($1)", &[&key]).unwrap();
+            let row = c
+                .query_one(
+                    "SELECT code, remaining FROM apikeys.verify_key($1)",
+                    &[&key],
+                )
+                .unwrap();
             (row.get(0), row.get(1))
         };
-        assert_eq!(verify(&mut client, &plain), ("VALID".into(), None), "from {old}");
-        assert_eq!(verify(&mut client, &metered), ("VALID".into(), Some(1)), "from {old}");
-        assert_eq!(verify(&mut client, &revoked), ("REVOKED".into(), None), "from {old}");
+        assert_eq!(
+            verify(&mut client, &plain),
+            ("VALID".into(), None),
+            "from {old}"
+        );
+        assert_eq!(
+            verify(&mut client, &metered),
+            ("VALID".into(), Some(1)),
+            "from {old}"
+        );
+        assert_eq!(
+            verify(&mut client, &revoked),
+            ("REVOKED".into(), None),
+            "from {old}"
+        );
         let token: String = client
             .query_one("SELECT apikeys.mint_token($1, 60000)", &[&plain])
             .unwrap()
@@ -771,10 +831,16 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
             .unwrap()
             .get(0);
         assert_eq!(code, "VALID", "from {old}");
-        assert_eq!(catalog(&mut client), expected, "catalog after {old} -> {current}");
+        assert_eq!(
+            catalog(&mut client),
+            expected,
+            "catalog after {old} -> {current}"
+        );
         drop(client);
         admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
     }
     drop(fresh);
-    admin.batch_execute(&format!("DROP DATABASE {fresh_db}")).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE {fresh_db}"))
+        .unwrap();
 }
