@@ -300,19 +300,19 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
     }
 }
 
+/// A key's state by id (as a token names it): `$1`, the presented hash, is NULL.
+const BY_ID_SQL: &str = "WHERE k.id = $2";
+
 /// A key's status by id, without permissions, quota or rate limit and without charging it.
 pub fn peek(id: &str) -> Verification {
-    Spi::connect(|client| {
-        let found = errors::internal(client.select(
-            &format!("{STATE_SQL} WHERE k.id = $2"),
-            Some(1),
+    Spi::connect_mut(|client| {
+        let found = fetch(
+            client,
+            false,
+            &format!("{STATE_SQL} {BY_ID_SQL}"),
             &[Option::<&[u8]>::None.into(), id.into()],
-        ));
-        let state = found
-            .into_iter()
-            .next()
-            .map(|row| errors::internal(KeyState::from_row(&row)));
-        match state {
+        );
+        match found {
             Some(state) => state.verification(state.status_code().unwrap_or(Code::Valid), None),
             None => Verification::not_found(),
         }
@@ -346,7 +346,7 @@ pub fn judge(
             Some(id) => fetch(
                 client,
                 false,
-                &format!("{STATE_SQL} WHERE k.id = $2"),
+                &format!("{STATE_SQL} {BY_ID_SQL}"),
                 &[hash.into(), id.into()],
             ),
             None => by(client, "hash").or_else(|| by(client, "previous_hash")),

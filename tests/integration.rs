@@ -43,6 +43,30 @@ fn create(client: &mut Client, args: &str) -> (String, String) {
     (row.get(0), row.get(1))
 }
 
+/// A token for `key`, lasting `ms`.
+fn mint(client: &mut Client, key: &str, ms: i64) -> String {
+    client
+        .query_one("SELECT apikeys.mint_token($1, $2)", &[&key, &ms])
+        .unwrap()
+        .get(0)
+}
+
+/// verify_token(token).code
+fn token_code(client: &mut Client, token: &str) -> String {
+    client
+        .query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
+        .unwrap()
+        .get(0)
+}
+
+/// What is left of a key's quota, read from the table.
+fn remaining(client: &mut Client, id: &str) -> i64 {
+    client
+        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0)
+}
+
 /// Runs `per_thread` verifications of `key` on each of `threads` connections at once and
 /// returns how many came back with each code.
 fn hammer(
@@ -125,10 +149,7 @@ fn quota_is_exact_under_concurrency() {
 fn token_quota_is_exact_under_concurrency() {
     let mut client = connect();
     let (id, key) = create(&mut client, "remaining => 41");
-    let token: String = client
-        .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
-        .unwrap()
-        .get(0);
+    let token = mint(&mut client, &key, 60000);
     let counts = hammer_with("SELECT code FROM apikeys.verify_token($1)", &token, 8, 10);
     assert_eq!(counts.get("VALID").copied(), Some(40), "{counts:?}");
     assert_eq!(
@@ -136,11 +157,7 @@ fn token_quota_is_exact_under_concurrency() {
         Some(40),
         "{counts:?}"
     );
-    let remaining: i64 = client
-        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
-        .unwrap()
-        .get(0);
-    assert_eq!(remaining, 0);
+    assert_eq!(remaining(&mut client, &id), 0);
 }
 
 #[test]
@@ -168,11 +185,11 @@ fn quota_and_rate_limit_together_under_concurrency() {
     );
     let counts = hammer(&key, 8, 10);
     assert_eq!(counts.get("VALID").copied().unwrap_or(0), 20, "{counts:?}");
-    let remaining: i64 = client
-        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
-        .unwrap()
-        .get(0);
-    assert_eq!(remaining, 80, "rate-limited calls must not spend the quota");
+    assert_eq!(
+        remaining(&mut client, &id),
+        80,
+        "rate-limited calls must not spend the quota"
+    );
 }
 
 #[test]
@@ -350,17 +367,12 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     let (_, plain) = create(&mut client, "owner => 'dump'");
     let (_, metered) = create(&mut client, "remaining => 5");
     let (revoked_id, revoked) = create(&mut client, "");
-    let mint = |c: &mut Client, key: &str| -> String {
-        c.query_one("SELECT apikeys.mint_token($1, 600000)", &[&key])
-            .unwrap()
-            .get(0)
-    };
-    let hs_token = mint(&mut client, &plain);
+    let hs_token = mint(&mut client, &plain, 600000);
     client
         .batch_execute("SELECT apikeys.rotate_signing_key('EdDSA')")
         .unwrap();
-    let ed_token = mint(&mut client, &plain);
-    let revoked_token = mint(&mut client, &revoked);
+    let ed_token = mint(&mut client, &plain, 600000);
+    let revoked_token = mint(&mut client, &revoked, 600000);
     for _ in 0..2 {
         client
             .query_one("SELECT apikeys.verify_key($1)", &[&metered])
@@ -413,11 +425,6 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     assert_eq!(code(&mut restored, &metered), ("VALID".into(), Some(2)));
     assert_eq!(code(&mut restored, &revoked), ("REVOKED".into(), None));
     // Tokens minted before the dump verify after the restore: the signing keys came along.
-    let token_code = |c: &mut Client, token: &str| -> String {
-        c.query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
-            .unwrap()
-            .get(0)
-    };
     assert_eq!(token_code(&mut restored, &hs_token), "VALID");
     assert_eq!(token_code(&mut restored, &ed_token), "VALID");
     assert_eq!(token_code(&mut restored, &revoked_token), "REVOKED");
@@ -465,10 +472,7 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         "owner => 'replica', permissions => '{\"orders\": [\"read\"]}'",
     );
     let (metered_id, metered) = create(&mut primary, "remaining => 5");
-    let token: String = primary
-        .query_one("SELECT apikeys.mint_token($1, 600000)", &[&plain])
-        .unwrap()
-        .get(0);
+    let token = mint(&mut primary, &plain, 600000);
     // Wait until the standby has replayed everything the primary has written so far.
     let lsn: String = primary
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -511,21 +515,10 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         (row.get::<_, String>(0), row.get::<_, String>(1)),
         ("VALID".into(), "replica".into())
     );
-    let code: String = standby
-        .query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
-        .unwrap()
-        .get(0);
-    assert_eq!(code, "VALID");
+    assert_eq!(token_code(&mut standby, &token), "VALID");
     // Plain keys mint on the standby too (the signing key was replicated).
-    let minted: String = standby
-        .query_one("SELECT apikeys.mint_token($1, 1000)", &[&plain])
-        .unwrap()
-        .get(0);
-    let code: String = standby
-        .query_one("SELECT code FROM apikeys.verify_token($1)", &[&minted])
-        .unwrap()
-        .get(0);
-    assert_eq!(code, "VALID");
+    let minted = mint(&mut standby, &plain, 1000);
+    assert_eq!(token_code(&mut standby, &minted), "VALID");
     let code: String = standby
         .query_one("SELECT code FROM apikeys.verify_key('sk_nope')", &[])
         .unwrap()
@@ -536,15 +529,9 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         .query_one("SELECT apikeys.verify_key($1)", &[&metered])
         .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{err}");
-    let remaining: i64 = primary
-        .query_one(
-            "SELECT remaining FROM apikeys.keys WHERE id = $1",
-            &[&metered_id],
-        )
-        .unwrap()
-        .get(0);
     assert_eq!(
-        remaining, 5,
+        remaining(&mut primary, &metered_id),
+        5,
         "nothing was spent by the refused verification"
     );
 }
@@ -594,11 +581,7 @@ fn a_revocation_committed_while_a_metered_verification_waits_wins() {
         .query_one("SELECT apikeys.revoke_api_key($1)", &[&id])
         .unwrap();
     assert_eq!(verify_across_a_commit(&mut admin, &key), "REVOKED");
-    let remaining: i64 = admin
-        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
-        .unwrap()
-        .get(0);
-    assert_eq!(remaining, 5);
+    assert_eq!(remaining(&mut admin, &id), 5);
 }
 
 #[test]
@@ -630,10 +613,7 @@ fn tokens_verify_with_an_independent_jwt_library() {
         client
             .query_one("SELECT apikeys.rotate_signing_key($1)", &[&alg])
             .unwrap();
-        let token: String = client
-            .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
-            .unwrap()
-            .get(0);
+        let token = mint(&mut client, &key, 60000);
         tokens.push(serde_json::json!({"alg": alg, "token": token}));
     }
     let jwks: String = client
@@ -822,15 +802,8 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
             ("REVOKED".into(), None),
             "from {old}"
         );
-        let token: String = client
-            .query_one("SELECT apikeys.mint_token($1, 60000)", &[&plain])
-            .unwrap()
-            .get(0);
-        let code: String = client
-            .query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
-            .unwrap()
-            .get(0);
-        assert_eq!(code, "VALID", "from {old}");
+        let token = mint(&mut client, &plain, 60000);
+        assert_eq!(token_code(&mut client, &token), "VALID", "from {old}");
         assert_eq!(
             catalog(&mut client),
             expected,
