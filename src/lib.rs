@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 
 mod audit;
 pub mod claims;
+mod context;
 mod errors;
 mod guc;
 pub mod key_format;
@@ -22,6 +23,7 @@ mod verify;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
+    context::init();
 }
 
 /// Required by `cargo pgrx test`.

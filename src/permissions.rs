@@ -101,6 +101,47 @@ pub fn covers(granted: &Permissions, required: &Permissions) -> bool {
         .all(|(res, acts)| acts.iter().all(|act| allows(granted, res, act)))
 }
 
+/// What both documents grant: a token may carry no more than its key grants *now*, so the
+/// context of a token is the intersection of the two. Exact: `covers(&intersect(a, b), r)`
+/// equals `covers(a, r) && covers(b, r)` for every `r` (a grant is a union of
+/// resource-set × action-set rectangles, and rectangles intersect component-wise).
+pub fn intersect(a: &Permissions, b: &Permissions) -> Permissions {
+    let mut out = Permissions::new();
+    for (res_a, acts_a) in a {
+        for (res_b, acts_b) in b {
+            let Some(resource) = meet(res_a, res_b) else {
+                continue;
+            };
+            let both: Vec<&String> = if acts_a.iter().any(|x| x == WILDCARD) {
+                acts_b.iter().collect()
+            } else if acts_b.iter().any(|x| x == WILDCARD) {
+                acts_a.iter().collect()
+            } else {
+                acts_a.iter().filter(|x| acts_b.contains(x)).collect()
+            };
+            if both.is_empty() {
+                continue;
+            }
+            let list = out.entry(resource.to_owned()).or_default();
+            for action in both {
+                if !list.contains(action) {
+                    list.push(action.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The common part of two names where `"*"` means every name.
+fn meet<'a>(a: &'a str, b: &'a str) -> Option<&'a str> {
+    match (a, b) {
+        (WILDCARD, other) | (other, WILDCARD) => Some(other),
+        _ if a == b => Some(a),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -167,6 +208,21 @@ mod unit {
         }
 
         #[test]
+        fn intersection_is_exact(
+            a in proptest::collection::btree_map("[ab*]", proptest::collection::vec("[xy*]", 0..3), 0..4),
+            b in proptest::collection::btree_map("[ab*]", proptest::collection::vec("[xy*]", 0..3), 0..4),
+            res in "[abc*]",
+            act in "[xyz*]",
+        ) {
+            let both = intersect(&a, &b);
+            let required: Permissions = [(res, vec![act])].into_iter().collect();
+            proptest::prop_assert_eq!(
+                covers(&both, &required),
+                covers(&a, &required) && covers(&b, &required)
+            );
+        }
+
+        #[test]
         fn a_grant_covers_itself_and_everything_covers_anything(
             doc in proptest::collection::btree_map("[a-z*]{1,6}", proptest::collection::vec("[a-z*]{1,6}", 0..4), 0..6)
         ) {
@@ -176,6 +232,20 @@ mod unit {
             proptest::prop_assert!(covers(&everything, &perms));
             proptest::prop_assert!(covers(&perms, &Permissions::new()));
         }
+    }
+
+    #[test]
+    fn intersection_keeps_what_both_grant() {
+        let key = p(json!({"*": ["read"], "orders": ["write"]}));
+        let token = p(json!({"orders": ["*"], "reports": ["read", "export"]}));
+        assert_eq!(
+            to_json(&intersect(&key, &token)),
+            json!({"orders": ["read", "write"], "reports": ["read"]})
+        );
+        assert!(intersect(&key, &Permissions::new()).is_empty());
+        let all = p(json!({"*": ["*"]}));
+        assert_eq!(intersect(&all, &token), token);
+        assert_eq!(intersect(&all, &all), all);
     }
 
     #[test]

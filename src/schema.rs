@@ -108,6 +108,16 @@ GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer) TO PUBLIC;
 -- Minting needs a valid API key, which is its own authorization.
 GRANT EXECUTE ON FUNCTION apikeys.mint_token(text, bigint, text, jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.jwks() TO PUBLIC;
+-- The request context: authenticating needs a valid credential, reading it needs nothing.
+GRANT EXECUTE ON FUNCTION apikeys.authenticate(text, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.authenticate_headers(jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.authenticate_request() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.current_key_id() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.current_owner() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.current_permissions() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.current_claims() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.has_permission(text, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
 "#,
     name = "privileges",
     finalize

@@ -1,0 +1,691 @@
+//! The request context: which key (or token) the current transaction authenticated with, for
+//! row-level-security policies and PostgREST's `db-pre-request`.
+//!
+//! The context lives in this backend's memory, not in a setting, so no `SET` or `set_config` can
+//! write it: only `authenticate` (which verifies a credential) and `reset` change it. It follows
+//! the transaction: cleared at commit, abort and PREPARE (a pooled connection never hands the
+//! next client an identity), and a rolled-back savepoint or PL/pgSQL exception block takes back
+//! what was authenticated inside it, as it would for `SET LOCAL`.
+
+use crate::verify::{self, Code, Verification};
+use crate::{claims, errors, permissions, tokens};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Who the transaction is authenticated as.
+struct Context {
+    key_id: String,
+    owner: Option<String>,
+    /// What the credential may do: the key's permissions, and for a token only what both the
+    /// token and its key grant now.
+    permissions: permissions::Permissions,
+    claims: Option<Value>,
+}
+
+impl Context {
+    fn of(v: &Verification) -> Context {
+        let parse = |doc: Option<&Value>| {
+            doc.and_then(|d| permissions::parse(d).ok())
+                .unwrap_or_default()
+        };
+        let key = parse(v.permissions.as_ref());
+        let permissions = match &v.claims {
+            Some(claims) => permissions::intersect(&key, &parse(claims.get("permissions"))),
+            None => key,
+        };
+        Context {
+            key_id: v.key_id.clone().unwrap_or_default(),
+            owner: v.owner.clone(),
+            permissions,
+            claims: v.claims.clone(),
+        }
+    }
+}
+
+thread_local! {
+    /// One entry per (sub)transaction level that changed the context, innermost last:
+    /// `(subtransaction id, context)`, where `None` is an explicit `reset()`.
+    static STACK: RefCell<Vec<(pg_sys::SubTransactionId, Option<Rc<Context>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+fn current() -> Option<Rc<Context>> {
+    STACK.with(|s| s.borrow().last().and_then(|(_, c)| c.clone()))
+}
+
+fn set(context: Option<Context>) {
+    let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let entry = (sub, context.map(Rc::new));
+    STACK.with(|s| {
+        let mut stack = s.borrow_mut();
+        match stack.last_mut() {
+            Some(top) if top.0 == sub => *top = entry,
+            _ => stack.push(entry),
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PREPARE
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) {
+        STACK.with(|s| s.borrow_mut().clear());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    sub: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    STACK.with(|s| {
+        let mut stack = s.borrow_mut();
+        if stack.last().is_none_or(|top| top.0 != sub) {
+            return;
+        }
+        match event {
+            SUBXACT_EVENT_ABORT_SUB => {
+                stack.pop();
+            }
+            // What a committed savepoint set now belongs to its parent.
+            SUBXACT_EVENT_COMMIT_SUB => {
+                let Some(mut top) = stack.pop() else { return };
+                top.0 = parent;
+                match stack.last_mut() {
+                    Some(below) if below.0 == parent => *below = top,
+                    _ => stack.push(top),
+                }
+            }
+            _ => {}
+        }
+    });
+}
+
+/// Called from `_PG_init`: the context must be dropped at every transaction end, whoever ends it.
+pub fn init() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+/// Verifies an API key or a token (told apart by shape) and, only when VALID, makes it the
+/// transaction's context. Charged like one verification (cost 1).
+fn try_authenticate(credential: Option<&str>, required: &permissions::Permissions) -> Verification {
+    let v = match credential {
+        Some(c) if claims::looks_like_token(c) => tokens::verify_token_str(Some(c), required, 1),
+        other => verify::verify(other, required, 1),
+    };
+    if v.code == Code::Valid {
+        set(Some(Context::of(&v)));
+    }
+    v
+}
+
+/// The credential an HTTP request presents: `x-api-key: <key>`, else
+/// `authorization: Bearer <key or token>`. Header names are matched case-insensitively
+/// (PostgREST lowercases them; other layers may not).
+pub fn credential_from_headers(headers: &Value) -> Option<&str> {
+    let Value::Object(map) = headers else {
+        return None;
+    };
+    let header = |name: &str| {
+        map.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+            .map(str::trim)
+    };
+    if let Some(key) = header("x-api-key").filter(|k| !k.is_empty()) {
+        return Some(key);
+    }
+    let authorization = header("authorization")?;
+    let (scheme, credential) = authorization.split_once(char::is_whitespace)?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
+}
+
+/// Authenticates the transaction with an API key or a token: on success the context
+/// (`current_key_id()`, `current_owner()`, `current_permissions()`, `current_claims()`,
+/// `has_permission()`) is set until the transaction ends and the verification is returned.
+/// `required` permissions must be granted. Charged like one verification. On failure raises
+/// 28000 with the verification code in the message, and sets nothing.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn authenticate(
+    credential: Option<&str>,
+    required: default!(Option<JsonB>, "NULL"),
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    let required = verify::required_permissions(required);
+    let v = try_authenticate(credential, &required);
+    if v.code != Code::Valid {
+        let key = v
+            .key_id
+            .as_deref()
+            .map(|id| format!(" (API key \"{}\")", errors::shown(id)))
+            .unwrap_or_default();
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("authentication failed: {}{key}", v.code.as_str()),
+            Some(
+                "apikeys.verify_key() or apikeys.verify_token() shows why a credential is refused.",
+            ),
+        );
+    }
+    v.into_row()
+}
+
+/// Authenticates the credential an HTTP request carries in `headers` (a JSON object of
+/// header names to values: `x-api-key`, else `authorization: Bearer <key or token>`), like
+/// `authenticate` but without raising: the verification says why a request is refused
+/// (`NOT_FOUND` when no credential is present). The layer under `authenticate_request()`.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn authenticate_headers(
+    headers: Option<JsonB>,
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    let headers = headers.map(|h| h.0).unwrap_or(Value::Null);
+    match credential_from_headers(&headers) {
+        Some(credential) => try_authenticate(Some(credential), &Default::default()),
+        None => Verification::not_found(),
+    }
+    .into_row()
+}
+
+// PostgreSQL refuses SET ROLE inside SECURITY DEFINER functions and pgrx reports every error a
+// Rust function raises with its own SQLSTATE list (no PT401), so the role switch and the
+// PostgREST status live in this small PL/pgSQL function that runs with the caller's rights.
+extension_sql!(
+    r#"
+-- For PostgREST's db-pre-request: authenticates the request's x-api-key or
+-- Authorization: Bearer credential, switches to the key's role for the transaction, and
+-- raises SQLSTATE PT401 (HTTP 401) when the request carries no valid credential.
+CREATE FUNCTION apikeys.authenticate_request() RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v apikeys.verification := apikeys.authenticate_headers(
+        nullif(current_setting('request.headers', true), '')::jsonb);
+BEGIN
+    IF NOT v.valid THEN
+        RAISE SQLSTATE 'PT401' USING
+            MESSAGE = 'authentication failed: ' || v.code,
+            HINT = 'Send an API key as "x-api-key: <key>" or a key or token as "Authorization: Bearer <credential>".';
+    END IF;
+    IF v.role IS NOT NULL THEN
+        PERFORM set_config('role', v.role, true);
+    END IF;
+END
+$$;
+"#,
+    name = "authenticate_request",
+    requires = [authenticate_headers]
+);
+
+/// The id of the key the transaction authenticated with; NULL when none.
+#[pg_extern(stable, parallel_restricted)]
+fn current_key_id() -> Option<String> {
+    current().map(|c| c.key_id.clone())
+}
+
+/// The owner of the authenticated key (the tenant or user it acts for); NULL when none.
+#[pg_extern(stable, parallel_restricted)]
+fn current_owner() -> Option<String> {
+    current().and_then(|c| c.owner.clone())
+}
+
+/// What the authenticated credential may do, as a permissions document (for a token: what both
+/// the token and its key grant); NULL when nothing is authenticated.
+#[pg_extern(stable, parallel_restricted)]
+fn current_permissions() -> Option<JsonB> {
+    current().map(|c| JsonB(permissions::to_json(&c.permissions)))
+}
+
+/// The claims of the authenticated token (custom claims included); NULL for an API key or when
+/// nothing is authenticated.
+#[pg_extern(stable, parallel_restricted)]
+fn current_claims() -> Option<JsonB> {
+    current().and_then(|c| c.claims.clone().map(JsonB))
+}
+
+/// Whether the authenticated credential grants `action` on `resource` (`"*"` grants match as in
+/// verify_key). False when nothing is authenticated. Reads backend memory only: cheap per row.
+#[pg_extern(stable, strict, parallel_restricted)]
+fn has_permission(resource: &str, action: &str) -> bool {
+    STACK.with(|s| {
+        s.borrow()
+            .last()
+            .and_then(|(_, c)| c.as_ref())
+            .is_some_and(|c| permissions::allows(&c.permissions, resource, action))
+    })
+}
+
+/// Clears the context for the rest of the transaction (a savepoint rollback restores it).
+/// A role switched to by authenticate_request() stays until the transaction ends.
+#[pg_extern(volatile, parallel_restricted)]
+fn reset() {
+    set(None);
+}
+
+#[cfg(test)]
+mod unit {
+    use super::credential_from_headers;
+    use serde_json::json;
+
+    #[test]
+    fn credentials_come_from_x_api_key_then_bearer() {
+        let cred = |h| credential_from_headers(&h).map(str::to_owned);
+        assert_eq!(cred(json!({"x-api-key": "sk_a"})).as_deref(), Some("sk_a"));
+        assert_eq!(
+            cred(json!({"X-Api-Key": " sk_a "})).as_deref(),
+            Some("sk_a")
+        );
+        assert_eq!(
+            cred(json!({"authorization": "Bearer e.y.J"})).as_deref(),
+            Some("e.y.J")
+        );
+        assert_eq!(
+            cred(json!({"Authorization": "bearer   sk_b"})).as_deref(),
+            Some("sk_b")
+        );
+        assert_eq!(
+            cred(json!({"x-api-key": "sk_a", "authorization": "Bearer sk_b"})).as_deref(),
+            Some("sk_a")
+        );
+        assert_eq!(
+            cred(json!({"x-api-key": "", "authorization": "Bearer sk_b"})).as_deref(),
+            Some("sk_b")
+        );
+        for none in [
+            json!({}),
+            json!(null),
+            json!("sk_a"),
+            json!(["x-api-key", "sk_a"]),
+            json!({"x-api-key": 42}),
+            json!({"authorization": "Basic dXNlcjpwYXNz"}),
+            json!({"authorization": "Bearer"}),
+            json!({"authorization": "Bearer   "}),
+            json!({"authorization": "sk_a"}),
+            json!({"api-key": "sk_a"}),
+        ] {
+            assert_eq!(cred(none.clone()), None, "{none}");
+        }
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    fn authenticate(credential: &str) {
+        run(&format!(
+            "SELECT apikeys.authenticate({})",
+            pgrx::spi::quote_literal(credential)
+        ));
+    }
+
+    fn who() -> Option<String> {
+        one::<String>("SELECT apikeys.current_key_id()")
+    }
+
+    #[pg_test]
+    fn nothing_is_authenticated_until_authenticate_succeeds() {
+        assert_eq!(who(), None);
+        assert_eq!(one::<String>("SELECT apikeys.current_owner()"), None);
+        assert_eq!(
+            one::<pgrx::JsonB>("SELECT apikeys.current_permissions()").map(|j| j.0),
+            None
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.has_permission('orders', 'read')"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.has_permission(NULL, 'read')"),
+            None
+        );
+    }
+
+    #[pg_test]
+    fn a_key_sets_the_context() {
+        let (id, key) = create(
+            "owner => 'acme', permissions => '{\"orders\": [\"read\"], \"reports\": [\"*\"]}', remaining => 5",
+        );
+        let valid = one::<bool>(&format!(
+            "SELECT valid FROM apikeys.authenticate({})",
+            pgrx::spi::quote_literal(&key)
+        ));
+        assert_eq!(valid, Some(true));
+        assert_eq!(who(), Some(id.clone()));
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_owner()").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_permissions()::text").as_deref(),
+            Some(r#"{"orders": ["read"], "reports": ["*"]}"#)
+        );
+        assert_eq!(
+            one::<pgrx::JsonB>("SELECT apikeys.current_claims()").map(|j| j.0),
+            None
+        );
+        for (resource, action, expected) in [
+            ("orders", "read", true),
+            ("orders", "write", false),
+            ("reports", "export", true),
+            ("users", "read", false),
+        ] {
+            assert_eq!(
+                one::<bool>(&format!(
+                    "SELECT apikeys.has_permission('{resource}', '{action}')"
+                )),
+                Some(expected),
+                "{resource}:{action}"
+            );
+        }
+        // Charged like a verification.
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.keys WHERE id = '{id}'"
+            )),
+            Some(4)
+        );
+    }
+
+    #[pg_test]
+    fn a_token_sets_the_context_with_its_claims_and_only_what_key_and_token_both_grant() {
+        let (id, key) =
+            create("owner => 'acme', permissions => '{\"orders\": [\"read\", \"write\"]}'");
+        let token = mint(&key, "60000, claims => '{\"plan\": \"pro\"}'");
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', permissions => '{{\"orders\": [\"read\"], \"users\": [\"read\"]}}')"
+        ));
+        authenticate(&token);
+        assert_eq!(who(), Some(id));
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_owner()").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_claims()->>'plan'").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_permissions()::text").as_deref(),
+            Some(r#"{"orders": ["read"]}"#)
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.has_permission('orders', 'write')"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.has_permission('users', 'read')"),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>("SELECT apikeys.has_permission('orders', 'read')"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn failure_raises_28000_with_the_code_and_sets_nothing() {
+        let (first_id, first) = create("owner => 'first'");
+        authenticate(&first);
+        let (id, revoked) = create("owner => 'other'");
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        let (_, limited) = create("permissions => '{\"orders\": [\"read\"]}'");
+        let q = pgrx::spi::quote_literal;
+        for (sql, needle) in [
+            (
+                format!("SELECT apikeys.authenticate({})", q(&revoked)),
+                format!("REVOKED (API key \"{id}\")"),
+            ),
+            (
+                "SELECT apikeys.authenticate('sk_nope')".into(),
+                "NOT_FOUND".into(),
+            ),
+            (
+                "SELECT apikeys.authenticate(NULL)".into(),
+                "NOT_FOUND".into(),
+            ),
+            (
+                "SELECT apikeys.authenticate('a.b.c')".into(),
+                "NOT_FOUND".into(),
+            ),
+            (
+                format!(
+                    "SELECT apikeys.authenticate({}, '{{\"orders\": [\"write\"]}}')",
+                    q(&limited)
+                ),
+                "INSUFFICIENT_PERMISSIONS".into(),
+            ),
+        ] {
+            assert_error(&sql, "28000", &format!("authentication failed: {needle}"));
+            assert_eq!(who(), Some(first_id.clone()), "{sql}");
+        }
+        assert_error(
+            &format!("SELECT apikeys.authenticate({}, '[1]')", q(&first)),
+            "22023",
+            "\"required\"",
+        );
+    }
+
+    #[pg_test]
+    fn savepoints_and_exception_blocks_take_back_what_they_authenticated() {
+        let (a_id, a) = create("");
+        let (b_id, b) = create("");
+        let q = pgrx::spi::quote_literal;
+        authenticate(&a);
+        // Rolled back: B was authenticated inside the failed block, A comes back.
+        run(&format!(
+            "DO $$ BEGIN PERFORM apikeys.authenticate({}); RAISE EXCEPTION 'boom'; \
+             EXCEPTION WHEN raise_exception THEN NULL; END $$",
+            q(&b)
+        ));
+        assert_eq!(who(), Some(a_id.clone()));
+        run(
+            "DO $$ BEGIN PERFORM apikeys.reset(); RAISE EXCEPTION 'boom'; \
+             EXCEPTION WHEN raise_exception THEN NULL; END $$",
+        );
+        assert_eq!(who(), Some(a_id.clone()));
+        // A block that ends normally keeps what it set, also through nested blocks.
+        run(&format!(
+            "DO $$ BEGIN BEGIN BEGIN PERFORM apikeys.authenticate({}); \
+             EXCEPTION WHEN raise_exception THEN NULL; END; \
+             EXCEPTION WHEN raise_exception THEN NULL; END; END $$",
+            q(&b)
+        ));
+        assert_eq!(who(), Some(b_id));
+        run("SELECT apikeys.reset()");
+        assert_eq!(who(), None);
+        assert_eq!(
+            one::<bool>("SELECT apikeys.has_permission('*', '*')"),
+            Some(false)
+        );
+    }
+
+    #[pg_test]
+    fn the_context_cannot_be_forged_through_settings() {
+        let (a_id, a) = create("owner => 'tenant-a', permissions => '{\"orders\": [\"read\"]}'");
+        let (b_id, _) = create("owner => 'tenant-b', permissions => '{\"*\": [\"*\"]}'");
+        run("CREATE ROLE forger NOSUPERUSER NOBYPASSRLS");
+        let names = one::<Vec<String>>(
+            "SELECT array_agg(name) FROM pg_settings WHERE name LIKE 'apikeys.%' OR name LIKE 'request.%'",
+        )
+        .unwrap_or_default();
+        let plausible = [
+            "apikeys.key_id",
+            "apikeys.current_key_id",
+            "apikeys.owner",
+            "apikeys.current_owner",
+            "apikeys.permissions",
+            "apikeys.claims",
+            "apikeys.context",
+            "apikeys.authenticated",
+            "apikeys.role",
+            "request.jwt.claims",
+            "request.jwt.claim.sub",
+            "request.jwt.claim.key_id",
+            "request.headers",
+            "request.apikey",
+            "pg_apikeys.key_id",
+            "app.key_id",
+            "app.tenant",
+            "jwt.claims.sub",
+            "session.key_id",
+        ];
+        let forge = |who_: &str| {
+            for name in names.iter().map(String::as_str).chain(plausible) {
+                for value in [
+                    b_id.as_str(),
+                    "tenant-b",
+                    "{\"key_id\": \"x\", \"sub\": \"tenant-b\", \"owner\": \"tenant-b\"}",
+                ] {
+                    // Some names are SUSET: as the forger those writes fail, which is fine too.
+                    error_of(&format!(
+                        "SELECT set_config({}, {}, false)",
+                        pgrx::spi::quote_literal(name),
+                        pgrx::spi::quote_literal(value)
+                    ));
+                    error_of(&format!("SET {name} = {}", pgrx::spi::quote_literal(value)));
+                }
+            }
+            assert_eq!(who(), (!who_.is_empty()).then(|| who_.to_owned()));
+            let owner = one::<String>("SELECT apikeys.current_owner()");
+            assert_ne!(owner.as_deref(), Some("tenant-b"));
+            assert_eq!(
+                one::<bool>("SELECT apikeys.has_permission('users', 'delete')"),
+                Some(false)
+            );
+        };
+        run("SET LOCAL ROLE forger");
+        forge("");
+        run("RESET ROLE");
+        forge("");
+        authenticate(&a);
+        run("SET LOCAL ROLE forger");
+        forge(&a_id);
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_owner()").as_deref(),
+            Some("tenant-a")
+        );
+    }
+
+    #[pg_test]
+    fn authenticate_headers_reads_x_api_key_then_bearer() {
+        let (id, key) = create("owner => 'acme'");
+        let token = mint(&key, "60000");
+        let headers = |h: serde_json::Value| {
+            format!(
+                "SELECT code FROM apikeys.authenticate_headers({}::jsonb)",
+                pgrx::spi::quote_literal(&h.to_string())
+            )
+        };
+        assert_eq!(
+            one::<String>(&headers(serde_json::json!({}))).as_deref(),
+            Some("NOT_FOUND")
+        );
+        assert_eq!(who(), None);
+        assert_eq!(
+            one::<String>(&headers(
+                serde_json::json!({"authorization": "Bearer sk_bad"})
+            ))
+            .as_deref(),
+            Some("NOT_FOUND")
+        );
+        assert_eq!(
+            one::<String>("SELECT code FROM apikeys.authenticate_headers(NULL)").as_deref(),
+            Some("NOT_FOUND")
+        );
+        assert_eq!(
+            one::<String>(&headers(serde_json::json!({"x-api-key": key}))).as_deref(),
+            Some("VALID")
+        );
+        assert_eq!(who(), Some(id.clone()));
+        run("SELECT apikeys.reset()");
+        assert_eq!(
+            one::<String>(&headers(
+                serde_json::json!({"authorization": format!("Bearer {token}")})
+            ))
+            .as_deref(),
+            Some("VALID")
+        );
+        assert_eq!(who(), Some(id));
+        assert!(one::<pgrx::JsonB>("SELECT apikeys.current_claims()").is_some());
+    }
+
+    #[pg_test]
+    fn authenticate_request_raises_pt401_and_switches_role() {
+        run("CREATE ROLE tenant_web NOLOGIN");
+        let (id, key) = create("owner => 'acme', role => 'tenant_web'");
+        let (_, roleless) = create("owner => 'acme'");
+        let set_headers = |h: serde_json::Value| {
+            run(&format!(
+                "SELECT set_config('request.headers', {}, true)",
+                pgrx::spi::quote_literal(&h.to_string())
+            ))
+        };
+        assert_error(
+            "SELECT apikeys.authenticate_request()",
+            "PT401",
+            "authentication failed: NOT_FOUND",
+        );
+        set_headers(serde_json::json!({"x-api-key": "sk_wrong"}));
+        assert_error(
+            "SELECT apikeys.authenticate_request()",
+            "PT401",
+            "NOT_FOUND",
+        );
+        assert_eq!(who(), None);
+        set_headers(serde_json::json!({"x-api-key": roleless}));
+        run("SELECT apikeys.authenticate_request()");
+        assert_eq!(
+            one::<bool>("SELECT current_user = session_user"),
+            Some(true)
+        );
+        set_headers(serde_json::json!({"x-api-key": key}));
+        run("SELECT apikeys.authenticate_request()");
+        assert_eq!(who(), Some(id));
+        assert_eq!(
+            one::<String>("SELECT current_user::text").as_deref(),
+            Some("tenant_web")
+        );
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn context_functions_are_public_and_restricted_to_the_leader() {
+        let rows = one::<String>(
+            "SELECT string_agg(p.proname || ':' || p.provolatile::text || p.proparallel::text || \
+                    has_function_privilege('public', p.oid, 'EXECUTE')::text, ',' ORDER BY p.proname) \
+             FROM pg_proc p WHERE p.pronamespace = 'apikeys'::regnamespace \
+               AND p.proname IN ('current_key_id', 'current_owner', 'current_permissions', \
+                                 'current_claims', 'has_permission', 'reset', 'authenticate', \
+                                 'authenticate_headers', 'authenticate_request')",
+        );
+        assert_eq!(
+            rows.as_deref(),
+            Some(
+                "authenticate:vutrue,authenticate_headers:vutrue,authenticate_request:vutrue,\
+                 current_claims:srtrue,current_key_id:srtrue,current_owner:srtrue,\
+                 current_permissions:srtrue,has_permission:srtrue,reset:vrtrue"
+            )
+        );
+    }
+}
