@@ -7,117 +7,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const DB: &str = "pg_apikeys_it";
-
-fn base_url() -> String {
-    std::env::var("PG_APIKEYS_TEST_URL")
-        .expect("PG_APIKEYS_TEST_URL must name a server with pg_apikeys installed (make test-integration sets it)")
-}
-
-/// A connection to the test database, created with the extension on first use.
-fn connect() -> Client {
-    let mut admin = Client::connect(&base_url(), NoTls).expect("connect to server");
-    let exists = admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&DB])
-        .unwrap()
-        .is_some();
-    if !exists {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {DB}"))
-            .unwrap();
-    }
-    let mut client = Client::connect(&format!("{} dbname={DB}", base_url()), NoTls).unwrap();
-    client
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_apikeys")
-        .unwrap();
-    client
-}
-
-fn create(client: &mut Client, args: &str) -> (String, String) {
-    let row = client
-        .query_one(
-            &format!("SELECT id, key FROM apikeys.create_api_key({args})"),
-            &[],
-        )
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
-/// A token for `key`, lasting `ms`.
-fn mint(client: &mut Client, key: &str, ms: i64) -> String {
-    client
-        .query_one("SELECT apikeys.mint_token($1, $2)", &[&key, &ms])
-        .unwrap()
-        .get(0)
-}
-
-/// verify_token(token).code
-fn token_code(client: &mut Client, token: &str) -> String {
-    client
-        .query_one("SELECT code FROM apikeys.verify_token($1)", &[&token])
-        .unwrap()
-        .get(0)
-}
-
-/// What is left of a key's quota, read from the table.
-fn remaining(client: &mut Client, id: &str) -> i64 {
-    client
-        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
-        .unwrap()
-        .get(0)
-}
-
-/// Runs `per_thread` verifications of `key` on each of `threads` connections at once and
-/// returns how many came back with each code.
-fn hammer(
-    key: &str,
-    threads: usize,
-    per_thread: usize,
-) -> std::collections::BTreeMap<String, usize> {
-    hammer_with(
-        "SELECT code FROM apikeys.verify_key($1)",
-        key,
-        threads,
-        per_thread,
-    )
-}
-
-/// `hammer` for any query that takes the credential as $1 and returns a code.
-fn hammer_with(
-    sql: &str,
-    key: &str,
-    threads: usize,
-    per_thread: usize,
-) -> std::collections::BTreeMap<String, usize> {
-    let barrier = Arc::new(Barrier::new(threads));
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let key = key.to_owned();
-            let sql = sql.to_owned();
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                let mut client = connect();
-                let stmt = client.prepare(&sql).unwrap();
-                barrier.wait();
-                (0..per_thread)
-                    .map(|_| {
-                        client
-                            .query_one(&stmt, &[&key])
-                            .unwrap()
-                            .get::<_, String>(0)
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let mut counts = std::collections::BTreeMap::new();
-    for h in handles {
-        for code in h.join().expect("verifier thread") {
-            *counts.entry(code).or_insert(0) += 1;
-        }
-    }
-    counts
-}
+mod common;
+use common::*;
 
 #[test]
 fn quota_is_exact_under_concurrency() {
@@ -244,11 +135,22 @@ fn hostile_input_never_crashes_a_backend() {
         for sql in [
             "SELECT valid, code FROM apikeys.verify_key($1)",
             "SELECT valid, code FROM apikeys.verify_token($1)",
+            "SELECT valid, code FROM apikeys.authenticate_headers(jsonb_build_object('x-api-key', $1::text))",
+            "SELECT valid, code FROM apikeys.authenticate_headers(jsonb_build_object('authorization', 'Bearer ' || $1::text))",
         ] {
             let row = client.query_one(sql, &[t]).unwrap();
             assert!(!row.get::<_, bool>(0));
             assert_eq!(row.get::<_, String>(1), "NOT_FOUND");
         }
+        let err = client
+            .query("SELECT apikeys.authenticate($1)", &[t])
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err}");
+        let allowed: Option<bool> = client
+            .query_one("SELECT apikeys.has_permission($1, $1)", &[t])
+            .unwrap()
+            .get(0);
+        assert_eq!(allowed, Some(false));
         for sql in [
             "SELECT apikeys.create_api_key(name => $1)",
             "SELECT apikeys.create_api_key(id => $1)",
@@ -287,6 +189,7 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)",
             "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)",
             "SELECT apikeys.verify_token('x.y.z', required => $1::text::jsonb)",
+            "SELECT apikeys.authenticate('sk_x', required => $1::text::jsonb)",
         ] {
             let err = client.query(sql, &[&doc]).expect_err(doc);
             assert_eq!(
@@ -473,9 +376,10 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
     );
     let (metered_id, metered) = create(&mut primary, "remaining => 5");
     let token = mint(&mut primary, &plain, 600000);
-    // Wait until the standby has replayed everything the primary has written so far.
+    // Wait until the standby has replayed everything the primary has written so far: the insert
+    // position, since with synchronous_commit = off the last commits may not be written yet.
     let lsn: String = primary
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .unwrap()
         .get(0);
     let standby_url = std::env::var("PG_APIKEYS_STANDBY_URL")
@@ -695,15 +599,6 @@ SELECT 'member ' || pg_describe_object(classid, objid, objsubid)
 UNION ALL
 SELECT 'config ' || cfg::regclass::text FROM pg_extension, unnest(extconfig) cfg WHERE extname = 'pg_apikeys'
 ORDER BY 1";
-
-fn recreate_database(admin: &mut Client, name: &str) {
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-}
 
 fn catalog(client: &mut Client) -> Vec<String> {
     client
