@@ -84,6 +84,8 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // `SET apikeys.<typo>` then fails instead of creating a setting nothing reads.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"apikeys".as_ptr()) };
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
