@@ -1,5 +1,5 @@
--- pg_apikeys walkthrough (make demo): keys are created, verified, metered and revoked, and
--- tokens are minted from them and verified, all in SQL.
+-- pg_apikeys walkthrough (make demo): keys are created, verified, metered and revoked,
+-- tokens are minted from them and verified, and an RLS policy shows each key its tenant's rows.
 \pset footer off
 CREATE EXTENSION pg_apikeys;
 
@@ -40,10 +40,36 @@ SELECT jsonb_pretty(apikeys.jwks());
 SELECT apikeys.mint_token(:'key', 60000) AS es_token \gset
 SELECT valid, code FROM apikeys.verify_token(:'es_token');
 
-\echo '== 8. Revoke the first key: it and every token minted from it stop verifying at once.'
+\echo '== 8. Row-level security: each key sees only its tenant''s rows, for one transaction.'
+CREATE ROLE demo_app;
+CREATE TABLE orders (id serial PRIMARY KEY, tenant text NOT NULL, item text NOT NULL);
+INSERT INTO orders (tenant, item) VALUES ('acme', 'anvil'), ('acme', 'rocket'), ('globex', 'lamp');
+ALTER TABLE orders ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_reads ON orders FOR SELECT
+    USING (tenant = (SELECT apikeys.current_owner())
+           AND (SELECT apikeys.has_permission('orders', 'read')));
+GRANT SELECT ON orders TO demo_app;
+SELECT key AS globex_key FROM apikeys.create_api_key(owner => 'globex',
+    permissions => '{"orders": ["read"]}') \gset
+SET ROLE demo_app;
+\echo '-- not authenticated: no rows'
+SELECT count(*) FROM orders;
+BEGIN;
+SELECT owner FROM apikeys.authenticate(:'key');
+SELECT apikeys.current_owner() AS tenant, item FROM orders ORDER BY item;
+COMMIT;
+BEGIN;
+SELECT owner FROM apikeys.authenticate(apikeys.mint_token(:'globex_key', 60000));
+SELECT apikeys.current_owner() AS tenant, item FROM orders ORDER BY item;
+COMMIT;
+\echo '-- the transaction ended: no identity, no rows'
+SELECT apikeys.current_key_id(), count(*) FROM orders;
+RESET ROLE;
+
+\echo '== 9. Revoke the first key: it and every token minted from it stop verifying at once.'
 SELECT apikeys.revoke_api_key(:'id') AS revoked;
 SELECT valid, code FROM apikeys.verify_key(:'key');
 SELECT valid, code FROM apikeys.verify_token(:'token');
 
-\echo '== 9. The audit trail.'
+\echo '== 10. The audit trail.'
 SELECT action, coalesce(key_id, details->>'kid') AS subject, actor FROM apikeys.audit_log ORDER BY id;
