@@ -377,3 +377,58 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
     assert_eq!(who, None);
     tx.commit().unwrap();
 }
+
+#[test]
+fn policies_stay_exact_under_parallel_query() {
+    let mut admin = setup();
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS bulk_direct, bulk_initplan;
+             CREATE TABLE bulk_direct AS
+                 SELECT 't' || (i % 100) AS tenant, 'item' || i AS item FROM generate_series(1, 200000) i;
+             CREATE TABLE bulk_initplan AS SELECT * FROM bulk_direct;
+             ALTER TABLE bulk_direct ENABLE ROW LEVEL SECURITY;
+             ALTER TABLE bulk_initplan ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY direct ON bulk_direct FOR SELECT
+                 USING (tenant = apikeys.current_owner() AND apikeys.has_permission('orders', 'read'));
+             CREATE POLICY initplan ON bulk_initplan FOR SELECT
+                 USING (tenant = (SELECT apikeys.current_owner())
+                        AND (SELECT apikeys.has_permission('orders', 'read')));
+             GRANT SELECT ON bulk_direct, bulk_initplan TO it_app;
+             ANALYZE bulk_direct; ANALYZE bulk_initplan;",
+        )
+        .unwrap();
+    let (_, key) = create(
+        &mut admin,
+        "owner => 't7', permissions => '{\"orders\": [\"read\"]}'",
+    );
+    let mut app = connect_as("it_app");
+    let mut tx = app.transaction().unwrap();
+    tx.batch_execute(
+        "SET LOCAL parallel_setup_cost = 0; SET LOCAL parallel_tuple_cost = 0;
+         SET LOCAL min_parallel_table_scan_size = 0; SET LOCAL max_parallel_workers_per_gather = 2;",
+    )
+    .unwrap();
+    tx.execute("SELECT apikeys.authenticate($1)", &[&key])
+        .unwrap();
+    let plan = |tx: &mut postgres::Transaction<'_>, sql: &str| -> String {
+        tx.query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let count = |tx: &mut postgres::Transaction<'_>, sql: &str| -> i64 {
+        tx.query_one(sql, &[]).unwrap().get(0)
+    };
+    // Called per row, the readers run in the leader (PARALLEL RESTRICTED), never in a worker
+    // that would not see the context.
+    assert_eq!(count(&mut tx, "SELECT count(*) FROM bulk_direct"), 2000);
+    // The README's (SELECT …) form: InitPlans computed by the leader and handed to the
+    // workers as parameters, so the scan itself runs in parallel and stays exact.
+    let shown = plan(&mut tx, "SELECT count(*) FROM bulk_initplan");
+    assert!(shown.contains("Parallel Seq Scan"), "{shown}");
+    assert_eq!(count(&mut tx, "SELECT count(*) FROM bulk_initplan"), 2000);
+    tx.commit().unwrap();
+}

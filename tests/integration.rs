@@ -420,6 +420,21 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         ("VALID".into(), "replica".into())
     );
     assert_eq!(token_code(&mut standby, &token), "VALID");
+    // The request context works there too: it is backend memory, nothing is written.
+    let mut tx = standby.transaction().unwrap();
+    let owner: Option<String> = tx
+        .query_one("SELECT (apikeys.authenticate($1)).owner", &[&token])
+        .unwrap()
+        .get(0);
+    let current: Option<String> = tx
+        .query_one("SELECT apikeys.current_owner()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (owner.as_deref(), current.as_deref()),
+        (Some("replica"), Some("replica"))
+    );
+    tx.commit().unwrap();
     // Plain keys mint on the standby too (the signing key was replicated).
     let minted = mint(&mut standby, &plain, 1000);
     assert_eq!(token_code(&mut standby, &minted), "VALID");
