@@ -343,6 +343,12 @@ mod tests {
         one::<String>("SELECT apikeys.current_key_id()")
     }
 
+    fn allowed(resource: &str, action: &str) -> Option<bool> {
+        one::<bool>(&format!(
+            "SELECT apikeys.has_permission('{resource}', '{action}')"
+        ))
+    }
+
     #[pg_test]
     fn nothing_is_authenticated_until_authenticate_succeeds() {
         assert_eq!(who(), None);
@@ -351,10 +357,7 @@ mod tests {
             one::<pgrx::JsonB>("SELECT apikeys.current_permissions()").map(|j| j.0),
             None
         );
-        assert_eq!(
-            one::<bool>("SELECT apikeys.has_permission('orders', 'read')"),
-            Some(false)
-        );
+        assert_eq!(allowed("orders", "read"), Some(false));
         assert_eq!(
             one::<bool>("SELECT apikeys.has_permission(NULL, 'read')"),
             None
@@ -391,9 +394,7 @@ mod tests {
             ("users", "read", false),
         ] {
             assert_eq!(
-                one::<bool>(&format!(
-                    "SELECT apikeys.has_permission('{resource}', '{action}')"
-                )),
+                allowed(resource, action),
                 Some(expected),
                 "{resource}:{action}"
             );
@@ -429,18 +430,9 @@ mod tests {
             one::<String>("SELECT apikeys.current_permissions()::text").as_deref(),
             Some(r#"{"orders": ["read"]}"#)
         );
-        assert_eq!(
-            one::<bool>("SELECT apikeys.has_permission('orders', 'write')"),
-            Some(false)
-        );
-        assert_eq!(
-            one::<bool>("SELECT apikeys.has_permission('users', 'read')"),
-            Some(false)
-        );
-        assert_eq!(
-            one::<bool>("SELECT apikeys.has_permission('orders', 'read')"),
-            Some(true)
-        );
+        assert_eq!(allowed("orders", "write"), Some(false));
+        assert_eq!(allowed("users", "read"), Some(false));
+        assert_eq!(allowed("orders", "read"), Some(true));
     }
 
     #[pg_test]
@@ -514,10 +506,7 @@ mod tests {
         assert_eq!(who(), Some(b_id));
         run("SELECT apikeys.reset()");
         assert_eq!(who(), None);
-        assert_eq!(
-            one::<bool>("SELECT apikeys.has_permission('*', '*')"),
-            Some(false)
-        );
+        assert_eq!(allowed("*", "*"), Some(false));
     }
 
     #[pg_test]
@@ -569,10 +558,7 @@ mod tests {
             assert_eq!(who(), (!who_.is_empty()).then(|| who_.to_owned()));
             let owner = one::<String>("SELECT apikeys.current_owner()");
             assert_ne!(owner.as_deref(), Some("tenant-b"));
-            assert_eq!(
-                one::<bool>("SELECT apikeys.has_permission('users', 'delete')"),
-                Some(false)
-            );
+            assert_eq!(allowed("users", "delete"), Some(false));
         };
         run("SET LOCAL ROLE forger");
         forge("");

@@ -232,6 +232,18 @@ fn request(
     Ok((serde_json::from_str(&body).unwrap(), role))
 }
 
+/// A GET request with an API key in x-api-key and no JWT, as the anonymous role.
+fn get_with_key(client: &mut Client, key: &str) -> Result<(Vec<String>, String), postgres::Error> {
+    let none = serde_json::json!({});
+    request(
+        client,
+        "GET",
+        serde_json::json!({"x-api-key": key}),
+        "it_anon",
+        none,
+    )
+}
+
 /// The payload of a JWT, as PostgREST puts it into `request.jwt.claims` after checking it.
 fn payload(token: &str) -> serde_json::Value {
     use base64::Engine as _;
@@ -274,14 +286,7 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
     let anon = "it_anon";
 
     // An API key in x-api-key: PostgREST's JWT step does nothing, the pre-request authenticates.
-    let (rows, role) = request(
-        &mut pgrst,
-        "GET",
-        serde_json::json!({"x-api-key": acme}),
-        anon,
-        none.clone(),
-    )
-    .unwrap();
+    let (rows, role) = get_with_key(&mut pgrst, &acme).unwrap();
     assert_eq!(
         (rows, role.as_str()),
         (vec!["anvil".to_owned(), "rocket".to_owned()], "it_web")
@@ -329,38 +334,23 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
     assert_eq!(sqlstate(&err), "PT401");
 
     // A key whose role may not read the table: authenticated, then refused by privileges.
-    let err = request(
-        &mut pgrst,
-        "GET",
-        serde_json::json!({"x-api-key": no_table}),
-        anon,
-        none.clone(),
-    )
-    .unwrap_err();
+    let err = get_with_key(&mut pgrst, &no_table).unwrap_err();
     assert_eq!(sqlstate(&err), "42501", "{err}");
     // A role the authenticator is not a member of cannot be switched to.
-    let err = request(
-        &mut pgrst,
-        "GET",
-        serde_json::json!({"x-api-key": stranger}),
-        anon,
-        none.clone(),
-    )
-    .unwrap_err();
+    let err = get_with_key(&mut pgrst, &stranger).unwrap_err();
     assert_eq!(sqlstate(&err), "42501", "{err}");
 
     // A metered key needs a writable transaction to spend its quota: GET is read-only.
-    let metered_headers = serde_json::json!({"x-api-key": metered});
-    let err = request(
+    let err = get_with_key(&mut pgrst, &metered).unwrap_err();
+    assert_eq!(sqlstate(&err), "25006", "{err}");
+    let (rows, _) = request(
         &mut pgrst,
-        "GET",
-        metered_headers.clone(),
+        "POST",
+        serde_json::json!({"x-api-key": metered}),
         anon,
         none.clone(),
     )
-    .unwrap_err();
-    assert_eq!(sqlstate(&err), "25006", "{err}");
-    let (rows, _) = request(&mut pgrst, "POST", metered_headers, anon, none.clone()).unwrap();
+    .unwrap();
     assert_eq!(rows, ["anvil", "rocket"]);
     assert_eq!(remaining(&mut admin, &metered_id), 9);
 

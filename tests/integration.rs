@@ -3,7 +3,6 @@
 //! survive hostile input. `make test-integration` starts the server and sets PG_APIKEYS_TEST_URL.
 
 use postgres::{Client, NoTls};
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 

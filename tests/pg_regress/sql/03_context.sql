@@ -112,5 +112,20 @@ SELECT apikeys.authenticate_request();
 \echo :LAST_ERROR_SQLSTATE
 ROLLBACK;
 
+-- PostgREST's in-database configuration: the pre-request function and, for tokens sent as
+-- Bearer, the public keys of ES256/EdDSA signing keys as its jwt-secret.
+CREATE ROLE authenticator LOGIN NOINHERIT;
+SELECT apikeys.rotate_signing_key('ES256') IS NOT NULL AS rotated;
+ALTER ROLE authenticator SET pgrst.db_pre_request = 'apikeys.authenticate_request';
+DO $$ BEGIN
+    EXECUTE format('ALTER ROLE authenticator SET pgrst.jwt_secret = %L', apikeys.jwks()::text);
+END $$;
+NOTIFY pgrst, 'reload config';   -- again after every rotate_signing_key / retire_signing_key
+SELECT name, CASE name WHEN 'pgrst.jwt_secret' THEN value::jsonb->'keys'->0->>'alg' ELSE value END AS value
+  FROM pg_db_role_setting, unnest(setconfig) setting,
+       LATERAL (SELECT split_part(setting, '=', 1) AS name,
+                       substr(setting, strpos(setting, '=') + 1) AS value) s
+ WHERE setrole = 'authenticator'::regrole ORDER BY 1;
+
 DROP TABLE orders;
-DROP ROLE app, web_user;
+DROP ROLE app, web_user, authenticator;
