@@ -138,7 +138,7 @@ fn try_authenticate(credential: Option<&str>, required: &permissions::Permission
 /// The credential an HTTP request presents: `x-api-key: <key>`, else
 /// `authorization: Bearer <key or token>`. Header names are matched case-insensitively
 /// (PostgREST lowercases them; other layers may not).
-pub fn credential_from_headers(headers: &Value) -> Option<&str> {
+fn credential_from_headers(headers: &Value) -> Option<&str> {
     let Value::Object(map) = headers else {
         return None;
     };
