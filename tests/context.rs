@@ -76,12 +76,6 @@ fn items(client: &mut impl postgres::GenericClient) -> Vec<String> {
         .collect()
 }
 
-fn sqlstate(e: &postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_owned())
-        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
-}
-
 #[test]
 fn rls_shows_each_tenant_its_rows_and_nothing_after_the_transaction() {
     let mut admin = setup();

@@ -127,3 +127,10 @@ pub fn recreate_database(admin: &mut Client, name: &str) {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap();
 }
+
+/// The SQLSTATE of a server error, or a text that matches none.
+pub fn sqlstate(e: &postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
