@@ -13,7 +13,6 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
 use std::cell::RefCell;
-use std::rc::Rc;
 
 /// Who the transaction is authenticated as.
 struct Context {
@@ -48,17 +47,19 @@ impl Context {
 thread_local! {
     /// One entry per (sub)transaction level that changed the context, innermost last:
     /// `(subtransaction id, context)`, where `None` is an explicit `reset()`.
-    static STACK: RefCell<Vec<(pg_sys::SubTransactionId, Option<Rc<Context>>)>> =
+    static STACK: RefCell<Vec<(pg_sys::SubTransactionId, Option<Context>)>> =
         const { RefCell::new(Vec::new()) };
 }
 
-fn current() -> Option<Rc<Context>> {
-    STACK.with(|s| s.borrow().last().and_then(|(_, c)| c.clone()))
+/// Reads the context in place: the readers run per row in policies, so nothing is cloned that
+/// the caller does not return.
+fn with_current<R>(read: impl FnOnce(Option<&Context>) -> R) -> R {
+    STACK.with(|s| read(s.borrow().last().and_then(|(_, c)| c.as_ref())))
 }
 
 fn set(context: Option<Context>) {
     let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let entry = (sub, context.map(Rc::new));
+    let entry = (sub, context);
     STACK.with(|s| {
         let mut stack = s.borrow_mut();
         match stack.last_mut() {
@@ -238,39 +239,34 @@ $$;
 /// The id of the key the transaction authenticated with; NULL when none.
 #[pg_extern(stable, parallel_restricted)]
 fn current_key_id() -> Option<String> {
-    current().map(|c| c.key_id.clone())
+    with_current(|c| c.map(|c| c.key_id.clone()))
 }
 
 /// The owner of the authenticated key (the tenant or user it acts for); NULL when none.
 #[pg_extern(stable, parallel_restricted)]
 fn current_owner() -> Option<String> {
-    current().and_then(|c| c.owner.clone())
+    with_current(|c| c.and_then(|c| c.owner.clone()))
 }
 
 /// What the authenticated credential may do, as a permissions document (for a token: what both
 /// the token and its key grant); NULL when nothing is authenticated.
 #[pg_extern(stable, parallel_restricted)]
 fn current_permissions() -> Option<JsonB> {
-    current().map(|c| JsonB(permissions::to_json(&c.permissions)))
+    with_current(|c| c.map(|c| JsonB(permissions::to_json(&c.permissions))))
 }
 
 /// The claims of the authenticated token (custom claims included); NULL for an API key or when
 /// nothing is authenticated.
 #[pg_extern(stable, parallel_restricted)]
 fn current_claims() -> Option<JsonB> {
-    current().and_then(|c| c.claims.clone().map(JsonB))
+    with_current(|c| c.and_then(|c| c.claims.clone().map(JsonB)))
 }
 
 /// Whether the authenticated credential grants `action` on `resource` (`"*"` grants match as in
 /// verify_key). False when nothing is authenticated. Reads backend memory only: cheap per row.
 #[pg_extern(stable, strict, parallel_restricted)]
 fn has_permission(resource: &str, action: &str) -> bool {
-    STACK.with(|s| {
-        s.borrow()
-            .last()
-            .and_then(|(_, c)| c.as_ref())
-            .is_some_and(|c| permissions::allows(&c.permissions, resource, action))
-    })
+    with_current(|c| c.is_some_and(|c| permissions::allows(&c.permissions, resource, action)))
 }
 
 /// Clears the context for the rest of the transaction (a savepoint rollback restores it).
