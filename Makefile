@@ -58,7 +58,8 @@ $(VENV)/.ok: tests/interop/requirements.txt
 	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt
 	touch $@
 
-# Integration tests: a primary and a streaming hot standby made with pg_basebackup.
+# Integration tests: a primary and a streaming hot standby made with pg_basebackup; the crash
+# test (tests/crash.rs) runs a durable cluster of its own on port 55436.
 # Released versions' install scripts (tests/upgrade) are copied in for the upgrade test.
 test-integration: install venv
 	cp tests/upgrade/pg_apikeys--*.sql $$($(PG_CONFIG) --sharedir)/extension/
@@ -69,10 +70,10 @@ test-integration: install venv
 	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
 	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \
-	  $(CARGO) test --features integration --test integration --test context -- --test-threads=1; rc=$$?; \
+	  $(CARGO) test --features integration --test integration --test context --test crash -- --test-threads=1; rc=$$?; \
 	  scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
 
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
-	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT)
-	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest
+	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); scripts/cluster.sh stop /tmp/pg_apikeys_crash 55436
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A scratch PostgreSQL cluster run by user postgres on a loopback port (initdb refuses root).
-# Usage: scripts/cluster.sh start|stop|psql DIR PORT [psql args...]
+# Usage: scripts/cluster.sh start DIR PORT [setting=value ...]   (settings apply to a new cluster)
+#        scripts/cluster.sh stop|psql DIR PORT [psql args...]
 #        scripts/cluster.sh standby DIR PORT PRIMARY_PORT   (a streaming replica of the primary)
 set -euo pipefail
 PG_MAJOR=${PG_MAJOR:-15}
@@ -14,6 +15,8 @@ case "$cmd" in
       as_pg "$BIN/initdb" -D "$dir" -U postgres -A trust --no-sync >/dev/null
       cat "$(dirname "$0")/../pg_test.conf" >> "$dir/postgresql.conf"
       printf "port = %s\nunix_socket_directories = '%s'\n" "$port" "$dir" >> "$dir/postgresql.conf"
+      # Later lines win: the caller's settings override pg_test.conf's.
+      for setting in "$@"; do printf "%s\n" "$setting" >> "$dir/postgresql.conf"; done
     fi
     as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
     ;;

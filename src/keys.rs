@@ -4,7 +4,7 @@
 
 use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
 use crate::schema::API_KEY_ROW;
-use crate::{audit, guc, key_format, permissions};
+use crate::{audit, durations, guc, key_format, permissions};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -73,23 +73,9 @@ fn check_metadata(value: Option<JsonB>) -> Option<serde_json::Value> {
     Some(value)
 }
 
-/// Durations are bounded so that `now + duration` (computed at every verification for windows
-/// and refills) stays a valid timestamp.
-const MAX_DURATION_YEARS: i32 = 1000;
-
 fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
-    let micros = value.as_micros();
-    if micros < 0 || (micros == 0 && !allow_zero) {
-        let expected = if allow_zero {
-            "must not be negative"
-        } else {
-            "must be a positive interval"
-        };
-        invalid_argument(arg, expected);
-    }
-    if micros > Interval::from_years(MAX_DURATION_YEARS).as_micros() {
-        invalid_argument(arg, format!("must be at most {MAX_DURATION_YEARS} years"));
-    }
+    durations::check_interval(value.months(), value.days(), value.micros(), allow_zero)
+        .unwrap_or_else(|problem| invalid_argument(arg, problem));
     value
 }
 
@@ -1062,6 +1048,11 @@ mod tests {
                 "rate_limit_window",
             ),
             ("expires_in => '178000000 years'", "expires_in"),
+            (
+                "rate_limit_max => 5, rate_limit_window => '1 mon -29 days'",
+                "rate_limit_window",
+            ),
+            ("expires_in => '1 day -1 hour'", "expires_in"),
             ("role => 'no_such_role'", "role"),
             ("permissions => '[\"orders\"]'", "permissions"),
             ("permissions => '{\"orders\": \"read\"}'", "permissions"),

@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 mod audit;
 pub mod claims;
 mod context;
+pub mod durations;
 mod errors;
 mod guc;
 pub mod key_format;

@@ -129,3 +129,190 @@ pub const API_KEY_ROW: &str =
      role, master, enabled, expires_at, revoked_at, remaining, refill_amount, refill_interval, \
      last_refill_at, rate_limit_max, rate_limit_window, request_count, last_used_at, created_at, \
      created_by, updated_at, updated_by)::apikeys.api_key";
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    /// The three kinds of caller: any role (PUBLIC), a role granted management exactly as the
+    /// README shows, and the extension's owner.
+    const ROLES: [&str; 3] = ["matrix_public", "matrix_admin", "owner"];
+
+    /// Every function in schema apikeys: a call that succeeds for whoever may make it, and
+    /// whether [PUBLIC, admin, owner] may. Placeholders: {id} {key} {token} {kid}.
+    const FUNCTIONS: &[(&str, &str, [bool; 3])] = &[
+        ("create_api_key", "SELECT apikeys.create_api_key(name => 'matrix')", [false, true, true]),
+        ("get_api_key", "SELECT apikeys.get_api_key('{id}')", [false, true, true]),
+        ("list_api_keys", "SELECT count(*) FROM apikeys.list_api_keys()", [false, true, true]),
+        ("update_api_key", "SELECT apikeys.update_api_key('{id}', name => 'renamed')", [false, true, true]),
+        ("revoke_api_key", "SELECT apikeys.revoke_api_key('{id}')", [false, true, true]),
+        ("delete_api_key", "SELECT apikeys.delete_api_key('{id}')", [false, true, true]),
+        ("rotate_api_key", "SELECT apikeys.rotate_api_key('{id}')", [false, true, true]),
+        ("delete_expired_api_keys", "SELECT apikeys.delete_expired_api_keys()", [false, true, true]),
+        ("rotate_signing_key", "SELECT apikeys.rotate_signing_key()", [false, true, true]),
+        ("retire_signing_key", "SELECT apikeys.retire_signing_key('{kid}')", [false, true, true]),
+        ("export_signing_key", "SELECT apikeys.export_signing_key('{kid}')", [false, true, true]),
+        ("list_signing_keys", "SELECT count(*) FROM apikeys.list_signing_keys()", [false, true, true]),
+        ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
+        ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
+        ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),
+        ("jwks", "SELECT apikeys.jwks()", [true, true, true]),
+        ("authenticate", "SELECT apikeys.authenticate('{key}')", [true, true, true]),
+        ("authenticate_headers", "SELECT apikeys.authenticate_headers('{\"x-api-key\": \"{key}\"}')", [true, true, true]),
+        ("authenticate_request", "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', '{\"x-api-key\": \"{key}\"}', true)) s", [true, true, true]),
+        ("current_key_id", "SELECT apikeys.current_key_id()", [true, true, true]),
+        ("current_owner", "SELECT apikeys.current_owner()", [true, true, true]),
+        ("current_permissions", "SELECT apikeys.current_permissions()", [true, true, true]),
+        ("current_claims", "SELECT apikeys.current_claims()", [true, true, true]),
+        ("has_permission", "SELECT apikeys.has_permission('orders', 'read')", [true, true, true]),
+        ("reset", "SELECT apikeys.reset()", [true, true, true]),
+    ];
+
+    /// Table privileges: only the owner has any. TRUNCATE is checked through the catalog only
+    /// (for the owner it would empty the table); every other one is also attempted.
+    const TABLE_PRIVILEGES: &[(&str, &str)] = &[
+        ("SELECT", "SELECT count(*) FROM apikeys.{t}"),
+        (
+            "INSERT",
+            "INSERT INTO apikeys.{t} SELECT (NULL::apikeys.{t}).* WHERE false",
+        ),
+        ("UPDATE", "UPDATE apikeys.{t} SET {c} = {c} WHERE false"),
+        ("DELETE", "DELETE FROM apikeys.{t} WHERE false"),
+        ("TRUNCATE", "TRUNCATE apikeys.{t}"),
+        ("REFERENCES", ""),
+        ("TRIGGER", ""),
+    ];
+
+    fn as_role(role: &str, sql: &str) -> Option<String> {
+        if role != "owner" {
+            run(&format!("SET LOCAL ROLE {role}"));
+        }
+        let err = error_of(sql);
+        run("RESET ROLE");
+        err
+    }
+
+    /// Asserts that `sql` as `role` succeeds when `allowed` and fails with 42501 when not.
+    fn check(role: &str, sql: &str, allowed: bool) {
+        match (as_role(role, sql), allowed) {
+            (None, true) => {}
+            (Some(err), false) if err.starts_with("42501: permission denied") => {}
+            (got, _) => panic!("{role}: {sql}: expected allowed = {allowed}, got {got:?}"),
+        }
+    }
+
+    #[pg_test]
+    fn privileges_matrix() {
+        run("CREATE ROLE matrix_public");
+        run("CREATE ROLE matrix_admin");
+        // The README's grant for a key administrator, verbatim.
+        run("GRANT EXECUTE ON FUNCTION apikeys.create_api_key, apikeys.get_api_key, apikeys.list_api_keys,
+                apikeys.update_api_key, apikeys.revoke_api_key, apikeys.delete_api_key,
+                apikeys.rotate_api_key, apikeys.delete_expired_api_keys, apikeys.rotate_signing_key,
+                apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys TO matrix_admin");
+        assert_eq!(
+            one::<bool>("SELECT extowner = current_user::regrole FROM pg_extension WHERE extname = 'pg_apikeys'"),
+            Some(true)
+        );
+
+        // Every function is in the matrix, and nothing else is in the schema.
+        let mut listed: Vec<&str> = FUNCTIONS.iter().map(|f| f.0).collect();
+        listed.sort_unstable();
+        let in_schema = one::<Vec<String>>(
+            "SELECT array_agg(proname::text ORDER BY proname) FROM pg_proc WHERE pronamespace = 'apikeys'::regnamespace",
+        )
+        .unwrap();
+        assert_eq!(in_schema, listed);
+
+        for (name, call, allowed) in FUNCTIONS {
+            for (role, allowed) in ROLES.iter().zip(allowed) {
+                // Fresh material for every call: a key, its token, a signing key.
+                let kid = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
+                let (id, key) = create("permissions => '{\"orders\": [\"read\"]}'");
+                let token = mint(&key, "60000");
+                let sql = call
+                    .replace("{id}", &id)
+                    .replace("{key}", &key)
+                    .replace("{token}", &token)
+                    .replace("{kid}", &kid);
+                check(role, &sql, *allowed);
+                if *role != "owner" {
+                    let granted = one::<bool>(&format!(
+                        "SELECT has_function_privilege('{role}', p.oid, 'EXECUTE') FROM pg_proc p
+                          WHERE pronamespace = 'apikeys'::regnamespace AND proname = '{name}'"
+                    ));
+                    assert_eq!(granted, Some(*allowed), "{role} {name}");
+                }
+            }
+            // PUBLIC's column is the grant to PUBLIC itself, not just to a role without grants.
+            let public = one::<bool>(&format!(
+                "SELECT has_function_privilege('public', p.oid, 'EXECUTE') FROM pg_proc p
+                  WHERE pronamespace = 'apikeys'::regnamespace AND proname = '{name}'"
+            ));
+            assert_eq!(public, Some(allowed[0]), "PUBLIC {name}");
+        }
+
+        // Tables: no one but the owner reads or writes them, not even a key administrator.
+        for (table, column) in [("keys", "id"), ("audit_log", "id"), ("signing_keys", "kid")] {
+            for (privilege, statement) in TABLE_PRIVILEGES {
+                for role in ["public", "matrix_public", "matrix_admin"] {
+                    let has = one::<bool>(&format!(
+                        "SELECT has_table_privilege('{role}', 'apikeys.{table}', '{privilege}')"
+                    ));
+                    assert_eq!(has, Some(false), "{role} {privilege} {table}");
+                    if !statement.is_empty() && role != "public" {
+                        check(
+                            role,
+                            &statement.replace("{t}", table).replace("{c}", column),
+                            false,
+                        );
+                    }
+                }
+                if !statement.is_empty() && *privilege != "TRUNCATE" {
+                    check(
+                        "owner",
+                        &statement.replace("{t}", table).replace("{c}", column),
+                        true,
+                    );
+                }
+            }
+        }
+        for role in ["public", "matrix_public", "matrix_admin"] {
+            for privilege in ["USAGE", "SELECT", "UPDATE"] {
+                let has = one::<bool>(&format!(
+                    "SELECT has_sequence_privilege('{role}', 'apikeys.audit_log_id_seq', '{privilege}')"
+                ));
+                assert_eq!(has, Some(false), "{role} {privilege} sequence");
+            }
+            // Everyone may use the schema and its types; no one but the owner may add to it.
+            let usage = one::<bool>(&format!(
+                "SELECT has_schema_privilege('{role}', 'apikeys', 'USAGE')
+                    AND has_type_privilege('{role}', 'apikeys.verification', 'USAGE')
+                    AND has_type_privilege('{role}', 'apikeys.api_key', 'USAGE')
+                    AND NOT has_schema_privilege('{role}', 'apikeys', 'CREATE')"
+            ));
+            assert_eq!(usage, Some(true), "{role} schema");
+        }
+        for role in ["matrix_public", "matrix_admin"] {
+            check(role, "SELECT nextval('apikeys.audit_log_id_seq')", false);
+            check(role, "CREATE TABLE apikeys.intruder ()", false);
+            check(
+                role,
+                "CREATE FUNCTION apikeys.verify_key(text) RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                false,
+            );
+        }
+        check(
+            "owner",
+            "SELECT last_value FROM apikeys.audit_log_id_seq",
+            true,
+        );
+        // What the admin did is audited under its own name.
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE actor = 'matrix_admin' AND action = 'create'"),
+            Some(1)
+        );
+    }
+}

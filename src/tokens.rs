@@ -3,7 +3,7 @@
 //! with verify_key's checks, so revoking, disabling, deleting or expiring a key kills its tokens.
 
 use crate::verify::{self, Code, Lookup, Token, Verification};
-use crate::{claims, errors, guc, key_format, permissions, signing};
+use crate::{claims, durations, errors, guc, key_format, permissions, signing};
 use jsonwebtoken::{decode, decode_header, encode, Header, Validation};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -20,20 +20,19 @@ fn invalid_credential(message: String, hint: Option<&str>) -> ! {
 
 /// `ms` as mint_token accepts it: positive and within `apikeys.max_token_ttl`.
 fn checked_ms(ms: Option<i64>) -> i64 {
-    let max = guc::max_token_ttl_ms();
-    match ms {
-        None => errors::invalid_argument("ms", "must not be NULL"),
-        Some(ms) if ms <= 0 => errors::invalid_argument(
-            "ms",
-            format!("must be a positive number of milliseconds, got {ms}"),
-        ),
-        Some(ms) if ms > max => errors::invalid_argument_hint(
-            "ms",
-            format!("must be at most {max} milliseconds (apikeys.max_token_ttl), got {ms}"),
-            "A superuser can raise apikeys.max_token_ttl.",
-        ),
-        Some(ms) => ms,
-    }
+    let Some(ms) = ms else {
+        errors::invalid_argument("ms", "must not be NULL")
+    };
+    durations::check_ms(ms, guc::max_token_ttl_ms()).unwrap_or_else(|refused| {
+        let hint = refused
+            .is_too_long()
+            .then_some("A superuser can raise apikeys.max_token_ttl.");
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("argument \"ms\" {}", refused.0),
+            hint,
+        )
+    })
 }
 
 /// The key that mints: an API key (never a token) that verifies as VALID, charged one use.
@@ -783,6 +782,85 @@ mod tests {
         // An API key is not a token.
         let (_, key) = create("");
         assert_eq!(token_code(&key, ""), "NOT_FOUND");
+    }
+
+    /// Property test inside the backend: tokens built from a valid one with a random header
+    /// (alg, kid), a random claim changed or dropped, and a random signature never raise, and
+    /// only the untouched token verifies.
+    #[pg_test]
+    fn generated_tokens_never_raise_and_only_the_genuine_one_verifies() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let (_, key) = create("permissions => '{\"orders\": [\"read\"]}'");
+        let token = mint(&key, "600000");
+        let (h, c) = (header(&token), payload(&token));
+        let kid = h["kid"].clone();
+        let json = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+            Just(json!({"*": ["*"]})),
+            Just(json!([])),
+        ];
+        let alg = prop_oneof![
+            Just(h["alg"].clone()),
+            Just(json!("none")),
+            Just(json!("HS384")),
+            Just(json!("ES256")),
+            Just(json!("EdDSA")),
+            Just(json!("RS256")),
+            json.clone(),
+        ];
+        let kids = prop_oneof![Just(kid.clone()), Just(json!("' OR 1=1 --")), json.clone()];
+        let claim =
+            proptest::sample::select(c.as_object().unwrap().keys().cloned().collect::<Vec<_>>());
+        let signature = prop_oneof![
+            Just(token.split('.').nth(2).unwrap().to_owned()),
+            "[A-Za-z0-9_-]{0,90}",
+            "\\PC{0,20}",
+        ];
+        let strategy = (
+            alg,
+            kids,
+            proptest::option::of((claim, proptest::option::of(json))),
+            signature,
+        );
+        let mut runner = TestRunner::new(Config {
+            cases: 300,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&strategy, |(alg, kid, change, sig)| {
+                let head = json!({"alg": alg, "kid": kid, "typ": "JWT"});
+                let mut body = c.clone();
+                if let Some((name, value)) = change {
+                    match value {
+                        Some(v) => body[&name] = v,
+                        None => {
+                            body.as_object_mut().unwrap().remove(&name);
+                        }
+                    }
+                }
+                // An untouched part keeps its original bytes (JSON key order is not canonical).
+                let parts: Vec<&str> = token.split('.').collect();
+                let part = |v: &Value, original: &Value, i: usize| {
+                    if v == original {
+                        parts[i].to_owned()
+                    } else {
+                        encode_json(v)
+                    }
+                };
+                let forged = format!("{}.{}.{sig}", part(&head, &h, 0), part(&body, &c, 1));
+                let genuine = forged == token;
+                let got = token_code(&forged, "");
+                prop_assert_eq!(got == "VALID", genuine, "{}", forged);
+                prop_assert!(got == "VALID" || got == "NOT_FOUND", "{}", got);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(token_code(&token, ""), "VALID");
     }
 
     #[pg_test]

@@ -267,6 +267,35 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
         .unwrap();
     let ed_token = mint(&mut client, &plain, 600000);
     let revoked_token = mint(&mut client, &revoked, 600000);
+    let brief_token = mint(&mut client, &plain, 1);
+    // A token of a signing key that is then retired, and an ES256 one that signs from now on.
+    let retired_kid: String = client
+        .query_one("SELECT apikeys.rotate_signing_key('HS256')", &[])
+        .unwrap()
+        .get(0);
+    let retired_token = mint(&mut client, &plain, 600000);
+    client
+        .batch_execute("SELECT apikeys.rotate_signing_key('ES256')")
+        .unwrap();
+    client
+        .query_one("SELECT apikeys.retire_signing_key($1)", &[&retired_kid])
+        .unwrap();
+    let es_token = mint(&mut client, &plain, 600000);
+    // Mid-window and mid-refill-period counters, and a disabled key.
+    let (_, windowed) = create(
+        &mut client,
+        "rate_limit_max => 2, rate_limit_window => '1 hour'",
+    );
+    let (_, refilling) = create(
+        &mut client,
+        "remaining => 1, refill_amount => 3, refill_interval => '1 hour'",
+    );
+    let (_, disabled) = create(&mut client, "enabled => false");
+    for key in [&windowed, &refilling] {
+        client
+            .query_one("SELECT apikeys.verify_key($1)", &[key])
+            .unwrap();
+    }
     for _ in 0..2 {
         client
             .query_one("SELECT apikeys.verify_key($1)", &[&metered])
@@ -322,6 +351,20 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     assert_eq!(token_code(&mut restored, &hs_token), "VALID");
     assert_eq!(token_code(&mut restored, &ed_token), "VALID");
     assert_eq!(token_code(&mut restored, &revoked_token), "REVOKED");
+    assert_eq!(token_code(&mut restored, &es_token), "VALID");
+    assert_eq!(token_code(&mut restored, &brief_token), "EXPIRED");
+    assert_eq!(token_code(&mut restored, &retired_token), "NOT_FOUND");
+    assert_eq!(code(&mut restored, &disabled), ("DISABLED".into(), None));
+    // The window and the refill period go on where they were: one call left, then none.
+    assert_eq!(code(&mut restored, &windowed), ("VALID".into(), None));
+    assert_eq!(
+        code(&mut restored, &windowed),
+        ("RATE_LIMITED".into(), None)
+    );
+    assert_eq!(
+        code(&mut restored, &refilling),
+        ("USAGE_EXCEEDED".into(), Some(0))
+    );
     let jwks = |c: &mut Client| -> String {
         c.query_one("SELECT apikeys.jwks()::text", &[])
             .unwrap()

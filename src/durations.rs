@@ -1,0 +1,126 @@
+//! Durations as callers give them: intervals for key lifetimes, refills, rate-limit windows and
+//! grace periods, milliseconds for tokens. Pure Rust: what is accepted, and why not.
+
+/// Durations are bounded so that `now + duration` (computed at every verification for windows
+/// and refills) stays a valid timestamp.
+pub const MAX_YEARS: i64 = 1000;
+
+const MICROS_PER_DAY: i128 = 86_400_000_000;
+
+/// Why an interval (as PostgreSQL stores it: months, days, microseconds) is not a duration,
+/// or Ok. Every part must be non-negative, not just their sum: PostgreSQL adds months and days
+/// by the calendar, so `1 mon -29 days` is a day from January and minus a day from February,
+/// and a rate-limit window that ends before it starts would never limit anything.
+pub fn check_interval(months: i32, days: i32, micros: i64, allow_zero: bool) -> Result<(), String> {
+    if months < 0 || days < 0 || micros < 0 {
+        return Err(format!(
+            "must not have a negative part, got {months} months {days} days {micros} microseconds"
+        ));
+    }
+    if !allow_zero && months == 0 && days == 0 && micros == 0 {
+        return Err("must be a positive interval".into());
+    }
+    // A month counts 30 days here, as PostgreSQL's own interval comparisons count it.
+    let total = i128::from(months) * 30 * MICROS_PER_DAY
+        + i128::from(days) * MICROS_PER_DAY
+        + i128::from(micros);
+    if total > i128::from(MAX_YEARS) * 12 * 30 * MICROS_PER_DAY {
+        return Err(format!("must be at most {MAX_YEARS} years"));
+    }
+    Ok(())
+}
+
+/// A token lifetime in milliseconds: positive and at most `max_ms`.
+pub fn check_ms(ms: i64, max_ms: i64) -> Result<i64, Refused> {
+    if ms <= 0 {
+        return Err(Refused(format!(
+            "must be a positive number of milliseconds, got {ms}"
+        )));
+    }
+    if ms > max_ms {
+        return Err(Refused(format!(
+            "must be at most {max_ms} milliseconds (apikeys.max_token_ttl), got {ms}"
+        )));
+    }
+    Ok(ms)
+}
+
+/// Why a token lifetime was refused; `is_too_long` tells a limit a superuser can raise.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl Refused {
+    pub fn is_too_long(&self) -> bool {
+        self.0.starts_with("must be at most")
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DAY: i64 = 86_400_000_000;
+
+    #[test]
+    fn intervals_must_be_positive_in_every_part_and_at_most_a_millennium() {
+        assert_eq!(check_interval(0, 0, 1, false), Ok(()));
+        assert_eq!(check_interval(1, 0, 0, false), Ok(()));
+        assert_eq!(check_interval(0, 0, 0, true), Ok(()));
+        assert_eq!(
+            check_interval(0, 0, 0, false),
+            Err("must be a positive interval".into())
+        );
+        assert!(check_interval(1, -29, 0, false).is_err());
+        assert!(check_interval(0, 1, -3_600_000_000, false).is_err());
+        assert!(check_interval(0, 0, -1, true).is_err());
+        assert_eq!(check_interval(12_000, 0, 0, false), Ok(()));
+        assert_eq!(
+            check_interval(12_000, 0, 1, false),
+            Err("must be at most 1000 years".into())
+        );
+        assert!(check_interval(i32::MAX, i32::MAX, i64::MAX, false).is_err());
+        assert_eq!(check_interval(0, 360_000, 0, false), Ok(()));
+        assert!(check_interval(0, 360_000, DAY, false).is_err());
+    }
+
+    #[test]
+    fn token_lifetimes_are_positive_and_within_the_maximum() {
+        assert_eq!(check_ms(1, 10), Ok(1));
+        assert_eq!(check_ms(10, 10), Ok(10));
+        assert!(!check_ms(0, 10).unwrap_err().is_too_long());
+        assert!(!check_ms(i64::MIN, 10).unwrap_err().is_too_long());
+        assert!(check_ms(11, 10).unwrap_err().is_too_long());
+        assert!(check_ms(i64::MAX, 10)
+            .unwrap_err()
+            .0
+            .contains("got 9223372036854775807"));
+    }
+
+    proptest! {
+        #[test]
+        fn an_accepted_interval_moves_time_forward_by_at_most_a_millennium(
+            months in prop_oneof![any::<i32>(), -2i32..13_000],
+            days in prop_oneof![any::<i32>(), -2i32..400_000],
+            micros in prop_oneof![any::<i64>(), -2i64..1 << 56],
+            allow_zero in any::<bool>()
+        ) {
+            if check_interval(months, days, micros, allow_zero).is_ok() {
+                prop_assert!(months >= 0 && days >= 0 && micros >= 0);
+                prop_assert!(allow_zero || months > 0 || days > 0 || micros > 0);
+                // By the calendar a month is at most 31 days: still within 1000 years + 1%.
+                let longest = i128::from(months) * 31 * i128::from(DAY)
+                    + i128::from(days) * i128::from(DAY) + i128::from(micros);
+                prop_assert!(longest <= 1000 * 366 * i128::from(DAY));
+            }
+        }
+
+        #[test]
+        fn an_accepted_token_lifetime_is_within_its_bounds(ms in any::<i64>(), max in 1i64..i64::MAX) {
+            match check_ms(ms, max) {
+                Ok(got) => prop_assert!(got == ms && 0 < ms && ms <= max),
+                Err(e) => prop_assert_eq!(e.is_too_long(), ms > max),
+            }
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Crash safety. A cluster of its own with durable settings (fsync, synchronous_commit and
+//! full_page_writes on: the test cluster's speed settings would be allowed to lose acknowledged
+//! commits), several connections creating keys and spending quotas, then the postmaster and
+//! every backend killed with SIGKILL mid-flight and the server restarted through crash recovery.
+//! `make test-integration` runs it; it needs sudo (the cluster runs as user postgres).
+
+use postgres::{Client, NoTls};
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const DIR: &str = "/tmp/pg_apikeys_crash";
+const PORT: &str = "55436";
+const URL: &str = "host=127.0.0.1 port=55436 user=postgres dbname=postgres";
+
+fn cluster(args: &[&str]) -> std::process::Output {
+    Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+        .args(args)
+        .output()
+        .expect("scripts/cluster.sh")
+}
+
+fn connect() -> Client {
+    Client::connect(URL, NoTls).expect("connect to the crash cluster")
+}
+
+/// The postmaster's pid and its children's, from postmaster.pid and /proc.
+fn server_pids() -> Vec<String> {
+    let lock = std::fs::read_to_string(format!("{DIR}/postmaster.pid")).expect("postmaster.pid");
+    let postmaster = lock.lines().next().unwrap().trim().to_owned();
+    let mut pids = vec![postmaster.clone()];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so read after its closing ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid == Some(postmaster.as_str()) {
+            pids.push(entry.file_name().into_string().unwrap());
+        }
+    }
+    pids
+}
+
+/// What one connection saw before the crash.
+#[derive(Default, Debug)]
+struct Seen {
+    /// Keys whose create_api_key returned.
+    created: Vec<String>,
+    /// Per key: verifications that returned VALID (in autocommit: after their commit).
+    valid: BTreeMap<String, usize>,
+    /// Per key: VALIDs whose transaction's COMMIT also returned.
+    committed: BTreeMap<String, usize>,
+    /// Per key: a call that was sent and never answered (its outcome is unknown).
+    in_doubt: BTreeMap<String, usize>,
+}
+
+fn add(total: &mut BTreeMap<String, usize>, part: &BTreeMap<String, usize>) {
+    for (k, n) in part {
+        *total.entry(k.clone()).or_insert(0) += n;
+    }
+}
+
+/// Creates keys until the connection dies.
+fn creator(progress: Arc<AtomicUsize>) -> Seen {
+    let mut client = connect();
+    let mut seen = Seen::default();
+    while let Ok(row) = client.query_one(
+        "SELECT key FROM apikeys.create_api_key(owner => 'crash', permissions => '{\"orders\": [\"read\"]}')",
+        &[],
+    ) {
+        seen.created.push(row.get(0));
+        progress.fetch_add(1, Ordering::Relaxed);
+    }
+    seen
+}
+
+/// Verifies `keys` in turn, one autocommit statement each, until the connection dies.
+fn autocommit_verifier(keys: Vec<String>, progress: Arc<AtomicUsize>) -> Seen {
+    let mut client = connect();
+    let stmt = client
+        .prepare("SELECT code FROM apikeys.verify_key($1)")
+        .unwrap();
+    let mut seen = Seen::default();
+    for key in keys.iter().cycle() {
+        match client.query_one(&stmt, &[key]) {
+            Ok(row) => {
+                if row.get::<_, String>(0) == "VALID" {
+                    *seen.valid.entry(key.clone()).or_insert(0) += 1;
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                seen.in_doubt.insert(key.clone(), 1);
+                break;
+            }
+        }
+    }
+    seen
+}
+
+/// Verifies `key` in explicit transactions (BEGIN; verify; COMMIT) until the connection dies.
+fn transaction_verifier(key: String, progress: Arc<AtomicUsize>) -> Seen {
+    let mut client = connect();
+    let mut seen = Seen::default();
+    loop {
+        let Ok(mut tx) = client.transaction() else {
+            break;
+        };
+        let Ok(row) = tx.query_one("SELECT code FROM apikeys.verify_key($1)", &[&key]) else {
+            break;
+        };
+        let valid = row.get::<_, String>(0) == "VALID";
+        if valid {
+            *seen.valid.entry(key.clone()).or_insert(0) += 1;
+        }
+        if tx.commit().is_err() {
+            break;
+        }
+        if valid {
+            *seen.committed.entry(key.clone()).or_insert(0) += 1;
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    seen
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_and_nothing_is_spent_twice_after_sigkill() {
+    cluster(&["stop", DIR, PORT]);
+    let _ = std::fs::remove_dir_all(DIR);
+    let started = cluster(&[
+        "start",
+        DIR,
+        PORT,
+        "fsync = on",
+        "synchronous_commit = on",
+        "full_page_writes = on",
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let mut admin = connect();
+    admin.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let durable: String = admin
+        .query_one(
+            "SELECT string_agg(setting, ',' ORDER BY name) FROM pg_settings
+              WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(durable, "on,on,on");
+    let quota_key = |client: &mut Client, n: i64| -> String {
+        client
+            .query_one(
+                "SELECT key FROM apikeys.create_api_key(remaining => $1)",
+                &[&n],
+            )
+            .unwrap()
+            .get(0)
+    };
+    // One quota small enough to run out before the crash, two that cannot.
+    const SMALL: i64 = 40;
+    const LARGE: i64 = 1_000_000;
+    let small = quota_key(&mut admin, SMALL);
+    let autocommit_key = quota_key(&mut admin, LARGE);
+    let transaction_key = quota_key(&mut admin, LARGE);
+    let initial = BTreeMap::from([
+        (small.clone(), SMALL),
+        (autocommit_key.clone(), LARGE),
+        (transaction_key.clone(), LARGE),
+    ]);
+
+    let created = Arc::new(AtomicUsize::new(0));
+    let verified = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let p = created.clone();
+        workers.push(thread::spawn(move || creator(p)));
+        let keys = vec![small.clone(), autocommit_key.clone()];
+        let p = verified.clone();
+        workers.push(thread::spawn(move || autocommit_verifier(keys, p)));
+        let key = transaction_key.clone();
+        let p = verified.clone();
+        workers.push(thread::spawn(move || transaction_verifier(key, p)));
+    }
+    // Crash only once every kind of work is under way and the small quota is gone.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let small_left = |admin: &mut Client| -> i64 {
+        admin
+            .query_one(
+                "SELECT remaining FROM apikeys.keys WHERE hash = sha256(convert_to($1, 'UTF8'))",
+                &[&small],
+            )
+            .unwrap()
+            .get(0)
+    };
+    while created.load(Ordering::Relaxed) < 50
+        || verified.load(Ordering::Relaxed) < 200
+        || small_left(&mut admin) > 0
+    {
+        assert!(Instant::now() < deadline, "the workload made no progress");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let pids = server_pids();
+    assert!(pids.len() > 6, "postmaster and backends: {pids:?}");
+    let killed = Command::new("kill").arg("-9").args(&pids).output().unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+
+    let mut seen = Seen::default();
+    for w in workers {
+        let s = w.join().expect("worker");
+        seen.created.extend(s.created);
+        add(&mut seen.valid, &s.valid);
+        add(&mut seen.committed, &s.committed);
+        add(&mut seen.in_doubt, &s.in_doubt);
+    }
+    // Restart: crash recovery. Backends that outlived the kill for a moment may still hold the
+    // shared memory, so try for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cluster(&["start", DIR, PORT]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restart failed: {out:?}");
+        thread::sleep(Duration::from_millis(500));
+    }
+    let log = std::fs::read_to_string(format!("{DIR}/server.log")).unwrap();
+    assert!(
+        log.contains("database system was interrupted") || log.contains("not properly shut down"),
+        "the restart went through crash recovery"
+    );
+
+    eprintln!(
+        "crash: {} keys created, VALID {:?}, committed {:?}, cut off {:?}",
+        seen.created.len(),
+        seen.valid.values().collect::<Vec<_>>(),
+        seen.committed.values().collect::<Vec<_>>(),
+        seen.in_doubt.values().collect::<Vec<_>>()
+    );
+    let mut client = connect();
+    // Every key whose creation was acknowledged verifies.
+    let valid: i64 = client
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) k WHERE (apikeys.verify_key(k)).code = 'VALID'",
+            &[&seen.created],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(valid as usize, seen.created.len());
+    // A key and its audit row commit together.
+    let unaudited: i64 = client
+        .query_one(
+            "SELECT count(*) FROM apikeys.keys k WHERE NOT EXISTS
+               (SELECT 1 FROM apikeys.audit_log a WHERE a.action = 'create' AND a.key_id = k.id)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(unaudited, 0);
+
+    // Quotas: every spend has its VALID, every acknowledged VALID has its spend. In autocommit
+    // the answer comes after the commit, so a call the crash cut off may have been spent;
+    // in a transaction VALID comes before COMMIT, so a spend never exceeds the VALIDs seen.
+    for (key, start) in &initial {
+        let row = client
+            .query_one(
+                "SELECT k.remaining, k.request_count FROM apikeys.keys k
+                  WHERE hash = sha256(convert_to($1, 'UTF8'))",
+                &[key],
+            )
+            .unwrap();
+        let (remaining, requests): (i64, i64) = (row.get(0), row.get(1));
+        let spent = (start - remaining) as usize;
+        let valid = seen.valid.get(key).copied().unwrap_or(0);
+        let committed = seen.committed.get(key).copied().unwrap_or(0);
+        let in_doubt = seen.in_doubt.get(key).copied().unwrap_or(0);
+        assert_eq!(
+            requests as usize, spent,
+            "request_count counts exactly the spends"
+        );
+        if key == &transaction_key {
+            assert!(
+                committed <= spent && spent <= valid,
+                "transactions: {committed} committed <= {spent} spent <= {valid} VALID"
+            );
+        } else {
+            assert!(
+                valid <= spent && spent <= valid + in_doubt,
+                "autocommit: {valid} VALID <= {spent} spent <= {valid} + {in_doubt} cut off"
+            );
+        }
+    }
+    // The small quota ran out before the crash: all of it spent, and never beyond.
+    let left: i64 = client
+        .query_one("SELECT remaining FROM apikeys.verify_key($1)", &[&small])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    drop(client);
+    cluster(&["stop", DIR, PORT]);
+    let _ = std::fs::remove_dir_all(DIR);
+}
