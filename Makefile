@@ -15,6 +15,7 @@ DEMO_PORT   ?= 55433
 REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql))))
 
 VENV        ?= .venv
+VERSION      = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
 .PHONY: setup build install demo test test-unit test-regress test-integration venv clean-clusters
 
@@ -60,9 +61,10 @@ $(VENV)/.ok: tests/interop/requirements.txt
 
 # Integration tests: a primary and a streaming hot standby made with pg_basebackup; the crash
 # test (tests/crash.rs) runs a durable cluster of its own on port 55436.
-# Released versions' install scripts (tests/upgrade) are copied in for the upgrade test.
+# Older released versions' install scripts (tests/upgrade) are copied in for the upgrade test.
 test-integration: install venv
-	cp tests/upgrade/pg_apikeys--*.sql $$($(PG_CONFIG) --sharedir)/extension/
+	for f in tests/upgrade/pg_apikeys--*.sql; do \
+	  [ "$$f" = tests/upgrade/pg_apikeys--$(VERSION).sql ] || cp $$f $$($(PG_CONFIG) --sharedir)/extension/; done
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); rm -rf $(STANDBY_DIR)
 	scripts/cluster.sh standby $(STANDBY_DIR) $(STANDBY_PORT) $(TEST_PORT)

@@ -116,6 +116,12 @@ fn hostile_input_never_crashes_a_backend() {
         .query_one("SELECT pg_backend_pid()", &[])
         .unwrap()
         .get(0);
+    // Every function of the schema must be called below; a new one without a case fails here.
+    let mut called = std::collections::BTreeSet::new();
+    let function_of = |sql: &str| -> String {
+        let name = sql.split("apikeys.").nth(1).expect(sql);
+        name[..name.find('(').unwrap()].to_owned()
+    };
     let big = "x".repeat(1_000_000);
     let texts: Vec<String> = vec![
         String::new(),
@@ -137,10 +143,12 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT valid, code FROM apikeys.authenticate_headers(jsonb_build_object('x-api-key', $1::text))",
             "SELECT valid, code FROM apikeys.authenticate_headers(jsonb_build_object('authorization', 'Bearer ' || $1::text))",
         ] {
+            called.insert(function_of(sql));
             let row = client.query_one(sql, &[t]).unwrap();
             assert!(!row.get::<_, bool>(0));
             assert_eq!(row.get::<_, String>(1), "NOT_FOUND");
         }
+        called.extend(["authenticate".to_owned(), "has_permission".to_owned()]);
         let err = client
             .query("SELECT apikeys.authenticate($1)", &[t])
             .unwrap_err();
@@ -166,7 +174,15 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.rotate_signing_key($1)",
             "SELECT apikeys.retire_signing_key($1)",
             "SELECT apikeys.export_signing_key($1)",
+            "SELECT count(*) FROM apikeys.list_api_keys(owner => $1)",
+            "SELECT apikeys.update_api_key('x', clear => ARRAY[$1])",
+            "SELECT apikeys.update_api_key('x', metadata => to_jsonb($1))",
+            "SELECT apikeys.create_api_key(metadata => jsonb_build_object($1, $1))",
+            "SELECT apikeys.delete_expired_api_keys(older_than => $1::text::interval)",
+            "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', $1, true)) s",
+            "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', jsonb_build_object('authorization', $1::text)::text, true)) s",
         ] {
+            called.insert(function_of(sql));
             // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
             if let Err(e) = client.query(sql, &[t]) {
                 let code = e
@@ -226,6 +242,33 @@ fn hostile_input_never_crashes_a_backend() {
             .unwrap_err();
         assert_eq!(sqlstate(&err), "22023", "{claims}: {err}");
     }
+    // The functions without arguments, after all of the above (the context may be set).
+    for sql in [
+        "SELECT apikeys.jwks()::text",
+        "SELECT count(*)::text FROM apikeys.list_signing_keys()",
+        "SELECT apikeys.current_key_id()",
+        "SELECT apikeys.current_owner()",
+        "SELECT apikeys.current_permissions()::text",
+        "SELECT apikeys.current_claims()::text",
+        "SELECT apikeys.reset()::text",
+    ] {
+        called.insert(function_of(sql));
+        client.query_one(sql, &[]).expect(sql);
+    }
+    let in_schema: Vec<String> = client
+        .query(
+            "SELECT proname::text FROM pg_proc WHERE pronamespace = 'apikeys'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missed: Vec<_> = in_schema.iter().filter(|f| !called.contains(*f)).collect();
+    assert!(
+        missed.is_empty(),
+        "functions no hostile input reached: {missed:?}"
+    );
     // Same backend, same postmaster: nothing crashed or restarted.
     let pid_after: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
@@ -409,7 +452,29 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         "owner => 'replica', permissions => '{\"orders\": [\"read\"]}'",
     );
     let (metered_id, metered) = create(&mut primary, "remaining => 5");
+    let (_, limited) = create(
+        &mut primary,
+        "rate_limit_max => 5, rate_limit_window => '1 hour'",
+    );
+    let metered_token = mint(&mut primary, &metered, 600000);
     let token = mint(&mut primary, &plain, 600000);
+    // BEGIN READ ONLY on the primary: plain keys and their tokens verify, limited keys refuse.
+    let mut tx = primary.build_transaction().read_only(true).start().unwrap();
+    let codes: (String, String) = {
+        let row = tx
+            .query_one(
+                "SELECT (apikeys.verify_key($1)).code, (apikeys.verify_token($2)).code",
+                &[&plain, &token],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(codes, ("VALID".into(), "VALID".into()));
+    let err = tx
+        .query_one("SELECT apikeys.verify_key($1)", &[&limited])
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "25006", "{err}");
+    tx.rollback().unwrap();
     // Wait until the standby has replayed everything the primary has written so far: the insert
     // position, since with synchronous_commit = off the last commits may not be written yet.
     let lsn: String = primary
@@ -478,14 +543,24 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         .get(0);
     assert_eq!(code, "NOT_FOUND");
     // A quota cannot be spent on a read-only node: a clear error, never a silent over-spend.
+    for sql in [
+        "SELECT apikeys.verify_key($1)",
+        "SELECT apikeys.authenticate($1)",
+        "SELECT apikeys.mint_token($1, 1000)",
+    ] {
+        for key in [&metered, &limited] {
+            let err = standby.query_one(sql, &[key]).unwrap_err();
+            assert_eq!(sqlstate(&err), "25006", "{sql}: {err}");
+        }
+    }
     let err = standby
-        .query_one("SELECT apikeys.verify_key($1)", &[&metered])
+        .query_one("SELECT apikeys.verify_token($1)", &[&metered_token])
         .unwrap_err();
     assert_eq!(sqlstate(&err), "25006", "{err}");
     assert_eq!(
         remaining(&mut primary, &metered_id),
-        5,
-        "nothing was spent by the refused verification"
+        4,
+        "nothing was spent by the refused verifications (one went to minting on the primary)"
     );
 }
 
@@ -658,6 +733,25 @@ fn catalog(client: &mut Client) -> Vec<String> {
         .collect()
 }
 
+/// An install script's statements: comments (pgrx writes source line numbers into them) and
+/// blank lines left out.
+fn statements(script: &str) -> Vec<String> {
+    let mut text = String::new();
+    let mut rest = script;
+    while let Some(start) = rest.find("/*") {
+        text.push_str(&rest[..start]);
+        rest = rest[start..]
+            .find("*/")
+            .map_or("", |end| &rest[start + end + 2..]);
+    }
+    text.push_str(rest);
+    text.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty() && !l.trim_start().starts_with("--"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Installs each released version's SQL (tests/upgrade), uses it, updates to the current version,
 /// and checks that keys made before still verify, tokens work, and the catalog is exactly that
 /// of a fresh install.
@@ -683,13 +777,34 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         "{expected:#?}"
     );
 
+    // The current version is released as it is: its SQL is the frozen script of that release.
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/upgrade");
+    let sharedir = std::process::Command::new(pg_bin("pg_config"))
+        .arg("--sharedir")
+        .output()
+        .expect("pg_config");
+    let sharedir = String::from_utf8(sharedir.stdout).unwrap();
+    let generated = std::fs::read_to_string(format!(
+        "{}/extension/pg_apikeys--{current}.sql",
+        sharedir.trim()
+    ))
+    .expect("the installed install script");
+    let frozen = std::fs::read_to_string(format!("{dir}/pg_apikeys--{current}.sql"))
+        .unwrap_or_else(|_| {
+            panic!("tests/upgrade/pg_apikeys--{current}.sql: add the install script of the release")
+        });
+    assert!(
+        statements(&generated) == statements(&frozen),
+        "the SQL surface differs from released version {current}: bump the version in Cargo.toml, \
+         write sql/pg_apikeys--{current}--<new>.sql and add the new install script to tests/upgrade"
+    );
+
     let mut released: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| {
             let name = e.unwrap().file_name().into_string().unwrap();
             let version = name.strip_prefix("pg_apikeys--")?.strip_suffix(".sql")?;
-            (!version.contains("--")).then(|| version.to_owned())
+            (!version.contains("--") && version != current).then(|| version.to_owned())
         })
         .collect();
     released.sort();
@@ -710,10 +825,18 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         client
             .query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id])
             .unwrap();
+        let has_tokens: bool = client
+            .query_one("SELECT to_regproc('apikeys.mint_token') IS NOT NULL", &[])
+            .unwrap()
+            .get(0);
+        let old_token = has_tokens.then(|| mint(&mut client, &plain, 600000));
 
         client
             .batch_execute("ALTER EXTENSION pg_apikeys UPDATE")
             .unwrap();
+        if let Some(old_token) = old_token {
+            assert_eq!(token_code(&mut client, &old_token), "VALID", "from {old}");
+        }
         let version: String = client
             .query_one(
                 "SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'",
