@@ -17,7 +17,7 @@ REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)
 VENV        ?= .venv
 VERSION      = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: setup build install demo test test-unit test-regress test-integration venv clean-clusters
+.PHONY: setup build install package demo test test-unit test-regress test-integration test-package venv clean-clusters
 
 setup:
 	bash scripts/setup.sh
@@ -25,8 +25,16 @@ setup:
 build: setup
 	$(CARGO) build
 
+# Into the PostgreSQL that PG_CONFIG names, as PGXS extensions install: make install PG_CONFIG=…
 install: setup
 	$(CARGO) pgrx install --pg-config $(PG_CONFIG)
+
+# A Debian package of the release build (cargo pgrx package + dpkg-deb), in target/.
+DEB = target/postgresql-$(PG_MAJOR)-pg-apikeys_$(VERSION)_$(shell dpkg --print-architecture).deb
+package: setup
+	rm -rf target/package
+	$(CARGO) pgrx package --pg-config $(PG_CONFIG) --out-dir target/package
+	scripts/deb.sh target/package target $(VERSION) $(PG_MAJOR)
 
 # A walkthrough of the main job in a scratch cluster.
 demo: install
@@ -35,7 +43,7 @@ demo: install
 	scripts/cluster.sh psql $(DEMO_DIR) $(DEMO_PORT) -e -f demo/walkthrough.sql; rc=$$?; \
 	  scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); exit $$rc
 
-test: setup test-unit test-regress test-integration
+test: setup test-unit test-regress test-integration test-package
 	@echo "make test: all layers passed"
 
 # Rust unit tests and #[pg_test]s, in pgrx's own throwaway cluster.
@@ -74,6 +82,12 @@ test-integration: install venv
 	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	  $(CARGO) test --features integration --test integration --test context --test crash -- --test-threads=1; rc=$$?; \
 	  scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
+
+# Installs the package with dpkg (replacing what make install put there), uses it in a scratch
+# cluster and removes it again: afterwards no pg_apikeys is installed (make install restores it).
+test-package: package
+	PG_APIKEYS_DEB=$(CURDIR)/$(DEB) PG_BIN=$$($(PG_CONFIG) --bindir) \
+	  $(CARGO) test --features integration --test package -- --test-threads=1
 
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
