@@ -17,7 +17,7 @@ REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)
 VENV        ?= .venv
 VERSION      = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: setup build install package demo test test-unit test-regress test-integration test-package venv clean-clusters
+.PHONY: setup build install package demo test test-unit test-regress test-integration test-package venv node clean-clusters
 
 setup:
 	bash scripts/setup.sh
@@ -60,17 +60,24 @@ test-regress: install
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress --dbname=pg_apikeys_regress \
 	  $(REGRESS) || { cat tests/pg_regress/regression.diffs; scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit 1; }
 
-# A local Python with PyJWT for the interoperability test (never installed globally).
+# A local Python with PyJWT (interoperability test) and psycopg (examples/python), and the Node
+# example's node_modules: never installed globally.
 venv: $(VENV)/.ok
-$(VENV)/.ok: tests/interop/requirements.txt
+$(VENV)/.ok: tests/interop/requirements.txt examples/python/requirements.txt
 	python3 -m venv $(VENV) || { apt-get install -y python3-venv && python3 -m venv $(VENV); }
-	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt
+	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt -r examples/python/requirements.txt
+	touch $@
+
+node: examples/node/node_modules/.ok
+examples/node/node_modules/.ok: examples/node/package.json examples/node/package-lock.json
+	command -v npm >/dev/null || apt-get install -y -q nodejs npm
+	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Integration tests: a primary and a streaming hot standby made with pg_basebackup; the crash
 # test (tests/crash.rs) runs a durable cluster of its own on port 55436.
 # Older released versions' install scripts (tests/upgrade) are copied in for the upgrade test.
-test-integration: install venv
+test-integration: install venv node
 	for f in tests/upgrade/pg_apikeys--*.sql; do \
 	  [ "$$f" = tests/upgrade/pg_apikeys--$(VERSION).sql ] || cp $$f $$($(PG_CONFIG) --sharedir)/extension/; done
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
@@ -80,7 +87,7 @@ test-integration: install venv
 	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
 	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \
-	  $(CARGO) test --features integration --test integration --test context --test crash -- --test-threads=1; rc=$$?; \
+	  $(CARGO) test --features integration --test integration --test context --test crash --test examples -- --test-threads=1; rc=$$?; \
 	  scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
 
 # Installs the package with dpkg (replacing what make install put there), uses it in a scratch
