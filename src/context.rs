@@ -180,9 +180,9 @@ fn authenticate(
         errors::raise(
             PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
             format!("authentication failed: {}{key}", v.code.as_str()),
-            Some(
+            Some(v.code.hint().unwrap_or(
                 "apikeys.verify_key() or apikeys.verify_token() shows why a credential is refused.",
-            ),
+            )),
         );
     }
     v.into_row()

@@ -13,9 +13,11 @@ const MICROS_PER_DAY: i128 = 86_400_000_000;
 /// and a rate-limit window that ends before it starts would never limit anything.
 pub fn check_interval(months: i32, days: i32, micros: i64, allow_zero: bool) -> Result<(), String> {
     if months < 0 || days < 0 || micros < 0 {
-        return Err(format!(
-            "must not have a negative part, got {months} months {days} days {micros} microseconds"
-        ));
+        return Err(if allow_zero {
+            "must not be negative or have a negative part".into()
+        } else {
+            "must be a positive interval with no negative part".into()
+        });
     }
     if !allow_zero && months == 0 && days == 0 && micros == 0 {
         return Err("must be a positive interval".into());

@@ -31,9 +31,17 @@ unsafe extern "C-unwind" fn check_prefix(
             .filter(|p| !p.is_null())
             .map(|p| CStr::from_ptr(*p))
     };
-    value
+    let ok = value
         .and_then(|v| v.to_str().ok())
-        .is_some_and(key_format::is_valid_prefix)
+        .is_some_and(key_format::is_valid_prefix);
+    if !ok {
+        // What GUC_check_errdetail() does: PostgreSQL adds it to its "invalid value" error.
+        unsafe {
+            pg_sys::GUC_check_errdetail_string =
+                pg_sys::pstrdup(c"A key prefix is 1 to 16 characters of [a-z0-9].".as_ptr());
+        }
+    }
+    ok
 }
 
 pub fn init() {

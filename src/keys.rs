@@ -38,7 +38,10 @@ fn check_id(id: &str) -> &str {
     if !ok {
         invalid_argument(
             "id",
-            format!("must be 1 to {MAX_ID_CHARS} characters of [A-Za-z0-9_.:-]"),
+            format!(
+                "must be 1 to {MAX_ID_CHARS} characters of [A-Za-z0-9_.:-], got \"{}\"",
+                errors::shown(id)
+            ),
         );
     }
     id
@@ -75,7 +78,7 @@ fn check_metadata(value: Option<JsonB>) -> Option<serde_json::Value> {
 
 fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
     durations::check_interval(value.months(), value.days(), value.micros(), allow_zero)
-        .unwrap_or_else(|problem| invalid_argument(arg, problem));
+        .unwrap_or_else(|problem| invalid_argument(arg, format!("{problem}, got \"{value}\"")));
     value
 }
 
@@ -83,9 +86,12 @@ fn check_positive(arg: &str, value: Option<Interval>) -> Option<Interval> {
     value.map(|v| check_duration(arg, v, false))
 }
 
-fn check_non_negative<T: PartialOrd + Default + Copy>(arg: &str, value: Option<T>) -> Option<T> {
-    if value.is_some_and(|v| v < T::default()) {
-        invalid_argument(arg, "must not be negative");
+fn check_non_negative<T: PartialOrd + Default + Copy + std::fmt::Display>(
+    arg: &str,
+    value: Option<T>,
+) -> Option<T> {
+    if let Some(v) = value.filter(|v| *v < T::default()) {
+        invalid_argument(arg, format!("must not be negative, got {v}"));
     }
     value
 }
@@ -215,8 +221,11 @@ impl Settings {
         rate_limit_max: Option<i32>,
         rate_limit_window: Option<Interval>,
     ) -> Settings {
-        if rate_limit_max.is_some_and(|m| m <= 0) {
-            invalid_argument("rate_limit_max", "must be greater than zero");
+        if let Some(m) = rate_limit_max.filter(|m| *m <= 0) {
+            invalid_argument(
+                "rate_limit_max",
+                format!("must be greater than zero, got {m}"),
+            );
         }
         Settings {
             name: check_text("name", name, MAX_NAME_CHARS),
@@ -340,7 +349,11 @@ fn create_api_key(
             }
             // A token would be ambiguous wherever a credential may be a key or a token.
             key_format::Shape::Foreign if crate::claims::looks_like_token(secret) => {
-                invalid_argument("secret", "has the shape of a JWT; an API key must not")
+                invalid_argument_hint(
+                    "secret",
+                    "has the shape of a JWT; an API key must not",
+                    "Import the API key itself, not a token minted from it.",
+                )
             }
             // Imported from another system: looked up by hash, shown by its first characters.
             key_format::Shape::Foreign => {
@@ -376,7 +389,7 @@ fn create_api_key(
                 errors::raise(
                     PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
                     "argument \"secret\" is a key that is already registered".into(),
-                    None,
+                    Some("The key already works: apikeys.verify_key(secret) shows its id."),
                 );
             }
         }

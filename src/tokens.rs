@@ -48,12 +48,17 @@ fn minting_key(key: Option<&str>) -> Verification {
     }
     let minter = verify::verify(Some(key), &permissions::Permissions::new(), 1);
     if minter.code != Code::Valid {
+        let which = minter
+            .key_id
+            .as_deref()
+            .map(|id| format!(" (API key \"{}\")", errors::shown(id)))
+            .unwrap_or_default();
         invalid_credential(
             format!(
-                "argument \"key\" is not a valid API key: {}",
+                "argument \"key\" is not a valid API key: {}{which}",
                 minter.code.as_str()
             ),
-            None,
+            minter.code.hint(),
         );
     }
     minter
@@ -89,7 +94,7 @@ fn token_key(minter: Verification, for_key: Option<&str>) -> Verification {
                 errors::shown(id),
                 code.as_str()
             ),
-            None,
+            code.hint(),
         ),
     }
 }

@@ -39,6 +39,19 @@ impl Code {
             Code::InsufficientPermissions => "INSUFFICIENT_PERMISSIONS",
         }
     }
+
+    /// What a key's administrator can do about a refused key, for error HINTs.
+    pub fn hint(self) -> Option<&'static str> {
+        match self {
+            Code::Valid | Code::NotFound => None,
+            Code::Expired => Some("Extend the key with apikeys.update_api_key(id, expires_in => …), or rotate it."),
+            Code::Disabled => Some("Enable the key with apikeys.update_api_key(id, enabled => true)."),
+            Code::Revoked => Some("A revoked key stays revoked: create a new one."),
+            Code::UsageExceeded => Some("Raise the quota with apikeys.update_api_key(id, remaining => …), or wait for its refill."),
+            Code::RateLimited => Some("Retry when the window ends (rate_limit_reset in verify_key's result)."),
+            Code::InsufficientPermissions => Some("Grant the missing permissions with apikeys.update_api_key(id, permissions => …)."),
+        }
+    }
 }
 
 /// What a verification found; becomes an `apikeys.verification` row.

@@ -51,8 +51,9 @@ fn run_example(program: &str, script: &str, dbname: &str) -> String {
 
 #[test]
 fn the_python_example_runs() {
-    let python = std::env::var("PG_APIKEYS_PYTHON")
-        .expect("PG_APIKEYS_PYTHON must name a Python with psycopg (make test-integration sets it)");
+    let python = std::env::var("PG_APIKEYS_PYTHON").expect(
+        "PG_APIKEYS_PYTHON must name a Python with psycopg (make test-integration sets it)",
+    );
     let out = run_example(&python, "python/quickstart.py", "pg_apikeys_example_py");
     assert!(out.contains("verify_token: VALID"), "{out}");
     assert!(out.contains("acme sees: ['anvil', 'rocket']"), "{out}");

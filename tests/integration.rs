@@ -884,3 +884,31 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         .batch_execute(&format!("DROP DATABASE {fresh_db}"))
         .unwrap();
 }
+
+/// README's function reference lists every function of the schema, and nothing that is not one.
+#[test]
+fn the_readme_reference_lists_every_function() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("## Function reference")
+        .expect("a Function reference section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    let documented: std::collections::BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `apikeys."))
+        .map(|l| l[..l.find('(').unwrap()].to_owned())
+        .collect();
+    let mut client = connect();
+    let in_schema: std::collections::BTreeSet<String> = client
+        .query(
+            "SELECT proname::text FROM pg_proc WHERE pronamespace = 'apikeys'::regnamespace",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(documented, in_schema);
+}

@@ -63,7 +63,13 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
     let files: BTreeSet<String> = run("dpkg-deb", &["--contents", &deb])
         .lines()
         .filter(|l| !l.starts_with('d'))
-        .map(|l| l.rsplit(' ').next().unwrap().trim_start_matches('.').to_owned())
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .unwrap()
+                .trim_start_matches('.')
+                .to_owned()
+        })
         .collect();
     let mut expected: BTreeSet<String> = [
         format!("{lib}/pg_apikeys.so"),
@@ -92,13 +98,24 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
     run("dpkg-deb", &["-x", &deb, unpacked.to_str().unwrap()]);
     let dynamic = run(
         "readelf",
-        &["-d", unpacked.join(format!(".{lib}/pg_apikeys.so")).to_str().unwrap()],
+        &[
+            "-d",
+            unpacked
+                .join(format!(".{lib}/pg_apikeys.so"))
+                .to_str()
+                .unwrap(),
+        ],
     );
     for needed in dynamic.lines().filter(|l| l.contains("(NEEDED)")) {
         assert!(
-            ["libc.so.6", "libgcc_s.so.1", "libm.so.6", "ld-linux-x86-64.so.2"]
-                .iter()
-                .any(|ok| needed.contains(&format!("[{ok}]"))),
+            [
+                "libc.so.6",
+                "libgcc_s.so.1",
+                "libm.so.6",
+                "ld-linux-x86-64.so.2"
+            ]
+            .iter()
+            .any(|ok| needed.contains(&format!("[{ok}]"))),
             "unexpected dependency: {needed}"
         );
     }
@@ -115,7 +132,11 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
     // what the cluster loads can only come from the package.
     for dir in [format!("{share}/extension"), lib.clone()] {
         for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            if entry.file_name().to_string_lossy().starts_with("pg_apikeys") {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("pg_apikeys")
+            {
                 std::fs::remove_file(entry.path()).unwrap();
             }
         }
@@ -140,7 +161,10 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(comment, "API keys and key-derived JWTs managed inside PostgreSQL");
+    assert_eq!(
+        comment,
+        "API keys and key-derived JWTs managed inside PostgreSQL"
+    );
     client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
     let version: String = client
         .query_one(
@@ -151,7 +175,10 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
         .get(0);
     assert_eq!(version, VERSION);
     let key: String = client
-        .query_one("SELECT key FROM apikeys.create_api_key(owner => 'deb')", &[])
+        .query_one(
+            "SELECT key FROM apikeys.create_api_key(owner => 'deb')",
+            &[],
+        )
         .unwrap()
         .get(0);
     let row = client
@@ -185,7 +212,10 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
-    assert!(!status.contains("installed") || status.contains("not-installed"), "{status}");
+    assert!(
+        !status.contains("installed") || status.contains("not-installed"),
+        "{status}"
+    );
     for file in &expected {
         assert!(!Path::new(file).exists(), "{file} left behind");
     }
