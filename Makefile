@@ -99,4 +99,5 @@ test-package: package
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
 	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); scripts/cluster.sh stop /tmp/pg_apikeys_crash 55436
-	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash
+	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_package
