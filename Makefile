@@ -26,8 +26,11 @@ build: setup
 	$(CARGO) build
 
 # Into the PostgreSQL that PG_CONFIG names, as PGXS extensions install: make install PG_CONFIG=…
+# An optimised build, the one make package ships (they share target/release). For quicker
+# development builds: make test INSTALL_FLAGS=
+INSTALL_FLAGS ?= --release
 install: setup
-	$(CARGO) pgrx install --pg-config $(PG_CONFIG)
+	$(CARGO) pgrx install $(INSTALL_FLAGS) --pg-config $(PG_CONFIG)
 
 # A Debian package of the release build (cargo pgrx package + dpkg-deb), in target/.
 DEB = target/postgresql-$(PG_MAJOR)-pg-apikeys_$(VERSION)_$(shell dpkg --print-architecture).deb
