@@ -837,14 +837,7 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         if let Some(old_token) = old_token {
             assert_eq!(token_code(&mut client, &old_token), "VALID", "from {old}");
         }
-        let version: String = client
-            .query_one(
-                "SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(version, current, "from {old}");
+        assert_eq!(extversion(&mut client), current, "from {old}");
         let verify = |c: &mut Client, key: &str| -> (String, Option<i64>) {
             let row = c
                 .query_one(

@@ -7,6 +7,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::extversion;
+
 const DIR: &str = "/tmp/pg_apikeys_package";
 const PORT: &str = "55437";
 const PACKAGE: &str = "postgresql-15-pg-apikeys";
@@ -166,14 +169,7 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
         "API keys and key-derived JWTs managed inside PostgreSQL"
     );
     client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
-    let version: String = client
-        .query_one(
-            "SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(version, VERSION);
+    assert_eq!(extversion(&mut client), VERSION);
     let key: String = client
         .query_one(
             "SELECT key FROM apikeys.create_api_key(owner => 'deb')",

@@ -134,3 +134,14 @@ pub fn sqlstate(e: &postgres::Error) -> String {
         .map(|c| c.code().to_owned())
         .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
 }
+
+/// The installed version of the extension in `client`'s database.
+pub fn extversion(client: &mut Client) -> String {
+    client
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_apikeys'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
