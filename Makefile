@@ -17,7 +17,7 @@ REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)
 VENV        ?= .venv
 VERSION      = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: setup build install package demo test test-unit test-regress test-integration test-package venv node clean-clusters
+.PHONY: setup build install package bench demo test test-unit test-regress test-integration test-package venv node clean-clusters
 
 setup:
 	bash scripts/setup.sh
@@ -98,6 +98,10 @@ test-integration: install venv node
 test-package: package
 	PG_APIKEYS_DEB=$(CURDIR)/$(DEB) PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  $(CARGO) test --features integration --test package -- --test-threads=1
+
+# Benchmarks (not part of make test): see scripts/bench.sh; writes BENCHMARKS.md.
+bench: install
+	bash scripts/bench.sh
 
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# make bench: a scratch cluster of its own, the data of bench/setup.sql, pgbench -M prepared for
+# every row of the performance table, each measure next to its floor from the same run. Prints
+# the table and writes BENCHMARKS.md. Every benchmarked call takes its input from a table through
+# a sub-select chosen by a pgbench random variable (constant arguments would be folded at plan
+# time and measure nothing).
+# Knobs: BENCH_SECONDS (per pgbench run, default 10), BENCH_KEYS (default 1000000),
+#        BENCH_BIG_KEYS (the latency row's large table, default 10000000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PG_MAJOR=${PG_MAJOR:-15}
+BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+DIR=/tmp/pg_apikeys_bench
+PORT=55438
+T=${BENCH_SECONDS:-10}
+NKEYS=${BENCH_KEYS:-1000000}
+BIG=${BENCH_BIG_KEYS:-10000000}
+CLIENTS=2
+
+q() { psql -h 127.0.0.1 -p $PORT -U postgres -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+log() { echo "bench: $*" >&2; }
+
+# tps of bench/$1.pgbench with $2 clients as role $3 in database $4.
+tps() {
+  "$BIN/pgbench" -h 127.0.0.1 -p $PORT -U "${3:-postgres}" -n -M prepared -c "$2" -j "$2" -T "$T" \
+    -f "bench/$1.pgbench" "${4:-bench}" 2>&1 | awk '/^tps = /{printf "%.0f", $3}'
+}
+# Median latency (ms) of bench/$1.pgbench, one client, from pgbench's per-transaction log.
+p50() {
+  rm -f "$DIR"/lat.*
+  "$BIN/pgbench" -h 127.0.0.1 -p $PORT -U postgres -n -M prepared -c 1 -j 1 -T "$T" -l \
+    --log-prefix="$DIR/lat" -f "bench/$1.pgbench" "$2" >/dev/null 2>&1
+  cat "$DIR"/lat.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]/1000}'
+}
+# Seconds a statement takes.
+timed() {
+  local start end
+  start=$(date +%s.%N); q -d bench -c "$1" >/dev/null; end=$(date +%s.%N)
+  awk -v s="$start" -v e="$end" 'BEGIN {printf "%.2f", e - s}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+meets() { awk -v r="$1" -v op="$2" -v t="$3" 'BEGIN {print ((op == ">=" ? r >= t : r <= t) ? "yes" : "**no**")}'; }
+
+rows=()
+row() { # measure, ours, floor-name, floor, unit, ratio, op, target
+  local met="report"
+  [ -n "$7" ] && met=$(meets "$6" "$7" "$8")
+  rows+=("| $1 | $2 $5 | $3: $4 $5 | $6 | ${7:+$7 $8} | $met |")
+  log "$1: $2 vs $4 $5 → $6"
+}
+
+log "cluster on port $PORT ($DIR)"
+scripts/cluster.sh stop $DIR $PORT; rm -rf $DIR
+scripts/cluster.sh start $DIR $PORT "shared_buffers = 2GB" "max_wal_size = 8GB" \
+  "max_parallel_workers_per_gather = 0"
+q -c "CREATE DATABASE bench" -c "CREATE DATABASE bench_small"
+log "loading $NKEYS keys (10000 real) and 1M documents"
+q -d bench -v nkeys="$NKEYS" -f bench/setup.sql
+log "loading 10000 keys into bench_small"
+q -d bench_small -v nkeys=10000 -f bench/setup.sql
+
+# Warm up the caches of both databases' tables and indexes.
+for db in bench bench_small; do T=3 tps verify_key $CLIENTS postgres $db >/dev/null; done
+
+floor=$(tps lookup_floor $CLIENTS); ours=$(tps verify_key $CLIENTS)
+row "verify_key, plain key, $NKEYS keys" "$ours" "index lookup" "$floor" tps "$(ratio "$ours" "$floor")" ">=" 0.9
+s1=$(tps select_1 $CLIENTS); mint=$(tps mint_token $CLIENTS)
+row "mint_token(key, 3600000)" "$mint" "SELECT 1" "$s1" tps "$(ratio "$mint" "$s1")" ">=" 0.7
+vt=$(tps verify_token $CLIENTS)
+row "verify_token, valid token" "$vt" "index lookup" "$floor" tps "$(ratio "$vt" "$floor")" ">=" 0.8
+sqlmint=$(tps sql_mint $CLIENTS); sqlverify=$(tps sql_verify $CLIENTS)
+row "mint_token" "$mint" "HS256 mint in SQL (pgcrypto hmac)" "$sqlmint" tps "$(ratio "$mint" "$sqlmint")" "" ""
+row "verify_token" "$vt" "HS256 verify in SQL (pgcrypto hmac)" "$sqlverify" tps "$(ratio "$vt" "$sqlverify")" "" ""
+counters=$(tps counters 2); hot=$(tps hot_key 2)
+row "verify_key, one hot rate-limited key, 2 clients" "$hot" "UPDATE counters" "$counters" tps "$(ratio "$hot" "$counters")" ">=" 1.0
+open=$("$BIN/pgbench" -h 127.0.0.1 -p $PORT -U bench_open -n -M prepared -c 1 -T "$T" -f bench/rls_count.pgbench bench | awk '/^latency average/{print $4}')
+perm=$("$BIN/pgbench" -h 127.0.0.1 -p $PORT -U bench_perm -n -M prepared -c 1 -T "$T" -f bench/rls_count.pgbench bench | awk '/^latency average/{print $4}')
+row "count(*) of 1M rows, policy has_permission('docs','read')" "$perm" "policy USING (true)" "$open" ms "$(ratio "$perm" "$open")" "<=" 1.15
+ins=$(timed "INSERT INTO bench.inserted SELECT 'ins-' || g, sha256(convert_to('ins-' || g, 'UTF8')) FROM generate_series(1, 100000) g")
+made=$(timed "SELECT count(*) FROM (SELECT apikeys.create_api_key(owner => 'bulk') FROM generate_series(1, 100000)) s")
+row "create_api_key × 100k, one statement" "$made" "INSERT … sha256(…) × 100k" "$ins" s "$(ratio "$ins" "$made")" ">=" 0.5
+
+small=$(p50 verify_key bench_small)
+log "growing bench to $BIG keys"
+q -d bench -c "INSERT INTO apikeys.keys (id, hash, prefix, start, created_by, updated_by)
+  SELECT 'big-' || g, sha256(convert_to('big-' || g, 'UTF8')), 'sk', 'sk_big', 'bench', 'bench'
+    FROM generate_series(1, $BIG - (SELECT count(*) FROM apikeys.keys)) g" -c "VACUUM ANALYZE apikeys.keys"
+T=3 tps verify_key $CLIENTS >/dev/null
+big=$(p50 verify_key bench)
+row "verify_key p50 latency, $BIG keys vs 10000" "$big" "10000 keys" "$small" ms "$(ratio "$big" "$small")" "<=" 1.5
+
+scripts/cluster.sh stop $DIR $PORT
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml bench scripts || echo "+changes")
+{
+  echo "# Benchmarks"
+  echo
+  echo "\`make bench\` on $(date -u +%Y-%m-%d), commit $commit, $(nproc) cores, $("$BIN/postgres" --version),"
+  echo "release build; pgbench -M prepared, $T s per run, $CLIENTS clients unless the row says otherwise;"
+  echo "scratch cluster settings: pg_test.conf (fsync, synchronous_commit and full_page_writes off),"
+  echo "shared_buffers 2GB, no parallel query. Ratios compare two figures of the same run."
+  echo
+  echo "| measure | ours | floor | ratio | target | met |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} > BENCHMARKS.md.new
+mv BENCHMARKS.md.new BENCHMARKS.md
+cat BENCHMARKS.md
