@@ -57,7 +57,7 @@ test-unit: setup
 # pg_regress (the README's examples) and the integration tests share one scratch cluster.
 test-regress: install
 	scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); rm -rf $(TEST_DIR)
-	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
+	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) "apikeys.usage_database = 'pg_apikeys_it'"
 	rm -rf tests/pg_regress/results
 	$(PG_REGRESS) --host=127.0.0.1 --port=$(TEST_PORT) --user=postgres \
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress --dbname=pg_apikeys_regress \
@@ -86,7 +86,7 @@ test-integration: install venv node
 	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) 2>/dev/null || true
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); rm -rf $(STANDBY_DIR)
 	scripts/cluster.sh standby $(STANDBY_DIR) $(STANDBY_PORT) $(TEST_PORT)
-	scripts/cluster.sh psql $(TEST_DIR) $(TEST_PORT) -qc 'DROP DATABASE IF EXISTS pg_apikeys_it'
+	scripts/cluster.sh psql $(TEST_DIR) $(TEST_PORT) -qc 'DROP DATABASE IF EXISTS pg_apikeys_it WITH (FORCE)'
 	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
 	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \

@@ -1,6 +1,6 @@
 //! The audit trail: one row per management action, naming the role that performed it.
 
-use crate::errors;
+use crate::plans;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -21,7 +21,8 @@ pub fn record(
     key_id: Option<&str>,
     details: serde_json::Value,
 ) {
-    errors::internal(client.update(
+    plans::update(
+        client,
         "INSERT INTO apikeys.audit_log (actor, action, key_id, details) VALUES ($1, $2, $3, $4)",
         None,
         &[
@@ -30,7 +31,7 @@ pub fn record(
             key_id.into(),
             JsonB(details).into(),
         ],
-    ));
+    );
 }
 
 #[cfg(any(test, feature = "pg_test"))]

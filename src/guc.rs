@@ -13,6 +13,8 @@ pub static DEFAULT_KEY_TTL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 
 pub static MAX_TOKEN_TTL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static USAGE_DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static JWT_ISSUER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pg_apikeys"));
 pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
@@ -92,6 +94,14 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"apikeys.usage_database",
+        c"The database whose key usage is counted in shared memory (needs preloading).",
+        c"With shared_preload_libraries = 'pg_apikeys', a background worker connects to this database and writes request_count and last_used_at of keys without limits every second; elsewhere each verification writes its key's row.",
+        &USAGE_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
     // `SET apikeys.<typo>` then fails instead of creating a setting nothing reads.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"apikeys".as_ptr()) };
 }
@@ -123,4 +133,9 @@ pub fn jwt_issuer() -> String {
 
 pub fn jwt_audience() -> Option<String> {
     Some(string(&JWT_AUDIENCE)).filter(|s| !s.is_empty())
+}
+
+/// The database the usage writer serves, or None when the setting is empty.
+pub fn usage_database() -> Option<String> {
+    Some(string(&USAGE_DATABASE)).filter(|s| !s.is_empty())
 }

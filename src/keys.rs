@@ -3,6 +3,7 @@
 //! by PUBLIC, and writes an audit row for each change.
 
 use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
+use crate::plans;
 use crate::schema::API_KEY_ROW;
 use crate::{audit, durations, guc, key_format, permissions};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
@@ -98,11 +99,12 @@ fn check_non_negative<T: PartialOrd + Default + Copy + std::fmt::Display>(
 
 fn check_role(client: &SpiClient<'_>, role: Option<String>) -> Option<String> {
     let role = check_text("role", role, 63)?;
-    let exists = errors::internal(client.select(
+    let exists = plans::select(
+        client,
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
         None,
         &[role.as_str().into()],
-    ))
+    )
     .first()
     .get_one::<bool>();
     if errors::internal(exists) != Some(true) {
@@ -380,11 +382,12 @@ fn create_api_key(
         let role = check_role(client, role);
         // Generated keys cannot collide; an imported one may already be registered.
         if imported {
-            let taken = errors::internal(client.select(
+            let taken = plans::select(
+                client,
                 "SELECT 1 FROM apikeys.keys WHERE hash = $1 OR previous_hash = $1",
                 None,
                 &[hash.as_slice().into()],
-            ));
+            );
             if !taken.is_empty() {
                 errors::raise(
                     PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
@@ -419,7 +422,8 @@ fn create_api_key(
             actor.into(),
             JsonB(details).into(),
         ];
-        let table = errors::internal(client.update(
+        let table = plans::update(
+            client,
             "WITH k AS (
                 INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,
                     permissions, metadata, role, master, enabled, expires_at, remaining,
@@ -437,7 +441,7 @@ fn create_api_key(
             SELECT expires_at, created_at FROM k",
             None,
             &args,
-        ));
+        );
         if table.is_empty() {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
@@ -474,11 +478,12 @@ fn first_api_key(table: pgrx::spi::SpiTupleTable<'_>) -> Option<ApiKey> {
 fn get_api_key(id: Option<String>) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = id?;
     Spi::connect(|client| {
-        first_api_key(errors::internal(client.select(
+        first_api_key(plans::select(
+            client,
             &format!("SELECT {API_KEY_ROW} FROM apikeys.keys WHERE id = $1"),
             None,
             &[id.as_str().into()],
-        )))
+        ))
     })
 }
 
@@ -489,14 +494,15 @@ fn list_api_keys(
     owner: default!(Option<String>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "apikeys.api_key")> {
     let rows: Vec<ApiKey> = Spi::connect(|client| {
-        let table = errors::internal(client.select(
+        let table = plans::select(
+            client,
             &format!(
                 "SELECT {API_KEY_ROW} FROM apikeys.keys WHERE $1::text IS NULL OR owner = $1 \
                  ORDER BY created_at, id"
             ),
             None,
             &[owner.into()],
-        ));
+        );
         table
             .filter_map(|row| errors::internal(row.get::<ApiKey>(1)))
             .collect()
@@ -634,12 +640,13 @@ fn update_api_key(
     }
 
     Spi::connect_mut(|client| {
-        let current = errors::internal(client.update(
+        let current = plans::update(
+            client,
             "SELECT refill_amount, refill_interval, rate_limit_max, rate_limit_window, remaining \
              FROM apikeys.keys WHERE id = $1 FOR UPDATE",
             None,
             &[id.as_str().into()],
-        ));
+        );
         if current.is_empty() {
             key_not_found(&id);
         }
@@ -766,21 +773,22 @@ fn update_api_key(
 fn revoke_api_key(id: Option<String>) -> bool {
     let id = required_id(id);
     Spi::connect_mut(|client| {
-        let revoked = errors::internal(client.update(
+        let revoked = plans::update(client,
             "UPDATE apikeys.keys SET revoked_at = clock_timestamp(), updated_at = clock_timestamp(), \
              updated_by = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
             None,
             &[id.as_str().into(), audit::actor().into()],
-        ));
+        );
         if !revoked.is_empty() {
             audit::record(client, "revoke", Some(&id), json!({}));
             return true;
         }
-        let exists = errors::internal(client.select(
+        let exists = plans::select(
+            client,
             "SELECT 1 FROM apikeys.keys WHERE id = $1",
             None,
             &[id.as_str().into()],
-        ));
+        );
         if exists.is_empty() {
             key_not_found(&id);
         }
@@ -794,11 +802,12 @@ fn revoke_api_key(id: Option<String>) -> bool {
 fn delete_api_key(id: Option<String>) -> bool {
     let Some(id) = id else { return false };
     Spi::connect_mut(|client| {
-        let deleted = errors::internal(client.update(
+        let deleted = plans::update(
+            client,
             "DELETE FROM apikeys.keys WHERE id = $1 RETURNING id",
             None,
             &[id.as_str().into()],
-        ));
+        );
         let deleted = !deleted.is_empty();
         if deleted {
             audit::record(client, "delete", Some(&id), json!({}));
@@ -831,17 +840,19 @@ fn rotate_api_key(
     );
     let keep_old = grace.as_micros() > 0;
     let (key, start, expires_at) = Spi::connect_mut(|client| {
-        let current = errors::internal(client.update(
+        let current = plans::update(
+            client,
             "SELECT prefix FROM apikeys.keys WHERE id = $1 FOR UPDATE",
             None,
             &[id.as_str().into()],
-        ));
+        );
         if current.is_empty() {
             key_not_found(&id);
         }
         let prefix = errors::internal(current.first().get::<String>(1)).unwrap_or_default();
         let (key, start) = key_format::generate(&prefix);
-        let row = errors::internal(client.update(
+        let row = plans::update(
+            client,
             "UPDATE apikeys.keys SET hash = $2, start = $3,
                 previous_hash = CASE WHEN $4 THEN hash END,
                 previous_valid_until = CASE WHEN $4 THEN clock_timestamp() + $5 END,
@@ -856,7 +867,7 @@ fn rotate_api_key(
                 grace.into(),
                 audit::actor().into(),
             ],
-        ));
+        );
         let expires_at = errors::internal(row.first().get::<TimestampWithTimeZone>(1));
         audit::record(
             client,
@@ -879,7 +890,8 @@ fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64
         true,
     );
     Spi::connect_mut(|client| {
-        let count = errors::internal(client.update(
+        let count = plans::update(
+            client,
             "WITH gone AS (
                 DELETE FROM apikeys.keys WHERE expires_at <= clock_timestamp() - $1 RETURNING id
              ), audit AS (
@@ -889,7 +901,7 @@ fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64
              SELECT count(*) FROM gone",
             None,
             &[older_than.into(), audit::actor().into()],
-        ));
+        );
         errors::internal(count.first().get::<i64>(1)).unwrap_or(0)
     })
 }

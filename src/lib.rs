@@ -13,10 +13,12 @@ pub mod key_format;
 mod keys;
 pub mod metering;
 pub mod permissions;
+mod plans;
 mod schema;
 mod signing;
 mod test_support;
 mod tokens;
+mod usage;
 mod verify;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -25,6 +27,9 @@ mod verify;
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     context::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        usage::init();
+    }
 }
 
 /// Required by `cargo pgrx test`.

@@ -2,6 +2,7 @@
 //! PUBLIC), rotated and retired by management functions, published as a JWK set for outside
 //! verifiers. The newest unretired key signs; every unretired key verifies.
 
+use crate::plans;
 use crate::{audit, errors, key_format};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
@@ -115,7 +116,7 @@ const CURRENT_SQL: &str = "SELECT kid, algorithm, secret FROM apikeys.signing_ke
     WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1";
 
 fn current(client: &mut SpiClient<'_>) -> Option<Signer> {
-    let table = errors::internal(client.select(CURRENT_SQL, Some(1), &[]));
+    let table = plans::select(client, CURRENT_SQL, Some(1), &[]);
     let row = table.into_iter().next()?;
     let kid: String = errors::internal(row.get(1))?;
     let alg = parse_algorithm(&errors::internal(row.get::<String>(2))?)?;
@@ -141,11 +142,12 @@ pub fn signer(client: &mut SpiClient<'_>) -> Signer {
         );
     }
     // Two first mints at once must not both create a key.
-    errors::internal(client.update(
+    plans::update(
+        client,
         "SELECT pg_advisory_xact_lock(hashtext('apikeys.signing_keys'))",
         None,
         &[],
-    ));
+    );
     if let Some(signer) = current(client) {
         return signer;
     }
@@ -155,12 +157,13 @@ pub fn signer(client: &mut SpiClient<'_>) -> Signer {
 
 /// The key a token's `kid` names, if it exists and is not retired.
 pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, DecodingKey)> {
-    let table = errors::internal(client.select(
+    let table = plans::select(
+        client,
         "SELECT algorithm, secret, public_jwk FROM apikeys.signing_keys
          WHERE kid = $1 AND retired_at IS NULL",
         Some(1),
         &[kid.into()],
-    ));
+    );
     let row = table.into_iter().next()?;
     let alg = parse_algorithm(&errors::internal(row.get::<String>(1))?)?;
     let secret: Vec<u8> = errors::internal(row.get(2))?;
@@ -175,7 +178,8 @@ fn create(client: &mut SpiClient<'_>, alg: Algorithm) -> String {
         key_format::random_id(12)
     );
     let material = errors::internal(generate(alg, &kid));
-    errors::internal(client.update(
+    plans::update(
+        client,
         "INSERT INTO apikeys.signing_keys (kid, algorithm, secret, public_jwk, created_by)
          VALUES ($1, $2, $3, $4, $5)",
         None,
@@ -186,7 +190,7 @@ fn create(client: &mut SpiClient<'_>, alg: Algorithm) -> String {
             material.public_jwk.map(JsonB).into(),
             audit::actor().into(),
         ],
-    ));
+    );
     audit::record(
         client,
         "rotate_signing_key",
@@ -225,23 +229,25 @@ fn retire_signing_key(kid: Option<&str>) -> bool {
         errors::invalid_argument("kid", "must not be NULL")
     };
     Spi::connect_mut(|client| {
-        let was = errors::internal(client.update(
+        let was = plans::update(
+            client,
             "SELECT retired_at IS NULL FROM apikeys.signing_keys WHERE kid = $1 FOR UPDATE",
             Some(1),
             &[kid.into()],
-        ));
+        );
         let Some(active) = was.into_iter().next() else {
             errors::signing_key_not_found(kid)
         };
         if !errors::internal(active.get::<bool>(1)).unwrap_or(false) {
             return false;
         }
-        errors::internal(client.update(
+        plans::update(
+            client,
             "UPDATE apikeys.signing_keys SET retired_at = clock_timestamp(), retired_by = $2
              WHERE kid = $1",
             None,
             &[kid.into(), audit::actor().into()],
-        ));
+        );
         audit::record(client, "retire_signing_key", None, json!({ "kid": kid }));
         true
     })
@@ -264,7 +270,8 @@ fn list_signing_keys() -> TableIterator<
     ),
 > {
     let rows = Spi::connect(|client| {
-        let table = errors::internal(client.select(
+        let table = plans::select(
+            client,
             &format!(
                 "SELECT kid, algorithm, kid = (SELECT kid FROM ({CURRENT_SQL}) c), created_at,
                         created_by, retired_at, retired_by
@@ -272,7 +279,7 @@ fn list_signing_keys() -> TableIterator<
             ),
             None,
             &[],
-        ));
+        );
         table
             .into_iter()
             .map(|r| {
@@ -315,11 +322,12 @@ fn export_signing_key(kid: Option<&str>) -> JsonB {
         errors::invalid_argument("kid", "must not be NULL")
     };
     Spi::connect_mut(|client| {
-        let table = errors::internal(client.select(
+        let table = plans::select(
+            client,
             "SELECT algorithm, secret, public_jwk FROM apikeys.signing_keys WHERE kid = $1",
             Some(1),
             &[kid.into()],
-        ));
+        );
         let Some(row) = table.into_iter().next() else {
             errors::signing_key_not_found(kid)
         };

@@ -5,6 +5,7 @@
 
 use crate::errors::{self, invalid_argument};
 use crate::metering::{Meter, Verdict};
+use crate::plans;
 use crate::{key_format, permissions};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -289,9 +290,9 @@ fn fetch(
     args: &[pgrx::datum::DatumWithOid<'_>],
 ) -> Option<KeyState> {
     let table = if lock {
-        errors::internal(client.update(sql, Some(1), args))
+        plans::update(client, sql, Some(1), args)
     } else {
-        errors::internal(client.select(sql, Some(1), args))
+        plans::select(client, sql, Some(1), args)
     };
     if table.is_empty() {
         return None;
@@ -377,8 +378,8 @@ pub fn judge(
             } else {
                 Code::InsufficientPermissions
             };
-            if code == Code::Valid && !read_only() {
-                record_use(client, &state.id);
+            if code == Code::Valid {
+                crate::usage::record(client, &state.id);
             }
             return state.verification(code, token);
         }
@@ -445,7 +446,8 @@ fn spend(
         result.rate_limit_reset = if no_window { None } else { state.window_end };
     }
     if code == Code::Valid {
-        errors::internal(client.update(
+        plans::update(
+            client,
             "UPDATE apikeys.keys SET
                 remaining = $2,
                 last_refill_at = CASE WHEN $3 THEN $6 ELSE last_refill_at END,
@@ -464,20 +466,9 @@ fn spend(
                 charge.window_used.into(),
                 state.now.into(),
             ],
-        ));
+        );
     }
     result
-}
-
-/// Usage of a key without limits. It must never make verification wait, so a row that another
-/// transaction holds is skipped rather than waited for (the count is then approximate).
-fn record_use(client: &mut SpiClient<'_>, id: &str) {
-    errors::internal(client.update(
-        "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
-         WHERE id = (SELECT id FROM apikeys.keys WHERE id = $1 FOR UPDATE SKIP LOCKED)",
-        None,
-        &[id.into()],
-    ));
 }
 
 /// Parses `required` for verify_key and friends: NULL means nothing is required.

@@ -905,3 +905,79 @@ fn the_readme_reference_lists_every_function() {
         .collect();
     assert_eq!(documented, in_schema);
 }
+
+/// With the library preloaded (pg_test.conf) and this database as `apikeys.usage_database`,
+/// verifying a key without limits writes nothing — no transaction id is assigned, even in a
+/// read-only transaction — and the background worker brings `request_count` and `last_used_at`
+/// up to date within seconds. In another database the verification writes the row itself.
+#[test]
+fn plain_key_use_is_counted_in_shared_memory_and_written_within_seconds() {
+    let mut client = connect();
+    let (id, key) = create(&mut client, "");
+    let mut tx = client.build_transaction().read_only(true).start().unwrap();
+    for _ in 0..7 {
+        let code: String = tx
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+    }
+    let xid: Option<i64> = tx
+        .query_one("SELECT txid_current_if_assigned()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(xid, None, "verification wrote nothing");
+    tx.commit().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT request_count, last_used_at IS NOT NULL FROM apikeys.keys WHERE id = $1",
+                &[&id],
+            )
+            .unwrap();
+        let (count, used): (i64, bool) = (row.get(0), row.get(1));
+        if count == 7 && used {
+            break;
+        }
+        assert!(count <= 7, "counted {count} uses of 7");
+        assert!(
+            Instant::now() < deadline,
+            "request_count still {count} after 15 s"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // Another database: no shared counting, the row is written at once (and not when read-only).
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    recreate_database(&mut admin, "pg_apikeys_elsewhere");
+    let mut other = Client::connect(
+        &format!("{} dbname=pg_apikeys_elsewhere", base_url()),
+        NoTls,
+    )
+    .unwrap();
+    other.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let (id, key) = create(&mut other, "");
+    let row = other
+        .query_one(
+            "SELECT (apikeys.verify_key($1)).code, txid_current_if_assigned() IS NOT NULL",
+            &[&key],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, bool>(1)),
+        ("VALID".into(), true)
+    );
+    let count: i64 = other
+        .query_one(
+            "SELECT request_count FROM apikeys.keys WHERE id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    drop(other);
+    admin
+        .batch_execute("DROP DATABASE pg_apikeys_elsewhere")
+        .unwrap();
+}
