@@ -14,14 +14,15 @@ use pgrx::bgworkers::{
 };
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Distinct keys the shared table holds between two flushes.
-pub const SLOTS: usize = 2048;
-const ID_BYTES: usize = 128;
+/// Distinct keys the shared table holds between two flushes (1.4 MB). Generated ids take 26
+/// bytes; a key with a longer id than ID_BYTES, or arriving when the table is full, is counted
+/// by writing its row.
+pub const SLOTS: usize = 16384;
+const ID_BYTES: usize = 64;
 
 #[derive(Clone, Copy)]
 pub struct Slot {
@@ -46,12 +47,6 @@ pub struct Table {
 }
 
 impl Table {
-    pub const fn new() -> Table {
-        Table {
-            slots: [EMPTY; SLOTS],
-        }
-    }
-
     /// Adds one use of `id` at `at_us`; false when the id does not fit or the table is full.
     pub fn record(&mut self, id: &str, at_us: i64) -> bool {
         let bytes = id.as_bytes();
@@ -92,22 +87,25 @@ impl Table {
     }
 }
 
-impl Default for Table {
-    fn default() -> Table {
-        Table::new()
-    }
-}
-
-unsafe impl PGRXSharedMemory for Table {}
-
-static USAGE: PgLwLock<Table> = unsafe { PgLwLock::new(c"pg_apikeys_usage") };
+// The table lives in shared memory, zeroed in place (all zeroes is an empty table): built as a
+// value it would be 1.4 MB on the stack.
+static mut TABLE: *mut Table = std::ptr::null_mut();
+static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+const NAME: &std::ffi::CStr = c"pg_apikeys usage";
 
 /// Set in _PG_init when the library is preloaded; inherited by every backend.
 static SHARED: AtomicBool = AtomicBool::new(false);
 
 /// From _PG_init, only while shared_preload_libraries are loaded.
 pub fn init() {
-    pg_shmem_init!(USAGE = Table::new());
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
     BackgroundWorkerBuilder::new("pg_apikeys usage writer")
         .set_type("pg_apikeys usage writer")
         .set_library("pg_apikeys")
@@ -117,6 +115,51 @@ pub fn init() {
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
     SHARED.store(true, Ordering::Relaxed);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    unsafe {
+        if let Some(previous) = PREV_SHMEM_REQUEST {
+            previous();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Table>());
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    unsafe {
+        if let Some(previous) = PREV_SHMEM_STARTUP {
+            previous();
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let table =
+            pg_sys::ShmemInitStruct(NAME.as_ptr(), std::mem::size_of::<Table>(), &mut found);
+        if !found {
+            std::ptr::write_bytes(table.cast::<u8>(), 0, std::mem::size_of::<Table>());
+        }
+        TABLE = table.cast();
+        LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// Runs `f` on the shared table under its lock; None when there is no shared table.
+fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> Option<R> {
+    let (table, lock) = unsafe { (TABLE, LOCK) };
+    if table.is_null() || lock.is_null() {
+        return None;
+    }
+    unsafe {
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let result = f(&mut *table);
+        pg_sys::LWLockRelease(lock);
+        Some(result)
+    }
 }
 
 thread_local! {
@@ -149,7 +192,10 @@ fn now_us() -> i64 {
 /// Counts one VALID use of a key without quota or rate limit.
 pub fn record(client: &mut SpiClient<'_>, id: &str) {
     let recovering = unsafe { pg_sys::RecoveryInProgress() };
-    if counted_in_shared_memory() && !recovering && USAGE.exclusive().record(id, now_us()) {
+    if counted_in_shared_memory()
+        && !recovering
+        && with_table(|t| t.record(id, now_us())) == Some(true)
+    {
         return;
     }
     if recovering || unsafe { pg_sys::XactReadOnly } {
@@ -167,7 +213,7 @@ pub fn record(client: &mut SpiClient<'_>, id: &str) {
 
 /// Adds the pending uses to their rows.
 fn flush() {
-    let pending = USAGE.exclusive().drain();
+    let pending = with_table(Table::drain).unwrap_or_default();
     if pending.is_empty() {
         return;
     }
@@ -224,12 +270,12 @@ mod unit {
 
     #[test]
     fn uses_are_counted_per_key_and_drained_at_once() {
-        let mut t = Box::new(Table::new());
+        let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
         assert!(t.record("a", 5));
         assert!(t.record("b", 7));
         assert!(t.record("a", 3));
         assert!(!t.record("", 1));
-        assert!(!t.record(&"x".repeat(129), 1));
+        assert!(!t.record(&"x".repeat(ID_BYTES + 1), 1));
         let mut got = t.drain();
         got.sort();
         assert_eq!(got, vec![("a".into(), 2, 5), ("b".into(), 1, 7)]);
@@ -238,7 +284,7 @@ mod unit {
 
     #[test]
     fn a_full_table_refuses_new_keys_but_counts_known_ones() {
-        let mut t = Box::new(Table::new());
+        let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
         for i in 0..SLOTS {
             assert!(t.record(&format!("k{i}"), 1));
         }
