@@ -94,14 +94,18 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"apikeys.usage_database",
-        c"The database whose key usage is counted in shared memory (needs preloading).",
-        c"With shared_preload_libraries = 'pg_apikeys', a background worker connects to this database and writes request_count and last_used_at of keys without limits every second; elsewhere each verification writes its key's row.",
-        &USAGE_DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // PostgreSQL allows server-start settings only while preloading, which is also the only
+    // case in which shared-memory usage counting exists.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"apikeys.usage_database",
+            c"The database whose key usage is counted in shared memory (needs preloading).",
+            c"With shared_preload_libraries = 'pg_apikeys', a background worker connects to this database and writes request_count and last_used_at of keys without limits every second; elsewhere each verification writes its key's row.",
+            &USAGE_DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     // `SET apikeys.<typo>` then fails instead of creating a setting nothing reads.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"apikeys".as_ptr()) };
 }
