@@ -104,6 +104,8 @@ commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml be
   echo "| measure | ours | floor | ratio | target | met |"
   echo "|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
+  # What the figures mean and where each row is stuck, kept by hand next to the script.
+  [ -f bench/notes.md ] && cat bench/notes.md
 } > BENCHMARKS.md.new
 mv BENCHMARKS.md.new BENCHMARKS.md
 cat BENCHMARKS.md
