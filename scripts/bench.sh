@@ -105,7 +105,7 @@ commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml be
   echo "|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   # What the figures mean and where each row is stuck, kept by hand next to the script.
-  [ -f bench/notes.md ] && cat bench/notes.md
+  if [ -f bench/notes.md ]; then cat bench/notes.md; fi
 } > BENCHMARKS.md.new
 mv BENCHMARKS.md.new BENCHMARKS.md
 cat BENCHMARKS.md
