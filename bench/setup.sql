@@ -65,12 +65,17 @@ INSERT INTO bench.docs SELECT g, 't' || (g % 100), 'document ' || g FROM generat
 ALTER TABLE bench.docs ENABLE ROW LEVEL SECURITY;
 DO $$ BEGIN CREATE ROLE bench_open LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 DO $$ BEGIN CREATE ROLE bench_perm LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-GRANT USAGE ON SCHEMA bench TO bench_open, bench_perm;
-GRANT SELECT ON bench.docs, bench.pool TO bench_open, bench_perm;
+DO $$ BEGIN CREATE ROLE bench_once LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+GRANT USAGE ON SCHEMA bench TO bench_open, bench_perm, bench_once;
+GRANT SELECT ON bench.docs, bench.pool TO bench_open, bench_perm, bench_once;
 CREATE POLICY open ON bench.docs TO bench_open USING (true);
+-- As README recommends: the call in a sub-select runs once per query (an InitPlan) ...
+CREATE POLICY once ON bench.docs TO bench_once USING ((SELECT apikeys.has_permission('docs', 'read')));
+-- ... and as a per-row call.
 CREATE POLICY perm ON bench.docs TO bench_perm USING (apikeys.has_permission('docs', 'read'));
 ALTER ROLE bench_open SET max_parallel_workers_per_gather = 0;
 ALTER ROLE bench_perm SET max_parallel_workers_per_gather = 0;
+ALTER ROLE bench_once SET max_parallel_workers_per_gather = 0;
 
 -- For create_api_key x 100k: the plain-SQL floor's table.
 CREATE TABLE bench.inserted (id text PRIMARY KEY, hash bytea NOT NULL UNIQUE);

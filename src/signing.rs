@@ -13,6 +13,9 @@ use pgrx::JsonB;
 use rand::rngs::OsRng;
 use rand::RngCore;
 use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// The algorithms we sign with, by their JWT names.
 pub const ALGORITHMS: &[Algorithm] = &[Algorithm::HS256, Algorithm::ES256, Algorithm::EdDSA];
@@ -109,23 +112,43 @@ pub fn decoding_key(
 pub struct Signer {
     pub kid: String,
     pub alg: Algorithm,
-    pub key: EncodingKey,
+    pub key: Rc<EncodingKey>,
 }
 
 const CURRENT_SQL: &str = "SELECT kid, algorithm, secret FROM apikeys.signing_keys
     WHERE retired_at IS NULL ORDER BY created_at DESC, kid DESC LIMIT 1";
+
+thread_local! {
+    // Parsed key material by kid. A kid names one key for good (its row never changes but for
+    // retired_at, which every use still reads), and parsing a PKCS#8 key per token is not free.
+    static ENCODING: RefCell<HashMap<String, Rc<EncodingKey>>> = RefCell::new(HashMap::new());
+    static DECODING: RefCell<HashMap<String, Rc<DecodingKey>>> = RefCell::new(HashMap::new());
+}
+
+/// The cached value for `kid`, or `make()`'s (cached when it is Some).
+fn cached<K: Clone>(
+    cache: &'static std::thread::LocalKey<RefCell<HashMap<String, K>>>,
+    kid: &str,
+    make: impl FnOnce() -> Option<K>,
+) -> Option<K> {
+    if let Some(hit) = cache.with(|c| c.borrow().get(kid).cloned()) {
+        return Some(hit);
+    }
+    let made = make()?;
+    cache.with(|c| c.borrow_mut().insert(kid.to_owned(), made.clone()));
+    Some(made)
+}
 
 fn current(client: &mut SpiClient<'_>) -> Option<Signer> {
     let table = plans::select(client, CURRENT_SQL, Some(1), &[]);
     let row = table.into_iter().next()?;
     let kid: String = errors::internal(row.get(1))?;
     let alg = parse_algorithm(&errors::internal(row.get::<String>(2))?)?;
-    let secret: Vec<u8> = errors::internal(row.get(3))?;
-    Some(Signer {
-        kid,
-        alg,
-        key: encoding_key(alg, &secret),
-    })
+    let key = cached(&ENCODING, &kid, || {
+        let secret: Vec<u8> = errors::internal(row.get(3))?;
+        Some(Rc::new(encoding_key(alg, &secret)))
+    })?;
+    Some(Signer { kid, alg, key })
 }
 
 /// The current signing key. A database without one gets an HS256 key at its first mint, so
@@ -156,7 +179,7 @@ pub fn signer(client: &mut SpiClient<'_>) -> Signer {
 }
 
 /// The key a token's `kid` names, if it exists and is not retired.
-pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, DecodingKey)> {
+pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, Rc<DecodingKey>)> {
     let table = plans::select(
         client,
         "SELECT algorithm, secret, public_jwk FROM apikeys.signing_keys
@@ -166,9 +189,12 @@ pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, Dec
     );
     let row = table.into_iter().next()?;
     let alg = parse_algorithm(&errors::internal(row.get::<String>(1))?)?;
-    let secret: Vec<u8> = errors::internal(row.get(2))?;
-    let public_jwk = errors::internal(row.get::<JsonB>(3)).map(|j| j.0);
-    Some((alg, decoding_key(alg, &secret, public_jwk.as_ref())?))
+    let key = cached(&DECODING, kid, || {
+        let secret: Vec<u8> = errors::internal(row.get(2))?;
+        let public_jwk = errors::internal(row.get::<JsonB>(3)).map(|j| j.0);
+        decoding_key(alg, &secret, public_jwk.as_ref()).map(Rc::new)
+    })?;
+    Some((alg, key))
 }
 
 fn create(client: &mut SpiClient<'_>, alg: Algorithm) -> String {
