@@ -106,5 +106,6 @@ bench: install
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
 	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); scripts/cluster.sh stop /tmp/pg_apikeys_crash 55436
-	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437
-	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_package
+	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437; scripts/cluster.sh stop /tmp/pg_apikeys_bench 55438
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_package \
+	  /tmp/pg_apikeys_bench
