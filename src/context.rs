@@ -30,7 +30,7 @@ impl Context {
             doc.and_then(|d| permissions::parse(d).ok())
                 .unwrap_or_default()
         };
-        let key = parse(v.permissions.as_ref());
+        let key = parse(v.permissions.as_ref().map(|p| p.value()).as_ref());
         let permissions = match &v.claims {
             Some(claims) => permissions::intersect(&key, &parse(claims.get("permissions"))),
             None => key,

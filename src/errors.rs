@@ -60,11 +60,14 @@ pub fn signing_key_not_found(kid: &str) -> ! {
 
 /// SPI failures that no input can cause; reported rather than panicking.
 pub fn internal<T, E: Display>(result: Result<T, E>) -> T {
-    result.unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("pg_apikeys internal error: {e}"),
-            None,
-        )
-    })
+    result.unwrap_or_else(|e| internal_error(e))
+}
+
+/// XX000 for a state no input can cause (a damaged installation).
+pub fn internal_error(problem: impl Display) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("pg_apikeys internal error: {problem}"),
+        None,
+    )
 }

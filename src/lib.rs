@@ -11,6 +11,7 @@ mod errors;
 mod guc;
 pub mod key_format;
 mod keys;
+mod lookup;
 pub mod metering;
 pub mod permissions;
 mod plans;

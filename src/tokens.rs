@@ -115,13 +115,16 @@ pub fn mint(
     let key_id = target.key_id.as_deref().unwrap_or_default();
     let issuer = guc::jwt_issuer();
     let audience = guc::jwt_audience();
-    let empty = Value::Object(Default::default());
+    let permissions = target
+        .permissions
+        .as_ref()
+        .map_or_else(|| Value::Object(Default::default()), |p| p.value());
     let grant = claims::Grant {
         key_id,
         key_created_us: target.created_us,
         owner: target.owner.as_deref(),
         role: target.role.as_deref(),
-        permissions: target.permissions.as_ref().unwrap_or(&empty),
+        permissions: &permissions,
         now_ms,
         exp_ms: claims::expiry(now_ms, ms, target.expires_at.map(verify::epoch_ms)),
         jti: key_format::random_id(16),

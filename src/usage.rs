@@ -13,7 +13,6 @@ use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -190,7 +189,7 @@ fn now_us() -> i64 {
 }
 
 /// Counts one VALID use of a key without quota or rate limit.
-pub fn record(client: &mut SpiClient<'_>, id: &str) {
+pub fn record(id: &str) {
     let recovering = unsafe { pg_sys::RecoveryInProgress() };
     if counted_in_shared_memory()
         && !recovering
@@ -202,13 +201,15 @@ pub fn record(client: &mut SpiClient<'_>, id: &str) {
         return;
     }
     // A row another transaction holds is skipped rather than waited for.
-    plans::update(
-        client,
-        "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
-         WHERE id = (SELECT id FROM apikeys.keys WHERE id = $1 FOR UPDATE SKIP LOCKED)",
-        None,
-        &[id.into()],
-    );
+    Spi::connect_mut(|client| {
+        plans::update(
+            client,
+            "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
+             WHERE id = (SELECT id FROM apikeys.keys WHERE id = $1 FOR UPDATE SKIP LOCKED)",
+            None,
+            &[id.into()],
+        );
+    });
 }
 
 /// Adds the pending uses to their rows.

@@ -6,6 +6,7 @@
 use crate::errors::{self, invalid_argument};
 use crate::metering::{Meter, Verdict};
 use crate::plans;
+use crate::lookup::{self, Json};
 use crate::{key_format, permissions};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -63,8 +64,8 @@ pub struct Verification {
     pub owner: Option<String>,
     pub name: Option<String>,
     pub role: Option<String>,
-    pub permissions: Option<Value>,
-    pub metadata: Option<Value>,
+    pub permissions: Option<Json>,
+    pub metadata: Option<Json>,
     pub expires_at: Option<TimestampWithTimeZone>,
     pub remaining: Option<i64>,
     pub rate_limit_remaining: Option<i64>,
@@ -107,8 +108,8 @@ impl Verification {
             self.owner.into_datum(),
             self.name.into_datum(),
             self.role.into_datum(),
-            self.permissions.map(JsonB).into_datum(),
-            self.metadata.map(JsonB).into_datum(),
+            self.permissions.and_then(Json::into_datum),
+            self.metadata.and_then(Json::into_datum),
             self.expires_at.into_datum(),
             self.remaining.into_datum(),
             self.rate_limit_remaining.into_datum(),
@@ -160,8 +161,8 @@ struct KeyState {
     owner: Option<String>,
     name: Option<String>,
     role: Option<String>,
-    permissions: Value,
-    metadata: Option<Value>,
+    permissions: Json,
+    metadata: Option<Json>,
     master: bool,
     enabled: bool,
     revoked: bool,
@@ -195,14 +196,49 @@ const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.
     FROM apikeys.keys k";
 
 impl KeyState {
+    /// The state of a row read by `lookup` (no lock): enough for the status checks and for keys
+    /// without limits; a metered key is re-read locked through STATE_SQL before it is charged.
+    fn from_lookup(row: lookup::KeyRow, presented: Option<&[u8]>, now: TimestampWithTimeZone) -> KeyState {
+        let at_or_before_now = |t: Option<TimestampWithTimeZone>| t.is_some_and(|t| t <= now);
+        // Presented by its rotated-out hash: valid only until previous_valid_until.
+        let via_previous = presented.is_some_and(|h| h != row.hash.as_slice());
+        let expires_at = match (via_previous, row.expires_at, row.previous_valid_until) {
+            (true, Some(key_end), Some(old_end)) => Some(key_end.min(old_end)),
+            (true, None, old_end) => old_end,
+            (_, key_end, _) => key_end,
+        };
+        KeyState {
+            expired: at_or_before_now(row.expires_at)
+                || (via_previous && at_or_before_now(row.previous_valid_until)),
+            id: row.id,
+            owner: row.owner,
+            name: row.name,
+            role: row.role,
+            permissions: row.permissions,
+            metadata: row.metadata,
+            master: row.master,
+            enabled: row.enabled,
+            revoked: row.revoked,
+            expires_at,
+            meter: Meter {
+                remaining: row.remaining,
+                rate_limit_max: row.rate_limit_max,
+                ..Meter::default()
+            },
+            window_end: None,
+            now,
+            created_us: row.created_at.map_or(0, epoch_us),
+        }
+    }
+
     fn from_row(row: &SpiHeapTupleData<'_>) -> SpiResult<KeyState> {
         Ok(KeyState {
             id: row.get::<String>(1)?.unwrap_or_default(),
             owner: row.get(2)?,
             name: row.get(3)?,
             role: row.get(4)?,
-            permissions: row.get::<JsonB>(5)?.map(|j| j.0).unwrap_or(Value::Null),
-            metadata: row.get::<JsonB>(6)?.map(|j| j.0),
+            permissions: Json::Parsed(row.get::<JsonB>(5)?.map(|j| j.0).unwrap_or(Value::Null)),
+            metadata: row.get::<JsonB>(6)?.map(|j| Json::Parsed(j.0)),
             master: row.get(7)?.unwrap_or(false),
             enabled: row.get(8)?.unwrap_or(false),
             revoked: row.get(9)?.unwrap_or(true),
@@ -317,23 +353,18 @@ pub enum Lookup<'a> {
     Id(&'a str),
 }
 
-/// Reads a key's state. Plain reads go through `select`, which (unlike `update`) does not
-/// assign a transaction id: verification must work on hot standbys and must not turn every
-/// read-only caller into a writing transaction.
-fn fetch(
+/// Reads a key's state and locks its row (the statement ends in FOR UPDATE). Unlocked reads go
+/// through `lookup`, which assigns no transaction id: verification must work on hot standbys
+/// and must not turn every read-only caller into a writing transaction.
+fn fetch_locked(
     client: &mut SpiClient<'_>,
-    lock: bool,
     filter: &str,
     hash: Option<&[u8]>,
     id: Option<&str>,
 ) -> Option<KeyState> {
     let sql = format!("{STATE_SQL} {filter}");
     let args = [hash.into(), id.into(), wall_clock().into()];
-    let table = if lock {
-        plans::update(client, &sql, Some(1), &args)
-    } else {
-        plans::select(client, &sql, Some(1), &args)
-    };
+    let table = plans::update(client, &sql, Some(1), &args);
     if table.is_empty() {
         return None;
     }
@@ -354,8 +385,10 @@ pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64)
     }
 }
 
-/// A key's state by id (as a token names it): `$1`, the presented hash, is NULL.
-const BY_ID_SQL: &str = "WHERE k.id = $2";
+/// A key's state from its index, judged at the wall clock.
+fn read(by: lookup::By<'_>, presented: Option<&[u8]>) -> Option<KeyState> {
+    lookup::find(by).map(|row| KeyState::from_lookup(row, presented, wall_clock()))
+}
 
 /// The wall clock (clock_timestamp()): expiry is judged at the moment of the call.
 fn wall_clock() -> TimestampWithTimeZone {
@@ -365,13 +398,10 @@ fn wall_clock() -> TimestampWithTimeZone {
 
 /// A key's status by id, without permissions, quota or rate limit and without charging it.
 pub fn peek(id: &str) -> Verification {
-    Spi::connect_mut(|client| {
-        let found = fetch(client, false, BY_ID_SQL, None, Some(id));
-        match found {
-            Some(state) => state.verification(state.status_code().unwrap_or(Code::Valid), None),
-            None => Verification::not_found(),
-        }
-    })
+    match read(lookup::By::Id(id), None) {
+        Some(state) => state.verification(state.status_code().unwrap_or(Code::Valid), None),
+        None => Verification::not_found(),
+    }
 }
 
 /// Looks the key up and runs every check on it; with `token`, the token's expiry and
@@ -387,51 +417,50 @@ pub fn judge(
         Lookup::Id(id) => (None, Some(id)),
     };
     let hash = hash.as_deref();
+    // The current hash first; a rotated-out key (previous_hash) is the rare case.
+    let found = match (id, hash) {
+        (Some(id), _) => read(lookup::By::Id(id), None),
+        (None, Some(h)) => read(lookup::By::Hash(h), hash)
+            .or_else(|| read(lookup::By::PreviousHash(h), hash)),
+        (None, None) => None,
+    };
+    let Some(mut state) = found.filter(|s| s.is_the_key_of(token)) else {
+        return Verification::not_found();
+    };
+    state.bound_by(token);
+    if let Some(code) = state.status_code() {
+        return state.verification(code, token);
+    }
+    if !state.limited() {
+        let code = if permitted(&state, required, token) {
+            Code::Valid
+        } else {
+            Code::InsufficientPermissions
+        };
+        if code == Code::Valid {
+            crate::usage::record(&state.id);
+        }
+        return state.verification(code, token);
+    }
+    if read_only() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("API key \"{}\" has a quota or rate limit and cannot be verified in a read-only transaction", state.id),
+            Some("Verify keys with a quota or rate limit on the primary, in a read-write transaction."),
+        );
+    }
     Spi::connect_mut(|client| {
-        // The current hash first; a rotated-out key (previous_hash) is the rare case.
-        let found = match id {
-            Some(id) => fetch(client, false, BY_ID_SQL, hash, Some(id)),
-            None => fetch(client, false, "WHERE k.hash = $1", hash, None)
-                .or_else(|| fetch(client, false, "WHERE k.previous_hash = $1", hash, None)),
-        };
-        let Some(mut state) = found.filter(|s| s.is_the_key_of(token)) else {
-            return Verification::not_found();
-        };
-        state.bound_by(token);
-        if let Some(code) = state.status_code() {
-            return state.verification(code, token);
-        }
-        if !state.limited() {
-            let code = if permitted(&state, required, token) {
-                Code::Valid
-            } else {
-                Code::InsufficientPermissions
-            };
-            if code == Code::Valid {
-                crate::usage::record(client, &state.id);
-            }
-            return state.verification(code, token);
-        }
-        if read_only() {
-            errors::raise(
-                PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-                format!("API key \"{}\" has a quota or rate limit and cannot be verified in a read-only transaction", state.id),
-                Some("Verify keys with a quota or rate limit on the primary, in a read-write transaction."),
-            );
-        }
         // Lock the row and re-read it: another session may have spent, refilled, revoked or
         // rotated the key since the first read.
-        let locked = fetch(
+        let locked = fetch_locked(
             client,
-            true,
             "WHERE k.id = $2 AND ($1 IS NULL OR k.hash = $1 OR k.previous_hash = $1) FOR UPDATE OF k",
             hash,
             Some(&state.id),
         );
-        let Some(locked) = locked.filter(|s| s.is_the_key_of(token)) else {
+        let Some(mut state) = locked.filter(|s| s.is_the_key_of(token)) else {
             return Verification::not_found();
         };
-        state = locked;
         state.bound_by(token);
         if let Some(code) = state.status_code() {
             return state.verification(code, token);
@@ -446,7 +475,7 @@ fn permitted(state: &KeyState, required: &permissions::Permissions, token: Optio
     if required.is_empty() {
         return true;
     }
-    let granted = permissions::parse(&state.permissions).unwrap_or_default();
+    let granted = permissions::parse(&state.permissions.value()).unwrap_or_default();
     permissions::covers(&granted, required)
         && token.is_none_or(|t| permissions::covers(&t.permissions, required))
 }
