@@ -7,13 +7,22 @@
 //! the transaction has written, a fresh one after a command-counter increment (what a
 //! read-write SPI statement does), so a key created earlier in the same transaction is seen.
 //! Only reads go this way: locking and writing stay in SQL (verify's FOR UPDATE path).
+//!
+//! Each backend also remembers the heap TID the index gave for a key (the root of its HOT
+//! chain). The next lookup of that key follows that chain with the same snapshot, as an index
+//! scan would: if a version is visible and still carries the presented hash (or id) it is the row
+//! the index would have led to (the columns are unique, and a snapshot sees one version of a
+//! row), so the B-tree descent — most of an index lookup — is skipped. HOT updates (usage
+//! counting's) keep the chain; any other update or a delete ends it, and the lookup falls back
+//! to the index. Nothing is ever served that the snapshot does not see.
 
 use crate::errors;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ffi::CStr;
 
 /// Which unique index to probe, and with what.
@@ -102,6 +111,107 @@ thread_local! {
     /// apikeys.keys' oid and the attribute numbers of COLUMNS, found once per backend (again
     /// if the table was dropped and created since).
     static LAYOUT: Cell<Option<(pg_sys::Oid, [pg_sys::AttrNumber; 16])>> = const { Cell::new(None) };
+    /// Where each key was last found, by (lookup kind, hash or id), for apikeys.keys' oid.
+    static PLACES: RefCell<(pg_sys::Oid, HashMap<Vec<u8>, pg_sys::ItemPointerData>)> =
+        RefCell::new((pg_sys::InvalidOid, HashMap::new()));
+}
+
+/// Bounds a backend's memory for remembered places (about 100 bytes each).
+const MAX_PLACES: usize = 100_000;
+
+impl By<'_> {
+    /// The remembered-place key; rotated-out hashes are rare and not remembered.
+    fn place_key(&self) -> Option<Vec<u8>> {
+        let (tag, bytes) = match self {
+            By::Hash(h) => (b'h', *h),
+            By::Id(id) => (b'i', id.as_bytes()),
+            By::PreviousHash(_) => return None,
+        };
+        let mut key = Vec::with_capacity(bytes.len() + 1);
+        key.push(tag);
+        key.extend_from_slice(bytes);
+        Some(key)
+    }
+
+    /// Whether `row` is the key this lookup names.
+    fn names(&self, row: &KeyRow) -> bool {
+        match self {
+            By::Hash(h) => row.hash.as_slice() == *h,
+            By::Id(id) => row.id == *id,
+            By::PreviousHash(_) => false,
+        }
+    }
+}
+
+fn remembered(relid: pg_sys::Oid, key: &[u8]) -> Option<pg_sys::ItemPointerData> {
+    PLACES.with(|p| {
+        let places = p.borrow();
+        (places.0 == relid).then(|| places.1.get(key).copied()).flatten()
+    })
+}
+
+fn remember(relid: pg_sys::Oid, key: Vec<u8>, tid: pg_sys::ItemPointerData) {
+    PLACES.with(|p| {
+        let mut places = p.borrow_mut();
+        if places.0 != relid || places.1.len() >= MAX_PLACES {
+            places.0 = relid;
+            places.1.clear();
+        }
+        places.1.insert(key, tid);
+    })
+}
+
+/// The version of the row whose HOT chain starts at `root` that `snapshot` sees, found the way
+/// an index entry pointing at `root` is followed (prune the page if due, walk the chain under a
+/// share lock). A remembered TID may lie past the table's end (after a VACUUM truncation): with
+/// `remembered` the table's size is checked first.
+unsafe fn fetch_at(
+    rel: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    root: pg_sys::ItemPointerData,
+    attnums: &[pg_sys::AttrNumber; 16],
+    remembered: bool,
+) -> Option<KeyRow> {
+    let block = (u32::from(root.ip_blkid.bi_hi) << 16) | u32::from(root.ip_blkid.bi_lo);
+    if remembered
+        && block >= pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
+    {
+        return None;
+    }
+    let buffer = pg_sys::ReadBuffer(rel, block);
+    pg_sys::heap_page_prune_opt(rel, buffer);
+    pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+    let mut tid = root;
+    let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+    let found = pg_sys::heap_hot_search_buffer(
+        &mut tid,
+        rel,
+        buffer,
+        snapshot,
+        &mut tuple,
+        std::ptr::null_mut(),
+        true,
+    );
+    pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+    // The pin keeps the tuple in place (pruning needs a cleanup lock) while it is copied out.
+    let row = found.then(|| deform(&mut tuple, (*rel).rd_att, attnums));
+    pg_sys::ReleaseBuffer(buffer);
+    row
+}
+
+unsafe fn deform(
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+    attnums: &[pg_sys::AttrNumber; 16],
+) -> KeyRow {
+    let natts = (*desc).natts as usize;
+    let mut values = vec![pg_sys::Datum::from(0); natts];
+    let mut nulls = vec![true; natts];
+    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    read(|i: usize| {
+        let n = attnums[i] as usize - 1;
+        (values[n], nulls[n])
+    })
 }
 
 fn schema() -> pg_sys::Oid {
@@ -157,43 +267,78 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
     };
     let argument = argument.unwrap_or_else(|| errors::internal_error("a NULL lookup value"));
     let index = relation(schema, index);
+    let place_key = by.place_key();
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
-        // The index compares with its column's collation (id is text in the default collation);
-        // ScanKeyInit would say "C", which orders differently.
-        let column_attnum = attnums[column];
-        let collation = attrs[column_attnum as usize - 1].attcollation;
-        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyEntryInitialize(
-            &mut key,
-            0,
-            column_attnum,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::InvalidOid,
-            collation,
-            pg_sys::Oid::from(procedure),
-            argument,
-        );
-        let scan = pg_sys::systable_beginscan(rel, index, true, snapshot(), 1, &mut key);
-        let tuple = pg_sys::systable_getnext(scan);
-        let row = (!tuple.is_null()).then(|| {
-            let mut values = vec![pg_sys::Datum::from(0); natts];
-            let mut nulls = vec![true; natts];
-            pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            let at = |i: usize| {
-                let n = attnums[i] as usize - 1;
-                (values[n], nulls[n])
-            };
-            read(at)
+        let snapshot = snapshot();
+        // SERIALIZABLE transactions take the index path: its predicate locks are what
+        // serializable conflict detection expects of a lookup.
+        let serializable = pg_sys::XactIsoLevel == pg_sys::XACT_SERIALIZABLE as i32;
+        let remembered_row = place_key
+            .as_deref()
+            .filter(|_| !serializable)
+            .and_then(|k| remembered(relid, k))
+            .and_then(|root| fetch_at(rel, snapshot, root, &attnums, true))
+            .filter(|row| by.names(row));
+        let row = remembered_row.or_else(|| {
+            let (row, root) = probe(rel, index, attnums[column], procedure, argument, snapshot, &attnums)?;
+            if let Some(k) = place_key {
+                remember(relid, k, root);
+            }
+            Some(row)
         });
-        pg_sys::systable_endscan(scan);
         // Like the executor, keep the lock to the end of the transaction.
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         row
     }
+}
+
+/// An index scan for `column = argument`, done as the executor's index scan does it, but keeping
+/// the TID each index entry gives (the root of a HOT chain) rather than the version it leads to.
+unsafe fn probe(
+    rel: pg_sys::Relation,
+    index: pg_sys::Oid,
+    column: pg_sys::AttrNumber,
+    procedure: u32,
+    argument: pg_sys::Datum,
+    snapshot: pg_sys::Snapshot,
+    attnums: &[pg_sys::AttrNumber; 16],
+) -> Option<(KeyRow, pg_sys::ItemPointerData)> {
+    let desc = (*rel).rd_att;
+    let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+    // The index compares with its column's collation (id is text in the default collation);
+    // ScanKeyInit would say "C", which orders differently.
+    let collation = attrs[column as usize - 1].attcollation;
+    let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+    pg_sys::ScanKeyEntryInitialize(
+        &mut key,
+        0,
+        1, // the index's only column
+        pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+        pg_sys::InvalidOid,
+        collation,
+        pg_sys::Oid::from(procedure),
+        argument,
+    );
+    let irel = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let scan = pg_sys::index_beginscan(rel, irel, snapshot, 1, 0);
+    pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+    let mut found = None;
+    // Entries of dead versions stay in a unique index until vacuum: the visible one wins.
+    loop {
+        let tid = pg_sys::index_getnext_tid(scan, pg_sys::ScanDirection::ForwardScanDirection);
+        if tid.is_null() {
+            break;
+        }
+        let root = *tid;
+        if let Some(row) = fetch_at(rel, snapshot, root, attnums, false) {
+            found = Some((row, root));
+            break;
+        }
+    }
+    pg_sys::index_endscan(scan);
+    pg_sys::index_close(irel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    found
 }
 
 /// Copies the columns out of a deformed tuple (the buffer is released right after).
@@ -217,5 +362,88 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         remaining: get(at(13)),
         rate_limit_max: get(at(14)),
         created_at: get(at(15)),
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    fn tid(block: u32, offset: u16) -> pg_sys::ItemPointerData {
+        let mut t: pg_sys::ItemPointerData = unsafe { std::mem::zeroed() };
+        t.ip_blkid.bi_hi = (block >> 16) as u16;
+        t.ip_blkid.bi_lo = (block & 0xffff) as u16;
+        t.ip_posid = offset;
+        t
+    }
+
+    fn ctid_of(id: &str) -> pg_sys::ItemPointerData {
+        let ctid = one::<String>(&format!("SELECT ctid::text FROM apikeys.keys WHERE id = '{id}'"))
+            .expect("the key has a row");
+        let (block, offset) = ctid
+            .trim_matches(|c| c == '(' || c == ')')
+            .split_once(',')
+            .expect("a ctid is (block,offset)");
+        tid(block.parse().unwrap(), offset.parse().unwrap())
+    }
+
+    fn keys_oid() -> pg_sys::Oid {
+        relation(schema(), c"keys")
+    }
+
+    #[pg_test]
+    fn a_remembered_key_is_read_fresh_after_every_kind_of_change() {
+        let (id, key) = create("name => 'a'");
+        assert_eq!(code(&key, ""), "VALID");
+        assert!(remembered(keys_oid(), &By::Hash(&crate::key_format::hash(&key)).place_key().unwrap()).is_some());
+        run(&format!("UPDATE apikeys.keys SET request_count = request_count + 5 WHERE id = '{id}'"));
+        assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("a"));
+        run(&format!("SELECT apikeys.update_api_key('{id}', name => 'b', permissions => '{{\"x\": [\"y\"]}}')"));
+        assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("b"));
+        assert_eq!(field::<String>(&key, "", "permissions::text").as_deref(), Some(r#"{"x": ["y"]}"#));
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => false)"));
+        assert_eq!(code(&key, ""), "DISABLED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_eq!(code(&key, ""), "REVOKED");
+        run(&format!("SELECT apikeys.delete_api_key('{id}')"));
+        assert_eq!(code(&key, ""), "NOT_FOUND");
+    }
+
+    #[pg_test]
+    fn a_rotated_key_is_not_served_from_its_old_place() {
+        let (id, old) = create("");
+        assert_eq!(code(&old, ""), "VALID");
+        let new = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
+        assert_eq!(code(&old, ""), "NOT_FOUND");
+        assert_eq!(code(&new, ""), "VALID");
+        assert_eq!(field::<String>(&new, "", "key_id"), Some(id));
+    }
+
+    #[pg_test]
+    fn a_place_holding_another_key_or_past_the_table_is_not_trusted() {
+        let (a, key_a) = create("name => 'a'");
+        let (_, key_b) = create("name => 'b'");
+        let hash_a = crate::key_format::hash(&key_a);
+        let place = By::Hash(&hash_a).place_key().unwrap();
+        // A remembered place that now holds key b's row: the index is asked instead.
+        remember(keys_oid(), place.clone(), ctid_of(&lookup_id(&key_b)));
+        assert_eq!(find(By::Hash(&hash_a)).map(|r| r.id), Some(a.clone()));
+        // The index's answer replaced the wrong place.
+        assert_eq!(remembered(keys_oid(), &place).map(|t| t.ip_posid), Some(ctid_of(&a).ip_posid));
+        // Beyond the table's last block, and an offset no page has.
+        for bad in [tid(1_000_000, 1), tid(0, u16::MAX)] {
+            remember(keys_oid(), place.clone(), bad);
+            assert_eq!(find(By::Hash(&hash_a)).map(|r| r.id), Some(a.clone()));
+        }
+        // By id, as tokens look keys up.
+        assert_eq!(find(By::Id(&a)).map(|r| r.name), Some(Some("a".into())));
+        assert!(find(By::Id("no such id")).is_none());
+    }
+
+    fn lookup_id(key: &str) -> String {
+        field::<String>(key, "", "key_id").unwrap()
     }
 }
