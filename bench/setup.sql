@@ -66,16 +66,20 @@ ALTER TABLE bench.docs ENABLE ROW LEVEL SECURITY;
 DO $$ BEGIN CREATE ROLE bench_open LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 DO $$ BEGIN CREATE ROLE bench_perm LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 DO $$ BEGIN CREATE ROLE bench_once LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-GRANT USAGE ON SCHEMA bench TO bench_open, bench_perm, bench_once;
-GRANT SELECT ON bench.docs, bench.pool TO bench_open, bench_perm, bench_once;
+DO $$ BEGIN CREATE ROLE bench_gate LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+GRANT USAGE ON SCHEMA bench TO bench_open, bench_perm, bench_once, bench_gate;
+GRANT SELECT ON bench.docs, bench.pool TO bench_open, bench_perm, bench_once, bench_gate;
 CREATE POLICY open ON bench.docs TO bench_open USING (true);
 -- As README recommends: the call in a sub-select runs once per query (an InitPlan) ...
 CREATE POLICY once ON bench.docs TO bench_once USING ((SELECT apikeys.has_permission('docs', 'read')));
+-- ... PostgreSQL's own cost of any once-per-query policy (no pg_apikeys in it) ...
+CREATE POLICY gate ON bench.docs TO bench_gate USING ((SELECT true));
 -- ... and as a per-row call.
 CREATE POLICY perm ON bench.docs TO bench_perm USING (apikeys.has_permission('docs', 'read'));
 ALTER ROLE bench_open SET max_parallel_workers_per_gather = 0;
 ALTER ROLE bench_perm SET max_parallel_workers_per_gather = 0;
 ALTER ROLE bench_once SET max_parallel_workers_per_gather = 0;
+ALTER ROLE bench_gate SET max_parallel_workers_per_gather = 0;
 
 -- For create_api_key x 100k: the plain-SQL floor's table.
 CREATE TABLE bench.inserted (id text PRIMARY KEY, hash bytea NOT NULL UNIQUE);
