@@ -20,18 +20,35 @@ const START_BODY_CHARS: usize = 6;
 /// Fixed-width big-endian base62: `width` digits, left-padded with '0'.
 /// OsRng is used for key material (never a userspace RNG seeded before the postmaster forks).
 pub fn base62(bytes: &[u8], width: usize) -> String {
-    let mut num = bytes.to_vec();
+    // Long division of the big-endian number by 62^5 over 32-bit limbs, five digits a pass:
+    // byte-wise division by 62 was 3% of create_api_key (perf).
+    const CHUNK: u64 = 62 * 62 * 62 * 62 * 62;
+    let mut padded = vec![0u8; bytes.len().next_multiple_of(4) - bytes.len()];
+    padded.extend_from_slice(bytes);
+    let mut limbs: Vec<u32> = padded
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let mut digits = vec![b'0'; width];
-    for slot in digits.iter_mut().rev() {
-        let mut rem = 0u32;
-        for byte in num.iter_mut() {
-            let acc = (rem << 8) | u32::from(*byte);
-            *byte = (acc / 62) as u8;
-            rem = acc % 62;
+    let mut pos = width;
+    while pos > 0 {
+        let mut rem = 0u64;
+        for limb in limbs.iter_mut() {
+            let acc = (rem << 32) | u64::from(*limb);
+            *limb = (acc / CHUNK) as u32;
+            rem = acc % CHUNK;
         }
-        *slot = ALPHABET[rem as usize];
+        for _ in 0..5 {
+            if pos == 0 {
+                break;
+            }
+            pos -= 1;
+            digits[pos] = ALPHABET[(rem % 62) as usize];
+            rem /= 62;
+        }
+        debug_assert!(pos > 0 || rem == 0, "width too small for input");
     }
-    debug_assert!(num.iter().all(|b| *b == 0), "width too small for input");
+    debug_assert!(limbs.iter().all(|l| *l == 0), "width too small for input");
     // SAFETY of from_utf8: every byte comes from ALPHABET, which is ASCII.
     String::from_utf8(digits).unwrap_or_default()
 }
@@ -151,6 +168,42 @@ pub fn hash(key: &str) -> Vec<u8> {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn base62_matches_digit_by_digit_division() {
+        fn reference(bytes: &[u8], width: usize) -> String {
+            let mut num = bytes.to_vec();
+            let mut digits = vec![b'0'; width];
+            for slot in digits.iter_mut().rev() {
+                let mut rem = 0u32;
+                for byte in num.iter_mut() {
+                    let acc = (rem << 8) | u32::from(*byte);
+                    *byte = (acc / 62) as u8;
+                    rem = acc % 62;
+                }
+                *slot = ALPHABET[rem as usize];
+            }
+            String::from_utf8(digits).unwrap()
+        }
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for len in [1usize, 3, 4, 5, 9, 12, 16, 32] {
+            for _ in 0..200 {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state as u8
+                    })
+                    .collect();
+                let width = (len * 8 * 1000).div_ceil(5954);
+                assert_eq!(base62(&bytes, width), reference(&bytes, width), "{bytes:?}");
+            }
+            let max = vec![0xff; len];
+            let width = (len * 8 * 1000).div_ceil(5954);
+            assert_eq!(base62(&max, width), reference(&max, width));
+        }
+    }
 
     #[test]
     fn base62_is_fixed_width_and_ordered() {

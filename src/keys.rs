@@ -255,6 +255,30 @@ impl Settings {
 
 // ---- SQL functions ----
 
+/// A key's row and its audit entry in one statement. With a caller's id, `ON CONFLICT` turns a
+/// taken id into no row; a generated id (95 random bits) cannot collide and skips the
+/// speculative insertion (an extra index probe per key).
+fn insert_sql(id_given: bool) -> String {
+    let on_conflict = if id_given { "ON CONFLICT (id) DO NOTHING" } else { "" };
+    format!(
+        "WITH k AS (
+            INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,
+                permissions, metadata, role, master, enabled, expires_at, remaining,
+                refill_amount, refill_interval, last_refill_at, rate_limit_max,
+                rate_limit_window, created_by, updated_by)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
+                CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20)
+            {on_conflict}
+            RETURNING id, expires_at, created_at
+        ), audit AS (
+            INSERT INTO apikeys.audit_log (actor, action, key_id, details)
+            SELECT $20, 'create', id, $21 FROM k
+        )
+        SELECT expires_at, created_at FROM k"
+    )
+}
+
 /// Creates an API key and returns it. The `key` column is the only time the key is ever shown:
 /// only its SHA-256 is stored. See README "create_api_key" for every argument.
 #[pg_extern(security_definer, volatile)]
@@ -373,6 +397,7 @@ fn create_api_key(
         },
     };
     let hash = key_format::hash(&key);
+    let id_given = id.is_some();
     let id = match id {
         Some(id) => check_id(&id).to_owned(),
         None => format!("key_{}", key_format::random_id(16)),
@@ -422,26 +447,7 @@ fn create_api_key(
             actor.into(),
             JsonB(details).into(),
         ];
-        let table = plans::update(
-            client,
-            "WITH k AS (
-                INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,
-                    permissions, metadata, role, master, enabled, expires_at, remaining,
-                    refill_amount, refill_interval, last_refill_at, rate_limit_max,
-                    rate_limit_window, created_by, updated_by)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
-                    CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING id, expires_at, created_at
-            ), audit AS (
-                INSERT INTO apikeys.audit_log (actor, action, key_id, details)
-                SELECT $20, 'create', id, $21 FROM k
-            )
-            SELECT expires_at, created_at FROM k",
-            None,
-            &args,
-        );
+        let table = plans::update(client, &insert_sql(id_given), None, &args);
         if table.is_empty() {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,

@@ -201,7 +201,7 @@ pub fn record(id: &str) {
         return;
     }
     // A row another transaction holds is skipped rather than waited for.
-    Spi::connect_mut(|client| {
+    crate::lookup::as_owner(|| Spi::connect_mut(|client| {
         plans::update(
             client,
             "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
@@ -209,7 +209,7 @@ pub fn record(id: &str) {
             None,
             &[id.into()],
         );
-    });
+    }));
 }
 
 /// Adds the pending uses to their rows.

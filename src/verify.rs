@@ -449,7 +449,7 @@ pub fn judge(
             Some("Verify keys with a quota or rate limit on the primary, in a read-write transaction."),
         );
     }
-    Spi::connect_mut(|client| {
+    lookup::as_owner(|| Spi::connect_mut(|client| {
         // Lock the row and re-read it: another session may have spent, refilled, revoked or
         // rotated the key since the first read.
         let locked = fetch_locked(
@@ -466,7 +466,7 @@ pub fn judge(
             return state.verification(code, token);
         }
         spend(client, &state, required, cost, token)
-    })
+    }))
 }
 
 /// Whether the key grants everything `required` names; a token must grant it too, so a key
@@ -549,9 +549,9 @@ pub fn checked_cost(cost: Option<i32>) -> i64 {
 
 /// Verifies an API key. Never raises for a bad key: the result says `valid = false` and why.
 /// `required` lists permissions the key must grant; `cost` is taken from its quota and rate
-/// limit when (and only when) the result is VALID.
-#[pg_extern(security_definer, volatile)]
-#[search_path(pg_catalog, pg_temp)]
+/// limit when (and only when) the result is VALID. Runs with the caller's rights: it reads the
+/// key's row without privileges (`lookup`) and writes as the table's owner (`lookup::as_owner`).
+#[pg_extern(volatile)]
 fn verify_key(
     key: Option<&str>,
     required: default!(Option<JsonB>, "NULL"),
@@ -566,6 +566,44 @@ fn verify_key(
 mod tests {
     use crate::test_support::*;
     use pgrx::prelude::*;
+
+    #[pg_test]
+    fn verify_key_writes_as_the_owner_and_ignores_the_callers_search_path() {
+        let (id, key) = create("remaining => 5");
+        let (plain_id, plain) = create("");
+        run("CREATE ROLE apikeys_t_caller NOSUPERUSER");
+        run("CREATE SCHEMA apikeys_t_evil");
+        // An operator the owner's SQL would pick up from the caller's search_path.
+        run("CREATE FUNCTION apikeys_t_evil.eq(bytea, bytea) RETURNS boolean LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$");
+        run("CREATE OPERATOR apikeys_t_evil.= (LEFTARG = bytea, RIGHTARG = bytea, FUNCTION = apikeys_t_evil.eq)");
+        run("GRANT USAGE ON SCHEMA apikeys_t_evil, tests TO apikeys_t_caller");
+        run("SET LOCAL ROLE apikeys_t_caller");
+        run("SET LOCAL search_path = apikeys_t_evil, pg_catalog");
+        assert_eq!(
+            error_of("SELECT 1 FROM apikeys.keys").as_deref(),
+            Some("42501: permission denied for table keys"),
+            "the caller cannot read the table itself"
+        );
+        for _ in 0..2 {
+            assert_eq!(code(&key, ""), "VALID");
+            assert_eq!(code(&plain, ""), "VALID");
+        }
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
+        run("RESET ROLE");
+        run("RESET search_path");
+        let row = |id: &str| {
+            one::<String>(&format!(
+                "SELECT remaining::text || '/' || request_count FROM apikeys.keys WHERE id = '{id}'"
+            ))
+        };
+        assert_eq!(row(&id).as_deref(), Some("2/3"));
+        // Without shared memory (pg_tests do not preload), plain use is written as the owner too.
+        assert_eq!(
+            one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{plain_id}'")),
+            Some(2)
+        );
+    }
 
     #[pg_test]
     fn a_valid_key_verifies_and_its_use_is_counted() {
