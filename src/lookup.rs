@@ -62,6 +62,59 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Every row of `apikeys.<table>` the snapshot sees, through `read` (given a column's index in
+/// `columns`, it returns that datum and whether it is NULL; it copies what it keeps), by a heap
+/// scan without SPI. For apikeys.signing_keys: a page or two, read on every mint and token
+/// verification.
+pub fn scan<R>(
+    table: &CStr,
+    columns: &[&CStr],
+    mut read: impl FnMut(&dyn Fn(usize) -> (pg_sys::Datum, bool)) -> Option<R>,
+) -> Vec<R> {
+    let relid = relation(schema(), table);
+    let attnums: Vec<usize> = columns
+        .iter()
+        .map(|c| match unsafe { pg_sys::get_attnum(relid, c.as_ptr()) } {
+            n if n > 0 => n as usize - 1,
+            _ => errors::internal_error(format!("apikeys.{table:?} has no column {c:?}")),
+        })
+        .collect();
+    let mut rows = Vec::new();
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
+            | pg_sys::ScanOptions::SO_ALLOW_STRAT
+            | pg_sys::ScanOptions::SO_ALLOW_SYNC
+            | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let scan = pg_sys::heap_beginscan(
+            rel,
+            snapshot(),
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags,
+        );
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let column = |i: usize| (values[attnums[i]], nulls[attnums[i]]);
+            if let Some(row) = read(&column) {
+                rows.push(row);
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    rows
+}
+
 /// Which unique index to probe, and with what.
 pub enum By<'a> {
     Hash(&'a [u8]),

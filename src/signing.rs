@@ -2,8 +2,7 @@
 //! PUBLIC), rotated and retired by management functions, published as a JWK set for outside
 //! verifiers. The newest unretired key signs; every unretired key verifies.
 
-use crate::plans;
-use crate::{audit, errors, key_format};
+use crate::{audit, errors, key_format, lookup, plans};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use pgrx::datum::TimestampWithTimeZone;
@@ -139,22 +138,55 @@ fn cached<K: Clone>(
     Some(made)
 }
 
-fn current(client: &mut SpiClient<'_>) -> Option<Signer> {
-    let table = plans::select(client, CURRENT_SQL, Some(1), &[]);
-    let row = table.into_iter().next()?;
-    let kid: String = errors::internal(row.get(1))?;
-    let alg = parse_algorithm(&errors::internal(row.get::<String>(2))?)?;
-    let key = cached(&ENCODING, &kid, || {
-        let secret: Vec<u8> = errors::internal(row.get(3))?;
-        Some(Rc::new(encoding_key(alg, &secret)))
+/// An unretired signing key as minting and verification read it; key material only where
+/// asked for (it is parsed once per kid and cached).
+struct Live {
+    kid: String,
+    alg: Option<Algorithm>,
+    created_us: i64,
+    secret: Option<Vec<u8>>,
+    public_jwk: Option<Value>,
+}
+
+/// The signing keys that are not retired, read without SPI (`lookup::scan`): retirement is seen
+/// by the next mint or verification in any session.
+fn live_keys(material_for: impl Fn(&str) -> bool) -> Vec<Live> {
+    fn get<T: FromDatum>(v: (pg_sys::Datum, bool)) -> Option<T> {
+        unsafe { T::from_datum(v.0, v.1) }
+    }
+    let columns = [c"kid", c"algorithm", c"created_at", c"retired_at", c"secret", c"public_jwk"];
+    lookup::scan(c"signing_keys", &columns, |column| {
+        if !column(3).1 {
+            return None;
+        }
+        let kid: String = get(column(0))?;
+        let material = material_for(&kid);
+        Some(Live {
+            alg: get::<String>(column(1)).and_then(|a| parse_algorithm(&a)),
+            created_us: get::<TimestampWithTimeZone>(column(2)).map_or(i64::MIN, |t| t.into_inner()),
+            secret: if material { get(column(4)) } else { None },
+            public_jwk: if material { get::<JsonB>(column(5)).map(|j| j.0) } else { None },
+            kid,
+        })
+    })
+}
+
+/// The newest unretired key (ties broken by kid, as `ORDER BY created_at DESC, kid DESC`).
+fn current() -> Option<Signer> {
+    let newest = live_keys(|kid| !ENCODING.with(|c| c.borrow().contains_key(kid)))
+        .into_iter()
+        .max_by(|a, b| (a.created_us, &a.kid).cmp(&(b.created_us, &b.kid)))?;
+    let alg = newest.alg?;
+    let key = cached(&ENCODING, &newest.kid, || {
+        Some(Rc::new(encoding_key(alg, newest.secret.as_deref()?)))
     })?;
-    Some(Signer { kid, alg, key })
+    Some(Signer { kid: newest.kid, alg, key })
 }
 
 /// The current signing key. A database without one gets an HS256 key at its first mint, so
 /// tokens work right after CREATE EXTENSION.
-pub fn signer(client: &mut SpiClient<'_>) -> Signer {
-    if let Some(signer) = current(client) {
+pub fn signer() -> Signer {
+    if let Some(signer) = current() {
         return signer;
     }
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
@@ -164,35 +196,33 @@ pub fn signer(client: &mut SpiClient<'_>) -> Signer {
             Some("Call apikeys.rotate_signing_key() once on the primary, in a read-write transaction."),
         );
     }
-    // Two first mints at once must not both create a key.
-    plans::update(
-        client,
-        "SELECT pg_advisory_xact_lock(hashtext('apikeys.signing_keys'))",
-        None,
-        &[],
-    );
-    if let Some(signer) = current(client) {
+    lookup::as_owner(|| {
+        Spi::connect_mut(|client| {
+            // Two first mints at once must not both create a key.
+            plans::update(
+                client,
+                "SELECT pg_advisory_xact_lock(hashtext('apikeys.signing_keys'))",
+                None,
+                &[],
+            );
+        })
+    });
+    if let Some(signer) = current() {
         return signer;
     }
-    let kid = create(client, Algorithm::HS256);
-    current(client).unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
+    let kid = lookup::as_owner(|| Spi::connect_mut(|client| create(client, Algorithm::HS256)));
+    current().unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
 }
 
 /// The key a token's `kid` names, if it exists and is not retired.
-pub fn verifier(client: &mut SpiClient<'_>, kid: &str) -> Option<(Algorithm, Rc<DecodingKey>)> {
-    let table = plans::select(
-        client,
-        "SELECT algorithm, secret, public_jwk FROM apikeys.signing_keys
-         WHERE kid = $1 AND retired_at IS NULL",
-        Some(1),
-        &[kid.into()],
-    );
-    let row = table.into_iter().next()?;
-    let alg = parse_algorithm(&errors::internal(row.get::<String>(1))?)?;
+pub fn verifier(kid: &str) -> Option<(Algorithm, Rc<DecodingKey>)> {
+    let cached_already = DECODING.with(|c| c.borrow().contains_key(kid));
+    let live = live_keys(|k| k == kid && !cached_already)
+        .into_iter()
+        .find(|l| l.kid == kid)?;
+    let alg = live.alg?;
     let key = cached(&DECODING, kid, || {
-        let secret: Vec<u8> = errors::internal(row.get(2))?;
-        let public_jwk = errors::internal(row.get::<JsonB>(3)).map(|j| j.0);
-        decoding_key(alg, &secret, public_jwk.as_ref()).map(Rc::new)
+        decoding_key(alg, live.secret.as_deref()?, live.public_jwk.as_ref()).map(Rc::new)
     })?;
     Some((alg, key))
 }

@@ -132,7 +132,7 @@ pub fn mint(
         audience: audience.as_deref(),
     };
     let payload = claims::build(&grant, custom);
-    let signer = Spi::connect_mut(signing::signer);
+    let signer = signing::signer();
     let mut header = Header::new(signer.alg);
     header.kid = Some(signer.kid);
     let token = errors::internal(encode(&header, &payload, &signer.key));
@@ -164,7 +164,7 @@ fn signed_claims(token: &str) -> Option<verify::Token> {
     }
     let header = decode_header(token).ok()?;
     let kid = header.kid.as_deref()?;
-    let (alg, key) = Spi::connect_mut(|client| signing::verifier(client, kid))?;
+    let (alg, key) = signing::verifier(kid)?;
     // The signing key decides the algorithm, never the token: no `none`, no HS256 made
     // with a public key as its secret.
     if header.alg != alg {
@@ -210,9 +210,10 @@ pub fn verify_token_str(
 /// key's own expiry). `key` must verify as VALID and is charged like a verification; only a
 /// master key may name another key in `for_key`. `claims` adds custom claims (not the
 /// reserved ones). Raises 28000 for an invalid key or a token as `key`, 42501 for minting for
-/// another key without a master key, 22023 for bad arguments.
-#[pg_extern(security_definer, volatile)]
-#[search_path(pg_catalog, pg_temp)]
+/// another key without a master key, 22023 for bad arguments. Runs with the caller's rights,
+/// like verify_key: reads go through `lookup`, writes (charging a metered key, the first
+/// signing key) run as the tables' owner.
+#[pg_extern(volatile)]
 fn mint_token(
     key: Option<&str>,
     ms: Option<i64>,
@@ -224,9 +225,9 @@ fn mint_token(
 
 /// Verifies a token minted by mint_token: signature (the algorithm is the signing key's),
 /// expiry to the millisecond, nbf, iss and aud, then the key behind it with every verify_key
-/// check, charging `cost` to its quota and rate limit. Never raises for a bad token.
-#[pg_extern(security_definer, volatile)]
-#[search_path(pg_catalog, pg_temp)]
+/// check, charging `cost` to its quota and rate limit. Never raises for a bad token. Runs with
+/// the caller's rights, like verify_key.
+#[pg_extern(volatile)]
 fn verify_token(
     token: Option<&str>,
     required: default!(Option<JsonB>, "NULL"),

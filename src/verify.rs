@@ -590,6 +590,9 @@ mod tests {
             assert_eq!(code(&plain, ""), "VALID");
         }
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
+        // Tokens too: the first mint of the database creates its signing key as the owner.
+        let token = mint(&key, "60000");
+        assert_eq!(token_code(&token, ""), "VALID");
         run("RESET ROLE");
         run("RESET search_path");
         let row = |id: &str| {
@@ -597,7 +600,7 @@ mod tests {
                 "SELECT remaining::text || '/' || request_count FROM apikeys.keys WHERE id = '{id}'"
             ))
         };
-        assert_eq!(row(&id).as_deref(), Some("2/3"));
+        assert_eq!(row(&id).as_deref(), Some("0/5"));
         // Without shared memory (pg_tests do not preload), plain use is written as the owner too.
         assert_eq!(
             one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{plain_id}'")),

@@ -253,7 +253,7 @@ AS 'MODULE_PATHNAME', 'delete_expired_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:344
+-- src/signing.rs:374
 -- pg_apikeys::signing::export_signing_key
 CREATE  FUNCTION "export_signing_key"(
 	"kid" TEXT /* Option < & str > */
@@ -290,7 +290,7 @@ AS 'MODULE_PATHNAME', 'has_permission_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:332
+-- src/signing.rs:362
 -- pg_apikeys::signing::jwks
 CREATE  FUNCTION "jwks"() RETURNS jsonb /* JsonB */
 STRICT STABLE SECURITY DEFINER PARALLEL SAFE
@@ -313,7 +313,7 @@ AS 'MODULE_PATHNAME', 'list_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:284
+-- src/signing.rs:314
 -- pg_apikeys::signing::list_signing_keys
 CREATE  FUNCTION "list_signing_keys"() RETURNS TABLE (
 	"kid" TEXT,  /* String */
@@ -331,7 +331,7 @@ AS 'MODULE_PATHNAME', 'list_signing_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/tokens.rs:214
+-- src/tokens.rs:216
 -- pg_apikeys::tokens::mint_token
 CREATE  FUNCTION "mint_token"(
 	"key" TEXT, /* Option < & str > */
@@ -339,8 +339,7 @@ CREATE  FUNCTION "mint_token"(
 	"for_key" TEXT DEFAULT NULL, /* Option < & str > */
 	"claims" jsonb DEFAULT NULL /* Option < JsonB > */
 ) RETURNS TEXT /* String */
-VOLATILE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
+VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'mint_token_wrapper';
 /* </end connected objects> */
@@ -355,7 +354,7 @@ AS 'MODULE_PATHNAME', 'reset_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:251
+-- src/signing.rs:281
 -- pg_apikeys::signing::retire_signing_key
 CREATE  FUNCTION "retire_signing_key"(
 	"kid" TEXT /* Option < & str > */
@@ -397,7 +396,7 @@ AS 'MODULE_PATHNAME', 'rotate_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:232
+-- src/signing.rs:262
 -- pg_apikeys::signing::rotate_signing_key
 CREATE  FUNCTION "rotate_signing_key"(
 	"algorithm" TEXT DEFAULT 'HS256' /* Option < & str > */
@@ -451,7 +450,7 @@ AS 'MODULE_PATHNAME', 'verify_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/tokens.rs:228
+-- src/tokens.rs:230
 -- pg_apikeys::tokens::verify_token
 CREATE  FUNCTION "verify_token"(
 	"token" TEXT, /* Option < & str > */
@@ -459,8 +458,7 @@ CREATE  FUNCTION "verify_token"(
 	"cost" INT DEFAULT 1 /* Option < i32 > */
 ) RETURNS apikeys.verification /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
 > */
-VOLATILE SECURITY DEFINER
-SET search_path TO pg_catalog, pg_temp
+VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_token_wrapper';
 /* </end connected objects> */
