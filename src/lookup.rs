@@ -68,17 +68,25 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
 /// verification.
 pub fn scan<R>(
     table: &CStr,
-    columns: &[&CStr],
+    columns: &[&'static CStr],
     mut read: impl FnMut(&dyn Fn(usize) -> (pg_sys::Datum, bool)) -> Option<R>,
 ) -> Vec<R> {
     let relid = relation(schema(), table);
-    let attnums: Vec<usize> = columns
-        .iter()
-        .map(|c| match unsafe { pg_sys::get_attnum(relid, c.as_ptr()) } {
-            n if n > 0 => n as usize - 1,
-            _ => errors::internal_error(format!("apikeys.{table:?} has no column {c:?}")),
-        })
-        .collect();
+    let attnums = SCAN_LAYOUTS.with(|layouts| {
+        let key = (relid, columns.to_vec());
+        if let Some(found) = layouts.borrow().get(&key) {
+            return found.clone();
+        }
+        let found: Vec<usize> = columns
+            .iter()
+            .map(|c| match unsafe { pg_sys::get_attnum(relid, c.as_ptr()) } {
+                n if n > 0 => n as usize - 1,
+                _ => errors::internal_error(format!("apikeys.{table:?} has no column {c:?}")),
+            })
+            .collect();
+        layouts.borrow_mut().insert(key, found.clone());
+        found
+    });
     let mut rows = Vec::new();
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
@@ -201,6 +209,9 @@ thread_local! {
     /// apikeys.keys' oid and the attribute numbers of COLUMNS, found once per backend (again
     /// if the table was dropped and created since).
     static LAYOUT: Cell<Option<(pg_sys::Oid, [pg_sys::AttrNumber; 16])>> = const { Cell::new(None) };
+    /// Column positions `scan` reads, by table oid and column names.
+    static SCAN_LAYOUTS: RefCell<HashMap<(pg_sys::Oid, Vec<&'static CStr>), Vec<usize>>> =
+        RefCell::new(HashMap::new());
     /// Where each key was last found, by (lookup kind, hash or id), for apikeys.keys' oid.
     static PLACES: RefCell<(pg_sys::Oid, HashMap<Vec<u8>, pg_sys::ItemPointerData>)> =
         RefCell::new((pg_sys::InvalidOid, HashMap::new()));
