@@ -259,7 +259,11 @@ impl Settings {
 /// taken id into no row; a generated id (95 random bits) cannot collide and skips the
 /// speculative insertion (an extra index probe per key).
 fn insert_sql(id_given: bool) -> String {
-    let on_conflict = if id_given { "ON CONFLICT (id) DO NOTHING" } else { "" };
+    let on_conflict = if id_given {
+        "ON CONFLICT (id) DO NOTHING"
+    } else {
+        ""
+    };
     format!(
         "WITH k AS (
             INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,

@@ -247,7 +247,9 @@ impl By<'_> {
 fn remembered(relid: pg_sys::Oid, key: &[u8]) -> Option<pg_sys::ItemPointerData> {
     PLACES.with(|p| {
         let places = p.borrow();
-        (places.0 == relid).then(|| places.1.get(key).copied()).flatten()
+        (places.0 == relid)
+            .then(|| places.1.get(key).copied())
+            .flatten()
     })
 }
 
@@ -361,13 +363,6 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
     let schema = schema();
     let relid = relation(schema, c"keys");
     let attnums = attnums(relid);
-    let (index, column, argument, procedure) = match by {
-        By::Hash(h) => (c"keys_hash_key", HASH, h.into_datum(), pg_sys::F_BYTEAEQ),
-        By::PreviousHash(h) => (c"keys_previous_hash_key", PREVIOUS_HASH, h.into_datum(), pg_sys::F_BYTEAEQ),
-        By::Id(id) => (c"keys_pkey", ID, id.into_datum(), pg_sys::F_TEXTEQ),
-    };
-    let argument = argument.unwrap_or_else(|| errors::internal_error("a NULL lookup value"));
-    let index = relation(schema, index);
     let place_key = by.place_key();
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
@@ -382,7 +377,28 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
             .and_then(|root| fetch_at(rel, snapshot, root, &attnums, true))
             .filter(|row| by.names(row));
         let row = remembered_row.or_else(|| {
-            let (row, root) = probe(rel, index, attnums[column], procedure, argument, snapshot, &attnums)?;
+            let (index, column, argument, procedure) = match by {
+                By::Hash(h) => (c"keys_hash_key", HASH, h.into_datum(), pg_sys::F_BYTEAEQ),
+                By::PreviousHash(h) => (
+                    c"keys_previous_hash_key",
+                    PREVIOUS_HASH,
+                    h.into_datum(),
+                    pg_sys::F_BYTEAEQ,
+                ),
+                By::Id(id) => (c"keys_pkey", ID, id.into_datum(), pg_sys::F_TEXTEQ),
+            };
+            let argument =
+                argument.unwrap_or_else(|| errors::internal_error("a NULL lookup value"));
+            let index = relation(schema, index);
+            let (row, root) = probe(
+                rel,
+                index,
+                attnums[column],
+                procedure,
+                argument,
+                snapshot,
+                &attnums,
+            )?;
             if let Some(k) = place_key {
                 remember(relid, k, root);
             }
@@ -481,8 +497,10 @@ mod tests {
     }
 
     fn ctid_of(id: &str) -> pg_sys::ItemPointerData {
-        let ctid = one::<String>(&format!("SELECT ctid::text FROM apikeys.keys WHERE id = '{id}'"))
-            .expect("the key has a row");
+        let ctid = one::<String>(&format!(
+            "SELECT ctid::text FROM apikeys.keys WHERE id = '{id}'"
+        ))
+        .expect("the key has a row");
         let (block, offset) = ctid
             .trim_matches(|c| c == '(' || c == ')')
             .split_once(',')
@@ -498,15 +516,30 @@ mod tests {
     fn a_remembered_key_is_read_fresh_after_every_kind_of_change() {
         let (id, key) = create("name => 'a'");
         assert_eq!(code(&key, ""), "VALID");
-        assert!(remembered(keys_oid(), &By::Hash(&crate::key_format::hash(&key)).place_key().unwrap()).is_some());
-        run(&format!("UPDATE apikeys.keys SET request_count = request_count + 5 WHERE id = '{id}'"));
+        assert!(remembered(
+            keys_oid(),
+            &By::Hash(&crate::key_format::hash(&key))
+                .place_key()
+                .unwrap()
+        )
+        .is_some());
+        run(&format!(
+            "UPDATE apikeys.keys SET request_count = request_count + 5 WHERE id = '{id}'"
+        ));
         assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("a"));
         run(&format!("SELECT apikeys.update_api_key('{id}', name => 'b', permissions => '{{\"x\": [\"y\"]}}')"));
         assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("b"));
-        assert_eq!(field::<String>(&key, "", "permissions::text").as_deref(), Some(r#"{"x": ["y"]}"#));
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => false)"));
+        assert_eq!(
+            field::<String>(&key, "", "permissions::text").as_deref(),
+            Some(r#"{"x": ["y"]}"#)
+        );
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => false)"
+        ));
         assert_eq!(code(&key, ""), "DISABLED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => true)"
+        ));
         run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
         assert_eq!(code(&key, ""), "REVOKED");
         run(&format!("SELECT apikeys.delete_api_key('{id}')"));
@@ -517,7 +550,8 @@ mod tests {
     fn a_rotated_key_is_not_served_from_its_old_place() {
         let (id, old) = create("");
         assert_eq!(code(&old, ""), "VALID");
-        let new = one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
+        let new =
+            one::<String>(&format!("SELECT key FROM apikeys.rotate_api_key('{id}')")).unwrap();
         assert_eq!(code(&old, ""), "NOT_FOUND");
         assert_eq!(code(&new, ""), "VALID");
         assert_eq!(field::<String>(&new, "", "key_id"), Some(id));
@@ -533,7 +567,10 @@ mod tests {
         remember(keys_oid(), place.clone(), ctid_of(&lookup_id(&key_b)));
         assert_eq!(find(By::Hash(&hash_a)).map(|r| r.id), Some(a.clone()));
         // The index's answer replaced the wrong place.
-        assert_eq!(remembered(keys_oid(), &place).map(|t| t.ip_posid), Some(ctid_of(&a).ip_posid));
+        assert_eq!(
+            remembered(keys_oid(), &place).map(|t| t.ip_posid),
+            Some(ctid_of(&a).ip_posid)
+        );
         // Beyond the table's last block, and an offset no page has.
         for bad in [tid(1_000_000, 1), tid(0, u16::MAX)] {
             remember(keys_oid(), place.clone(), bad);

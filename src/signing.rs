@@ -154,7 +154,14 @@ fn live_keys(material_for: impl Fn(&str) -> bool) -> Vec<Live> {
     fn get<T: FromDatum>(v: (pg_sys::Datum, bool)) -> Option<T> {
         unsafe { T::from_datum(v.0, v.1) }
     }
-    let columns = [c"kid", c"algorithm", c"created_at", c"retired_at", c"secret", c"public_jwk"];
+    let columns = [
+        c"kid",
+        c"algorithm",
+        c"created_at",
+        c"retired_at",
+        c"secret",
+        c"public_jwk",
+    ];
     lookup::scan(c"signing_keys", &columns, |column| {
         if !column(3).1 {
             return None;
@@ -163,9 +170,14 @@ fn live_keys(material_for: impl Fn(&str) -> bool) -> Vec<Live> {
         let material = material_for(&kid);
         Some(Live {
             alg: get::<String>(column(1)).and_then(|a| parse_algorithm(&a)),
-            created_us: get::<TimestampWithTimeZone>(column(2)).map_or(i64::MIN, |t| t.into_inner()),
+            created_us: get::<TimestampWithTimeZone>(column(2))
+                .map_or(i64::MIN, |t| t.into_inner()),
             secret: if material { get(column(4)) } else { None },
-            public_jwk: if material { get::<JsonB>(column(5)).map(|j| j.0) } else { None },
+            public_jwk: if material {
+                get::<JsonB>(column(5)).map(|j| j.0)
+            } else {
+                None
+            },
             kid,
         })
     })
@@ -180,7 +192,11 @@ fn current() -> Option<Signer> {
     let key = cached(&ENCODING, &newest.kid, || {
         Some(Rc::new(encoding_key(alg, newest.secret.as_deref()?)))
     })?;
-    Some(Signer { kid: newest.kid, alg, key })
+    Some(Signer {
+        kid: newest.kid,
+        alg,
+        key,
+    })
 }
 
 /// The current signing key. A database without one gets an HS256 key at its first mint, so

@@ -201,15 +201,17 @@ pub fn record(id: &str) {
         return;
     }
     // A row another transaction holds is skipped rather than waited for.
-    crate::lookup::as_owner(|| Spi::connect_mut(|client| {
-        plans::update(
+    crate::lookup::as_owner(|| {
+        Spi::connect_mut(|client| {
+            plans::update(
             client,
             "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
              WHERE id = (SELECT id FROM apikeys.keys WHERE id = $1 FOR UPDATE SKIP LOCKED)",
             None,
             &[id.into()],
         );
-    }));
+        })
+    });
 }
 
 /// Adds the pending uses to their rows.

@@ -4,9 +4,9 @@
 //! callers queue on the row and exactly `remaining` of them succeed.
 
 use crate::errors::{self, invalid_argument};
+use crate::lookup::{self, Json};
 use crate::metering::{Meter, Verdict};
 use crate::plans;
-use crate::lookup::{self, Json};
 use crate::{key_format, permissions};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -198,7 +198,11 @@ const STATE_SQL: &str = "SELECT k.id, k.owner, k.name, k.role, k.permissions, k.
 impl KeyState {
     /// The state of a row read by `lookup` (no lock): enough for the status checks and for keys
     /// without limits; a metered key is re-read locked through STATE_SQL before it is charged.
-    fn from_lookup(row: lookup::KeyRow, presented: Option<&[u8]>, now: TimestampWithTimeZone) -> KeyState {
+    fn from_lookup(
+        row: lookup::KeyRow,
+        presented: Option<&[u8]>,
+        now: TimestampWithTimeZone,
+    ) -> KeyState {
         let at_or_before_now = |t: Option<TimestampWithTimeZone>| t.is_some_and(|t| t <= now);
         // Presented by its rotated-out hash: valid only until previous_valid_until.
         let via_previous = presented.is_some_and(|h| h != row.hash.as_slice());
@@ -420,8 +424,9 @@ pub fn judge(
     // The current hash first; a rotated-out key (previous_hash) is the rare case.
     let found = match (id, hash) {
         (Some(id), _) => read(lookup::By::Id(id), None),
-        (None, Some(h)) => read(lookup::By::Hash(h), hash)
-            .or_else(|| read(lookup::By::PreviousHash(h), hash)),
+        (None, Some(h)) => {
+            read(lookup::By::Hash(h), hash).or_else(|| read(lookup::By::PreviousHash(h), hash))
+        }
         (None, None) => None,
     };
     let Some(mut state) = found.filter(|s| s.is_the_key_of(token)) else {
@@ -449,24 +454,26 @@ pub fn judge(
             Some("Verify keys with a quota or rate limit on the primary, in a read-write transaction."),
         );
     }
-    lookup::as_owner(|| Spi::connect_mut(|client| {
-        // Lock the row and re-read it: another session may have spent, refilled, revoked or
-        // rotated the key since the first read.
-        let locked = fetch_locked(
+    lookup::as_owner(|| {
+        Spi::connect_mut(|client| {
+            // Lock the row and re-read it: another session may have spent, refilled, revoked or
+            // rotated the key since the first read.
+            let locked = fetch_locked(
             client,
             "WHERE k.id = $2 AND ($1 IS NULL OR k.hash = $1 OR k.previous_hash = $1) FOR UPDATE OF k",
             hash,
             Some(&state.id),
         );
-        let Some(mut state) = locked.filter(|s| s.is_the_key_of(token)) else {
-            return Verification::not_found();
-        };
-        state.bound_by(token);
-        if let Some(code) = state.status_code() {
-            return state.verification(code, token);
-        }
-        spend(client, &state, required, cost, token)
-    }))
+            let Some(mut state) = locked.filter(|s| s.is_the_key_of(token)) else {
+                return Verification::not_found();
+            };
+            state.bound_by(token);
+            if let Some(code) = state.status_code() {
+                return state.verification(code, token);
+            }
+            spend(client, &state, required, cost, token)
+        })
+    })
 }
 
 /// Whether the key grants everything `required` names; a token must grant it too, so a key
@@ -574,8 +581,10 @@ mod tests {
         run("CREATE ROLE apikeys_t_caller NOSUPERUSER");
         run("CREATE SCHEMA apikeys_t_evil");
         // An operator the owner's SQL would pick up from the caller's search_path.
-        run("CREATE FUNCTION apikeys_t_evil.eq(bytea, bytea) RETURNS boolean LANGUAGE plpgsql
-             AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$");
+        run(
+            "CREATE FUNCTION apikeys_t_evil.eq(bytea, bytea) RETURNS boolean LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$",
+        );
         run("CREATE OPERATOR apikeys_t_evil.= (LEFTARG = bytea, RIGHTARG = bytea, FUNCTION = apikeys_t_evil.eq)");
         run("GRANT USAGE ON SCHEMA apikeys_t_evil, tests TO apikeys_t_caller");
         run("SET LOCAL ROLE apikeys_t_caller");
@@ -603,7 +612,9 @@ mod tests {
         assert_eq!(row(&id).as_deref(), Some("0/5"));
         // Without shared memory (pg_tests do not preload), plain use is written as the owner too.
         assert_eq!(
-            one::<i64>(&format!("SELECT request_count FROM apikeys.keys WHERE id = '{plain_id}'")),
+            one::<i64>(&format!(
+                "SELECT request_count FROM apikeys.keys WHERE id = '{plain_id}'"
+            )),
             Some(2)
         );
     }
