@@ -86,6 +86,8 @@ read -r input s1b r <<<"$(pair input_only select_1)"
 row "the input sub-select alone (every row's argument feed)" "$input" "SELECT 1" "$s1b" tps "$r" "" ""
 read -r vt floor2 r <<<"$(pair verify_token lookup_floor)"
 row "verify_token, valid token" "$vt" "index lookup" "$floor2" tps "$r" ">=" 0.8
+read -r vtc floor4 r <<<"$(PGOPTIONS='-c apikeys.token_cache_size=0' pair verify_token lookup_floor)"
+row "verify_token, every token checked from scratch (apikeys.token_cache_size = 0)" "$vtc" "index lookup" "$floor4" tps "$r" "" ""
 read -r mint2 sqlmint r <<<"$(pair mint_token sql_mint)"
 row "mint_token" "$mint2" "HS256 mint in SQL (pgcrypto hmac)" "$sqlmint" tps "$r" "" ""
 read -r vt2 sqlverify r <<<"$(pair verify_token sql_verify)"

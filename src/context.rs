@@ -31,7 +31,9 @@ impl Context {
                 .unwrap_or_default()
         };
         let key = parse(v.permissions.as_ref().map(|p| p.value()).as_ref());
-        let permissions = match &v.claims {
+        // Decoded once here: current_claims() may run per row.
+        let claims = v.claims.as_ref().map(|c| c.value());
+        let permissions = match &claims {
             Some(claims) => permissions::intersect(&key, &parse(claims.get("permissions"))),
             None => key,
         };
@@ -39,7 +41,7 @@ impl Context {
             key_id: v.key_id.clone().unwrap_or_default(),
             owner: v.owner.clone(),
             permissions,
-            claims: v.claims.clone(),
+            claims,
         }
     }
 }

@@ -19,6 +19,7 @@ pub static JWT_ISSUER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"pg_apikeys"));
 pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
+pub static TOKEN_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -94,6 +95,17 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // USERSET: the cache only spares a backend work, it never changes an answer.
+    GucRegistry::define_int_guc(
+        c"apikeys.token_cache_size",
+        c"Tokens whose signature and claims each backend remembers having checked.",
+        c"About 1 kB each; 0 checks every token from scratch.",
+        &TOKEN_CACHE_SIZE,
+        0,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     // PostgreSQL allows server-start settings only while preloading, which is also the only
     // case in which shared-memory usage counting exists.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
@@ -137,6 +149,10 @@ pub fn jwt_issuer() -> String {
 
 pub fn jwt_audience() -> Option<String> {
     Some(string(&JWT_AUDIENCE)).filter(|s| !s.is_empty())
+}
+
+pub fn token_cache_size() -> usize {
+    usize::try_from(TOKEN_CACHE_SIZE.get()).unwrap_or(0)
 }
 
 /// The database the usage writer serves, or None when the setting is empty.

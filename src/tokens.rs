@@ -4,10 +4,13 @@
 
 use crate::verify::{self, Code, Lookup, Token, Verification};
 use crate::{claims, durations, errors, guc, key_format, permissions, signing};
-use jsonwebtoken::{decode, decode_header, encode, Header, Validation};
+use jsonwebtoken::{decode, decode_header, encode, Algorithm, Header, Validation};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn invalid_credential(message: String, hint: Option<&str>) -> ! {
@@ -156,15 +159,79 @@ fn wall_clock_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Checks a token's signature and claims; None for anything that is not a token we signed
-/// and still accept. Never raises and never panics on any input.
-fn signed_claims(token: &str) -> Option<verify::Token> {
+/// A token this backend has checked: signed by `kid` with `alg`, its claims accepted under
+/// these issuer and audience settings.
+struct Seen {
+    kid: String,
+    alg: Algorithm,
+    issuer: String,
+    audience: Option<String>,
+    token: Rc<Token>,
+}
+
+thread_local! {
+    /// Checked tokens by their exact text, at most `apikeys.token_cache_size` (emptied when
+    /// full). A hit skips only what the same bytes cannot change: the signature, the parsing, the
+    /// claims' encoding (together a third of verify_token, perf). What can change is checked on
+    /// every use: that the signing key is still unretired, the issuer and audience settings, and
+    /// (in `judge`) the key behind the token and the token's expiry. An accepted nbf stays past.
+    static SEEN: RefCell<HashMap<String, Seen>> = RefCell::new(HashMap::new());
+}
+
+/// The token's claims if it is one we signed and still accept; None for anything else. Never
+/// raises and never panics on any input.
+fn checked(token: &str) -> Option<Rc<Token>> {
     if token.is_empty() || token.len() > claims::MAX_TOKEN_BYTES {
         return None;
     }
+    let issuer = guc::jwt_issuer();
+    let audience = guc::jwt_audience();
+    let capacity = guc::token_cache_size();
+    let seen = SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        if capacity == 0 {
+            seen.clear();
+        }
+        let entry = seen.get(token)?;
+        (entry.issuer == issuer && entry.audience == audience)
+            .then(|| (entry.kid.clone(), entry.alg, Rc::clone(&entry.token)))
+    });
+    if let Some((kid, alg, token)) = seen {
+        return signing::verifier(&kid)
+            .filter(|(live, _)| *live == alg)
+            .map(|_| token);
+    }
+    let (kid, alg, checked) = signed_claims(token, &issuer, audience.as_deref())?;
+    let checked = Rc::new(checked);
+    SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        if seen.len() >= capacity {
+            seen.clear();
+        }
+        if capacity > 0 {
+            let entry = Seen {
+                kid,
+                alg,
+                issuer,
+                audience,
+                token: Rc::clone(&checked),
+            };
+            seen.insert(token.to_owned(), entry);
+        }
+    });
+    Some(checked)
+}
+
+/// Checks a token's signature and claims from scratch: the signing key its `kid` names, the
+/// algorithm that key has, and the claims under `issuer` and `audience`.
+fn signed_claims(
+    token: &str,
+    issuer: &str,
+    audience: Option<&str>,
+) -> Option<(String, Algorithm, Token)> {
     let header = decode_header(token).ok()?;
-    let kid = header.kid.as_deref()?;
-    let (alg, key) = signing::verifier(kid)?;
+    let kid = header.kid?;
+    let (alg, key) = signing::verifier(&kid)?;
     // The signing key decides the algorithm, never the token: no `none`, no HS256 made
     // with a public key as its secret.
     if header.alg != alg {
@@ -179,20 +246,15 @@ fn signed_claims(token: &str) -> Option<verify::Token> {
     let data = std::panic::catch_unwind(|| decode::<Value>(token, &key, &validation))
         .ok()?
         .ok()?;
-    let presented = claims::check(
-        &data.claims,
-        wall_clock_ms(),
-        &guc::jwt_issuer(),
-        guc::jwt_audience().as_deref(),
-    )
-    .ok()?;
-    Some(Token {
+    let presented = claims::check(&data.claims, wall_clock_ms(), issuer, audience).ok()?;
+    let token = Token {
         key_created_us: presented.key_created_us,
         exp_ms: presented.exp_ms,
         permissions: permissions::parse(&presented.permissions).ok()?,
-        claims: data.claims,
+        claims: verify::Claims::encode(data.claims)?,
         key_id: presented.key_id,
-    })
+    };
+    Some((kid, alg, token))
 }
 
 pub fn verify_token_str(
@@ -200,7 +262,7 @@ pub fn verify_token_str(
     required: &permissions::Permissions,
     cost: i64,
 ) -> Verification {
-    match token.and_then(signed_claims) {
+    match token.and_then(checked) {
         Some(token) => verify::judge(Lookup::Id(&token.key_id), required, cost, Some(&token)),
         None => Verification::not_found(),
     }
@@ -901,6 +963,43 @@ mod tests {
         );
         let (_, key) = create("");
         mint(&key, "604800000");
+    }
+
+    #[pg_test]
+    fn a_token_seen_again_is_remembered_but_still_judged() {
+        let remembered = |token: &str| super::SEEN.with(|s| s.borrow().contains_key(token));
+        let (id, key) = create("permissions => '{\"orders\": [\"read\"]}'");
+        let token = mint(&key, "60000, claims => '{\"tenant\": \"t1\"}'");
+        let claims = || {
+            serde_json::from_str::<Value>(
+                &token_field::<String>(&token, "", "claims::text").unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(claims(), payload(&token));
+        assert!(remembered(&token));
+        assert_eq!(claims(), payload(&token));
+        assert_eq!(
+            token_code(&token, "'{\"orders\": [\"write\"]}'"),
+            "INSUFFICIENT_PERMISSIONS"
+        );
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_eq!(token_code(&token, ""), "REVOKED");
+        // Off: every token checked from scratch, nothing kept.
+        let (_, other) = create("");
+        let fresh = mint(&other, "60000");
+        run("SET LOCAL apikeys.token_cache_size = 0");
+        assert_eq!(token_code(&fresh, ""), "VALID");
+        assert_eq!(token_code(&fresh, ""), "VALID");
+        assert!(!remembered(&fresh) && !remembered(&token));
+        // Bounded: emptied when full.
+        run("SET LOCAL apikeys.token_cache_size = 2");
+        let tokens: Vec<String> = (0..3).map(|_| mint(&other, "60000")).collect();
+        for t in &tokens {
+            assert_eq!(token_code(t, ""), "VALID");
+        }
+        assert!(super::SEEN.with(|s| s.borrow().len()) <= 2);
+        assert!(remembered(&tokens[2]));
     }
 
     #[pg_test]
