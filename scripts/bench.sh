@@ -30,6 +30,7 @@ tps() {
     -f "bench/$1.pgbench" "${4:-bench}" 2>&1 | awk '/^tps = /{printf "%.0f", $3}'
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median_of() { printf '%s\n' "$@" | median; }
 # "ours floor ratio": medians over ROUNDS alternating runs of bench/$1 (ours) and bench/$2 (floor).
 pair() {
   local o f os=() fs=() rs=()
@@ -37,14 +38,14 @@ pair() {
     f=$(tps "$2" "${3:-$CLIENTS}"); o=$(tps "$1" "${3:-$CLIENTS}")
     os+=("$o"); fs+=("$f"); rs+=("$(ratio "$o" "$f")")
   done
-  echo "$(printf '%s\n' "${os[@]}" | median) $(printf '%s\n' "${fs[@]}" | median) $(printf '%s\n' "${rs[@]}" | median)"
+  echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}")"
 }
 # Median latency (ms) of bench/$1.pgbench, one client, from pgbench's per-transaction log.
 p50() {
   rm -f "$DIR"/lat.*
   "$BIN/pgbench" -h 127.0.0.1 -p $PORT -U postgres -n -M prepared -c 1 -j 1 -T "$T" -l \
     --log-prefix="$DIR/lat" -f "bench/$1.pgbench" "$2" >/dev/null 2>&1
-  cat "$DIR"/lat.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]/1000}'
+  cat "$DIR"/lat.* | awk '{print $3}' | median | awk '{printf "%.3f", $1 / 1000}'
 }
 # Seconds a statement takes.
 timed() {
@@ -103,8 +104,8 @@ opens=() onces=() gates=()
 for _ in $(seq "$ROUNDS"); do
   opens+=("$(rls bench_open)"); onces+=("$(rls bench_once)"); gates+=("$(rls bench_gate)")
 done
-open=$(printf '%s\n' "${opens[@]}" | median); once=$(printf '%s\n' "${onces[@]}" | median)
-gate=$(printf '%s\n' "${gates[@]}" | median); perm=$(rls bench_perm)
+open=$(median_of "${opens[@]}"); once=$(median_of "${onces[@]}")
+gate=$(median_of "${gates[@]}"); perm=$(rls bench_perm)
 row "count(*) of 1M rows, policy USING ((SELECT has_permission('docs','read')))" "$once" "policy USING (true)" "$open" ms "$(ratio "$once" "$open")" "<=" 1.15
 row "count(*) of 1M rows, policy USING ((SELECT true)): PostgreSQL's own once-per-query policy" "$gate" "policy USING (true)" "$open" ms "$(ratio "$gate" "$open")" "" ""
 row "count(*) of 1M rows, policy USING ((SELECT has_permission(…))) vs USING ((SELECT true))" "$once" "policy USING ((SELECT true))" "$gate" ms "$(ratio "$once" "$gate")" "" ""
@@ -133,8 +134,7 @@ smalls=() bigs=()
 for _ in $(seq "$ROUNDS"); do
   smalls+=("$(p50 verify_key bench_small)"); bigs+=("$(p50 verify_key bench)")
 done
-small=$(printf '%s\n' "${smalls[@]}" | median)
-big=$(printf '%s\n' "${bigs[@]}" | median)
+small=$(median_of "${smalls[@]}"); big=$(median_of "${bigs[@]}")
 row "verify_key p50 latency, $BIG keys vs 10000" "$big" "10000 keys" "$small" ms "$(ratio "$big" "$small")" "<=" 1.5
 
 scripts/cluster.sh stop $DIR $PORT
