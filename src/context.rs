@@ -10,6 +10,7 @@
 use crate::verify::{self, Code, Verification};
 use crate::{claims, errors, permissions, tokens};
 use pgrx::prelude::*;
+use crate::jsonb::{self, Jsonb};
 use pgrx::JsonB;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -26,17 +27,14 @@ struct Context {
 
 impl Context {
     fn of(v: &Verification) -> Context {
-        let parse = |doc: Option<&Value>| {
-            doc.and_then(|d| permissions::parse(d).ok())
-                .unwrap_or_default()
-        };
-        let key = parse(v.permissions.as_ref().map(|p| p.value()).as_ref());
+        // The verification's permissions are already the effective ones (token ∩ key).
+        let permissions = v
+            .permissions
+            .as_ref()
+            .and_then(|p| permissions::parse(&p.value()).ok())
+            .unwrap_or_default();
         // Decoded once here: current_claims() may run per row.
         let claims = v.claims.as_ref().map(|c| c.value());
-        let permissions = match &claims {
-            Some(claims) => permissions::intersect(&key, &parse(claims.get("permissions"))),
-            None => key,
-        };
         Context {
             key_id: v.key_id.clone().unwrap_or_default(),
             owner: v.owner.clone(),
@@ -140,10 +138,12 @@ fn try_authenticate(credential: Option<&str>, required: &permissions::Permission
 
 /// The credential an HTTP request presents: `x-api-key: <key>`, else
 /// `authorization: Bearer <key or token>`. Header names are matched case-insensitively
-/// (PostgREST lowercases them; other layers may not).
-fn credential_from_headers(headers: &Value) -> Option<&str> {
+/// (PostgREST lowercases them; other layers may not). Two different credentials in the two
+/// headers are refused (`Err`): PostgREST takes its role from the Bearer JWT, and the request
+/// must not run with one credential's role and another's identity.
+fn credential_from_headers(headers: &Value) -> Result<Option<&str>, ()> {
     let Value::Object(map) = headers else {
-        return None;
+        return Ok(None);
     };
     let header = |name: &str| {
         map.iter()
@@ -151,13 +151,17 @@ fn credential_from_headers(headers: &Value) -> Option<&str> {
             .and_then(|(_, v)| v.as_str())
             .map(str::trim)
     };
-    if let Some(key) = header("x-api-key").filter(|k| !k.is_empty()) {
-        return Some(key);
+    let api_key = header("x-api-key").filter(|k| !k.is_empty());
+    let bearer = header("authorization").and_then(|authorization| {
+        let (scheme, credential) = authorization.split_once(char::is_whitespace)?;
+        let credential = credential.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
+    });
+    match (api_key, bearer) {
+        (Some(key), Some(other)) if key != other => Err(()),
+        (Some(key), _) => Ok(Some(key)),
+        (None, bearer) => Ok(bearer),
     }
-    let authorization = header("authorization")?;
-    let (scheme, credential) = authorization.split_once(char::is_whitespace)?;
-    let credential = credential.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
 }
 
 /// Authenticates the transaction with an API key or a token: on success the context
@@ -169,7 +173,7 @@ fn credential_from_headers(headers: &Value) -> Option<&str> {
 #[search_path(pg_catalog, pg_temp)]
 fn authenticate(
     credential: Option<&str>,
-    required: default!(Option<JsonB>, "NULL"),
+    required: default!(Option<Jsonb>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let required = verify::required_permissions(required);
     let v = try_authenticate(credential, &required);
@@ -197,12 +201,12 @@ fn authenticate(
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn authenticate_headers(
-    headers: Option<JsonB>,
+    headers: Option<Jsonb>,
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    let headers = headers.map(|h| h.0).unwrap_or(Value::Null);
+    let headers = jsonb::argument("headers", headers).unwrap_or(Value::Null);
     match credential_from_headers(&headers) {
-        Some(credential) => try_authenticate(Some(credential), &Default::default()),
-        None => Verification::not_found(),
+        Ok(Some(credential)) => try_authenticate(Some(credential), &Default::default()),
+        Ok(None) | Err(()) => Verification::not_found(),
     }
     .into_row()
 }
@@ -285,7 +289,11 @@ mod unit {
 
     #[test]
     fn credentials_come_from_x_api_key_then_bearer() {
-        let cred = |h| credential_from_headers(&h).map(str::to_owned);
+        let cred = |h| {
+            credential_from_headers(&h)
+                .expect("one credential")
+                .map(str::to_owned)
+        };
         assert_eq!(cred(json!({"x-api-key": "sk_a"})).as_deref(), Some("sk_a"));
         assert_eq!(
             cred(json!({"X-Api-Key": " sk_a "})).as_deref(),
@@ -300,7 +308,11 @@ mod unit {
             Some("sk_b")
         );
         assert_eq!(
-            cred(json!({"x-api-key": "sk_a", "authorization": "Bearer sk_b"})).as_deref(),
+            cred(json!({"x-api-key": "sk_a", "authorization": "Bearer sk_a"})).as_deref(),
+            Some("sk_a")
+        );
+        assert_eq!(
+            cred(json!({"x-api-key": "sk_a", "authorization": "Basic dXNlcjpwYXNz"})).as_deref(),
             Some("sk_a")
         );
         assert_eq!(
@@ -320,6 +332,18 @@ mod unit {
             json!({"api-key": "sk_a"}),
         ] {
             assert_eq!(cred(none.clone()), None, "{none}");
+        }
+    }
+
+    #[test]
+    fn two_different_credentials_in_one_request_are_refused() {
+        // PostgREST takes the role from the Bearer JWT: a different key in x-api-key would run
+        // the request with one credential's role and the other's identity.
+        for both in [
+            json!({"x-api-key": "sk_a", "authorization": "Bearer sk_b"}),
+            json!({"x-api-key": "sk_a", "authorization": "Bearer eyJ.eyJ.sig"}),
+        ] {
+            assert_eq!(credential_from_headers(&both), Err(()), "{both}");
         }
     }
 }
@@ -631,6 +655,14 @@ mod tests {
             "authentication failed: NOT_FOUND",
         );
         set_headers(serde_json::json!({"x-api-key": "sk_wrong"}));
+        assert_error(
+            "SELECT apikeys.authenticate_request()",
+            "PT401",
+            "NOT_FOUND",
+        );
+        assert_eq!(who(), None);
+        // Two different credentials: PostgREST's role from one, our identity from the other.
+        set_headers(serde_json::json!({"x-api-key": roleless, "authorization": format!("Bearer {key}")}));
         assert_error(
             "SELECT apikeys.authenticate_request()",
             "PT401",

@@ -20,6 +20,7 @@ pub static JWT_ISSUER: GucSetting<Option<CString>> =
 pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 pub static TOKEN_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static TOKEN_CACHE_MEMORY: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -99,12 +100,22 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"apikeys.token_cache_size",
         c"Tokens whose signature and claims each backend remembers having checked.",
-        c"About 1 kB each; 0 checks every token from scratch.",
+        c"At most this many, and at most apikeys.token_cache_memory; 0 checks every token from scratch.",
         &TOKEN_CACHE_SIZE,
         0,
         1_000_000,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"apikeys.token_cache_memory",
+        c"Memory each backend's cache of checked tokens may use.",
+        c"Counted as the claims' size plus about 300 bytes per token; 0 disables the cache.",
+        &TOKEN_CACHE_MEMORY,
+        0,
+        i32::MAX / 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
     );
     // PostgreSQL allows server-start settings only while preloading, which is also the only
     // case in which shared-memory usage counting exists.
@@ -153,6 +164,13 @@ pub fn jwt_audience() -> Option<String> {
 
 pub fn token_cache_size() -> usize {
     usize::try_from(TOKEN_CACHE_SIZE.get()).unwrap_or(0)
+}
+
+/// The token cache's memory bound, in bytes.
+pub fn token_cache_bytes() -> usize {
+    usize::try_from(TOKEN_CACHE_MEMORY.get())
+        .unwrap_or(0)
+        .saturating_mul(1024)
 }
 
 /// The database the usage writer serves, or None when the setting is empty.

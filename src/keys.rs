@@ -9,6 +9,7 @@ use crate::{audit, durations, guc, key_format, permissions};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
+use crate::jsonb::{self, Jsonb};
 use pgrx::JsonB;
 use serde_json::json;
 
@@ -58,8 +59,8 @@ fn check_json_size(arg: &str, value: &serde_json::Value) {
     }
 }
 
-fn check_permissions(value: Option<JsonB>) -> Option<serde_json::Value> {
-    let JsonB(value) = value?;
+fn check_permissions(value: Option<Jsonb>) -> Option<serde_json::Value> {
+    let value = jsonb::argument("permissions", value)?;
     check_json_size("permissions", &value);
     match permissions::parse(&value) {
         Ok(perms) => Some(permissions::to_json(&perms)),
@@ -71,13 +72,19 @@ fn check_permissions(value: Option<JsonB>) -> Option<serde_json::Value> {
     }
 }
 
-fn check_metadata(value: Option<JsonB>) -> Option<serde_json::Value> {
-    let JsonB(value) = value?;
-    check_json_size("metadata", &value);
+/// Metadata is stored as given: whatever jsonb PostgreSQL accepts, within the size bound.
+fn check_metadata(value: Option<Jsonb>) -> Option<Jsonb> {
+    let value = value?;
+    if value.len() > MAX_JSON_BYTES {
+        invalid_argument(
+            "metadata",
+            format!("must be at most {MAX_JSON_BYTES} bytes of JSON, got {}", value.len()),
+        );
+    }
     Some(value)
 }
 
-fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
+pub(crate) fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
     durations::check_interval(value.months(), value.days(), value.micros(), allow_zero)
         .unwrap_or_else(|problem| invalid_argument(arg, format!("{problem}, got \"{value}\"")));
     value
@@ -198,7 +205,7 @@ struct Settings {
     owner: Option<String>,
     description: Option<String>,
     permissions: Option<serde_json::Value>,
-    metadata: Option<serde_json::Value>,
+    metadata: Option<Jsonb>,
     expiry: Option<Expiry>,
     remaining: Option<i64>,
     refill_amount: Option<i64>,
@@ -213,8 +220,8 @@ impl Settings {
         name: Option<String>,
         owner: Option<String>,
         description: Option<String>,
-        permissions: Option<JsonB>,
-        metadata: Option<JsonB>,
+        permissions: Option<Jsonb>,
+        metadata: Option<Jsonb>,
         expires_in: Option<Interval>,
         expires_at: Option<TimestampWithTimeZone>,
         remaining: Option<i64>,
@@ -291,7 +298,7 @@ fn insert_sql(id_given: bool) -> String {
 fn create_api_key(
     name: default!(Option<String>, "NULL"),
     owner: default!(Option<String>, "NULL"),
-    permissions: default!(Option<JsonB>, "NULL"),
+    permissions: default!(Option<Jsonb>, "NULL"),
     expires_in: default!(Option<Interval>, "NULL"),
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
     prefix: default!(Option<String>, "NULL"),
@@ -299,7 +306,7 @@ fn create_api_key(
     secret: default!(Option<String>, "NULL"),
     role: default!(Option<String>, "NULL"),
     description: default!(Option<String>, "NULL"),
-    metadata: default!(Option<JsonB>, "NULL"),
+    metadata: default!(Option<Jsonb>, "NULL"),
     master: default!(Option<bool>, false),
     remaining: default!(Option<i64>, "NULL"),
     refill_amount: default!(Option<i64>, "NULL"),
@@ -437,7 +444,7 @@ fn create_api_key(
             s.owner.clone().into(),
             s.description.into(),
             JsonB(s.permissions.unwrap_or_else(|| json!({}))).into(),
-            s.metadata.map(JsonB).into(),
+            s.metadata.into(),
             role.into(),
             master.unwrap_or(false).into(),
             enabled.unwrap_or(true).into(),
@@ -584,12 +591,12 @@ fn update_api_key(
     id: Option<String>,
     name: default!(Option<String>, "NULL"),
     owner: default!(Option<String>, "NULL"),
-    permissions: default!(Option<JsonB>, "NULL"),
+    permissions: default!(Option<Jsonb>, "NULL"),
     expires_in: default!(Option<Interval>, "NULL"),
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
     role: default!(Option<String>, "NULL"),
     description: default!(Option<String>, "NULL"),
-    metadata: default!(Option<JsonB>, "NULL"),
+    metadata: default!(Option<Jsonb>, "NULL"),
     remaining: default!(Option<i64>, "NULL"),
     refill_amount: default!(Option<i64>, "NULL"),
     refill_interval: default!(Option<Interval>, "NULL"),
@@ -708,7 +715,7 @@ fn update_api_key(
                 s.permissions.map(|p| JsonB(p).into()),
                 "'{}'",
             ),
-            ("metadata", s.metadata.map(|m| JsonB(m).into()), "NULL"),
+            ("metadata", s.metadata.map(Into::into), "NULL"),
             ("enabled", enabled.map(Into::into), "true"),
         ];
         for (field, value, default_sql) in plain_fields {

@@ -4,17 +4,21 @@
 use pgrx::prelude::*;
 
 mod audit;
+mod catalog;
 pub mod claims;
 mod context;
 pub mod durations;
 mod errors;
 mod guc;
+mod jsonb;
 pub mod key_format;
 mod keys;
 mod lookup;
 pub mod metering;
 pub mod permissions;
+mod owner;
 mod plans;
+mod scan;
 mod schema;
 mod signing;
 mod test_support;

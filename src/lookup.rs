@@ -16,152 +16,21 @@
 //! counting's) keep the chain; any other update or a delete ends it, and the lookup falls back
 //! to the index. Nothing is ever served that the snapshot does not see.
 
+use crate::catalog::relation;
 use crate::errors;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use crate::jsonb::Jsonb;
 use serde_json::Value;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
-
-/// Runs `f` as the owner of apikeys.keys with `search_path = pg_catalog, pg_temp`: what
-/// `SECURITY DEFINER … SET search_path` gives a whole call, for only the part of verify_key that
-/// writes (metered keys, usage counting without shared memory). Reads need neither: they go
-/// through `find`, which checks no privileges and resolves no names. Saving and restoring the
-/// search_path on every call was 5% of a plain verification (perf). On an error, the
-/// (sub)transaction's abort restores the user and the setting, as it does for SECURITY DEFINER.
-pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
-    let relid = relation(schema(), c"keys");
-    unsafe {
-        let rel = pg_sys::RelationIdGetRelation(relid);
-        let owner = (*(*rel).rd_rel).relowner;
-        pg_sys::RelationClose(rel);
-        let mut user = pg_sys::InvalidOid;
-        let mut context = 0;
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(user, context);
-        result
-    }
-}
-
-/// Every row of `apikeys.<table>` the snapshot sees, through `read` (given a column's index in
-/// `columns`, it returns that datum and whether it is NULL; it copies what it keeps), by a heap
-/// scan without SPI. For apikeys.signing_keys: a page or two, read on every mint and token
-/// verification.
-pub fn scan<R>(
-    table: &CStr,
-    columns: &[&'static CStr],
-    mut read: impl FnMut(&dyn Fn(usize) -> (pg_sys::Datum, bool)) -> Option<R>,
-) -> Vec<R> {
-    let relid = relation(schema(), table);
-    let attnums = SCAN_LAYOUTS.with(|layouts| {
-        let key = (relid, columns.to_vec());
-        if let Some(found) = layouts.borrow().get(&key) {
-            return found.clone();
-        }
-        let found: Vec<usize> = columns
-            .iter()
-            .map(|c| match unsafe { pg_sys::get_attnum(relid, c.as_ptr()) } {
-                n if n > 0 => n as usize - 1,
-                _ => errors::internal_error(format!("apikeys.{table:?} has no column {c:?}")),
-            })
-            .collect();
-        layouts.borrow_mut().insert(key, found.clone());
-        found
-    });
-    let mut rows = Vec::new();
-    unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let desc = (*rel).rd_att;
-        let natts = (*desc).natts as usize;
-        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
-            | pg_sys::ScanOptions::SO_ALLOW_STRAT
-            | pg_sys::ScanOptions::SO_ALLOW_SYNC
-            | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
-        let scan = pg_sys::heap_beginscan(
-            rel,
-            snapshot(),
-            0,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            flags,
-        );
-        let mut values = vec![pg_sys::Datum::from(0); natts];
-        let mut nulls = vec![true; natts];
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            let column = |i: usize| (values[attnums[i]], nulls[attnums[i]]);
-            if let Some(row) = read(&column) {
-                rows.push(row);
-            }
-        }
-        pg_sys::heap_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    }
-    rows
-}
 
 /// Which unique index to probe, and with what.
 pub enum By<'a> {
     Hash(&'a [u8]),
     PreviousHash(&'a [u8]),
     Id(&'a str),
-}
-
-/// A jsonb column as verification carries it: the stored value, detoasted and copied into the
-/// call's memory, goes back into the result as it is; it is parsed only where its content is
-/// needed (required permissions, a token's claims, a session's context). The jsonb→serde→jsonb
-/// round trip was a tenth of a plain verification's own time (perf).
-#[derive(Clone, Debug)]
-pub enum Json {
-    Parsed(Value),
-    Stored(pg_sys::Datum),
-}
-
-impl Json {
-    /// A copy of a jsonb datum that outlives the buffer it points into.
-    unsafe fn stored(datum: pg_sys::Datum, isnull: bool) -> Option<Json> {
-        (!isnull).then(|| {
-            let copy = pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr());
-            Json::Stored(pg_sys::Datum::from(copy))
-        })
-    }
-
-    pub fn value(&self) -> Value {
-        match self {
-            Json::Parsed(v) => v.clone(),
-            Json::Stored(d) => unsafe { JsonB::from_datum(*d, false) }.map_or(Value::Null, |j| j.0),
-        }
-    }
-
-    pub fn into_datum(self) -> Option<pg_sys::Datum> {
-        match self {
-            Json::Parsed(v) => JsonB(v).into_datum(),
-            Json::Stored(d) => Some(d),
-        }
-    }
 }
 
 /// The columns verification reads, copied out of the buffer.
@@ -171,8 +40,8 @@ pub struct KeyRow {
     pub previous_valid_until: Option<TimestampWithTimeZone>,
     pub name: Option<String>,
     pub owner: Option<String>,
-    pub permissions: Json,
-    pub metadata: Option<Json>,
+    pub permissions: Jsonb,
+    pub metadata: Option<Jsonb>,
     pub role: Option<String>,
     pub master: bool,
     pub enabled: bool,
@@ -209,9 +78,6 @@ thread_local! {
     /// apikeys.keys' oid and the attribute numbers of COLUMNS, found once per backend (again
     /// if the table was dropped and created since).
     static LAYOUT: Cell<Option<(pg_sys::Oid, [pg_sys::AttrNumber; 16])>> = const { Cell::new(None) };
-    /// Column positions `scan` reads, by table oid and column names.
-    static SCAN_LAYOUTS: RefCell<HashMap<(pg_sys::Oid, Vec<&'static CStr>), Vec<usize>>> =
-        RefCell::new(HashMap::new());
     /// Where each key was last found, by (lookup kind, hash or id), for apikeys.keys' oid.
     static PLACES: RefCell<(pg_sys::Oid, HashMap<Vec<u8>, pg_sys::ItemPointerData>)> =
         RefCell::new((pg_sys::InvalidOid, HashMap::new()));
@@ -317,18 +183,6 @@ unsafe fn deform(
     })
 }
 
-fn schema() -> pg_sys::Oid {
-    unsafe { pg_sys::get_namespace_oid(c"apikeys".as_ptr(), false) }
-}
-
-fn relation(schema: pg_sys::Oid, name: &CStr) -> pg_sys::Oid {
-    let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), schema) };
-    if oid == pg_sys::InvalidOid {
-        errors::internal_error(format!("relation apikeys.{name:?} does not exist"));
-    }
-    oid
-}
-
 fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; 16] {
     if let Some((cached, attnums)) = LAYOUT.with(Cell::get) {
         if cached == relid {
@@ -347,7 +201,7 @@ fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; 16] {
 }
 
 /// The snapshot SPI would give this read (see the module comment).
-unsafe fn snapshot() -> pg_sys::Snapshot {
+pub unsafe fn snapshot() -> pg_sys::Snapshot {
     if pg_sys::GetCurrentTransactionIdIfAny() != pg_sys::InvalidTransactionId {
         pg_sys::CommandCounterIncrement();
         pg_sys::GetTransactionSnapshot()
@@ -360,8 +214,7 @@ unsafe fn snapshot() -> pg_sys::Snapshot {
 
 /// The row of the key `by` names, if one is visible.
 pub fn find(by: By<'_>) -> Option<KeyRow> {
-    let schema = schema();
-    let relid = relation(schema, c"keys");
+    let relid = relation(c"keys");
     let attnums = attnums(relid);
     let place_key = by.place_key();
     unsafe {
@@ -389,7 +242,7 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
             };
             let argument =
                 argument.unwrap_or_else(|| errors::internal_error("a NULL lookup value"));
-            let index = relation(schema, index);
+            let index = relation(index);
             let (row, root) = probe(
                 rel,
                 index,
@@ -469,8 +322,8 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         previous_valid_until: get(at(3)),
         name: get(at(4)),
         owner: get(at(5)),
-        permissions: Json::stored(at(6).0, at(6).1).unwrap_or(Json::Parsed(Value::Null)),
-        metadata: Json::stored(at(7).0, at(7).1),
+        permissions: get(at(6)).unwrap_or_else(|| Jsonb::encode(&Value::Null)),
+        metadata: get(at(7)),
         role: get(at(8)),
         master: get(at(9)).unwrap_or(false),
         enabled: get(at(10)).unwrap_or(false),
@@ -509,7 +362,7 @@ mod tests {
     }
 
     fn keys_oid() -> pg_sys::Oid {
-        relation(schema(), c"keys")
+        relation(c"keys")
     }
 
     #[pg_test]

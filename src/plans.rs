@@ -25,6 +25,8 @@ fn prepared(
     args: &[DatumWithOid<'_>],
     mutating: bool,
 ) -> Rc<OwnedPreparedStatement> {
+    // Every statement names apikeys.<table>: that name must still lead to our schema.
+    crate::catalog::schema();
     let key: Key = (
         sql.to_owned(),
         args.iter().map(|a| a.oid()).collect(),

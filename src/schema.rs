@@ -5,6 +5,30 @@ use pgrx::prelude::*;
 
 extension_sql!(
     r#"
+-- The schema must be the one CREATE EXTENSION just created for us, or one that only the role
+-- installing the extension owns and can create objects in: a role that made `apikeys` earlier
+-- could rename it later and put its own objects under the name our code uses.
+DO $refuse_foreign_schema$
+DECLARE
+    found record;
+BEGIN
+    SELECT n.nspowner::pg_catalog.regrole AS owner,
+           n.nspowner OPERATOR(pg_catalog.=) e.extowner AS ours,
+           EXISTS (SELECT FROM pg_catalog.aclexplode(n.nspacl) a
+                    WHERE a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+                      AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner) AS shared
+      INTO STRICT found
+      FROM pg_catalog.pg_namespace n, pg_catalog.pg_extension e
+     WHERE n.nspname OPERATOR(pg_catalog.=) 'apikeys'
+       AND e.extname OPERATOR(pg_catalog.=) 'pg_apikeys';
+    IF NOT found.ours OR found.shared THEN
+        RAISE EXCEPTION 'schema "apikeys" already exists and belongs to role %, or others may create objects in it', found.owner
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_apikeys installs only into a schema apikeys that it creates itself: drop or rename the existing one (after checking what it holds), then run CREATE EXTENSION again.';
+    END IF;
+END
+$refuse_foreign_schema$;
+
 -- One row per API key. The key string itself is never stored: only its SHA-256.
 CREATE TABLE apikeys.keys (
     id                   text PRIMARY KEY,
@@ -50,7 +74,8 @@ CREATE TABLE apikeys.audit_log (
     at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     actor   text NOT NULL,   -- the calling role (after SET ROLE), not the functions' owner
     action  text NOT NULL,   -- create, update, revoke, delete, rotate, delete_expired,
-                             -- rotate_signing_key, retire_signing_key, export_signing_key
+                             -- rotate_signing_key, retire_signing_key, export_signing_key,
+                             -- purge_signing_keys
     key_id  text,
     details jsonb
 );
@@ -67,6 +92,8 @@ CREATE TABLE apikeys.signing_keys (
     retired_at timestamptz,              -- set once: its tokens stop verifying
     retired_by text
 );
+-- The keys minting and token verification read: retired ones, however many, stay off that path.
+CREATE INDEX signing_keys_live_idx ON apikeys.signing_keys (created_at) WHERE retired_at IS NULL;
 
 SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
@@ -155,6 +182,7 @@ mod tests {
         ("retire_signing_key", "SELECT apikeys.retire_signing_key('{kid}')", [false, true, true]),
         ("export_signing_key", "SELECT apikeys.export_signing_key('{kid}')", [false, true, true]),
         ("list_signing_keys", "SELECT count(*) FROM apikeys.list_signing_keys()", [false, true, true]),
+        ("purge_signing_keys", "SELECT apikeys.purge_signing_keys()", [false, true, true]),
         ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
         ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
         ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),
@@ -211,7 +239,8 @@ mod tests {
         run("GRANT EXECUTE ON FUNCTION apikeys.create_api_key, apikeys.get_api_key, apikeys.list_api_keys,
                 apikeys.update_api_key, apikeys.revoke_api_key, apikeys.delete_api_key,
                 apikeys.rotate_api_key, apikeys.delete_expired_api_keys, apikeys.rotate_signing_key,
-                apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys TO matrix_admin");
+                apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys,
+                apikeys.purge_signing_keys TO matrix_admin");
         assert_eq!(
             one::<bool>("SELECT extowner = current_user::regrole FROM pg_extension WHERE extname = 'pg_apikeys'"),
             Some(true)

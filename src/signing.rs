@@ -2,7 +2,7 @@
 //! PUBLIC), rotated and retired by management functions, published as a JWK set for outside
 //! verifiers. The newest unretired key signs; every unretired key verifies.
 
-use crate::{audit, errors, key_format, lookup, plans};
+use crate::{audit, errors, key_format, plans};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use pgrx::datum::TimestampWithTimeZone;
@@ -148,10 +148,13 @@ struct Live {
     public_jwk: Option<Value>,
 }
 
-/// The signing keys that are not retired, read without SPI (`lookup::scan`): retirement is seen
+/// The signing keys that are not retired, read without SPI through the partial index over
+/// unretired keys (`scan`): retired keys, however many, are never read, and retirement is seen
 /// by the next mint or verification in any session.
-fn live_keys(material_for: impl Fn(&str) -> bool) -> Vec<Live> {
+fn live_keys(material_for: impl Fn(&str) -> bool, snapshot: crate::scan::Snapshot) -> Vec<Live> {
     fn get<T: FromDatum>(v: (pg_sys::Datum, bool)) -> Option<T> {
+        // SAFETY: `scan` hands out datums of a deformed tuple of signing_keys while it is held;
+        // T is the column's type (the column list below names each).
         unsafe { T::from_datum(v.0, v.1) }
     }
     let columns = [
@@ -162,7 +165,7 @@ fn live_keys(material_for: impl Fn(&str) -> bool) -> Vec<Live> {
         c"secret",
         c"public_jwk",
     ];
-    lookup::scan(c"signing_keys", &columns, |column| {
+    crate::scan::scan(c"signing_keys", Some(c"signing_keys_live_idx"), &columns, snapshot, |column| {
         if !column(3).1 {
             return None;
         }
@@ -184,8 +187,11 @@ fn live_keys(material_for: impl Fn(&str) -> bool) -> Vec<Live> {
 }
 
 /// The newest unretired key (ties broken by kid, as `ORDER BY created_at DESC, kid DESC`).
-fn current() -> Option<Signer> {
-    let newest = live_keys(|kid| !ENCODING.with(|c| c.borrow().contains_key(kid)))
+fn current(snapshot: crate::scan::Snapshot) -> Option<Signer> {
+    let newest = live_keys(
+        |kid| !ENCODING.with(|c| c.borrow().contains_key(kid)),
+        snapshot,
+    )
         .into_iter()
         .max_by(|a, b| (a.created_us, &a.kid).cmp(&(b.created_us, &b.kid)))?;
     let alg = newest.alg?;
@@ -202,7 +208,8 @@ fn current() -> Option<Signer> {
 /// The current signing key. A database without one gets an HS256 key at its first mint, so
 /// tokens work right after CREATE EXTENSION.
 pub fn signer() -> Signer {
-    if let Some(signer) = current() {
+    use crate::scan::Snapshot;
+    if let Some(signer) = current(Snapshot::Statement) {
         return signer;
     }
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
@@ -212,28 +219,36 @@ pub fn signer() -> Signer {
             Some("Call apikeys.rotate_signing_key() once on the primary, in a read-write transaction."),
         );
     }
-    lookup::as_owner(|| {
+    crate::owner::as_owner(|| {
         Spi::connect_mut(|client| {
-            // Two first mints at once must not both create a key.
+            // Two first mints at once must not both create a key. A lock on the table itself,
+            // which only its owner can take (an advisory lock any role could hold forever):
+            // it conflicts with itself and with writers, not with readers.
             plans::update(
                 client,
-                "SELECT pg_advisory_xact_lock(hashtext('apikeys.signing_keys'))",
+                "LOCK TABLE apikeys.signing_keys IN SHARE ROW EXCLUSIVE MODE",
                 None,
                 &[],
             );
         })
     });
-    if let Some(signer) = current() {
+    // What a first mint that held the lock before us committed: the statement's snapshot
+    // (and, in REPEATABLE READ, the transaction's) was taken before it and would not show it.
+    if let Some(signer) = current(Snapshot::Latest) {
         return signer;
     }
-    let kid = lookup::as_owner(|| Spi::connect_mut(|client| create(client, Algorithm::HS256)));
-    current().unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
+    let kid = crate::owner::as_owner(|| Spi::connect_mut(|client| create(client, Algorithm::HS256)));
+    current(Snapshot::Statement)
+        .unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
 }
 
 /// The key a token's `kid` names, if it exists and is not retired.
 pub fn verifier(kid: &str) -> Option<(Algorithm, Rc<DecodingKey>)> {
     let cached_already = DECODING.with(|c| c.borrow().contains_key(kid));
-    let live = live_keys(|k| k == kid && !cached_already)
+    let live = live_keys(
+        |k| k == kid && !cached_already,
+        crate::scan::Snapshot::Statement,
+    )
         .into_iter()
         .find(|l| l.kid == kid)?;
     let alg = live.alg?;
@@ -325,6 +340,35 @@ fn retire_signing_key(kid: Option<&str>) -> bool {
     })
 }
 
+/// Deletes signing keys retired longer than `retired_before` ago (default 30 days) and returns
+/// how many; tokens they signed then verify as NOT_FOUND. Unretired keys are never deleted.
+/// Audited with the deleted kids.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn purge_signing_keys(retired_before: default!(Option<Interval>, "'30 days'")) -> i32 {
+    let Some(retired_before) = retired_before else {
+        errors::invalid_argument("retired_before", "must not be NULL")
+    };
+    let retired_before = crate::keys::check_duration("retired_before", retired_before, true);
+    Spi::connect_mut(|client| {
+        let kids: Vec<String> = plans::update(
+            client,
+            "DELETE FROM apikeys.signing_keys
+              WHERE retired_at IS NOT NULL AND retired_at < clock_timestamp() - $1
+              RETURNING kid",
+            None,
+            &[retired_before.into()],
+        )
+        .into_iter()
+        .filter_map(|row| errors::internal(row.get::<String>(1)))
+        .collect();
+        if !kids.is_empty() {
+            audit::record(client, "purge_signing_keys", None, json!({ "kids": kids }));
+        }
+        i32::try_from(kids.len()).unwrap_or(i32::MAX)
+    })
+}
+
 /// The signing keys, newest first, without their secrets; `signs` marks the one that signs
 /// new tokens.
 #[pg_extern(security_definer, stable)]
@@ -378,6 +422,7 @@ fn list_signing_keys() -> TableIterator<
 #[pg_extern(security_definer, stable, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn jwks() -> JsonB {
+    crate::catalog::schema();
     let keys = errors::internal(Spi::get_one::<JsonB>(
         "SELECT COALESCE(jsonb_agg(public_jwk ORDER BY created_at DESC, kid DESC), '[]')
          FROM apikeys.signing_keys WHERE retired_at IS NULL AND public_jwk IS NOT NULL",
@@ -472,6 +517,72 @@ mod tests {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    #[pg_test]
+    fn purge_deletes_keys_retired_long_enough_and_their_tokens_stop_verifying() {
+        let (_, key) = create("");
+        let old = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
+        let token = mint(&key, "60000");
+        let recent = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
+        let live = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
+        run(&format!("SELECT apikeys.retire_signing_key('{old}')"));
+        run(&format!("SELECT apikeys.retire_signing_key('{recent}')"));
+        run(&format!(
+            "UPDATE apikeys.signing_keys SET retired_at = clock_timestamp() - interval '31 days' WHERE kid = '{old}'"
+        ));
+        assert_eq!(one::<i32>("SELECT apikeys.purge_signing_keys()"), Some(1));
+        let kids = one::<Vec<String>>(
+            "SELECT array_agg(kid ORDER BY kid) FROM apikeys.signing_keys",
+        )
+        .unwrap();
+        assert!(!kids.contains(&old) && kids.contains(&recent) && kids.contains(&live));
+        assert_eq!(token_code(&token, ""), "NOT_FOUND");
+        assert_eq!(
+            one::<String>(
+                "SELECT details->'kids'->>0 FROM apikeys.audit_log WHERE action = 'purge_signing_keys'"
+            ),
+            Some(old)
+        );
+        // Zero purges every retired key, never a live one.
+        assert_eq!(one::<i32>("SELECT apikeys.purge_signing_keys('0')"), Some(1));
+        assert_eq!(one::<i32>("SELECT apikeys.purge_signing_keys('0')"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.signing_keys WHERE retired_at IS NULL"),
+            Some(1)
+        );
+        assert_eq!(token_code(&mint(&key, "60000"), ""), "VALID");
+        for bad in ["NULL", "'-1 day'"] {
+            assert_error(
+                &format!("SELECT apikeys.purge_signing_keys({bad})"),
+                "22023",
+                "retired_before",
+            );
+        }
+    }
+
+    #[pg_test]
+    fn minting_and_verifying_read_only_unretired_signing_keys() {
+        let (_, key) = create("");
+        for _ in 0..50 {
+            let kid = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
+            run(&format!("SELECT apikeys.retire_signing_key('{kid}')"));
+        }
+        let live = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
+        let mut read = 0;
+        let kids = crate::scan::scan(
+            c"signing_keys",
+            Some(c"signing_keys_live_idx"),
+            &[c"kid"],
+            crate::scan::Snapshot::Statement,
+            |column| {
+                read += 1;
+                // SAFETY: the scan hands out the kid column of a signing_keys tuple.
+                unsafe { String::from_datum(column(0).0, column(0).1) }
+            },
+        );
+        assert_eq!((read, kids), (1, vec![live]));
+        assert_eq!(token_code(&mint(&key, "60000"), ""), "VALID");
     }
 
     #[pg_test]

@@ -6,8 +6,9 @@ use crate::verify::{self, Code, Lookup, Token, Verification};
 use crate::{claims, durations, errors, guc, key_format, permissions, signing};
 use jsonwebtoken::{decode, decode_header, encode, Algorithm, Header, Validation};
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use crate::jsonb::{self, Jsonb};
 use serde_json::Value;
+use sha2::Digest;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -169,13 +170,66 @@ struct Seen {
     token: Rc<Token>,
 }
 
+/// Fixed cost of an entry besides its claims: the digest, the map's slot, `Seen` and `Token`
+/// with their short strings and the allocator's headers (measured at ~250 bytes; rounded up).
+const ENTRY_OVERHEAD: usize = 320;
+
+impl Seen {
+    /// What this entry holds in memory, as the cache counts it against its bound.
+    fn bytes(&self) -> usize {
+        let permissions: usize = self
+            .token
+            .permissions
+            .iter()
+            .map(|(resource, actions)| {
+                resource.len() + actions.iter().map(|a| a.len() + 24).sum::<usize>() + 64
+            })
+            .sum();
+        ENTRY_OVERHEAD
+            + self.kid.len()
+            + self.issuer.len()
+            + self.audience.as_ref().map_or(0, String::len)
+            + self.token.key_id.len()
+            + self.token.claims.len()
+            + permissions
+    }
+}
+
+/// Checked tokens by the SHA-256 of their text, bounded by `apikeys.token_cache_size` entries
+/// and `apikeys.token_cache_memory` bytes (emptied when either would be passed).
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<[u8; 32], Seen>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn clear(&mut self) {
+        self.entries = HashMap::new();
+        self.bytes = 0;
+    }
+
+    fn insert(&mut self, digest: [u8; 32], seen: Seen, max_entries: usize, max_bytes: usize) {
+        let size = seen.bytes();
+        if size > max_bytes || max_entries == 0 {
+            return;
+        }
+        if self.entries.len() >= max_entries || self.bytes + size > max_bytes {
+            self.clear();
+        }
+        if let Some(old) = self.entries.insert(digest, seen) {
+            self.bytes -= old.bytes();
+        }
+        self.bytes += size;
+    }
+}
+
 thread_local! {
-    /// Checked tokens by their exact text, at most `apikeys.token_cache_size` (emptied when
-    /// full). A hit skips only what the same bytes cannot change: the signature, the parsing, the
+    /// A hit skips only what the same bytes cannot change: the signature, the parsing, the
     /// claims' encoding (together a third of verify_token, perf). What can change is checked on
     /// every use: that the signing key is still unretired, the issuer and audience settings, and
     /// (in `judge`) the key behind the token and the token's expiry. An accepted nbf stays past.
-    static SEEN: RefCell<HashMap<String, Seen>> = RefCell::new(HashMap::new());
+    static SEEN: RefCell<Cache> = RefCell::new(Cache::default());
 }
 
 /// The token's claims if it is one we signed and still accept; None for anything else. Never
@@ -186,13 +240,14 @@ fn checked(token: &str) -> Option<Rc<Token>> {
     }
     let issuer = guc::jwt_issuer();
     let audience = guc::jwt_audience();
-    let capacity = guc::token_cache_size();
+    let (max_entries, max_bytes) = (guc::token_cache_size(), guc::token_cache_bytes());
+    let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
     let seen = SEEN.with(|seen| {
         let mut seen = seen.borrow_mut();
-        if capacity == 0 {
+        if max_entries == 0 || max_bytes == 0 {
             seen.clear();
         }
-        let entry = seen.get(token)?;
+        let entry = seen.entries.get(&digest)?;
         (entry.issuer == issuer && entry.audience == audience)
             .then(|| (entry.kid.clone(), entry.alg, Rc::clone(&entry.token)))
     });
@@ -203,21 +258,16 @@ fn checked(token: &str) -> Option<Rc<Token>> {
     }
     let (kid, alg, checked) = signed_claims(token, &issuer, audience.as_deref())?;
     let checked = Rc::new(checked);
+    let entry = Seen {
+        kid,
+        alg,
+        issuer,
+        audience,
+        token: Rc::clone(&checked),
+    };
     SEEN.with(|seen| {
-        let mut seen = seen.borrow_mut();
-        if seen.len() >= capacity {
-            seen.clear();
-        }
-        if capacity > 0 {
-            let entry = Seen {
-                kid,
-                alg,
-                issuer,
-                audience,
-                token: Rc::clone(&checked),
-            };
-            seen.insert(token.to_owned(), entry);
-        }
+        seen.borrow_mut()
+            .insert(digest, entry, max_entries, max_bytes)
     });
     Some(checked)
 }
@@ -251,7 +301,7 @@ fn signed_claims(
         key_created_us: presented.key_created_us,
         exp_ms: presented.exp_ms,
         permissions: permissions::parse(&presented.permissions).ok()?,
-        claims: verify::Claims::encode(data.claims)?,
+        claims: Jsonb::encode(&data.claims),
         key_id: presented.key_id,
     };
     Some((kid, alg, token))
@@ -280,9 +330,10 @@ fn mint_token(
     key: Option<&str>,
     ms: Option<i64>,
     for_key: default!(Option<&str>, "NULL"),
-    claims: default!(Option<JsonB>, "NULL"),
+    claims: default!(Option<Jsonb>, "NULL"),
 ) -> String {
-    mint(key, ms, for_key, claims.as_ref().map(|c| &c.0))
+    let claims = jsonb::argument("claims", claims);
+    mint(key, ms, for_key, claims.as_ref())
 }
 
 /// Verifies a token minted by mint_token: signature (the algorithm is the signing key's),
@@ -292,7 +343,7 @@ fn mint_token(
 #[pg_extern(volatile)]
 fn verify_token(
     token: Option<&str>,
-    required: default!(Option<JsonB>, "NULL"),
+    required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let required = verify::required_permissions(required);
@@ -307,6 +358,7 @@ mod tests {
     use base64::Engine as _;
     use pgrx::prelude::*;
     use serde_json::{json, Value};
+    use sha2::Digest;
 
     fn payload(token: &str) -> Value {
         let part = token.split('.').nth(1).unwrap();
@@ -967,7 +1019,10 @@ mod tests {
 
     #[pg_test]
     fn a_token_seen_again_is_remembered_but_still_judged() {
-        let remembered = |token: &str| super::SEEN.with(|s| s.borrow().contains_key(token));
+        let remembered = |token: &str| {
+            let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            super::SEEN.with(|s| s.borrow().entries.contains_key(&digest))
+        };
         let (id, key) = create("permissions => '{\"orders\": [\"read\"]}'");
         let token = mint(&key, "60000, claims => '{\"tenant\": \"t1\"}'");
         let claims = || {
@@ -998,8 +1053,81 @@ mod tests {
         for t in &tokens {
             assert_eq!(token_code(t, ""), "VALID");
         }
-        assert!(super::SEEN.with(|s| s.borrow().len()) <= 2);
+        assert!(super::SEEN.with(|s| s.borrow().entries.len()) <= 2);
         assert!(remembered(&tokens[2]));
+    }
+
+    #[pg_test]
+    fn a_token_reports_what_it_grants_after_its_key_is_widened() {
+        let (id, key) = create("permissions => '{\"orders\": [\"read\"]}'");
+        let token = mint(&key, "60000");
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', permissions => '{{\"*\": [\"*\"]}}')"
+        ));
+        let granted = r#"{"orders": ["read"]}"#;
+        assert_eq!(
+            token_field::<String>(&token, "", "permissions::text").as_deref(),
+            Some(granted)
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT (apikeys.authenticate('{token}')).permissions::text"
+            ))
+            .as_deref(),
+            Some(granted)
+        );
+        assert_eq!(
+            one::<String>("SELECT apikeys.current_permissions()::text").as_deref(),
+            Some(granted)
+        );
+        // Narrowed below the token: the intersection.
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', permissions => '{{\"orders\": [\"read\", \"write\"], \"x\": [\"y\"]}}')"
+        ));
+        assert_eq!(
+            token_field::<String>(&token, "", "permissions::text").as_deref(),
+            Some(granted)
+        );
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', permissions => '{{\"reports\": [\"read\"]}}')"
+        ));
+        assert_eq!(
+            token_field::<String>(&token, "", "permissions::text").as_deref(),
+            Some("{}")
+        );
+        // The key itself still reports its own.
+        assert_eq!(
+            field::<String>(&key, "", "permissions::text").as_deref(),
+            Some(r#"{"reports": ["read"]}"#)
+        );
+    }
+
+    #[pg_test]
+    fn the_token_cache_is_bounded_by_memory_and_keeps_no_token_text() {
+        let (_, key) = create("");
+        let cached_bytes = || super::SEEN.with(|s| s.borrow().bytes);
+        let big = |n: usize| {
+            mint(
+                &key,
+                &format!("60000, claims => jsonb_build_object('blob', repeat('x', {n}))"),
+            )
+        };
+        run("SET LOCAL apikeys.token_cache_memory = '64kB'");
+        super::SEEN.with(|s| s.borrow_mut().clear());
+        // Each ~20 kB token counts its claims: three fit in 64 kB, the fourth empties the cache.
+        let tokens: Vec<String> = (0..4).map(|_| big(20_000)).collect();
+        for t in &tokens {
+            assert_eq!(token_code(t, ""), "VALID");
+            assert!(cached_bytes() <= 64 * 1024, "{} bytes", cached_bytes());
+        }
+        let entries = super::SEEN.with(|s| s.borrow().entries.len());
+        assert_eq!(entries, 1, "emptied when the fourth would pass the bound");
+        assert!(cached_bytes() > 20_000);
+        // A token larger than the whole bound is never cached, and still verifies.
+        let huge = big(70_000);
+        assert_eq!(token_code(&huge, ""), "VALID");
+        assert!(cached_bytes() <= 64 * 1024);
+        assert_eq!(one::<String>("SHOW apikeys.token_cache_memory").as_deref(), Some("64kB"));
     }
 
     #[pg_test]

@@ -8,7 +8,7 @@
 //! Counts in shared memory that the worker has not written yet are lost in a crash (at most a
 //! second's worth); a clean shutdown writes them.
 
-use crate::{errors, guc, plans};
+use crate::{guc, plans};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -27,6 +27,8 @@ const ID_BYTES: usize = 64;
 pub struct Slot {
     len: u8,
     id: [u8; ID_BYTES],
+    /// With the id, tells the key from a later one created under the same id after a delete.
+    created_us: i64,
     count: u64,
     last_used_us: i64,
 }
@@ -34,11 +36,15 @@ pub struct Slot {
 const EMPTY: Slot = Slot {
     len: 0,
     id: [0; ID_BYTES],
+    created_us: 0,
     count: 0,
     last_used_us: 0,
 };
 
-/// Pending uses by key id: open addressing with linear probing, emptied as a whole by `drain`
+/// A pending use: key id, the key's created_at, how many uses, the last (epoch microseconds).
+pub type Pending = (String, i64, i64, i64);
+
+/// Pending uses by key (id and creation time): open addressing with linear probing, emptied as a whole by `drain`
 /// (so no slot is ever removed alone and probe chains stay intact).
 #[derive(Clone, Copy)]
 pub struct Table {
@@ -46,26 +52,31 @@ pub struct Table {
 }
 
 impl Table {
-    /// Adds one use of `id` at `at_us`; false when the id does not fit or the table is full.
-    pub fn record(&mut self, id: &str, at_us: i64) -> bool {
+    /// Adds one use of the key (`id`, created at `created_us`) at `at_us`; false when the id
+    /// does not fit or the table is full.
+    pub fn record(&mut self, id: &str, created_us: i64, at_us: i64) -> bool {
         let bytes = id.as_bytes();
         if bytes.is_empty() || bytes.len() > ID_BYTES {
             return false;
         }
         // FNV-1a
-        let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-        });
+        let hash = bytes
+            .iter()
+            .chain(&created_us.to_le_bytes())
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+            });
         for probe in 0..SLOTS {
             let slot = &mut self.slots[(hash as usize).wrapping_add(probe) % SLOTS];
             if slot.len == 0 {
                 slot.len = bytes.len() as u8;
                 slot.id[..bytes.len()].copy_from_slice(bytes);
+                slot.created_us = created_us;
                 slot.count = 1;
                 slot.last_used_us = at_us;
                 return true;
             }
-            if &slot.id[..usize::from(slot.len)] == bytes {
+            if &slot.id[..usize::from(slot.len)] == bytes && slot.created_us == created_us {
                 slot.count += 1;
                 slot.last_used_us = slot.last_used_us.max(at_us);
                 return true;
@@ -74,12 +85,12 @@ impl Table {
         false
     }
 
-    /// Every pending use as (id, count, last use in epoch microseconds), emptying the table.
-    pub fn drain(&mut self) -> Vec<(String, i64, i64)> {
+    /// Every pending use, emptying the table.
+    pub fn drain(&mut self) -> Vec<Pending> {
         let mut pending = Vec::new();
         for slot in self.slots.iter_mut().filter(|s| s.len > 0) {
             let id = String::from_utf8_lossy(&slot.id[..usize::from(slot.len)]).into_owned();
-            pending.push((id, slot.count as i64, slot.last_used_us));
+            pending.push((id, slot.created_us, slot.count as i64, slot.last_used_us));
             *slot = EMPTY;
         }
         pending
@@ -87,7 +98,8 @@ impl Table {
 }
 
 // The table lives in shared memory, zeroed in place (all zeroes is an empty table): built as a
-// value it would be 1.4 MB on the stack.
+// value it would be 1.4 MB on the stack. Both pointers are set once per process by
+// shmem_startup (in the postmaster, inherited by every child) and never change after.
 static mut TABLE: *mut Table = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
@@ -99,6 +111,8 @@ static SHARED: AtomicBool = AtomicBool::new(false);
 
 /// From _PG_init, only while shared_preload_libraries are loaded.
 pub fn init() {
+    // SAFETY: _PG_init runs in the postmaster before any other process exists, so nothing
+    // reads the hook variables while they are chained.
     unsafe {
         PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(shmem_request);
@@ -118,6 +132,8 @@ pub fn init() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster while shared memory may still be requested; the
+    // previous hook was saved by init before ours was installed.
     unsafe {
         if let Some(previous) = PREV_SHMEM_REQUEST {
             previous();
@@ -129,11 +145,13 @@ unsafe extern "C-unwind" fn shmem_request() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: AddinShmemInitLock (MainLWLockArray[21]) serialises ShmemInitStruct against other
+    // processes attaching; the struct is zeroed only by whoever created it (found = false).
     unsafe {
         if let Some(previous) = PREV_SHMEM_STARTUP {
             previous();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let table =
@@ -149,10 +167,14 @@ unsafe extern "C-unwind" fn shmem_startup() {
 
 /// Runs `f` on the shared table under its lock; None when there is no shared table.
 fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> Option<R> {
+    // SAFETY: the pointers are written once at shared-memory start-up, before this can run.
     let (table, lock) = unsafe { (TABLE, LOCK) };
     if table.is_null() || lock.is_null() {
         return None;
     }
+    // SAFETY: the exclusive LWLock makes this process the table's only user until released;
+    // `f` does not raise (plain memory work), so the lock cannot be left held by a longjmp,
+    // and an error would release it anyway (LWLockReleaseAll at abort).
     unsafe {
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let result = f(&mut *table);
@@ -174,6 +196,7 @@ fn counted_in_shared_memory() -> bool {
         let counted = SHARED.load(Ordering::Relaxed)
             && guc::usage_database().is_some_and(|name| {
                 let name = std::ffi::CString::new(name).unwrap_or_default();
+                // SAFETY: a syscache lookup in a transaction; missing_ok returns InvalidOid.
                 unsafe { pg_sys::get_database_oid(name.as_ptr(), true) == pg_sys::MyDatabaseId }
             });
         c.set(Some(counted));
@@ -181,90 +204,104 @@ fn counted_in_shared_memory() -> bool {
     })
 }
 
-fn now_us() -> i64 {
-    crate::verify::epoch_us(unsafe {
-        TimestampWithTimeZone::try_from(pg_sys::GetCurrentTimestamp())
-            .unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
-    })
-}
-
-/// Counts one VALID use of a key without quota or rate limit.
-pub fn record(id: &str) {
-    let recovering = unsafe { pg_sys::RecoveryInProgress() };
+/// Counts one VALID use of a key without quota or rate limit (the key `id` created at
+/// `created_us`, epoch microseconds).
+pub fn record(id: &str, created_us: i64) {
+    // SAFETY: plain reads of backend-global flags.
+    let (recovering, read_only, snapshot_per_transaction) = unsafe {
+        (
+            pg_sys::RecoveryInProgress(),
+            pg_sys::XactReadOnly,
+            pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32,
+        )
+    };
+    let now_us = crate::verify::epoch_us(crate::verify::wall_clock());
     if counted_in_shared_memory()
         && !recovering
-        && with_table(|t| t.record(id, now_us())) == Some(true)
+        && with_table(|t| t.record(id, created_us, now_us)) == Some(true)
     {
         return;
     }
-    if recovering || unsafe { pg_sys::XactReadOnly } {
+    // The row write is skipped where it could fail the caller: REPEATABLE READ and SERIALIZABLE
+    // would raise 40001 after any other session's use of the key since their snapshot, and a
+    // key without limits must never make its caller retry. Such uses are not counted here.
+    if recovering || read_only || snapshot_per_transaction {
         return;
     }
     // A row another transaction holds is skipped rather than waited for.
-    crate::lookup::as_owner(|| {
+    crate::owner::as_owner(|| {
         Spi::connect_mut(|client| {
             plans::update(
-            client,
-            "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
-             WHERE id = (SELECT id FROM apikeys.keys WHERE id = $1 FOR UPDATE SKIP LOCKED)",
-            None,
-            &[id.into()],
-        );
+                client,
+                "UPDATE apikeys.keys SET request_count = request_count + 1, last_used_at = clock_timestamp()
+                  WHERE id = (SELECT id FROM apikeys.keys WHERE id = $1 AND created_at = $2 FOR UPDATE SKIP LOCKED)",
+                None,
+                &[id.into(), crate::verify::from_epoch_us(created_us).into()],
+            );
         })
     });
 }
 
-/// Adds the pending uses to their rows.
+/// Adds the pending uses to their rows. The statement runs as the keys table's owner with
+/// `search_path = pg_catalog, pg_temp` (`owner::as_owner`) and names every operator and
+/// function with its schema: no object a database owner or other role can create is ever
+/// chosen, whatever the database's or a role's search_path.
 fn flush() {
     let pending = with_table(Table::drain).unwrap_or_default();
     if pending.is_empty() {
         return;
     }
     let mut ids = Vec::with_capacity(pending.len());
+    let mut created = Vec::with_capacity(pending.len());
     let mut counts = Vec::with_capacity(pending.len());
     let mut times = Vec::with_capacity(pending.len());
-    for (id, count, at) in pending {
+    for (id, created_us, count, at_us) in pending {
         ids.push(id);
+        created.push(crate::verify::from_epoch_us(created_us));
         counts.push(count);
-        times.push(at);
+        times.push(crate::verify::from_epoch_us(at_us));
     }
     BackgroundWorker::transaction(move || {
-        Spi::connect_mut(|client| {
-            let installed = errors::internal(client.select(
-                "SELECT to_regclass('apikeys.keys') IS NOT NULL",
-                None,
-                &[],
-            ))
-            .first()
-            .get_one::<bool>();
-            if errors::internal(installed) != Some(true) {
-                return;
-            }
-            errors::internal(client.update(
-                "UPDATE apikeys.keys k
-                    SET request_count = k.request_count + u.n,
-                        last_used_at = greatest(k.last_used_at,
-                                                timestamptz 'epoch' + u.t * interval '1 microsecond')
-                   FROM unnest($1::text[], $2::bigint[], $3::bigint[]) u(id, n, t)
-                  WHERE k.id = u.id",
-                None,
-                &[ids.into(), counts.into(), times.into()],
-            ));
+        if crate::catalog::extension().is_none() {
+            return;
+        }
+        crate::owner::as_owner(|| {
+            Spi::connect_mut(|client| {
+                plans::update(
+                    client,
+                    "UPDATE apikeys.keys k
+                        SET request_count = k.request_count OPERATOR(pg_catalog.+) u.n,
+                            last_used_at = GREATEST(k.last_used_at, u.t)
+                       FROM pg_catalog.unnest($1::pg_catalog.text[], $2::pg_catalog.timestamptz[],
+                                              $3::pg_catalog.int8[], $4::pg_catalog.timestamptz[]) u(id, c, n, t)
+                      WHERE k.id OPERATOR(pg_catalog.=) u.id
+                        AND k.created_at OPERATOR(pg_catalog.=) u.c",
+                    None,
+                    &[ids.into(), created.into(), counts.into(), times.into()],
+                );
+            })
         })
     });
 }
 
-/// The background worker: every second, and once more at shutdown, writes the pending uses.
+/// The background worker: every second, and once more when it is stopped, writes the pending
+/// uses. It always exits with code 1, so the postmaster starts it again 5 seconds later
+/// whatever stopped it (pg_terminate_backend, DROP DATABASE … WITH (FORCE)), except when the
+/// server itself is shutting down; the uses still in shared memory are written by the next one.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_apikeys_usage_worker(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::usage_database().unwrap_or_else(|| "postgres".into());
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("pg_apikeys usage writer started in database \"{database}\"");
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         flush();
     }
     flush();
+    log!("pg_apikeys usage writer stopping (restarted in 5 s unless the server is shutting down)");
+    // SAFETY: the worker's last act; proc_exit runs the exit callbacks and does not return.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 #[cfg(test)]
@@ -274,14 +311,14 @@ mod unit {
     #[test]
     fn uses_are_counted_per_key_and_drained_at_once() {
         let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
-        assert!(t.record("a", 5));
-        assert!(t.record("b", 7));
-        assert!(t.record("a", 3));
-        assert!(!t.record("", 1));
-        assert!(!t.record(&"x".repeat(ID_BYTES + 1), 1));
+        assert!(t.record("a", 100, 5));
+        assert!(t.record("b", 100, 7));
+        assert!(t.record("a", 100, 3));
+        assert!(!t.record("", 100, 1));
+        assert!(!t.record(&"x".repeat(ID_BYTES + 1), 100, 1));
         let mut got = t.drain();
         got.sort();
-        assert_eq!(got, vec![("a".into(), 2, 5), ("b".into(), 1, 7)]);
+        assert_eq!(got, vec![("a".into(), 100, 2, 5), ("b".into(), 100, 1, 7)]);
         assert!(t.drain().is_empty());
     }
 
@@ -289,13 +326,24 @@ mod unit {
     fn a_full_table_refuses_new_keys_but_counts_known_ones() {
         let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
         for i in 0..SLOTS {
-            assert!(t.record(&format!("k{i}"), 1));
+            assert!(t.record(&format!("k{i}"), 0, 1));
         }
-        assert!(!t.record("one-too-many", 1));
-        assert!(t.record("k7", 2));
+        assert!(!t.record("one-too-many", 0, 1));
+        assert!(t.record("k7", 0, 2));
         let drained = t.drain();
         assert_eq!(drained.len(), SLOTS);
-        assert_eq!(drained.iter().map(|d| d.1).sum::<i64>(), SLOTS as i64 + 1);
-        assert!(t.record("one-too-many", 1));
+        assert_eq!(drained.iter().map(|d| d.2).sum::<i64>(), SLOTS as i64 + 1);
+        assert!(t.record("one-too-many", 0, 1));
+    }
+
+    #[test]
+    fn a_key_recreated_under_the_same_id_is_counted_apart() {
+        let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
+        assert!(t.record("k", 100, 5));
+        assert!(t.record("k", 200, 6));
+        assert!(t.record("k", 200, 7));
+        let mut got = t.drain();
+        got.sort();
+        assert_eq!(got, vec![("k".into(), 100, 1, 5), ("k".into(), 200, 2, 7)]);
     }
 }

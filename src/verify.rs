@@ -4,14 +4,14 @@
 //! callers queue on the row and exactly `remaining` of them succeed.
 
 use crate::errors::{self, invalid_argument};
-use crate::lookup::{self, Json};
+use crate::jsonb::{self, Jsonb};
+use crate::lookup;
 use crate::metering::{Meter, Verdict};
 use crate::plans;
 use crate::{key_format, permissions};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiHeapTupleData, SpiResult};
-use pgrx::JsonB;
 use serde_json::Value;
 
 pub type VerificationRow = pgrx::composite_type!('static, "apikeys.verification");
@@ -64,13 +64,13 @@ pub struct Verification {
     pub owner: Option<String>,
     pub name: Option<String>,
     pub role: Option<String>,
-    pub permissions: Option<Json>,
-    pub metadata: Option<Json>,
+    pub permissions: Option<Jsonb>,
+    pub metadata: Option<Jsonb>,
     pub expires_at: Option<TimestampWithTimeZone>,
     pub remaining: Option<i64>,
     pub rate_limit_remaining: Option<i64>,
     pub rate_limit_reset: Option<TimestampWithTimeZone>,
-    pub claims: Option<Claims>,
+    pub claims: Option<Jsonb>,
     /// Not in the SQL result: what minting needs to know about the key it judged.
     pub master: bool,
     pub now: Option<TimestampWithTimeZone>,
@@ -108,8 +108,8 @@ impl Verification {
             self.owner.into_datum(),
             self.name.into_datum(),
             self.role.into_datum(),
-            self.permissions.and_then(Json::into_datum),
-            self.metadata.and_then(Json::into_datum),
+            self.permissions.map(|p| p.datum()),
+            self.metadata.map(|m| m.datum()),
             self.expires_at.into_datum(),
             self.remaining.into_datum(),
             self.rate_limit_remaining.into_datum(),
@@ -139,7 +139,7 @@ fn verification_type() -> pg_sys::Oid {
             return oid;
         }
         let oid = unsafe {
-            let schema = pg_sys::get_namespace_oid(c"apikeys".as_ptr(), false);
+            let schema = crate::catalog::schema();
             pg_sys::GetSysCacheOid(
                 pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
                 pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
@@ -161,8 +161,8 @@ struct KeyState {
     owner: Option<String>,
     name: Option<String>,
     role: Option<String>,
-    permissions: Json,
-    metadata: Option<Json>,
+    permissions: Jsonb,
+    metadata: Option<Jsonb>,
     master: bool,
     enabled: bool,
     revoked: bool,
@@ -241,8 +241,10 @@ impl KeyState {
             owner: row.get(2)?,
             name: row.get(3)?,
             role: row.get(4)?,
-            permissions: Json::Parsed(row.get::<JsonB>(5)?.map(|j| j.0).unwrap_or(Value::Null)),
-            metadata: row.get::<JsonB>(6)?.map(|j| Json::Parsed(j.0)),
+            permissions: row
+                .get::<Jsonb>(5)?
+                .unwrap_or_else(|| Jsonb::encode(&Value::Null)),
+            metadata: row.get::<Jsonb>(6)?,
             master: row.get(7)?.unwrap_or(false),
             enabled: row.get(8)?.unwrap_or(false),
             revoked: row.get(9)?.unwrap_or(true),
@@ -297,6 +299,21 @@ impl KeyState {
         });
     }
 
+    /// What the credential may do: the key's permissions, and for a token only what both the
+    /// token and its key grant now (a key widened after minting does not widen its tokens).
+    fn effective_permissions(&self, token: Option<&Token>) -> Jsonb {
+        match token {
+            None => self.permissions.clone(),
+            Some(t) => {
+                let key = permissions::parse(&self.permissions.value()).unwrap_or_default();
+                Jsonb::encode(&permissions::to_json(&permissions::intersect(
+                    &key,
+                    &t.permissions,
+                )))
+            }
+        }
+    }
+
     fn verification(&self, code: Code, token: Option<&Token>) -> Verification {
         Verification {
             code,
@@ -304,7 +321,7 @@ impl KeyState {
             owner: self.owner.clone(),
             name: self.name.clone(),
             role: self.role.clone(),
-            permissions: Some(self.permissions.clone()),
+            permissions: Some(self.effective_permissions(token)),
             metadata: self.metadata.clone(),
             expires_at: self.expires_at,
             remaining: self.meter.remaining,
@@ -330,7 +347,11 @@ pub fn epoch_ms(t: TimestampWithTimeZone) -> i64 {
 }
 
 pub fn from_epoch_ms(ms: i64) -> TimestampWithTimeZone {
-    let us = ms.saturating_mul(1000).saturating_sub(PG_EPOCH_OFFSET_US);
+    from_epoch_us(ms.saturating_mul(1000))
+}
+
+pub fn from_epoch_us(epoch_us: i64) -> TimestampWithTimeZone {
+    let us = epoch_us.saturating_sub(PG_EPOCH_OFFSET_US);
     TimestampWithTimeZone::try_from(us).unwrap_or_else(|_| {
         if us < 0 {
             TimestampWithTimeZone::negative_infinity()
@@ -348,39 +369,7 @@ pub struct Token {
     pub key_created_us: i64,
     pub exp_ms: i64,
     pub permissions: permissions::Permissions,
-    pub claims: Claims,
-}
-
-/// A token's claims as the bytes of their jsonb value: encoded once per token (tokens seen
-/// again come from `tokens`' cache) and copied into each result. Encoding them on every
-/// verification (serde → text → `jsonb_in`) was 7% of verify_token (perf).
-#[derive(Clone, Debug)]
-pub struct Claims(std::rc::Rc<[u8]>);
-
-impl Claims {
-    pub fn encode(claims: Value) -> Option<Claims> {
-        let datum = JsonB(claims).into_datum()?;
-        unsafe {
-            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
-            let len = pgrx::varlena::varsize_any(varlena);
-            let bytes = std::slice::from_raw_parts(varlena.cast::<u8>(), len).into();
-            pg_sys::pfree(varlena.cast());
-            Some(Claims(bytes))
-        }
-    }
-
-    /// A copy in the current memory context, for a result row.
-    pub fn datum(&self) -> pg_sys::Datum {
-        unsafe {
-            let copy = pg_sys::palloc(self.0.len()).cast::<u8>();
-            std::ptr::copy_nonoverlapping(self.0.as_ptr(), copy, self.0.len());
-            pg_sys::Datum::from(copy)
-        }
-    }
-
-    pub fn value(&self) -> Value {
-        unsafe { JsonB::from_datum(self.datum(), false) }.map_or(Value::Null, |j| j.0)
-    }
+    pub claims: Jsonb,
 }
 
 /// How the caller names the key: by the secret (verify_key) or by id (a token's `key_id`).
@@ -427,7 +416,8 @@ fn read(by: lookup::By<'_>, presented: Option<&[u8]>) -> Option<KeyState> {
 }
 
 /// The wall clock (clock_timestamp()): expiry is judged at the moment of the call.
-fn wall_clock() -> TimestampWithTimeZone {
+pub fn wall_clock() -> TimestampWithTimeZone {
+    // SAFETY: reads the system clock; no state involved.
     TimestampWithTimeZone::try_from(unsafe { pg_sys::GetCurrentTimestamp() })
         .unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity())
 }
@@ -475,7 +465,7 @@ pub fn judge(
             Code::InsufficientPermissions
         };
         if code == Code::Valid {
-            crate::usage::record(&state.id);
+            crate::usage::record(&state.id, state.created_us);
         }
         return state.verification(code, token);
     }
@@ -486,7 +476,7 @@ pub fn judge(
             Some("Verify keys with a quota or rate limit on the primary, in a read-write transaction."),
         );
     }
-    lookup::as_owner(|| {
+    crate::owner::as_owner(|| {
         Spi::connect_mut(|client| {
             // Lock the row and re-read it: another session may have spent, refilled, revoked or
             // rotated the key since the first read.
@@ -570,10 +560,10 @@ fn spend(
 }
 
 /// Parses `required` for verify_key and friends: NULL means nothing is required.
-pub fn required_permissions(required: Option<JsonB>) -> permissions::Permissions {
-    match required {
+pub fn required_permissions(required: Option<Jsonb>) -> permissions::Permissions {
+    match jsonb::argument("required", required) {
         None => permissions::Permissions::new(),
-        Some(JsonB(value)) => permissions::parse(&value)
+        Some(value) => permissions::parse(&value)
             .unwrap_or_else(|problem| invalid_argument("required", problem)),
     }
 }
@@ -589,11 +579,11 @@ pub fn checked_cost(cost: Option<i32>) -> i64 {
 /// Verifies an API key. Never raises for a bad key: the result says `valid = false` and why.
 /// `required` lists permissions the key must grant; `cost` is taken from its quota and rate
 /// limit when (and only when) the result is VALID. Runs with the caller's rights: it reads the
-/// key's row without privileges (`lookup`) and writes as the table's owner (`lookup::as_owner`).
+/// key's row without privileges (`lookup`) and writes as the table's owner (`owner::as_owner`).
 #[pg_extern(volatile)]
 fn verify_key(
     key: Option<&str>,
-    required: default!(Option<JsonB>, "NULL"),
+    required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let required = required_permissions(required);

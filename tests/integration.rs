@@ -179,6 +179,7 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.update_api_key('x', metadata => to_jsonb($1))",
             "SELECT apikeys.create_api_key(metadata => jsonb_build_object($1, $1))",
             "SELECT apikeys.delete_expired_api_keys(older_than => $1::text::interval)",
+            "SELECT apikeys.purge_signing_keys(retired_before => $1::text::interval)",
             "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', $1, true)) s",
             "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', jsonb_build_object('authorization', $1::text)::text, true)) s",
         ] {
@@ -209,6 +210,61 @@ fn hostile_input_never_crashes_a_backend() {
             let err = client.query(sql, &[&doc]).expect_err(doc);
             assert_eq!(sqlstate(&err), "22023", "{sql} {doc}: {err}");
         }
+    }
+    // jsonb PostgreSQL accepts but serde_json cannot hold (deeper than 128 levels, a number
+    // outside f64): arguments that must be read refuse it with 22023 naming the argument,
+    // never XX000; metadata, only stored and returned, is kept as given.
+    let (_, minter) = create(&mut client, "");
+    let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let huge_number = r#"{"x": 1e400}"#.to_string();
+    for doc in [
+        deep(200),
+        deep(10_000),
+        huge_number.clone(),
+        format!(r#"{{"orders": {}}}"#, deep(200)),
+    ] {
+        for (argument, sql) in [
+            ("permissions", "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)"),
+            ("required", "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)"),
+            ("required", "SELECT apikeys.verify_token('x.y.z', required => $1::text::jsonb)"),
+            ("required", "SELECT apikeys.authenticate('sk_x', required => $1::text::jsonb)"),
+            ("headers", "SELECT apikeys.authenticate_headers($1::text::jsonb)"),
+            ("claims", "SELECT apikeys.mint_token($2, 1000, claims => $1::text::jsonb)"),
+        ] {
+            let params: Vec<&(dyn postgres::types::ToSql + Sync)> = if sql.contains("$2") {
+                vec![&doc, &minter]
+            } else {
+                vec![&doc]
+            };
+            let err = client.query(sql, &params).expect_err(sql);
+            assert_eq!(sqlstate(&err), "22023", "{sql}: {err}");
+            let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+            assert!(message.contains(argument), "{sql}: {message}");
+        }
+    }
+    for doc in [deep(200), huge_number] {
+        let row = client
+            .query_one(
+                "SELECT id, key FROM apikeys.create_api_key(metadata => $1::text::jsonb)",
+                &[&doc],
+            )
+            .unwrap();
+        let (id, key): (String, String) = (row.get(0), row.get(1));
+        let kept: bool = client
+            .query_one(
+                "SELECT (apikeys.get_api_key($1)).metadata = $3::text::jsonb
+                    AND (apikeys.verify_key($2)).metadata = $3::text::jsonb",
+                &[&id, &key, &doc],
+            )
+            .unwrap()
+            .get(0);
+        assert!(kept, "metadata {:.40} stored and returned as given", doc);
+        client
+            .query_one(
+                "SELECT apikeys.update_api_key($1, metadata => $2::text::jsonb)",
+                &[&id, &doc],
+            )
+            .expect("update_api_key keeps such metadata too");
     }
     for interval in ["0", "-1 day", "-1 ms", "1000000 years"] {
         for sql in [

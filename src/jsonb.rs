@@ -1,0 +1,154 @@
+//! jsonb as the extension carries it: the bytes of one detoasted jsonb varlena, owned by Rust
+//! (never a Datum pointing into memory that PostgreSQL may free), copied into the current
+//! memory context only when handed back, and parsed only where its content is needed.
+//!
+//! Why not pgrx's `JsonB` for arguments and stored values: it parses on the way in and panics
+//! (SQLSTATE XX000) on jsonb that PostgreSQL accepts but serde_json does not (numbers outside
+//! f64 such as `1e400`, nesting deeper than 128 levels). Here a value that is only stored and
+//! returned (metadata) passes through as given, and an argument that must be read fails with
+//! 22023 naming the argument. The jsonb→serde→jsonb round trip also cost a tenth of a plain
+//! verification (perf).
+
+use crate::errors;
+use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::nullable::Nullable;
+use pgrx::pgrx_sql_entity_graph::metadata::{
+    ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable,
+};
+use pgrx::prelude::*;
+use serde_json::Value;
+use std::rc::Rc;
+
+/// A jsonb value's bytes (a varlena with a 4-byte header).
+#[derive(Clone, Debug)]
+pub struct Jsonb(Rc<[u8]>);
+
+impl Jsonb {
+    /// A copy of a jsonb datum.
+    ///
+    /// # Safety
+    /// `datum` must be a non-NULL jsonb datum, valid for the duration of the call.
+    pub unsafe fn copy_of(datum: pg_sys::Datum) -> Jsonb {
+        // SAFETY: the caller vouches for the datum; pg_detoast_datum returns it or a palloc'd
+        // plain copy, whose varsize_any bytes are read before that copy is freed.
+        unsafe {
+            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let plain = pg_sys::pg_detoast_datum(varlena);
+            let len = pgrx::varlena::varsize_any(plain);
+            let bytes: Rc<[u8]> = std::slice::from_raw_parts(plain.cast::<u8>(), len).into();
+            if plain != varlena {
+                pg_sys::pfree(plain.cast());
+            }
+            Jsonb(bytes)
+        }
+    }
+
+    /// The jsonb of a serde value (serde → text → jsonb_in).
+    pub fn encode(value: &Value) -> Jsonb {
+        let datum = pgrx::JsonB(value.clone())
+            .into_datum()
+            .unwrap_or_else(|| errors::internal_error("jsonb_in returned NULL"));
+        // SAFETY: jsonb_in just returned this datum in the current memory context.
+        unsafe { Jsonb::copy_of(datum) }
+    }
+
+    /// A copy in the current memory context, to return or pass to PostgreSQL.
+    pub fn datum(&self) -> pg_sys::Datum {
+        // SAFETY: palloc either returns len writable bytes or raises; the bytes are a whole
+        // varlena, so the copy is one too.
+        unsafe {
+            let copy = pg_sys::palloc(self.0.len()).cast::<u8>();
+            std::ptr::copy_nonoverlapping(self.0.as_ptr(), copy, self.0.len());
+            pg_sys::Datum::from(copy)
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The value, or why serde_json cannot hold it (a number outside f64, nesting deeper than
+    /// 128 levels).
+    pub fn parse(&self) -> Result<Value, String> {
+        let datum = self.datum();
+        // SAFETY: jsonb_out reads a valid jsonb datum and returns a palloc'd C string, copied
+        // out before it is freed.
+        let text = unsafe {
+            let cstr = pgrx::direct_function_call::<&std::ffi::CStr>(
+                pg_sys::jsonb_out,
+                &[Some(datum)],
+            )
+            .unwrap_or_else(|| errors::internal_error("jsonb_out returned NULL"));
+            let text = cstr.to_string_lossy().into_owned();
+            pg_sys::pfree(cstr.as_ptr().cast_mut().cast());
+            pg_sys::pfree(datum.cast_mut_ptr());
+            text
+        };
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    /// The value, or JSON null when serde_json cannot hold it: for values the extension wrote
+    /// itself (claims, permissions), which always can.
+    pub fn value(&self) -> Value {
+        self.parse().unwrap_or(Value::Null)
+    }
+}
+
+/// The value of a jsonb argument that must be read; 22023 naming it when it cannot be.
+pub fn argument(name: &str, value: Option<Jsonb>) -> Option<Value> {
+    value.map(|v| {
+        v.parse().unwrap_or_else(|problem| {
+            errors::invalid_argument(
+                name,
+                format!("must be JSON with numbers that fit a double and at most 128 levels of nesting ({problem})"),
+            )
+        })
+    })
+}
+
+impl FromDatum for Jsonb {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Jsonb> {
+        // SAFETY: a non-NULL datum of type jsonb, as FromDatum's contract says.
+        (!is_null).then(|| unsafe { Jsonb::copy_of(datum) })
+    }
+}
+
+impl IntoDatum for Jsonb {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.datum())
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+// SAFETY: the SQL type is jsonb, which is what FromDatum and IntoDatum read and write.
+unsafe impl SqlTranslatable for Jsonb {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(Jsonb);
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
+        Ok(ReturnsRef::One(SqlMappingRef::literal("jsonb")));
+}
+
+// SAFETY: the argument is unboxed through FromDatum, which copies the value out.
+unsafe impl<'fcx> ArgAbi<'fcx> for Jsonb {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: pgrx calls this with a jsonb argument of the function being called.
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| errors::internal_error(format!("argument {index} is NULL")))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        // SAFETY: as above.
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}

@@ -1,0 +1,339 @@
+//! Attacks on 0.4.0 (issue "Security: close two superuser escalations …"), each shown to fail
+//! against a real server with pg_apikeys preloaded: hijacking the usage writer's SQL, squatting
+//! the extension's schema, 40001 for keys without limits, a usage writer that stays dead, uses
+//! inherited by a re-created key, and a first mint blocked by anyone's advisory lock.
+mod common;
+
+use common::*;
+use postgres::{Client, NoTls};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn connect_to(db: &str, user: &str) -> Client {
+    Client::connect(&format!("{} dbname={db} user={user}", base_url()), NoTls)
+        .unwrap_or_else(|e| panic!("connect to {db} as {user}: {e}"))
+}
+
+fn is_superuser(admin: &mut Client, role: &str) -> bool {
+    admin
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+        .unwrap()
+        .get(0)
+}
+
+/// The usage writer's process id, waiting up to `within` for one to run.
+fn writer_pid(admin: &mut Client, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let pid: Option<i32> = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_apikeys usage writer'",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        if pid.is_some() || Instant::now() > deadline {
+            return pid;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the row of key `id` shows `count` uses (the writer flushes every second).
+fn wait_for_count(client: &mut Client, id: &str, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now: i64 = client
+            .query_one("SELECT request_count FROM apikeys.keys WHERE id = $1", &[&id])
+            .unwrap()
+            .get(0);
+        if now == count {
+            return;
+        }
+        assert!(now < count, "counted {now} uses, expected {count}");
+        assert!(
+            Instant::now() < deadline,
+            "request_count still {now}, expected {count}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A database owner (not a superuser) owns `public` in PostgreSQL 15 and can put operators there
+/// and set the database's search_path. Operators the writer's old statement resolved by name
+/// (`bigint * interval` had no exact match in pg_catalog) ran as the bootstrap superuser.
+#[test]
+fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    let mut client = connect(); // the usage database, with the extension
+    admin
+        .batch_execute(
+            "DROP ROLE IF EXISTS sec_dbowner; CREATE ROLE sec_dbowner LOGIN;
+             ALTER DATABASE pg_apikeys_it OWNER TO sec_dbowner",
+        )
+        .unwrap();
+    let mut owner = connect_to(DB, "sec_dbowner");
+    owner
+        .batch_execute(
+            "CREATE FUNCTION public.escalate() RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE 'ALTER ROLE sec_dbowner SUPERUSER'; END $$;
+             CREATE FUNCTION public.evil_times(bigint, interval) RETURNS interval LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.escalate(); RETURN $2 OPERATOR(pg_catalog.*) $1::float8; END $$;
+             CREATE OPERATOR public.* (LEFTARG = bigint, RIGHTARG = interval, FUNCTION = public.evil_times);
+             CREATE FUNCTION public.evil_plus(bigint, bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.escalate(); RETURN $1 OPERATOR(pg_catalog.+) $2; END $$;
+             CREATE OPERATOR public.+ (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = public.evil_plus);
+             CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.escalate(); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+             CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+             CREATE FUNCTION public.evil_tseq(timestamptz, timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.escalate(); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+             CREATE OPERATOR public.= (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = public.evil_tseq);
+             ALTER DATABASE pg_apikeys_it SET search_path = public, pg_catalog;",
+        )
+        .unwrap();
+    // The writer reads the database's settings when it connects: make it connect again.
+    let before = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&before])
+        .unwrap();
+    let (id, key) = create(&mut client, "");
+    thread::sleep(Duration::from_secs(6)); // the restart delay is 5 s
+    let after = writer_pid(&mut admin, Duration::from_secs(10)).expect("the writer came back");
+    assert_ne!(before, after);
+    // Uses in both the plain verification and the writer's flush.
+    for _ in 0..3 {
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+    }
+    wait_for_count(&mut client, &id, 3);
+    let escalated = is_superuser(&mut admin, "sec_dbowner");
+    admin
+        .batch_execute(
+            "ALTER DATABASE pg_apikeys_it RESET search_path;
+             ALTER DATABASE pg_apikeys_it OWNER TO postgres",
+        )
+        .unwrap();
+    drop(owner);
+    let mut client = connect();
+    client
+        .batch_execute(
+            "DROP OPERATOR public.* (bigint, interval); DROP OPERATOR public.+ (bigint, bigint);
+             DROP OPERATOR public.= (text, text); DROP OPERATOR public.= (timestamptz, timestamptz);
+             DROP FUNCTION public.evil_times, public.evil_plus, public.evil_eq, public.evil_tseq, public.escalate",
+        )
+        .unwrap();
+    admin
+        .batch_execute("ALTER ROLE sec_dbowner NOSUPERUSER; DROP ROLE sec_dbowner")
+        .unwrap();
+    assert!(!escalated, "the database owner became a superuser");
+}
+
+/// Terminated (or its database dropped with FORCE), the writer used to exit with code 0 and
+/// never come back: counting stopped for good. Now it is restarted and what it had not written
+/// yet is written by the next one.
+#[test]
+fn the_usage_writer_comes_back_after_it_is_terminated() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    let mut client = connect();
+    let (id, key) = create(&mut client, "");
+    for round in 1..=2 {
+        let pid = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        // Counted while no writer runs: kept in shared memory for the next one.
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+        let next = writer_pid(&mut admin, Duration::from_secs(15)).expect("restarted");
+        assert_ne!(next, pid);
+        wait_for_count(&mut client, &id, round);
+    }
+}
+
+/// A key deleted and re-created under the same id does not inherit the old key's uses that the
+/// writer had not written yet.
+#[test]
+fn a_key_recreated_under_its_id_does_not_inherit_uncounted_uses() {
+    let mut client = connect();
+    client
+        .batch_execute("SELECT apikeys.delete_api_key('sec_reused')")
+        .unwrap();
+    let (_, old) = create(&mut client, "id => 'sec_reused'");
+    for _ in 0..5 {
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&old])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+    }
+    // At once, before the writer's next flush (it runs every second).
+    let mut tx = client.transaction().unwrap();
+    tx.execute("SELECT apikeys.delete_api_key('sec_reused')", &[])
+        .unwrap();
+    let new: String = tx
+        .query_one("SELECT key FROM apikeys.create_api_key(id => 'sec_reused')", &[])
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    let code: String = client
+        .query_one("SELECT code FROM apikeys.verify_key($1)", &[&new])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "VALID");
+    wait_for_count(&mut client, "sec_reused", 1);
+    thread::sleep(Duration::from_secs(2));
+    wait_for_count(&mut client, "sec_reused", 1);
+}
+
+/// A role that creates schema `apikeys` before the extension is installed could rename it later
+/// and put its own objects under the name the extension's code uses: CREATE EXTENSION refuses
+/// such a schema, and the schema it creates cannot be renamed by the database's owner.
+#[test]
+fn a_schema_apikeys_made_by_someone_else_is_refused() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    admin
+        .batch_execute(
+            "DROP DATABASE IF EXISTS pg_apikeys_squat; DROP ROLE IF EXISTS sec_squatter;
+             CREATE ROLE sec_squatter LOGIN; CREATE DATABASE pg_apikeys_squat OWNER sec_squatter",
+        )
+        .unwrap();
+    let mut squatter = connect_to("pg_apikeys_squat", "sec_squatter");
+    squatter.batch_execute("CREATE SCHEMA apikeys").unwrap();
+    let mut dba = connect_to("pg_apikeys_squat", "postgres");
+    let err = dba
+        .batch_execute("CREATE EXTENSION pg_apikeys")
+        .expect_err("installed into a schema someone else owns");
+    assert_eq!(sqlstate(&err), "42501", "{err}");
+    assert!(format!("{err:?}").contains("sec_squatter"), "{err:?}");
+    // A schema the DBA owns but others may create objects in: refused too.
+    dba.batch_execute(
+        "DROP SCHEMA apikeys; CREATE SCHEMA apikeys; GRANT CREATE ON SCHEMA apikeys TO sec_squatter",
+    )
+    .unwrap();
+    let err = dba.batch_execute("CREATE EXTENSION pg_apikeys").unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "{err}");
+    // The DBA's own schema, or none: installed; the database owner cannot take it over.
+    dba.batch_execute("DROP SCHEMA apikeys; CREATE EXTENSION pg_apikeys")
+        .unwrap();
+    for attack in [
+        "ALTER SCHEMA apikeys RENAME TO mine",
+        "ALTER SCHEMA apikeys OWNER TO sec_squatter",
+        "CREATE TABLE apikeys.mine ()",
+    ] {
+        let err = squatter.batch_execute(attack).expect_err(attack);
+        assert_eq!(sqlstate(&err), "42501", "{attack}: {err}");
+    }
+    drop(squatter);
+    drop(dba);
+    admin
+        .batch_execute("DROP DATABASE pg_apikeys_squat; DROP ROLE sec_squatter")
+        .unwrap();
+}
+
+/// Keys without limits never make a caller retry: REPEATABLE READ and SERIALIZABLE callers in a
+/// database whose uses are written to the row (not the usage writer's) used to get 40001 when
+/// another session had used the key since their snapshot.
+#[test]
+fn keys_without_limits_never_raise_40001() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    recreate_database(&mut admin, "pg_apikeys_isolation");
+    let url = format!("{} dbname=pg_apikeys_isolation", base_url());
+    let mut other = Client::connect(&url, NoTls).unwrap();
+    other.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let (_, key) = create(&mut other, "");
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let mut caller = Client::connect(&url, NoTls).unwrap();
+        caller
+            .batch_execute(&format!("BEGIN ISOLATION LEVEL {level}; SELECT 1"))
+            .unwrap();
+        // Another session uses the key after the caller's snapshot was taken.
+        let code: String = other
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+        for _ in 0..3 {
+            let code: String = caller
+                .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+                .unwrap_or_else(|e| panic!("{level}: {e}"))
+                .get(0);
+            assert_eq!(code, "VALID");
+        }
+        caller
+            .batch_execute("COMMIT")
+            .unwrap_or_else(|e| panic!("{level} commit: {e}"));
+    }
+    drop(other);
+    admin
+        .batch_execute("DROP DATABASE pg_apikeys_isolation")
+        .unwrap();
+}
+
+/// The first mint of a database creates its signing key under a lock only the table's owner can
+/// take (any role could hold the advisory lock 0.4.0 used, forever), and a second first mint
+/// that waited for it uses the key the first created, even in REPEATABLE READ.
+#[test]
+fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    recreate_database(&mut admin, "pg_apikeys_first_mint");
+    admin
+        .batch_execute("DROP ROLE IF EXISTS sec_blocker; CREATE ROLE sec_blocker LOGIN")
+        .unwrap();
+    let url = format!("{} dbname=pg_apikeys_first_mint", base_url());
+    let mut setup = Client::connect(&url, NoTls).unwrap();
+    setup.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let (_, key) = create(&mut setup, "");
+
+    // Any role's advisory lock on the old lock's key blocks nothing.
+    let mut blocker = connect_to("pg_apikeys_first_mint", "sec_blocker");
+    blocker
+        .batch_execute("SELECT pg_advisory_lock(hashtext('apikeys.signing_keys'))")
+        .unwrap();
+    let err = blocker
+        .batch_execute("LOCK TABLE apikeys.signing_keys IN SHARE ROW EXCLUSIVE MODE")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "{err}");
+    let mut first = Client::connect(&url, NoTls).unwrap();
+    first
+        .batch_execute("SET statement_timeout = '10s'; BEGIN")
+        .unwrap();
+    first
+        .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
+        .expect("minting is not blocked by an advisory lock");
+
+    // A second first mint, in REPEATABLE READ with its snapshot taken before the first commits.
+    let second_url = url.clone();
+    let second_key = key.clone();
+    let second = thread::spawn(move || {
+        let mut second = Client::connect(&second_url, NoTls).unwrap();
+        second
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+            .unwrap();
+        let token: String = second
+            .query_one("SELECT apikeys.mint_token($1, 60000)", &[&second_key])
+            .unwrap()
+            .get(0);
+        second.batch_execute("COMMIT").unwrap();
+        token
+    });
+    thread::sleep(Duration::from_millis(500));
+    first.batch_execute("COMMIT").unwrap();
+    let token = second.join().expect("second mint");
+    let keys: i64 = setup
+        .query_one("SELECT count(*) FROM apikeys.signing_keys", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 1, "two first mints made two signing keys");
+    assert_eq!(token_code(&mut setup, &token), "VALID");
+    drop((blocker, first, setup));
+    admin
+        .batch_execute("DROP DATABASE pg_apikeys_first_mint; DROP ROLE sec_blocker")
+        .unwrap();
+}
