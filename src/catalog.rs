@@ -70,13 +70,17 @@ pub fn schema() -> pg_sys::Oid {
 
 /// A relation of the extension's schema by name, as an OID.
 pub fn relation(name: &std::ffi::CStr) -> pg_sys::Oid {
+    relation_if_exists(name)
+        .unwrap_or_else(|| errors::internal_error(format!("relation apikeys.{name:?} does not exist")))
+}
+
+/// A relation of the extension's schema by name, if it exists (an index added by a release
+/// the installed SQL has not been updated to yet).
+pub fn relation_if_exists(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
     let schema = schema();
     // SAFETY: a syscache lookup in a transaction; returns InvalidOid when there is none.
     let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), schema) };
-    if oid == pg_sys::InvalidOid {
-        errors::internal_error(format!("relation apikeys.{name:?} does not exist"));
-    }
-    oid
+    (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -56,7 +56,10 @@ pub fn scan<R>(
     mut read: impl FnMut(&dyn Fn(usize) -> (pg_sys::Datum, bool)) -> Option<R>,
 ) -> Vec<R> {
     let relid = relation(table);
-    let index = index.map(relation).unwrap_or(pg_sys::InvalidOid);
+    // Without the index (SQL not yet updated to 0.5.0) the whole table is read; `read` filters.
+    let index = index
+        .and_then(crate::catalog::relation_if_exists)
+        .unwrap_or(pg_sys::InvalidOid);
     let attnums = layout(relid, table, columns);
     let mut rows = Vec::new();
     // SAFETY: the table is opened and kept AccessShareLock'ed (to the transaction's end, as the

@@ -1112,22 +1112,24 @@ mod tests {
                 &format!("60000, claims => jsonb_build_object('blob', repeat('x', {n}))"),
             )
         };
-        run("SET LOCAL apikeys.token_cache_memory = '64kB'");
+        run("SET LOCAL apikeys.token_cache_memory = '16kB'");
         super::SEEN.with(|s| s.borrow_mut().clear());
-        // Each ~20 kB token counts its claims: three fit in 64 kB, the fourth empties the cache.
-        let tokens: Vec<String> = (0..4).map(|_| big(20_000)).collect();
+        // Each token with ~3.5 kB of claims counts about 4 kB: three fit in 16 kB, the fourth
+        // empties the cache.
+        let tokens: Vec<String> = (0..4).map(|_| big(3_500)).collect();
         for t in &tokens {
             assert_eq!(token_code(t, ""), "VALID");
-            assert!(cached_bytes() <= 64 * 1024, "{} bytes", cached_bytes());
+            assert!(cached_bytes() <= 16 * 1024, "{} bytes", cached_bytes());
         }
-        let entries = super::SEEN.with(|s| s.borrow().entries.len());
-        assert_eq!(entries, 1, "emptied when the fourth would pass the bound");
-        assert!(cached_bytes() > 20_000);
+        let entries = || super::SEEN.with(|s| s.borrow().entries.len());
+        assert_eq!(entries(), 1, "emptied when the fourth would pass the bound");
+        assert!(cached_bytes() > 3_500);
         // A token larger than the whole bound is never cached, and still verifies.
-        let huge = big(70_000);
-        assert_eq!(token_code(&huge, ""), "VALID");
-        assert!(cached_bytes() <= 64 * 1024);
-        assert_eq!(one::<String>("SHOW apikeys.token_cache_memory").as_deref(), Some("64kB"));
+        run("SET LOCAL apikeys.token_cache_memory = '2kB'");
+        super::SEEN.with(|s| s.borrow_mut().clear());
+        assert_eq!(token_code(&big(3_500), ""), "VALID");
+        assert_eq!((entries(), cached_bytes()), (0, 0));
+        assert_eq!(one::<String>("SHOW apikeys.token_cache_memory").as_deref(), Some("2kB"));
     }
 
     #[pg_test]

@@ -272,8 +272,10 @@ fn flush() {
                     "UPDATE apikeys.keys k
                         SET request_count = k.request_count OPERATOR(pg_catalog.+) u.n,
                             last_used_at = GREATEST(k.last_used_at, u.t)
-                       FROM pg_catalog.unnest($1::pg_catalog.text[], $2::pg_catalog.timestamptz[],
-                                              $3::pg_catalog.int8[], $4::pg_catalog.timestamptz[]) u(id, c, n, t)
+                       FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                                       pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                                       pg_catalog.unnest($3::pg_catalog.int8[]),
+                                       pg_catalog.unnest($4::pg_catalog.timestamptz[])) u(id, c, n, t)
                       WHERE k.id OPERATOR(pg_catalog.=) u.id
                         AND k.created_at OPERATOR(pg_catalog.=) u.c",
                     None,

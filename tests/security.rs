@@ -199,10 +199,13 @@ fn a_key_recreated_under_its_id_does_not_inherit_uncounted_uses() {
 fn a_schema_apikeys_made_by_someone_else_is_refused() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
     admin
-        .batch_execute(
-            "DROP DATABASE IF EXISTS pg_apikeys_squat; DROP ROLE IF EXISTS sec_squatter;
-             CREATE ROLE sec_squatter LOGIN; CREATE DATABASE pg_apikeys_squat OWNER sec_squatter",
-        )
+        .batch_execute("DROP DATABASE IF EXISTS pg_apikeys_squat")
+        .unwrap();
+    admin
+        .batch_execute("DROP ROLE IF EXISTS sec_squatter; CREATE ROLE sec_squatter LOGIN")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE pg_apikeys_squat OWNER sec_squatter")
         .unwrap();
     let mut squatter = connect_to("pg_apikeys_squat", "sec_squatter");
     squatter.batch_execute("CREATE SCHEMA apikeys").unwrap();
@@ -232,9 +235,8 @@ fn a_schema_apikeys_made_by_someone_else_is_refused() {
     }
     drop(squatter);
     drop(dba);
-    admin
-        .batch_execute("DROP DATABASE pg_apikeys_squat; DROP ROLE sec_squatter")
-        .unwrap();
+    admin.batch_execute("DROP DATABASE pg_apikeys_squat").unwrap();
+    admin.batch_execute("DROP ROLE sec_squatter").unwrap();
 }
 
 /// Keys without limits never make a caller retry: REPEATABLE READ and SERIALIZABLE callers in a
@@ -296,10 +298,12 @@ fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
     blocker
         .batch_execute("SELECT pg_advisory_lock(hashtext('apikeys.signing_keys'))")
         .unwrap();
+    blocker.batch_execute("BEGIN").unwrap();
     let err = blocker
         .batch_execute("LOCK TABLE apikeys.signing_keys IN SHARE ROW EXCLUSIVE MODE")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "42501", "{err}");
+    blocker.batch_execute("ROLLBACK").unwrap();
     let mut first = Client::connect(&url, NoTls).unwrap();
     first
         .batch_execute("SET statement_timeout = '10s'; BEGIN")
@@ -334,6 +338,7 @@ fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
     assert_eq!(token_code(&mut setup, &token), "VALID");
     drop((blocker, first, setup));
     admin
-        .batch_execute("DROP DATABASE pg_apikeys_first_mint; DROP ROLE sec_blocker")
+        .batch_execute("DROP DATABASE pg_apikeys_first_mint")
         .unwrap();
+    admin.batch_execute("DROP ROLE sec_blocker").unwrap();
 }
