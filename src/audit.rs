@@ -9,6 +9,8 @@ use std::ffi::CStr;
 /// The role that called us. Management functions are SECURITY DEFINER, so `current_user` is
 /// their owner; the outer user id is the caller's role (after any SET ROLE).
 pub fn actor() -> String {
+    // SAFETY: the outer user id always names an existing role in a session; the name is a
+    // palloc'd C string, copied before the call returns.
     unsafe {
         let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
         CStr::from_ptr(name).to_string_lossy().into_owned()

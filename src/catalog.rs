@@ -70,8 +70,9 @@ pub fn schema() -> pg_sys::Oid {
 
 /// A relation of the extension's schema by name, as an OID.
 pub fn relation(name: &std::ffi::CStr) -> pg_sys::Oid {
-    relation_if_exists(name)
-        .unwrap_or_else(|| errors::internal_error(format!("relation apikeys.{name:?} does not exist")))
+    relation_if_exists(name).unwrap_or_else(|| {
+        errors::internal_error(format!("relation apikeys.{name:?} does not exist"))
+    })
 }
 
 /// A relation of the extension's schema by name, if it exists (an index added by a release
@@ -106,7 +107,8 @@ mod tests {
             "SELECT apikeys_moved.rotate_signing_key()".to_string(),
             format!("SELECT apikeys_moved.mint_token('{key}', 1000)"),
         ] {
-            let err = error_of(&call).unwrap_or_else(|| panic!("{call} ran against another schema"));
+            let err =
+                error_of(&call).unwrap_or_else(|| panic!("{call} ran against another schema"));
             assert!(
                 err.starts_with("42501: schema \"apikeys\""),
                 "{call}: {err}"

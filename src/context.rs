@@ -7,10 +7,10 @@
 //! next client an identity), and a rolled-back savepoint or PL/pgSQL exception block takes back
 //! what was authenticated inside it, as it would for `SET LOCAL`.
 
+use crate::jsonb::{self, Jsonb};
 use crate::verify::{self, Code, Verification};
 use crate::{claims, errors, permissions, tokens};
 use pgrx::prelude::*;
-use crate::jsonb::{self, Jsonb};
 use pgrx::JsonB;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -58,6 +58,7 @@ fn with_current<R>(read: impl FnOnce(Option<&Context>) -> R) -> R {
 }
 
 fn set(context: Option<Context>) {
+    // SAFETY: reads the current transaction state; SQL functions run inside a transaction.
     let sub = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let entry = (sub, context);
     STACK.with(|s| {
@@ -117,6 +118,8 @@ unsafe extern "C-unwind" fn on_subxact(
 
 /// Called from `_PG_init`: the context must be dropped at every transaction end, whoever ends it.
 pub fn init() {
+    // SAFETY: _PG_init runs once per process before any transaction of ours; the callbacks are
+    // plain functions that live as long as the library (never unloaded).
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
@@ -662,7 +665,9 @@ mod tests {
         );
         assert_eq!(who(), None);
         // Two different credentials: PostgREST's role from one, our identity from the other.
-        set_headers(serde_json::json!({"x-api-key": roleless, "authorization": format!("Bearer {key}")}));
+        set_headers(
+            serde_json::json!({"x-api-key": roleless, "authorization": format!("Bearer {key}")}),
+        );
         assert_error(
             "SELECT apikeys.authenticate_request()",
             "PT401",

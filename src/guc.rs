@@ -29,6 +29,7 @@ unsafe extern "C-unwind" fn check_prefix(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to the proposed value (a C string or NULL).
     let value = unsafe {
         newval
             .as_ref()
@@ -40,6 +41,7 @@ unsafe extern "C-unwind" fn check_prefix(
         .is_some_and(key_format::is_valid_prefix);
     if !ok {
         // What GUC_check_errdetail() does: PostgreSQL adds it to its "invalid value" error.
+        // SAFETY: check hooks may set this global; pstrdup copies into the current context.
         unsafe {
             pg_sys::GUC_check_errdetail_string =
                 pg_sys::pstrdup(c"A key prefix is 1 to 16 characters of [a-z0-9].".as_ptr());
@@ -49,6 +51,8 @@ unsafe extern "C-unwind" fn check_prefix(
 }
 
 pub fn init() {
+    // SAFETY: _PG_init defines each setting once per process; the hook is a plain function
+    // that lives as long as the library.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"apikeys.default_prefix",
@@ -119,6 +123,7 @@ pub fn init() {
     );
     // PostgreSQL allows server-start settings only while preloading, which is also the only
     // case in which shared-memory usage counting exists.
+    // SAFETY: a plain read of a postmaster global, set before _PG_init runs.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_string_guc(
             c"apikeys.usage_database",
@@ -130,6 +135,7 @@ pub fn init() {
         );
     }
     // `SET apikeys.<typo>` then fails instead of creating a setting nothing reads.
+    // SAFETY: called from _PG_init after our settings are defined, as PostgreSQL expects.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"apikeys".as_ptr()) };
 }
 

@@ -75,11 +75,9 @@ impl Jsonb {
         // SAFETY: jsonb_out reads a valid jsonb datum and returns a palloc'd C string, copied
         // out before it is freed.
         let text = unsafe {
-            let cstr = pgrx::direct_function_call::<&std::ffi::CStr>(
-                pg_sys::jsonb_out,
-                &[Some(datum)],
-            )
-            .unwrap_or_else(|| errors::internal_error("jsonb_out returned NULL"));
+            let cstr =
+                pgrx::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)])
+                    .unwrap_or_else(|| errors::internal_error("jsonb_out returned NULL"));
             let text = cstr.to_string_lossy().into_owned();
             pg_sys::pfree(cstr.as_ptr().cast_mut().cast());
             pg_sys::pfree(datum.cast_mut_ptr());

@@ -3,13 +3,13 @@
 //! by PUBLIC, and writes an audit row for each change.
 
 use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
+use crate::jsonb::{self, Jsonb};
 use crate::plans;
 use crate::schema::API_KEY_ROW;
 use crate::{audit, durations, guc, key_format, permissions};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use crate::jsonb::{self, Jsonb};
 use pgrx::JsonB;
 use serde_json::json;
 
@@ -78,7 +78,10 @@ fn check_metadata(value: Option<Jsonb>) -> Option<Jsonb> {
     if value.len() > MAX_JSON_BYTES {
         invalid_argument(
             "metadata",
-            format!("must be at most {MAX_JSON_BYTES} bytes of JSON, got {}", value.len()),
+            format!(
+                "must be at most {MAX_JSON_BYTES} bytes of JSON, got {}",
+                value.len()
+            ),
         );
     }
     Some(value)

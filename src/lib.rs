@@ -15,8 +15,8 @@ pub mod key_format;
 mod keys;
 mod lookup;
 pub mod metering;
-pub mod permissions;
 mod owner;
+pub mod permissions;
 mod plans;
 mod scan;
 mod schema;
@@ -32,6 +32,7 @@ mod verify;
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     context::init();
+    // SAFETY: a plain read of a postmaster global, set before _PG_init runs.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         usage::init();
     }

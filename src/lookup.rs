@@ -18,9 +18,9 @@
 
 use crate::catalog::relation;
 use crate::errors;
+use crate::jsonb::Jsonb;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use crate::jsonb::Jsonb;
 use serde_json::Value;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -134,6 +134,9 @@ fn remember(relid: pg_sys::Oid, key: Vec<u8>, tid: pg_sys::ItemPointerData) {
 /// an index entry pointing at `root` is followed (prune the page if due, walk the chain under a
 /// share lock). A remembered TID may lie past the table's end (after a VACUUM truncation): with
 /// `remembered` the table's size is checked first.
+///
+/// # Safety
+/// `rel` is open and locked (AccessShareLock at least) and `snapshot` stays valid for the call.
 unsafe fn fetch_at(
     rel: pg_sys::Relation,
     snapshot: pg_sys::Snapshot,
@@ -142,45 +145,60 @@ unsafe fn fetch_at(
     remembered: bool,
 ) -> Option<KeyRow> {
     let block = (u32::from(root.ip_blkid.bi_hi) << 16) | u32::from(root.ip_blkid.bi_lo);
-    if remembered
-        && block >= pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
-    {
-        return None;
+    // The block is below the relation's size: checked for a remembered TID, and an index
+    // entry's TID always is; heap_hot_search_buffer rejects an offset the page does not have.
+    // SAFETY: `rel` is open and locked (the caller's contract); the buffer is pinned from
+    // ReadBuffer to ReleaseBuffer and share-locked while the HOT chain is searched.
+    unsafe {
+        if remembered
+            && block
+                >= pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
+        {
+            return None;
+        }
+        let buffer = pg_sys::ReadBuffer(rel, block);
+        pg_sys::heap_page_prune_opt(rel, buffer);
+        pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+        let mut tid = root;
+        let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+        let found = pg_sys::heap_hot_search_buffer(
+            &mut tid,
+            rel,
+            buffer,
+            snapshot,
+            &mut tuple,
+            std::ptr::null_mut(),
+            true,
+        );
+        pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+        // The pin keeps the tuple in place (pruning needs a cleanup lock) while it is copied out.
+        let row = found.then(|| deform(&mut tuple, (*rel).rd_att, attnums));
+        pg_sys::ReleaseBuffer(buffer);
+        row
     }
-    let buffer = pg_sys::ReadBuffer(rel, block);
-    pg_sys::heap_page_prune_opt(rel, buffer);
-    pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
-    let mut tid = root;
-    let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
-    let found = pg_sys::heap_hot_search_buffer(
-        &mut tid,
-        rel,
-        buffer,
-        snapshot,
-        &mut tuple,
-        std::ptr::null_mut(),
-        true,
-    );
-    pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
-    // The pin keeps the tuple in place (pruning needs a cleanup lock) while it is copied out.
-    let row = found.then(|| deform(&mut tuple, (*rel).rd_att, attnums));
-    pg_sys::ReleaseBuffer(buffer);
-    row
 }
 
+/// The key row in `tuple`, copied out.
+///
+/// # Safety
+/// `tuple` is a tuple of apikeys.keys described by `desc`, kept in place (its buffer pinned)
+/// for the call; `attnums` are that table's attribute numbers of COLUMNS.
 unsafe fn deform(
     tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
     attnums: &[pg_sys::AttrNumber; 16],
 ) -> KeyRow {
-    let natts = (*desc).natts as usize;
-    let mut values = vec![pg_sys::Datum::from(0); natts];
-    let mut nulls = vec![true; natts];
-    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-    read(|i: usize| {
-        let n = attnums[i] as usize - 1;
-        (values[n], nulls[n])
-    })
+    // SAFETY: the caller's contract; values and nulls have room for every attribute.
+    unsafe {
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        read(|i: usize| {
+            let n = attnums[i] as usize - 1;
+            (values[n], nulls[n])
+        })
+    }
 }
 
 fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; 16] {
@@ -191,6 +209,7 @@ fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; 16] {
     }
     let mut attnums = [0; 16];
     for (slot, column) in attnums.iter_mut().zip(COLUMNS) {
+        // SAFETY: a syscache lookup of an existing relation's attribute, in a transaction.
         *slot = unsafe { pg_sys::get_attnum(relid, column.as_ptr()) };
         if *slot <= 0 {
             errors::internal_error(format!("apikeys.keys has no column {column:?}"));
@@ -200,15 +219,20 @@ fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; 16] {
     attnums
 }
 
-/// The snapshot SPI would give this read (see the module comment).
-pub unsafe fn snapshot() -> pg_sys::Snapshot {
-    if pg_sys::GetCurrentTransactionIdIfAny() != pg_sys::InvalidTransactionId {
-        pg_sys::CommandCounterIncrement();
-        pg_sys::GetTransactionSnapshot()
-    } else if pg_sys::ActiveSnapshotSet() {
-        pg_sys::GetActiveSnapshot()
-    } else {
-        pg_sys::GetTransactionSnapshot()
+/// The snapshot SPI would give this read (see the module comment). It is not registered:
+/// callers use it before anything else takes a snapshot, or register it (`scan`).
+pub fn snapshot() -> pg_sys::Snapshot {
+    // SAFETY: called inside a transaction (every SQL function is); these only read and advance
+    // the transaction's own snapshot state.
+    unsafe {
+        if pg_sys::GetCurrentTransactionIdIfAny() != pg_sys::InvalidTransactionId {
+            pg_sys::CommandCounterIncrement();
+            pg_sys::GetTransactionSnapshot()
+        } else if pg_sys::ActiveSnapshotSet() {
+            pg_sys::GetActiveSnapshot()
+        } else {
+            pg_sys::GetTransactionSnapshot()
+        }
     }
 }
 
@@ -217,6 +241,9 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
     let relid = relation(c"keys");
     let attnums = attnums(relid);
     let place_key = by.place_key();
+    // SAFETY: the table is opened AccessShareLock'ed and the lock kept to the transaction's end
+    // (as the executor does), so it and its indexes stay in place while fetch_at and probe read
+    // them; the snapshot is used before anything else takes one.
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let snapshot = snapshot();
@@ -265,6 +292,10 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
 
 /// An index scan for `column = argument`, done as the executor's index scan does it, but keeping
 /// the TID each index entry gives (the root of a HOT chain) rather than the version it leads to.
+///
+/// # Safety
+/// `rel` is apikeys.keys, open and locked; `index` one of its unique single-column indexes on
+/// `column`, `procedure` that column's equality function, `argument` a datum of its type.
 unsafe fn probe(
     rel: pg_sys::Relation,
     index: pg_sys::Oid,
@@ -274,46 +305,54 @@ unsafe fn probe(
     snapshot: pg_sys::Snapshot,
     attnums: &[pg_sys::AttrNumber; 16],
 ) -> Option<(KeyRow, pg_sys::ItemPointerData)> {
-    let desc = (*rel).rd_att;
-    let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-    // The index compares with its column's collation (id is text in the default collation);
-    // ScanKeyInit would say "C", which orders differently.
-    let collation = attrs[column as usize - 1].attcollation;
-    let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-    pg_sys::ScanKeyEntryInitialize(
-        &mut key,
-        0,
-        1, // the index's only column
-        pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-        pg_sys::InvalidOid,
-        collation,
-        pg_sys::Oid::from(procedure),
-        argument,
-    );
-    let irel = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    let scan = pg_sys::index_beginscan(rel, irel, snapshot, 1, 0);
-    pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
-    let mut found = None;
-    // Entries of dead versions stay in a unique index until vacuum: the visible one wins.
-    loop {
-        let tid = pg_sys::index_getnext_tid(scan, pg_sys::ScanDirection::ForwardScanDirection);
-        if tid.is_null() {
-            break;
+    // SAFETY: the caller's contract; the index is opened and locked for the scan, which is
+    // ended and closed before returning; each TID is read before the next index_getnext_tid.
+    unsafe {
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        // The index compares with its column's collation (id is text in the default collation);
+        // ScanKeyInit would say "C", which orders differently.
+        let collation = attrs[column as usize - 1].attcollation;
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyEntryInitialize(
+            &mut key,
+            0,
+            1, // the index's only column
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::InvalidOid,
+            collation,
+            pg_sys::Oid::from(procedure),
+            argument,
+        );
+        let irel = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::index_beginscan(rel, irel, snapshot, 1, 0);
+        pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+        let mut found = None;
+        // Entries of dead versions stay in a unique index until vacuum: the visible one wins.
+        loop {
+            let tid = pg_sys::index_getnext_tid(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tid.is_null() {
+                break;
+            }
+            let root = *tid;
+            if let Some(row) = fetch_at(rel, snapshot, root, attnums, false) {
+                found = Some((row, root));
+                break;
+            }
         }
-        let root = *tid;
-        if let Some(row) = fetch_at(rel, snapshot, root, attnums, false) {
-            found = Some((row, root));
-            break;
-        }
+        pg_sys::index_endscan(scan);
+        pg_sys::index_close(irel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        found
     }
-    pg_sys::index_endscan(scan);
-    pg_sys::index_close(irel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    found
 }
 
 /// Copies the columns out of a deformed tuple (the buffer is released right after).
+///
+/// # Safety
+/// `at(i)` is the datum of COLUMNS[i] of a tuple of apikeys.keys, valid for the call.
 unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
     fn get<T: FromDatum>(v: (pg_sys::Datum, bool)) -> Option<T> {
+        // SAFETY: `read`'s contract: T is the type of the column the datum comes from.
         unsafe { T::from_datum(v.0, v.1) }
     }
     KeyRow {
@@ -342,6 +381,7 @@ mod tests {
     use crate::test_support::*;
 
     fn tid(block: u32, offset: u16) -> pg_sys::ItemPointerData {
+        // SAFETY: ItemPointerData is plain integers; all zeroes is a valid value.
         let mut t: pg_sys::ItemPointerData = unsafe { std::mem::zeroed() };
         t.ip_blkid.bi_hi = (block >> 16) as u16;
         t.ip_blkid.bi_lo = (block & 0xffff) as u16;

@@ -73,7 +73,14 @@ pub fn scan<R>(
             Snapshot::Statement => crate::lookup::snapshot(),
             Snapshot::Latest => pg_sys::GetLatestSnapshot(),
         });
-        let scan = pg_sys::systable_beginscan(rel, index, index != pg_sys::InvalidOid, snap, 0, std::ptr::null_mut());
+        let scan = pg_sys::systable_beginscan(
+            rel,
+            index,
+            index != pg_sys::InvalidOid,
+            snap,
+            0,
+            std::ptr::null_mut(),
+        );
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![true; natts];
         loop {

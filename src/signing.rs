@@ -165,25 +165,31 @@ fn live_keys(material_for: impl Fn(&str) -> bool, snapshot: crate::scan::Snapsho
         c"secret",
         c"public_jwk",
     ];
-    crate::scan::scan(c"signing_keys", Some(c"signing_keys_live_idx"), &columns, snapshot, |column| {
-        if !column(3).1 {
-            return None;
-        }
-        let kid: String = get(column(0))?;
-        let material = material_for(&kid);
-        Some(Live {
-            alg: get::<String>(column(1)).and_then(|a| parse_algorithm(&a)),
-            created_us: get::<TimestampWithTimeZone>(column(2))
-                .map_or(i64::MIN, |t| t.into_inner()),
-            secret: if material { get(column(4)) } else { None },
-            public_jwk: if material {
-                get::<JsonB>(column(5)).map(|j| j.0)
-            } else {
-                None
-            },
-            kid,
-        })
-    })
+    crate::scan::scan(
+        c"signing_keys",
+        Some(c"signing_keys_live_idx"),
+        &columns,
+        snapshot,
+        |column| {
+            if !column(3).1 {
+                return None;
+            }
+            let kid: String = get(column(0))?;
+            let material = material_for(&kid);
+            Some(Live {
+                alg: get::<String>(column(1)).and_then(|a| parse_algorithm(&a)),
+                created_us: get::<TimestampWithTimeZone>(column(2))
+                    .map_or(i64::MIN, |t| t.into_inner()),
+                secret: if material { get(column(4)) } else { None },
+                public_jwk: if material {
+                    get::<JsonB>(column(5)).map(|j| j.0)
+                } else {
+                    None
+                },
+                kid,
+            })
+        },
+    )
 }
 
 /// The newest unretired key (ties broken by kid, as `ORDER BY created_at DESC, kid DESC`).
@@ -192,8 +198,8 @@ fn current(snapshot: crate::scan::Snapshot) -> Option<Signer> {
         |kid| !ENCODING.with(|c| c.borrow().contains_key(kid)),
         snapshot,
     )
-        .into_iter()
-        .max_by(|a, b| (a.created_us, &a.kid).cmp(&(b.created_us, &b.kid)))?;
+    .into_iter()
+    .max_by(|a, b| (a.created_us, &a.kid).cmp(&(b.created_us, &b.kid)))?;
     let alg = newest.alg?;
     let key = cached(&ENCODING, &newest.kid, || {
         Some(Rc::new(encoding_key(alg, newest.secret.as_deref()?)))
@@ -212,6 +218,7 @@ pub fn signer() -> Signer {
     if let Some(signer) = current(Snapshot::Statement) {
         return signer;
     }
+    // SAFETY: reads of the server's and the transaction's state.
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -237,7 +244,8 @@ pub fn signer() -> Signer {
     if let Some(signer) = current(Snapshot::Latest) {
         return signer;
     }
-    let kid = crate::owner::as_owner(|| Spi::connect_mut(|client| create(client, Algorithm::HS256)));
+    let kid =
+        crate::owner::as_owner(|| Spi::connect_mut(|client| create(client, Algorithm::HS256)));
     current(Snapshot::Statement)
         .unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
 }
@@ -249,8 +257,8 @@ pub fn verifier(kid: &str) -> Option<(Algorithm, Rc<DecodingKey>)> {
         |k| k == kid && !cached_already,
         crate::scan::Snapshot::Statement,
     )
-        .into_iter()
-        .find(|l| l.kid == kid)?;
+    .into_iter()
+    .find(|l| l.kid == kid)?;
     let alg = live.alg?;
     let key = cached(&DECODING, kid, || {
         decoding_key(alg, live.secret.as_deref()?, live.public_jwk.as_ref()).map(Rc::new)
@@ -532,10 +540,9 @@ mod tests {
             "UPDATE apikeys.signing_keys SET retired_at = clock_timestamp() - interval '31 days' WHERE kid = '{old}'"
         ));
         assert_eq!(one::<i32>("SELECT apikeys.purge_signing_keys()"), Some(1));
-        let kids = one::<Vec<String>>(
-            "SELECT array_agg(kid ORDER BY kid) FROM apikeys.signing_keys",
-        )
-        .unwrap();
+        let kids =
+            one::<Vec<String>>("SELECT array_agg(kid ORDER BY kid) FROM apikeys.signing_keys")
+                .unwrap();
         assert!(!kids.contains(&old) && kids.contains(&recent) && kids.contains(&live));
         assert_eq!(token_code(&token, ""), "NOT_FOUND");
         assert_eq!(
@@ -545,8 +552,14 @@ mod tests {
             Some(old)
         );
         // Zero purges every retired key, never a live one.
-        assert_eq!(one::<i32>("SELECT apikeys.purge_signing_keys('0')"), Some(1));
-        assert_eq!(one::<i32>("SELECT apikeys.purge_signing_keys('0')"), Some(0));
+        assert_eq!(
+            one::<i32>("SELECT apikeys.purge_signing_keys('0')"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i32>("SELECT apikeys.purge_signing_keys('0')"),
+            Some(0)
+        );
         assert_eq!(
             one::<i64>("SELECT count(*) FROM apikeys.signing_keys WHERE retired_at IS NULL"),
             Some(1)

@@ -2,11 +2,11 @@
 //! verification. A token is only as good as its key: verify_token judges the key behind it
 //! with verify_key's checks, so revoking, disabling, deleting or expiring a key kills its tokens.
 
+use crate::jsonb::{self, Jsonb};
 use crate::verify::{self, Code, Lookup, Token, Verification};
 use crate::{claims, durations, errors, guc, key_format, permissions, signing};
 use jsonwebtoken::{decode, decode_header, encode, Algorithm, Header, Validation};
 use pgrx::prelude::*;
-use crate::jsonb::{self, Jsonb};
 use serde_json::Value;
 use sha2::Digest;
 use std::cell::RefCell;
@@ -1129,7 +1129,10 @@ mod tests {
         super::SEEN.with(|s| s.borrow_mut().clear());
         assert_eq!(token_code(&big(3_500), ""), "VALID");
         assert_eq!((entries(), cached_bytes()), (0, 0));
-        assert_eq!(one::<String>("SHOW apikeys.token_cache_memory").as_deref(), Some("2kB"));
+        assert_eq!(
+            one::<String>("SHOW apikeys.token_cache_memory").as_deref(),
+            Some("2kB")
+        );
     }
 
     #[pg_test]

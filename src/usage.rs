@@ -312,6 +312,7 @@ mod unit {
 
     #[test]
     fn uses_are_counted_per_key_and_drained_at_once() {
+        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
         let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
         assert!(t.record("a", 100, 5));
         assert!(t.record("b", 100, 7));
@@ -326,6 +327,7 @@ mod unit {
 
     #[test]
     fn a_full_table_refuses_new_keys_but_counts_known_ones() {
+        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
         let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
         for i in 0..SLOTS {
             assert!(t.record(&format!("k{i}"), 0, 1));
@@ -340,6 +342,7 @@ mod unit {
 
     #[test]
     fn a_key_recreated_under_the_same_id_is_counted_apart() {
+        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
         let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
         assert!(t.record("k", 100, 5));
         assert!(t.record("k", 200, 6));

@@ -120,6 +120,7 @@ impl Verification {
             .unwrap_or_else(|| {
                 errors::internal(Err("apikeys.verification is not a composite type"))
             });
+        // SAFETY: the datums are, in order, of the types of apikeys.verification's attributes.
         errors::internal(unsafe { PgHeapTuple::from_datums(tupdesc, datums) })
     }
 }
@@ -133,13 +134,15 @@ thread_local! {
 fn verification_type() -> pg_sys::Oid {
     VERIFICATION_TYPE.with(|cached| {
         let oid = cached.get();
+        // SAFETY: a syscache lookup by OID; an OID that no longer names a type gives InvalidOid.
         if oid != pg_sys::InvalidOid
             && unsafe { pg_sys::get_typ_typrelid(oid) } != pg_sys::InvalidOid
         {
             return oid;
         }
+        let schema = crate::catalog::schema();
+        // SAFETY: a syscache lookup by name (a C string) and namespace OID, in a transaction.
         let oid = unsafe {
-            let schema = crate::catalog::schema();
             pg_sys::GetSysCacheOid(
                 pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
                 pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
@@ -398,6 +401,7 @@ fn fetch_locked(
 }
 
 fn read_only() -> bool {
+    // SAFETY: reads of the transaction's and the server's state.
     unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() }
 }
 

@@ -224,12 +224,30 @@ fn hostile_input_never_crashes_a_backend() {
         format!(r#"{{"orders": {}}}"#, deep(200)),
     ] {
         for (argument, sql) in [
-            ("permissions", "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)"),
-            ("required", "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)"),
-            ("required", "SELECT apikeys.verify_token('x.y.z', required => $1::text::jsonb)"),
-            ("required", "SELECT apikeys.authenticate('sk_x', required => $1::text::jsonb)"),
-            ("headers", "SELECT apikeys.authenticate_headers($1::text::jsonb)"),
-            ("claims", "SELECT apikeys.mint_token($2, 1000, claims => $1::text::jsonb)"),
+            (
+                "permissions",
+                "SELECT apikeys.create_api_key(permissions => $1::text::jsonb)",
+            ),
+            (
+                "required",
+                "SELECT apikeys.verify_key('sk_x', required => $1::text::jsonb)",
+            ),
+            (
+                "required",
+                "SELECT apikeys.verify_token('x.y.z', required => $1::text::jsonb)",
+            ),
+            (
+                "required",
+                "SELECT apikeys.authenticate('sk_x', required => $1::text::jsonb)",
+            ),
+            (
+                "headers",
+                "SELECT apikeys.authenticate_headers($1::text::jsonb)",
+            ),
+            (
+                "claims",
+                "SELECT apikeys.mint_token($2, 1000, claims => $1::text::jsonb)",
+            ),
         ] {
             let params: Vec<&(dyn postgres::types::ToSql + Sync)> = if sql.contains("$2") {
                 vec![&doc, &minter]
@@ -238,7 +256,10 @@ fn hostile_input_never_crashes_a_backend() {
             };
             let err = client.query(sql, &params).expect_err(sql);
             assert_eq!(sqlstate(&err), "22023", "{sql}: {err}");
-            let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+            let message = err
+                .as_db_error()
+                .map(|e| e.message().to_owned())
+                .unwrap_or_default();
             assert!(message.contains(argument), "{sql}: {message}");
         }
     }

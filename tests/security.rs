@@ -44,7 +44,10 @@ fn wait_for_count(client: &mut Client, id: &str, count: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let now: i64 = client
-            .query_one("SELECT request_count FROM apikeys.keys WHERE id = $1", &[&id])
+            .query_one(
+                "SELECT request_count FROM apikeys.keys WHERE id = $1",
+                &[&id],
+            )
             .unwrap()
             .get(0);
         if now == count {
@@ -178,7 +181,10 @@ fn a_key_recreated_under_its_id_does_not_inherit_uncounted_uses() {
     tx.execute("SELECT apikeys.delete_api_key('sec_reused')", &[])
         .unwrap();
     let new: String = tx
-        .query_one("SELECT key FROM apikeys.create_api_key(id => 'sec_reused')", &[])
+        .query_one(
+            "SELECT key FROM apikeys.create_api_key(id => 'sec_reused')",
+            &[],
+        )
         .unwrap()
         .get(0);
     tx.commit().unwrap();
@@ -220,7 +226,9 @@ fn a_schema_apikeys_made_by_someone_else_is_refused() {
         "DROP SCHEMA apikeys; CREATE SCHEMA apikeys; GRANT CREATE ON SCHEMA apikeys TO sec_squatter",
     )
     .unwrap();
-    let err = dba.batch_execute("CREATE EXTENSION pg_apikeys").unwrap_err();
+    let err = dba
+        .batch_execute("CREATE EXTENSION pg_apikeys")
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "42501", "{err}");
     // The DBA's own schema, or none: installed; the database owner cannot take it over.
     dba.batch_execute("DROP SCHEMA apikeys; CREATE EXTENSION pg_apikeys")
@@ -235,7 +243,9 @@ fn a_schema_apikeys_made_by_someone_else_is_refused() {
     }
     drop(squatter);
     drop(dba);
-    admin.batch_execute("DROP DATABASE pg_apikeys_squat").unwrap();
+    admin
+        .batch_execute("DROP DATABASE pg_apikeys_squat")
+        .unwrap();
     admin.batch_execute("DROP ROLE sec_squatter").unwrap();
 }
 
