@@ -17,13 +17,19 @@ REGRESS      = $(sort $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)
 VENV        ?= .venv
 VERSION      = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: setup build install package bench demo test test-unit test-regress test-integration test-package venv node clean-clusters
+.PHONY: setup build lint install package bench demo test test-unit test-regress test-integration test-package venv node clean-clusters
 
 setup:
 	bash scripts/setup.sh
 
 build: setup
 	$(CARGO) build
+
+# Formatting and clippy with warnings as errors (unsafe blocks must carry a SAFETY comment:
+# Cargo.toml [lints]); CI runs it before the tests.
+lint: setup
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --features pg15,pg_test,integration -- -D warnings
 
 # Into the PostgreSQL that PG_CONFIG names, as PGXS extensions install: make install PG_CONFIG=…
 # An optimised build, the one make package ships (they share target/release). For quicker

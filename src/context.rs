@@ -605,7 +605,7 @@ mod tests {
         let headers = |h: serde_json::Value| {
             format!(
                 "SELECT code FROM apikeys.authenticate_headers({}::jsonb)",
-                pgrx::spi::quote_literal(&h.to_string())
+                pgrx::spi::quote_literal(h.to_string())
             )
         };
         assert_eq!(
@@ -649,7 +649,7 @@ mod tests {
         let set_headers = |h: serde_json::Value| {
             run(&format!(
                 "SELECT set_config('request.headers', {}, true)",
-                pgrx::spi::quote_literal(&h.to_string())
+                pgrx::spi::quote_literal(h.to_string())
             ))
         };
         assert_error(

@@ -10,10 +10,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
 
+/// A table and the columns a scan of it reads.
+type Layout = (pg_sys::Oid, Vec<&'static CStr>);
+
 thread_local! {
     /// Column positions `scan` reads, by table oid and column names.
-    static LAYOUTS: RefCell<HashMap<(pg_sys::Oid, Vec<&'static CStr>), Vec<usize>>> =
-        RefCell::new(HashMap::new());
+    static LAYOUTS: RefCell<HashMap<Layout, Vec<usize>>> = RefCell::new(HashMap::new());
 }
 
 /// Which snapshot a scan reads with.

@@ -367,7 +367,6 @@ fn purge_signing_keys(retired_before: default!(Option<Interval>, "'30 days'")) -
             None,
             &[retired_before.into()],
         )
-        .into_iter()
         .filter_map(|row| errors::internal(row.get::<String>(1)))
         .collect();
         if !kids.is_empty() {
@@ -379,6 +378,8 @@ fn purge_signing_keys(retired_before: default!(Option<Interval>, "'30 days'")) -
 
 /// The signing keys, newest first, without their secrets; `signs` marks the one that signs
 /// new tokens.
+// pgrx reads the result columns from this signature, so they cannot move to a type alias.
+#[allow(clippy::type_complexity)]
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, pg_temp)]
 fn list_signing_keys() -> TableIterator<

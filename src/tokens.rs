@@ -835,7 +835,7 @@ mod tests {
                 .collect();
             let array = changed
                 .iter()
-                .map(|t| pgrx::spi::quote_literal(t))
+                .map(pgrx::spi::quote_literal)
                 .collect::<Vec<_>>()
                 .join(",");
             let codes = one::<String>(&format!(

@@ -135,9 +135,8 @@ fn verification_type() -> pg_sys::Oid {
     VERIFICATION_TYPE.with(|cached| {
         let oid = cached.get();
         // SAFETY: a syscache lookup by OID; an OID that no longer names a type gives InvalidOid.
-        if oid != pg_sys::InvalidOid
-            && unsafe { pg_sys::get_typ_typrelid(oid) } != pg_sys::InvalidOid
-        {
+        let still_a_row_type = unsafe { pg_sys::get_typ_typrelid(oid) } != pg_sys::InvalidOid;
+        if oid != pg_sys::InvalidOid && still_a_row_type {
             return oid;
         }
         let schema = crate::catalog::schema();
