@@ -63,6 +63,12 @@ impl Jsonb {
         }
     }
 
+    /// Whether both hold the same jsonb bytes (jsonb's binary form is canonical: equal
+    /// documents have equal bytes).
+    pub fn same_bytes(&self, other: &Jsonb) -> bool {
+        self.0 == other.0
+    }
+
     /// Its size in bytes.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -297,10 +297,12 @@ fn signed_claims(
         .ok()?
         .ok()?;
     let presented = claims::check(&data.claims, wall_clock_ms(), issuer, audience).ok()?;
+    let permissions = permissions::parse(&presented.permissions).ok()?;
     let token = Token {
         key_created_us: presented.key_created_us,
         exp_ms: presented.exp_ms,
-        permissions: permissions::parse(&presented.permissions).ok()?,
+        granted: Jsonb::encode(&permissions::to_json(&permissions)),
+        permissions,
         claims: Jsonb::encode(&data.claims),
         key_id: presented.key_id,
     };

@@ -306,6 +306,7 @@ impl KeyState {
     fn effective_permissions(&self, token: Option<&Token>) -> Jsonb {
         match token {
             None => self.permissions.clone(),
+            Some(t) if t.granted.same_bytes(&self.permissions) => self.permissions.clone(),
             Some(t) => {
                 let key = permissions::parse(&self.permissions.value()).unwrap_or_default();
                 Jsonb::encode(&permissions::to_json(&permissions::intersect(
@@ -371,6 +372,9 @@ pub struct Token {
     pub key_created_us: i64,
     pub exp_ms: i64,
     pub permissions: permissions::Permissions,
+    /// `permissions` as jsonb, encoded once per token: while the key still has exactly these
+    /// permissions (the usual case), they are the token's effective ones as they are.
+    pub granted: Jsonb,
     pub claims: Jsonb,
 }
 
