@@ -10,7 +10,8 @@
 
 use crate::{guc, plans};
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -119,10 +120,10 @@ pub fn init() {
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
     }
-    BackgroundWorkerBuilder::new("pg_apikeys usage writer")
-        .set_type("pg_apikeys usage writer")
+    BackgroundWorkerBuilder::new("pg_apikeys usage launcher")
+        .set_type("pg_apikeys usage launcher")
         .set_library("pg_apikeys")
-        .set_function("pg_apikeys_usage_worker")
+        .set_function("pg_apikeys_usage_launcher")
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(5)))
@@ -286,24 +287,106 @@ fn flush() {
     });
 }
 
-/// The background worker: every second, and once more when it is stopped, writes the pending
-/// uses. It always exits with code 1, so the postmaster starts it again 5 seconds later
-/// whatever stopped it (pg_terminate_backend, DROP DATABASE … WITH (FORCE)), except when the
-/// server itself is shutting down; the uses still in shared memory are written by the next one.
+/// The role the writer connects as: the extension's owner, when it may log in (PostgreSQL 15
+/// lets a background worker connect only as such a role); None when the extension is not
+/// installed in this database. Every name is schema-qualified: this runs as the bootstrap
+/// superuser under the database's search_path.
+fn writer_role() -> Option<pg_sys::Oid> {
+    Spi::connect(|client| {
+        let table = client
+            .select(
+                "SELECT CASE WHEN a.rolcanlogin THEN e.extowner ELSE 0::pg_catalog.oid END
+                   FROM pg_catalog.pg_extension e
+                   JOIN pg_catalog.pg_authid a ON a.oid OPERATOR(pg_catalog.=) e.extowner
+                  WHERE e.extname OPERATOR(pg_catalog.=) 'pg_apikeys'::pg_catalog.name",
+                Some(1),
+                &[],
+            )
+            .ok()?;
+        table.first().get_one::<pg_sys::Oid>().ok().flatten()
+    })
+}
+
+/// The launcher: connected to `apikeys.usage_database` only to learn the extension's owner,
+/// it starts the writer connected as that role (not as the bootstrap superuser) and starts it
+/// again within a second whenever it stops (pg_terminate_backend, an error). It exits with code
+/// 1 whatever stops it, so the postmaster starts it again 5 seconds later (DROP DATABASE … WITH
+/// (FORCE) of its database included), except when the server is shutting down.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn pg_apikeys_usage_worker(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn pg_apikeys_usage_launcher(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::usage_database().unwrap_or_else(|| "postgres".into());
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    log!("pg_apikeys usage writer started in database \"{database}\"");
+    log!("pg_apikeys usage launcher started in database \"{database}\"");
+    'launch: loop {
+        let Some(owner) = BackgroundWorker::transaction(writer_role) else {
+            // Not installed here (yet): look again in a while.
+            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
+                break;
+            }
+            continue;
+        };
+        if owner == pg_sys::InvalidOid {
+            warning!("pg_apikeys usage writer: the extension's owner cannot log in; the writer connects as the bootstrap superuser and runs its statements as the owner");
+        }
+        // SAFETY: plain reads of this process's globals, set once it connected.
+        let (database_id, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+        let argument = (u64::from(u32::from(database_id)) << 32) | u64::from(u32::from(owner));
+        let writer = BackgroundWorkerBuilder::new("pg_apikeys usage writer")
+            .set_type("pg_apikeys usage writer")
+            .set_library("pg_apikeys")
+            .set_function("pg_apikeys_usage_worker")
+            .enable_spi_access()
+            .set_restart_time(None)
+            .set_argument(Some(pg_sys::Datum::from(argument)))
+            .set_notify_pid(me)
+            .load_dynamic();
+        match writer {
+            Ok(writer) => loop {
+                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                    let _ = writer.terminate().wait_for_shutdown();
+                    break 'launch;
+                }
+                if matches!(writer.pid(), Err(BackgroundWorkerStatus::Stopped)) {
+                    break;
+                }
+            },
+            Err(_) => warning!(
+                "pg_apikeys usage launcher: could not start the usage writer (max_worker_processes?)"
+            ),
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {
+            break;
+        }
+    }
+    log!(
+        "pg_apikeys usage launcher stopping (restarted in 5 s unless the server is shutting down)"
+    );
+    // SAFETY: the launcher's last act; proc_exit runs the exit callbacks and does not return.
+    unsafe { pg_sys::proc_exit(1) }
+}
+
+/// The writer: every second, and once more when it is stopped, writes the pending uses. Started
+/// by the launcher with the database and the role to connect as (the extension's owner) packed
+/// in its argument; the launcher starts a new one when it stops.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_apikeys_usage_worker(argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let packed = argument.value() as u64;
+    let database = pg_sys::Oid::from((packed >> 32) as u32);
+    let owner = pg_sys::Oid::from(packed as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(
+        Some(database),
+        (owner != pg_sys::InvalidOid).then_some(owner),
+    );
+    log!("pg_apikeys usage writer started");
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         flush();
     }
     flush();
-    log!("pg_apikeys usage writer stopping (restarted in 5 s unless the server is shutting down)");
-    // SAFETY: the worker's last act; proc_exit runs the exit callbacks and does not return.
-    unsafe { pg_sys::proc_exit(1) }
+    log!("pg_apikeys usage writer stopping");
 }
 
 #[cfg(test)]

@@ -39,6 +39,18 @@ fn writer_pid(admin: &mut Client, within: Duration) -> Option<i32> {
     }
 }
 
+/// The pid of a usage writer other than `old`, waiting up to 15 s for one (after a restart).
+fn next_writer(admin: &mut Client, old: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match writer_pid(admin, Duration::from_secs(1)) {
+            Some(pid) if pid != old => return pid,
+            _ => assert!(Instant::now() < deadline, "no usage writer after {old}"),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until the row of key `id` shows `count` uses (the writer flushes every second).
 fn wait_for_count(client: &mut Client, id: &str, count: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -101,9 +113,7 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
         .execute("SELECT pg_terminate_backend($1)", &[&before])
         .unwrap();
     let (id, key) = create(&mut client, "");
-    thread::sleep(Duration::from_secs(6)); // the restart delay is 5 s
-    let after = writer_pid(&mut admin, Duration::from_secs(10)).expect("the writer came back");
-    assert_ne!(before, after);
+    next_writer(&mut admin, before);
     // Uses in both the plain verification and the writer's flush.
     for _ in 0..3 {
         let code: String = client
@@ -136,17 +146,29 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
 }
 
 /// Terminated (or its database dropped with FORCE), the writer used to exit with code 0 and
-/// never come back: counting stopped for good. Now it is restarted and what it had not written
-/// yet is written by the next one.
+/// never come back: counting stopped for good. Now the launcher starts a new one (and the
+/// postmaster restarts the launcher itself) and what it had not written yet is written by the
+/// next one.
 #[test]
 fn the_usage_writer_comes_back_after_it_is_terminated() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
     let mut client = connect();
     let (id, key) = create(&mut client, "");
-    for round in 1..=2 {
-        let pid = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
+    let mut last = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
+    for (round, kind) in [(1, "writer"), (2, "launcher"), (3, "writer")] {
+        let target: i32 = if kind == "launcher" {
+            admin
+                .query_one(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_apikeys usage launcher'",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        } else {
+            last
+        };
         admin
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .execute("SELECT pg_terminate_backend($1)", &[&target])
             .unwrap();
         // Counted while no writer runs: kept in shared memory for the next one.
         let code: String = client
@@ -154,10 +176,70 @@ fn the_usage_writer_comes_back_after_it_is_terminated() {
             .unwrap()
             .get(0);
         assert_eq!(code, "VALID");
-        let next = writer_pid(&mut admin, Duration::from_secs(15)).expect("restarted");
-        assert_ne!(next, pid);
+        last = next_writer(&mut admin, last);
         wait_for_count(&mut client, &id, round);
     }
+}
+
+/// The writer's session is the extension's owner's, not the bootstrap superuser's: the launcher
+/// reads pg_extension.extowner and starts the writer connected as that role.
+#[test]
+fn the_usage_writer_connects_as_the_extensions_owner() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    let mut client = connect();
+    let writer_role = |admin: &mut Client, not_pid: i32| -> (i32, String) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let row = admin
+                .query_opt(
+                    "SELECT pid, usename::text FROM pg_stat_activity
+                      WHERE backend_type = 'pg_apikeys usage writer' AND pid <> $1",
+                    &[&not_pid],
+                )
+                .unwrap();
+            if let Some(row) = row {
+                return (row.get(0), row.get(1));
+            }
+            assert!(Instant::now() < deadline, "no new usage writer");
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let change_owner = |client: &mut Client, admin: &mut Client, role: &str| -> (i32, String) {
+        client
+            .execute(
+                "UPDATE pg_catalog.pg_extension SET extowner = $1::text::regrole WHERE extname = 'pg_apikeys'",
+                &[&role],
+            )
+            .unwrap();
+        let old = writer_pid(admin, Duration::from_secs(10)).expect("a usage writer runs");
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&old])
+            .unwrap();
+        writer_role(admin, old)
+    };
+    admin
+        .batch_execute(
+            "DROP ROLE IF EXISTS sec_ext_owner; CREATE ROLE sec_ext_owner SUPERUSER LOGIN",
+        )
+        .unwrap();
+    let (_, first) = writer_role(&mut admin, 0);
+    assert_eq!(first, "postgres");
+    let (_, role) = change_owner(&mut client, &mut admin, "sec_ext_owner");
+    let (id, key) = create(&mut client, "");
+    for _ in 0..2 {
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+    }
+    wait_for_count(&mut client, &id, 2);
+    let (_, back) = change_owner(&mut client, &mut admin, "postgres");
+    admin.batch_execute("DROP ROLE sec_ext_owner").unwrap();
+    assert_eq!(
+        (role.as_str(), back.as_str()),
+        ("sec_ext_owner", "postgres")
+    );
 }
 
 /// A key deleted and re-created under the same id does not inherit the old key's uses that the
