@@ -35,3 +35,31 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'purge_signing_keys_wrapper';
 REVOKE EXECUTE ON FUNCTION apikeys.purge_signing_keys(interval) FROM PUBLIC;
+
+-- authenticate_request checks that schema apikeys is the extension's before it names it.
+CREATE OR REPLACE FUNCTION apikeys.authenticate_request() RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v apikeys.verification;
+BEGIN
+    -- This body names schema apikeys: it must be the extension's own (see catalog.rs).
+    IF pg_catalog.to_regnamespace('apikeys')::pg_catalog.oid IS DISTINCT FROM
+       (SELECT e.extnamespace FROM pg_catalog.pg_extension e
+         WHERE e.extname OPERATOR(pg_catalog.=) 'pg_apikeys') THEN
+        RAISE EXCEPTION 'schema "apikeys" is not the schema of extension pg_apikeys'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    v := apikeys.authenticate_headers(
+        nullif(current_setting('request.headers', true), '')::jsonb);
+    IF NOT v.valid THEN
+        RAISE SQLSTATE 'PT401' USING
+            MESSAGE = 'authentication failed: ' || v.code,
+            HINT = 'Send an API key as "x-api-key: <key>" or a key or token as "Authorization: Bearer <credential>".';
+    END IF;
+    IF v.role IS NOT NULL THEN
+        PERFORM set_config('role', v.role, true);
+    END IF;
+END
+$$;

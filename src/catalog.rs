@@ -114,6 +114,15 @@ mod tests {
                 "{call}: {err}"
             );
         }
+        // The PL/pgSQL authenticate_request names apikeys.authenticate_headers: a function of that
+        // name in the other schema, accepting anything, is never called.
+        run("CREATE FUNCTION apikeys.authenticate_headers(jsonb) RETURNS apikeys_moved.verification
+             LANGUAGE sql AS $$ SELECT ROW(true, 'VALID', 'fake', NULL, NULL, NULL, '{}', NULL, NULL,
+                                           NULL, NULL, NULL, NULL)::apikeys_moved.verification $$");
+        run("SELECT set_config('request.headers', '{\"x-api-key\": \"garbage\"}', true)");
+        let err = error_of("SELECT apikeys_moved.authenticate_request()")
+            .expect("authenticate_request used another schema's function");
+        assert!(err.starts_with("42501: schema \"apikeys\""), "{err}");
         // Back in place, everything works again in the same session.
         run("DROP SCHEMA apikeys CASCADE");
         run("ALTER SCHEMA apikeys_moved RENAME TO apikeys");

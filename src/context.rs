@@ -200,7 +200,8 @@ fn authenticate(
 /// Authenticates the credential an HTTP request carries in `headers` (a JSON object of
 /// header names to values: `x-api-key`, else `authorization: Bearer <key or token>`), like
 /// `authenticate` but without raising: the verification says why a request is refused
-/// (`NOT_FOUND` when no credential is present). The layer under `authenticate_request()`.
+/// (`NOT_FOUND` when no credential is present, or when `x-api-key` and a Bearer credential
+/// differ). The layer under `authenticate_request()`.
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn authenticate_headers(
@@ -227,9 +228,17 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v apikeys.verification := apikeys.authenticate_headers(
-        nullif(current_setting('request.headers', true), '')::jsonb);
+    v apikeys.verification;
 BEGIN
+    -- This body names schema apikeys: it must be the extension's own (see catalog.rs).
+    IF pg_catalog.to_regnamespace('apikeys')::pg_catalog.oid IS DISTINCT FROM
+       (SELECT e.extnamespace FROM pg_catalog.pg_extension e
+         WHERE e.extname OPERATOR(pg_catalog.=) 'pg_apikeys') THEN
+        RAISE EXCEPTION 'schema "apikeys" is not the schema of extension pg_apikeys'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    v := apikeys.authenticate_headers(
+        nullif(current_setting('request.headers', true), '')::jsonb);
     IF NOT v.valid THEN
         RAISE SQLSTATE 'PT401' USING
             MESSAGE = 'authentication failed: ' || v.code,

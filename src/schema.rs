@@ -26,6 +26,12 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'pg_apikeys installs only into a schema apikeys that it creates itself: drop or rename the existing one (after checking what it holds), then run CREATE EXTENSION again.';
     END IF;
+    -- Keys, ids, names and permissions are text the extension reads as UTF-8.
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'pg_apikeys needs a UTF8 database; this one is %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the database with ENCODING ''UTF8'' (for example from template0).';
+    END IF;
 END
 $refuse_foreign_schema$;
 

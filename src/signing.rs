@@ -226,19 +226,7 @@ pub fn signer() -> Signer {
             Some("Call apikeys.rotate_signing_key() once on the primary, in a read-write transaction."),
         );
     }
-    crate::owner::as_owner(|| {
-        Spi::connect_mut(|client| {
-            // Two first mints at once must not both create a key. A lock on the table itself,
-            // which only its owner can take (an advisory lock any role could hold forever):
-            // it conflicts with itself and with writers, not with readers.
-            plans::update(
-                client,
-                "LOCK TABLE apikeys.signing_keys IN SHARE ROW EXCLUSIVE MODE",
-                None,
-                &[],
-            );
-        })
-    });
+    lock_for_first_key();
     // What a first mint that held the lock before us committed: the statement's snapshot
     // (and, in REPEATABLE READ, the transaction's) was taken before it and would not show it.
     if let Some(signer) = current(Snapshot::Latest) {
@@ -248,6 +236,43 @@ pub fn signer() -> Signer {
         crate::owner::as_owner(|| Spi::connect_mut(|client| create(client, Algorithm::HS256)));
     current(Snapshot::Statement)
         .unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
+}
+
+/// How long a first mint waits for another transaction that is creating the first key.
+const FIRST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Two first mints at once must not both create a key, so the first key is created under a lock
+/// on apikeys.signing_keys (SHARE ROW EXCLUSIVE: it conflicts with itself and with writers, not
+/// with readers), which no role but the table's owner can take with LOCK TABLE (0.4.0's advisory
+/// lock could be held forever by any role). The lock lasts until the creating transaction ends,
+/// so a caller that keeps its first mint's transaction open would make the others wait as long:
+/// they wait at most FIRST_KEY_WAIT, then fail with 55P03 and a hint.
+fn lock_for_first_key() {
+    let relid = crate::catalog::relation(c"signing_keys");
+    let deadline = std::time::Instant::now() + FIRST_KEY_WAIT;
+    loop {
+        // SAFETY: a lock on an existing relation of ours, inside a transaction; like LOCK TABLE's
+        // it is released when the transaction ends.
+        let locked = unsafe {
+            pg_sys::ConditionalLockRelationOid(
+                relid,
+                pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE,
+            )
+        };
+        if locked {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+                "another transaction is creating the first signing key of this database".into(),
+                Some("Retry when it has ended, or create the signing key once with apikeys.rotate_signing_key()."),
+            );
+        }
+        // SAFETY: a 10 ms sleep; a cancel or terminate request is served right after it.
+        unsafe { pg_sys::pg_usleep(10_000) };
+        pgrx::check_for_interrupts!();
+    }
 }
 
 /// The key a token's `kid` names, if it exists and is not retired.

@@ -14,6 +14,7 @@ use pgrx::bgworkers::{
     SignalWakeFlags,
 };
 use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -56,6 +57,11 @@ impl Table {
     /// Adds one use of the key (`id`, created at `created_us`) at `at_us`; false when the id
     /// does not fit or the table is full.
     pub fn record(&mut self, id: &str, created_us: i64, at_us: i64) -> bool {
+        self.add(id, created_us, 1, at_us)
+    }
+
+    /// Adds `count` uses, the last at `at_us` (a flush that failed puts its uses back).
+    pub fn add(&mut self, id: &str, created_us: i64, count: u64, at_us: i64) -> bool {
         let bytes = id.as_bytes();
         if bytes.is_empty() || bytes.len() > ID_BYTES {
             return false;
@@ -73,12 +79,12 @@ impl Table {
                 slot.len = bytes.len() as u8;
                 slot.id[..bytes.len()].copy_from_slice(bytes);
                 slot.created_us = created_us;
-                slot.count = 1;
+                slot.count = count;
                 slot.last_used_us = at_us;
                 return true;
             }
             if &slot.id[..usize::from(slot.len)] == bytes && slot.created_us == created_us {
-                slot.count += 1;
+                slot.count += count;
                 slot.last_used_us = slot.last_used_us.max(at_us);
                 return true;
             }
@@ -252,6 +258,22 @@ fn flush() {
     if pending.is_empty() {
         return;
     }
+    // Should the statement fail, the uses go back to shared memory for the next writer (this
+    // one exits with the error and the launcher starts another).
+    let put_back = pending.clone();
+    PgTryBuilder::new(move || write(pending))
+        .catch_others(move |error| {
+            with_table(|t| {
+                for (id, created_us, count, at_us) in &put_back {
+                    t.add(id, *created_us, (*count).max(0) as u64, *at_us);
+                }
+            });
+            error.rethrow()
+        })
+        .execute();
+}
+
+fn write(pending: Vec<Pending>) {
     let mut ids = Vec::with_capacity(pending.len());
     let mut created = Vec::with_capacity(pending.len());
     let mut counts = Vec::with_capacity(pending.len());
@@ -287,6 +309,42 @@ fn flush() {
     });
 }
 
+/// Settings a database's or role's `ALTER … SET` gives every session, the workers' too, that
+/// would stop them: read-only transactions, another role, timeouts, a serializable isolation
+/// that can fail a flush, a search_path. Pinned for the session right after connecting.
+const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+    (c"role", c"none"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"statement_timeout", c"0"),
+    (c"lock_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+    (c"search_path", c"pg_catalog, pg_temp"),
+    (c"exit_on_error", c"off"),
+    (c"transform_null_equals", c"off"),
+];
+
+fn pin_session_settings() {
+    BackgroundWorker::transaction(|| {
+        for (name, value) in PINNED {
+            // SAFETY: user-settable settings, set for the session (PGC_S_SESSION outranks a
+            // database's or role's defaults) inside a transaction, which commits them.
+            unsafe {
+                pg_sys::set_config_option(
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SET,
+                    true,
+                    0,
+                    false,
+                );
+            }
+        }
+    });
+}
+
 /// The role the writer connects as: the extension's owner, when it may log in (PostgreSQL 15
 /// lets a background worker connect only as such a role); None when the extension is not
 /// installed in this database. Every name is schema-qualified: this runs as the bootstrap
@@ -318,6 +376,7 @@ pub extern "C-unwind" fn pg_apikeys_usage_launcher(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::usage_database().unwrap_or_else(|| "postgres".into());
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    pin_session_settings();
     log!("pg_apikeys usage launcher started in database \"{database}\"");
     'launch: loop {
         let Some(owner) = BackgroundWorker::transaction(writer_role) else {
@@ -381,6 +440,7 @@ pub extern "C-unwind" fn pg_apikeys_usage_worker(argument: pg_sys::Datum) {
         Some(database),
         (owner != pg_sys::InvalidOid).then_some(owner),
     );
+    pin_session_settings();
     log!("pg_apikeys usage writer started");
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         flush();

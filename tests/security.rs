@@ -104,13 +104,21 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
              CREATE FUNCTION public.evil_tseq(timestamptz, timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
              BEGIN PERFORM public.escalate(); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
              CREATE OPERATOR public.= (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = public.evil_tseq);
-             ALTER DATABASE pg_apikeys_it SET search_path = public, pg_catalog;",
+             ALTER DATABASE pg_apikeys_it SET search_path = public, pg_catalog;
+             -- Settings that would stop the workers: read-only, another role, a timeout.
+             ALTER DATABASE pg_apikeys_it SET default_transaction_read_only = on;
+             ALTER DATABASE pg_apikeys_it SET role = 'sec_dbowner';
+             ALTER DATABASE pg_apikeys_it SET statement_timeout = '1ms';",
         )
         .unwrap();
-    // The writer reads the database's settings when it connects: make it connect again.
+    // The workers read the database's settings when they connect: make both connect again.
     let before = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
     admin
-        .execute("SELECT pg_terminate_backend($1)", &[&before])
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE backend_type = 'pg_apikeys usage launcher'",
+            &[],
+        )
         .unwrap();
     let (id, key) = create(&mut client, "");
     next_writer(&mut admin, before);
@@ -126,7 +134,7 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
     let escalated = is_superuser(&mut admin, "sec_dbowner");
     admin
         .batch_execute(
-            "ALTER DATABASE pg_apikeys_it RESET search_path;
+            "ALTER DATABASE pg_apikeys_it RESET ALL;
              ALTER DATABASE pg_apikeys_it OWNER TO postgres",
         )
         .unwrap();
@@ -404,6 +412,17 @@ fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
         .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
         .expect("minting is not blocked by an advisory lock");
 
+    // A first mint whose transaction stays open holds the others back only for a while: they
+    // fail with 55P03 and a hint, rather than wait as long as it does.
+    let mut impatient = Client::connect(&url, NoTls).unwrap();
+    impatient
+        .batch_execute("SET statement_timeout = '20s'")
+        .unwrap();
+    let err = impatient
+        .query_one("SELECT apikeys.mint_token($1, 60000)", &[&key])
+        .expect_err("waited for an open first mint");
+    assert_eq!(sqlstate(&err), "55P03", "{err}");
+
     // A second first mint, in REPEATABLE READ with its snapshot taken before the first commits.
     let second_url = url.clone();
     let second_key = key.clone();
@@ -433,4 +452,31 @@ fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
         .batch_execute("DROP DATABASE pg_apikeys_first_mint")
         .unwrap();
     admin.batch_execute("DROP ROLE sec_blocker").unwrap();
+}
+
+/// Keys, ids and permissions are read as UTF-8: in a database of another encoding a non-ASCII
+/// key made verify_key raise XX000, so the extension refuses to be installed there.
+#[test]
+fn a_database_that_is_not_utf8_is_refused() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    for (db, encoding) in [
+        ("pg_apikeys_latin1", "LATIN1"),
+        ("pg_apikeys_ascii", "SQL_ASCII"),
+    ] {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {db} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+            ))
+            .unwrap();
+        let mut client = connect_to(db, "postgres");
+        let err = client
+            .batch_execute("CREATE EXTENSION pg_apikeys")
+            .expect_err(encoding);
+        assert_eq!(sqlstate(&err), "0A000", "{encoding}: {err}");
+        drop(client);
+        admin.batch_execute(&format!("DROP DATABASE {db}")).unwrap();
+    }
 }

@@ -31,6 +31,12 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'pg_apikeys installs only into a schema apikeys that it creates itself: drop or rename the existing one (after checking what it holds), then run CREATE EXTENSION again.';
     END IF;
+    -- Keys, ids, names and permissions are text the extension reads as UTF-8.
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'pg_apikeys needs a UTF8 database; this one is %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the database with ENCODING ''UTF8'' (for example from template0).';
+    END IF;
 END
 $refuse_foreign_schema$;
 
@@ -126,7 +132,7 @@ CREATE TYPE apikeys.verification AS (
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:172
+-- src/context.rs:175
 -- pg_apikeys::context::authenticate
 CREATE  FUNCTION "authenticate"(
 	"credential" TEXT, /* Option < & str > */
@@ -140,7 +146,7 @@ AS 'MODULE_PATHNAME', 'authenticate_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:201
+-- src/context.rs:205
 -- pg_apikeys::context::authenticate_headers
 CREATE  FUNCTION "authenticate_headers"(
 	"headers" jsonb /* Option < Jsonb > */
@@ -153,7 +159,7 @@ AS 'MODULE_PATHNAME', 'authenticate_headers_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:217
+-- src/context.rs:221
 -- requires:
 --   authenticate_headers
 
@@ -166,9 +172,17 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v apikeys.verification := apikeys.authenticate_headers(
-        nullif(current_setting('request.headers', true), '')::jsonb);
+    v apikeys.verification;
 BEGIN
+    -- This body names schema apikeys: it must be the extension's own (see catalog.rs).
+    IF pg_catalog.to_regnamespace('apikeys')::pg_catalog.oid IS DISTINCT FROM
+       (SELECT e.extnamespace FROM pg_catalog.pg_extension e
+         WHERE e.extname OPERATOR(pg_catalog.=) 'pg_apikeys') THEN
+        RAISE EXCEPTION 'schema "apikeys" is not the schema of extension pg_apikeys'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    v := apikeys.authenticate_headers(
+        nullif(current_setting('request.headers', true), '')::jsonb);
     IF NOT v.valid THEN
         RAISE SQLSTATE 'PT401' USING
             MESSAGE = 'authentication failed: ' || v.code,
@@ -182,7 +196,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:295
+-- src/keys.rs:298
 -- pg_apikeys::keys::create_api_key
 CREATE  FUNCTION "create_api_key"(
 	"name" TEXT DEFAULT NULL, /* Option < String > */
@@ -220,7 +234,7 @@ AS 'MODULE_PATHNAME', 'create_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:266
+-- src/context.rs:278
 -- pg_apikeys::context::current_claims
 CREATE  FUNCTION "current_claims"() RETURNS jsonb /* Option < JsonB > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -229,7 +243,7 @@ AS 'MODULE_PATHNAME', 'current_claims_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:246
+-- src/context.rs:258
 -- pg_apikeys::context::current_key_id
 CREATE  FUNCTION "current_key_id"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -238,7 +252,7 @@ AS 'MODULE_PATHNAME', 'current_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:252
+-- src/context.rs:264
 -- pg_apikeys::context::current_owner
 CREATE  FUNCTION "current_owner"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -247,7 +261,7 @@ AS 'MODULE_PATHNAME', 'current_owner_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:259
+-- src/context.rs:271
 -- pg_apikeys::context::current_permissions
 CREATE  FUNCTION "current_permissions"() RETURNS jsonb /* Option < JsonB > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -256,7 +270,7 @@ AS 'MODULE_PATHNAME', 'current_permissions_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:817
+-- src/keys.rs:820
 -- pg_apikeys::keys::delete_api_key
 CREATE  FUNCTION "delete_api_key"(
 	"id" TEXT /* Option < String > */
@@ -268,7 +282,7 @@ AS 'MODULE_PATHNAME', 'delete_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:901
+-- src/keys.rs:904
 -- pg_apikeys::keys::delete_expired_api_keys
 CREATE  FUNCTION "delete_expired_api_keys"(
 	"older_than" interval DEFAULT '0' /* Option < Interval > */
@@ -280,7 +294,7 @@ AS 'MODULE_PATHNAME', 'delete_expired_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:435
+-- src/signing.rs:469
 -- pg_apikeys::signing::export_signing_key
 CREATE  FUNCTION "export_signing_key"(
 	"kid" TEXT /* Option < & str > */
@@ -292,7 +306,7 @@ AS 'MODULE_PATHNAME', 'export_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:493
+-- src/keys.rs:496
 -- pg_apikeys::keys::get_api_key
 CREATE  FUNCTION "get_api_key"(
 	"id" TEXT /* Option < String > */
@@ -305,7 +319,7 @@ AS 'MODULE_PATHNAME', 'get_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:273
+-- src/context.rs:285
 -- pg_apikeys::context::has_permission
 CREATE  FUNCTION "has_permission"(
 	"resource" TEXT, /* & str */
@@ -317,7 +331,7 @@ AS 'MODULE_PATHNAME', 'has_permission_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:422
+-- src/signing.rs:456
 -- pg_apikeys::signing::jwks
 CREATE  FUNCTION "jwks"() RETURNS jsonb /* JsonB */
 STRICT STABLE SECURITY DEFINER PARALLEL SAFE
@@ -327,7 +341,7 @@ AS 'MODULE_PATHNAME', 'jwks_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:508
+-- src/keys.rs:511
 -- pg_apikeys::keys::list_api_keys
 CREATE  FUNCTION "list_api_keys"(
 	"owner" TEXT DEFAULT NULL /* Option < String > */
@@ -340,7 +354,7 @@ AS 'MODULE_PATHNAME', 'list_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:374
+-- src/signing.rs:408
 -- pg_apikeys::signing::list_signing_keys
 CREATE  FUNCTION "list_signing_keys"() RETURNS TABLE (
 	"kid" TEXT,  /* String */
@@ -358,7 +372,7 @@ AS 'MODULE_PATHNAME', 'list_signing_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/tokens.rs:328
+-- src/tokens.rs:330
 -- pg_apikeys::tokens::mint_token
 CREATE  FUNCTION "mint_token"(
 	"key" TEXT, /* Option < & str > */
@@ -372,7 +386,7 @@ AS 'MODULE_PATHNAME', 'mint_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:346
+-- src/signing.rs:379
 -- pg_apikeys::signing::purge_signing_keys
 CREATE  FUNCTION "purge_signing_keys"(
 	"retired_before" interval DEFAULT '30 days' /* Option < Interval > */
@@ -384,7 +398,7 @@ AS 'MODULE_PATHNAME', 'purge_signing_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:280
+-- src/context.rs:292
 -- pg_apikeys::context::reset
 CREATE  FUNCTION "reset"() RETURNS void
 STRICT VOLATILE PARALLEL RESTRICTED
@@ -393,7 +407,7 @@ AS 'MODULE_PATHNAME', 'reset_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:312
+-- src/signing.rs:345
 -- pg_apikeys::signing::retire_signing_key
 CREATE  FUNCTION "retire_signing_key"(
 	"kid" TEXT /* Option < & str > */
@@ -405,7 +419,7 @@ AS 'MODULE_PATHNAME', 'retire_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:788
+-- src/keys.rs:791
 -- pg_apikeys::keys::revoke_api_key
 CREATE  FUNCTION "revoke_api_key"(
 	"id" TEXT /* Option < String > */
@@ -417,7 +431,7 @@ AS 'MODULE_PATHNAME', 'revoke_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:838
+-- src/keys.rs:841
 -- pg_apikeys::keys::rotate_api_key
 CREATE  FUNCTION "rotate_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -435,7 +449,7 @@ AS 'MODULE_PATHNAME', 'rotate_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:293
+-- src/signing.rs:326
 -- pg_apikeys::signing::rotate_signing_key
 CREATE  FUNCTION "rotate_signing_key"(
 	"algorithm" TEXT DEFAULT 'HS256' /* Option < & str > */
@@ -447,7 +461,7 @@ AS 'MODULE_PATHNAME', 'rotate_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:587
+-- src/keys.rs:590
 -- pg_apikeys::keys::update_api_key
 CREATE  FUNCTION "update_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -475,7 +489,7 @@ AS 'MODULE_PATHNAME', 'update_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:583
+-- src/verify.rs:590
 -- pg_apikeys::verify::verify_key
 CREATE  FUNCTION "verify_key"(
 	"key" TEXT, /* Option < & str > */
@@ -489,7 +503,7 @@ AS 'MODULE_PATHNAME', 'verify_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/tokens.rs:343
+-- src/tokens.rs:345
 -- pg_apikeys::tokens::verify_token
 CREATE  FUNCTION "verify_token"(
 	"token" TEXT, /* Option < & str > */
@@ -503,7 +517,7 @@ AS 'MODULE_PATHNAME', 'verify_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/schema.rs:126
+-- src/schema.rs:132
 -- finalize
 
 -- Management is for roles a DBA grants it to; verification is for everyone.

@@ -45,6 +45,11 @@ SELECT code FROM apikeys.verify_token(:'es256_token');
 -- The signing keys, newest first, never with their secrets.
 SELECT algorithm, signs, retired_at IS NOT NULL AS retired, created_by FROM apikeys.list_signing_keys();
 
+-- Retired keys are deleted once they have been retired long enough (default '30 days');
+-- '0' deletes every retired key now. Their tokens then verify as NOT_FOUND.
+SELECT apikeys.purge_signing_keys('0');
+SELECT code FROM apikeys.verify_token(:'es256_token');
+
 -- Revoking the key kills every token minted from it.
 SELECT apikeys.revoke_api_key('orders-svc');
 SELECT code FROM apikeys.verify_token(:'token');

@@ -41,6 +41,10 @@ SELECT apikeys.mint_token(:'plain', 100000000000);
 SELECT apikeys.mint_token(:'plain', 60000, claims => '{"exp": 1}');
 SELECT apikeys.rotate_signing_key('RS256');
 SELECT apikeys.retire_signing_key(NULL);
+SELECT apikeys.purge_signing_keys('-1 day');
+-- jsonb that PostgreSQL accepts but that cannot be read as JSON numbers and arrays.
+SELECT code FROM apikeys.verify_key(:'plain', required => '{"orders": 1e400}');
+SELECT apikeys.mint_token(:'plain', 60000, claims => ('{"x": ' || repeat('[', 200) || repeat(']', 200) || '}')::jsonb);
 
 -- 23505: ids and imported secrets are unique.
 SELECT apikeys.create_api_key(id => 'errors-demo');
