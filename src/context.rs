@@ -228,7 +228,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v apikeys.verification;
+    v record;  -- not apikeys.verification: no name is resolved before the check below
 BEGIN
     -- This body names schema apikeys: it must be the extension's own (see catalog.rs).
     IF pg_catalog.to_regnamespace('apikeys')::pg_catalog.oid IS DISTINCT FROM

@@ -238,18 +238,26 @@ pub fn signer() -> Signer {
         .unwrap_or_else(|| errors::internal(Err(format!("signing key {kid} vanished"))))
 }
 
-/// How long a first mint waits for another transaction that is creating the first key.
-const FIRST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest a first mint waits for another transaction that is creating the first key
+/// (less when the caller's lock_timeout says so).
+const FIRST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Two first mints at once must not both create a key, so the first key is created under a lock
 /// on apikeys.signing_keys (SHARE ROW EXCLUSIVE: it conflicts with itself and with writers, not
 /// with readers), which no role but the table's owner can take with LOCK TABLE (0.4.0's advisory
 /// lock could be held forever by any role). The lock lasts until the creating transaction ends,
 /// so a caller that keeps its first mint's transaction open would make the others wait as long:
-/// they wait at most FIRST_KEY_WAIT, then fail with 55P03 and a hint.
+/// they wait as LOCK TABLE would, but at most the caller's lock_timeout (when set) and never
+/// longer than FIRST_KEY_WAIT, then fail with 55P03 and a hint.
 fn lock_for_first_key() {
     let relid = crate::catalog::relation(c"signing_keys");
-    let deadline = std::time::Instant::now() + FIRST_KEY_WAIT;
+    // SAFETY: a plain read of the lock_timeout setting (milliseconds, 0 = none).
+    let lock_timeout = unsafe { pg_sys::LockTimeout };
+    let wait = match u64::try_from(lock_timeout) {
+        Ok(ms) if ms > 0 => FIRST_KEY_WAIT.min(std::time::Duration::from_millis(ms)),
+        _ => FIRST_KEY_WAIT,
+    };
+    let deadline = std::time::Instant::now() + wait;
     loop {
         // SAFETY: a lock on an existing relation of ours, inside a transaction; like LOCK TABLE's
         // it is released when the transaction ends.

@@ -172,7 +172,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v apikeys.verification;
+    v record;  -- not apikeys.verification: no name is resolved before the check below
 BEGIN
     -- This body names schema apikeys: it must be the extension's own (see catalog.rs).
     IF pg_catalog.to_regnamespace('apikeys')::pg_catalog.oid IS DISTINCT FROM
@@ -294,7 +294,7 @@ AS 'MODULE_PATHNAME', 'delete_expired_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:469
+-- src/signing.rs:477
 -- pg_apikeys::signing::export_signing_key
 CREATE  FUNCTION "export_signing_key"(
 	"kid" TEXT /* Option < & str > */
@@ -331,7 +331,7 @@ AS 'MODULE_PATHNAME', 'has_permission_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:456
+-- src/signing.rs:464
 -- pg_apikeys::signing::jwks
 CREATE  FUNCTION "jwks"() RETURNS jsonb /* JsonB */
 STRICT STABLE SECURITY DEFINER PARALLEL SAFE
@@ -354,7 +354,7 @@ AS 'MODULE_PATHNAME', 'list_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:408
+-- src/signing.rs:416
 -- pg_apikeys::signing::list_signing_keys
 CREATE  FUNCTION "list_signing_keys"() RETURNS TABLE (
 	"kid" TEXT,  /* String */
@@ -386,7 +386,7 @@ AS 'MODULE_PATHNAME', 'mint_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:379
+-- src/signing.rs:387
 -- pg_apikeys::signing::purge_signing_keys
 CREATE  FUNCTION "purge_signing_keys"(
 	"retired_before" interval DEFAULT '30 days' /* Option < Interval > */
@@ -407,7 +407,7 @@ AS 'MODULE_PATHNAME', 'reset_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:345
+-- src/signing.rs:353
 -- pg_apikeys::signing::retire_signing_key
 CREATE  FUNCTION "retire_signing_key"(
 	"kid" TEXT /* Option < & str > */
@@ -449,7 +449,7 @@ AS 'MODULE_PATHNAME', 'rotate_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/signing.rs:326
+-- src/signing.rs:334
 -- pg_apikeys::signing::rotate_signing_key
 CREATE  FUNCTION "rotate_signing_key"(
 	"algorithm" TEXT DEFAULT 'HS256' /* Option < & str > */
