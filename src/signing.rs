@@ -226,7 +226,9 @@ pub fn signer() -> Signer {
             Some("Call apikeys.rotate_signing_key() once on the primary, in a read-write transaction."),
         );
     }
-    lock_for_first_key();
+    if let Some(signer) = lock_for_first_key() {
+        return signer;
+    }
     // What a first mint that held the lock before us committed: the statement's snapshot
     // (and, in REPEATABLE READ, the transaction's) was taken before it and would not show it.
     if let Some(signer) = current(Snapshot::Latest) {
@@ -242,15 +244,18 @@ pub fn signer() -> Signer {
 /// (less when the caller's lock_timeout says so).
 const FIRST_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Two first mints at once must not both create a key, so the first key is created under a lock
-/// on apikeys.signing_keys (SHARE ROW EXCLUSIVE: it conflicts with itself and with writers, not
-/// with readers), which no role but the table's owner can take with LOCK TABLE (0.4.0's advisory
-/// lock could be held forever by any role). The lock lasts until the creating transaction ends,
-/// so a caller that keeps its first mint's transaction open would make the others wait as long:
-/// they wait as LOCK TABLE would, but at most the caller's lock_timeout (when set) and never
-/// longer than FIRST_KEY_WAIT, then fail with 55P03 and a hint.
-fn lock_for_first_key() {
-    let relid = crate::catalog::relation(c"signing_keys");
+/// Two first mints at once must not both create a key, so the first key is created holding a
+/// lock that only this code takes: an object lock on the extension itself (sub-object 1, so it
+/// never meets DROP/ALTER EXTENSION's lock on the whole object). No SQL can take it (0.4.0's
+/// advisory lock could be held forever by any role), and it blocks nothing else: not readers,
+/// not `rotate_signing_key`. It lasts until the creating transaction ends, so a caller that keeps
+/// its first mint's transaction open holds the other first mints back; they wait as a lock
+/// would, but at most their lock_timeout (when set) and never longer than FIRST_KEY_WAIT, and
+/// stop waiting as soon as any signing key is committed (a `rotate_signing_key()` by an admin
+/// ends the wait for everyone). Returns that key when one appeared, None once the lock is held.
+fn lock_for_first_key() -> Option<Signer> {
+    // SAFETY: a catalog lookup by name inside a transaction; raises if the extension is gone.
+    let extension = unsafe { pg_sys::get_extension_oid(c"pg_apikeys".as_ptr(), false) };
     // SAFETY: a plain read of the lock_timeout setting (milliseconds, 0 = none).
     let lock_timeout = unsafe { pg_sys::LockTimeout };
     let wait = match u64::try_from(lock_timeout) {
@@ -259,16 +264,20 @@ fn lock_for_first_key() {
     };
     let deadline = std::time::Instant::now() + wait;
     loop {
-        // SAFETY: a lock on an existing relation of ours, inside a transaction; like LOCK TABLE's
-        // it is released when the transaction ends.
+        // SAFETY: an object lock taken inside a transaction and released when it ends.
         let locked = unsafe {
-            pg_sys::ConditionalLockRelationOid(
-                relid,
-                pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE,
+            pg_sys::ConditionalLockDatabaseObject(
+                pg_sys::ExtensionRelationId,
+                extension,
+                1,
+                pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
             )
         };
         if locked {
-            return;
+            return None;
+        }
+        if let Some(signer) = current(crate::scan::Snapshot::Latest) {
+            return Some(signer);
         }
         if std::time::Instant::now() >= deadline {
             errors::raise(

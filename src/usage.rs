@@ -326,6 +326,25 @@ const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
 
 fn pin_session_settings() {
     BackgroundWorker::transaction(|| {
+        // A worker connected without naming a role (the launcher; the writer when the owner
+        // cannot log in) would take a database's `session_authorization` too: back to the role
+        // it connected as, before `role` is reset on top of it.
+        // SAFETY: the authenticated user always exists in a connected session; its name is a
+        // palloc'd C string used at once. A session_authorization locked at connection (a
+        // worker that named its role) outranks this and is left as it is.
+        unsafe {
+            let me = pg_sys::GetUserNameFromId(pg_sys::GetAuthenticatedUserId(), false);
+            pg_sys::set_config_option(
+                c"session_authorization".as_ptr(),
+                me,
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SET,
+                true,
+                0,
+                false,
+            );
+        }
         for (name, value) in PINNED {
             // SAFETY: user-settable settings, set for the session (PGC_S_SESSION outranks a
             // database's or role's defaults) inside a transaction, which commits them.
