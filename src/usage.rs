@@ -324,6 +324,24 @@ const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"transform_null_equals", c"off"),
 ];
 
+/// Sets `name` for the rest of the session: PGC_S_SESSION outranks a database's or role's
+/// defaults; inside a transaction, which commits it.
+fn set_for_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: two C strings that outlive the call; errors are raised as PostgreSQL errors.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
 fn pin_session_settings() {
     BackgroundWorker::transaction(|| {
         // A worker connected without naming a role (the launcher; the writer when the owner
@@ -332,34 +350,15 @@ fn pin_session_settings() {
         // SAFETY: the authenticated user always exists in a connected session; its name is a
         // palloc'd C string used at once. A session_authorization locked at connection (a
         // worker that named its role) outranks this and is left as it is.
-        unsafe {
-            let me = pg_sys::GetUserNameFromId(pg_sys::GetAuthenticatedUserId(), false);
-            pg_sys::set_config_option(
-                c"session_authorization".as_ptr(),
-                me,
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SET,
-                true,
-                0,
+        let me = unsafe {
+            std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(
+                pg_sys::GetAuthenticatedUserId(),
                 false,
-            );
-        }
+            ))
+        };
+        set_for_session(c"session_authorization", me);
         for (name, value) in PINNED {
-            // SAFETY: user-settable settings, set for the session (PGC_S_SESSION outranks a
-            // database's or role's defaults) inside a transaction, which commits them.
-            unsafe {
-                pg_sys::set_config_option(
-                    name.as_ptr(),
-                    value.as_ptr(),
-                    pg_sys::GucContext::PGC_USERSET,
-                    pg_sys::GucSource::PGC_S_SESSION,
-                    pg_sys::GucAction::GUC_ACTION_SET,
-                    true,
-                    0,
-                    false,
-                );
-            }
+            set_for_session(name, value);
         }
     });
 }
@@ -472,10 +471,14 @@ pub extern "C-unwind" fn pg_apikeys_usage_worker(argument: pg_sys::Datum) {
 mod unit {
     use super::*;
 
+    fn empty() -> Box<Table> {
+        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
+        unsafe { Box::new_zeroed().assume_init() }
+    }
+
     #[test]
     fn uses_are_counted_per_key_and_drained_at_once() {
-        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
-        let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
+        let mut t = empty();
         assert!(t.record("a", 100, 5));
         assert!(t.record("b", 100, 7));
         assert!(t.record("a", 100, 3));
@@ -489,8 +492,7 @@ mod unit {
 
     #[test]
     fn a_full_table_refuses_new_keys_but_counts_known_ones() {
-        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
-        let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
+        let mut t = empty();
         for i in 0..SLOTS {
             assert!(t.record(&format!("k{i}"), 0, 1));
         }
@@ -504,8 +506,7 @@ mod unit {
 
     #[test]
     fn a_key_recreated_under_the_same_id_is_counted_apart() {
-        // SAFETY: Table is integers and byte arrays; all zeroes is an empty table.
-        let mut t: Box<Table> = unsafe { Box::new_zeroed().assume_init() };
+        let mut t = empty();
         assert!(t.record("k", 100, 5));
         assert!(t.record("k", 200, 6));
         assert!(t.record("k", 200, 7));

@@ -39,6 +39,16 @@ fn writer_pid(admin: &mut Client, within: Duration) -> Option<i32> {
     }
 }
 
+/// A new database `name` with the extension and one key without limits: (url, client, key).
+fn database_with_a_key(admin: &mut Client, name: &str) -> (String, Client, String) {
+    recreate_database(admin, name);
+    let url = format!("{} dbname={name}", base_url());
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let (_, key) = create(&mut client, "");
+    (url, client, key)
+}
+
 /// The pid of a usage writer other than `old`, waiting up to 15 s for one (after a restart).
 fn next_writer(admin: &mut Client, old: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -346,11 +356,7 @@ fn a_schema_apikeys_made_by_someone_else_is_refused() {
 #[test]
 fn keys_without_limits_never_raise_40001() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
-    recreate_database(&mut admin, "pg_apikeys_isolation");
-    let url = format!("{} dbname=pg_apikeys_isolation", base_url());
-    let mut other = Client::connect(&url, NoTls).unwrap();
-    other.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
-    let (_, key) = create(&mut other, "");
+    let (url, mut other, key) = database_with_a_key(&mut admin, "pg_apikeys_isolation");
     for level in ["REPEATABLE READ", "SERIALIZABLE"] {
         let mut caller = Client::connect(&url, NoTls).unwrap();
         caller
@@ -385,14 +391,10 @@ fn keys_without_limits_never_raise_40001() {
 #[test]
 fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
-    recreate_database(&mut admin, "pg_apikeys_first_mint");
     admin
         .batch_execute("DROP ROLE IF EXISTS sec_blocker; CREATE ROLE sec_blocker LOGIN")
         .unwrap();
-    let url = format!("{} dbname=pg_apikeys_first_mint", base_url());
-    let mut setup = Client::connect(&url, NoTls).unwrap();
-    setup.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
-    let (_, key) = create(&mut setup, "");
+    let (url, mut setup, key) = database_with_a_key(&mut admin, "pg_apikeys_first_mint");
 
     // Any role's advisory lock on the old lock's key blocks nothing.
     let mut blocker = connect_to("pg_apikeys_first_mint", "sec_blocker");
@@ -455,11 +457,7 @@ fn first_mints_make_one_signing_key_and_no_role_can_block_them() {
 #[test]
 fn an_open_first_mint_blocks_neither_rotation_nor_later_mints() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
-    recreate_database(&mut admin, "pg_apikeys_open_mint");
-    let url = format!("{} dbname=pg_apikeys_open_mint", base_url());
-    let mut setup = Client::connect(&url, NoTls).unwrap();
-    setup.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
-    let (_, key) = create(&mut setup, "");
+    let (url, mut setup, key) = database_with_a_key(&mut admin, "pg_apikeys_open_mint");
     let mut holder = Client::connect(&url, NoTls).unwrap();
     holder.batch_execute("BEGIN").unwrap();
     holder
