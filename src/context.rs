@@ -436,7 +436,7 @@ mod tests {
         // Charged like a verification.
         assert_eq!(
             one::<i64>(&format!(
-                "SELECT remaining FROM apikeys.keys WHERE id = '{id}'"
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
             )),
             Some(4)
         );

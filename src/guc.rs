@@ -21,6 +21,7 @@ pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 pub static TOKEN_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TOKEN_CACHE_MEMORY: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+pub static SHARED_KEYS: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -122,13 +123,23 @@ pub fn init() {
         GucFlags::UNIT_KB,
     );
     // PostgreSQL allows server-start settings only while preloading, which is also the only
-    // case in which shared-memory usage counting exists.
+    // case in which the metering engine exists.
     // SAFETY: a plain read of a postmaster global, set before _PG_init runs.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_int_guc(
+            c"apikeys.shared_keys",
+            c"Keys the metering engine holds in shared memory at once (about 170 bytes each).",
+            c"Every database's keys in use share it. Keys with limits stay while used; keys without limits leave at each write, about every second.",
+            &SHARED_KEYS,
+            1024,
+            1 << 24,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
         GucRegistry::define_string_guc(
             c"apikeys.usage_database",
-            c"The database whose key usage is counted in shared memory (needs preloading).",
-            c"With shared_preload_libraries = 'pg_apikeys', a background worker connects to this database and writes request_count and last_used_at of keys without limits every second; elsewhere each verification writes its key's row.",
+            c"Ignored since pg_apikeys 0.6.0: every database's use is counted in shared memory.",
+            c"Kept so that configurations written for earlier versions still load.",
             &USAGE_DATABASE,
             GucContext::Postmaster,
             GucFlags::default(),
@@ -179,7 +190,7 @@ pub fn token_cache_bytes() -> usize {
         .saturating_mul(1024)
 }
 
-/// The database the usage writer serves, or None when the setting is empty.
-pub fn usage_database() -> Option<String> {
-    Some(string(&USAGE_DATABASE)).filter(|s| !s.is_empty())
+/// Slots of the metering engine's shared table.
+pub fn shared_keys() -> usize {
+    usize::try_from(SHARED_KEYS.get()).unwrap_or(16_384).max(1024)
 }

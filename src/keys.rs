@@ -5,8 +5,8 @@
 use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
 use crate::jsonb::{self, Jsonb};
 use crate::plans;
-use crate::schema::API_KEY_ROW;
-use crate::{audit, durations, guc, key_format, permissions};
+use crate::schema::{API_KEY_FROM, API_KEY_ROW};
+use crate::{audit, durations, guc, key_format, metering, permissions, verify};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -279,10 +279,10 @@ fn insert_sql(id_given: bool) -> String {
             INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,
                 permissions, metadata, role, master, enabled, expires_at, remaining,
                 refill_amount, refill_interval, last_refill_at, rate_limit_max,
-                rate_limit_window, created_by, updated_by)
+                rate_limit_window, created_by, updated_by, rate_limit_algorithm)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                 COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
-                CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20)
+                CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22)
             {on_conflict}
             RETURNING id, expires_at, created_at
         ), audit AS (
@@ -317,6 +317,7 @@ fn create_api_key(
     rate_limit_max: default!(Option<i32>, "NULL"),
     rate_limit_window: default!(Option<Interval>, "NULL"),
     enabled: default!(Option<bool>, true),
+    rate_limit_algorithm: default!(Option<String>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -352,6 +353,7 @@ fn create_api_key(
         ("rate_limit_max", &s.rate_limit_max),
         ("rate_limit_window", &s.rate_limit_window),
     );
+    let algorithm = check_algorithm(rate_limit_algorithm).unwrap_or(metering::Algorithm::Sliding);
     let expiry = s.expiry.unwrap_or_else(Expiry::default);
     // A refilling quota starts full unless told otherwise.
     let remaining = s.remaining.or(s.refill_amount);
@@ -460,6 +462,7 @@ fn create_api_key(
             s.rate_limit_window.into(),
             actor.into(),
             JsonB(details).into(),
+            algorithm.as_str().into(),
         ];
         let table = plans::update(client, &insert_sql(id_given), None, &args);
         if table.is_empty() {
@@ -481,15 +484,67 @@ fn create_api_key(
     ))
 }
 
+/// `rate_limit_algorithm`: 'sliding' or 'fixed' (NULL: not given).
+fn check_algorithm(name: Option<String>) -> Option<metering::Algorithm> {
+    let name = name?;
+    Some(metering::Algorithm::parse(&name).unwrap_or_else(|| {
+        invalid_argument(
+            "rate_limit_algorithm",
+            format!("must be 'sliding' or 'fixed', got \"{}\"", errors::shown(&name)),
+        )
+    }))
+}
+
 fn required_id(id: Option<String>) -> String {
     id.unwrap_or_else(|| invalid_argument("id", "must not be NULL"))
 }
 
-fn first_api_key(table: pgrx::spi::SpiTupleTable<'_>) -> Option<ApiKey> {
+/// A row of `api_key_sql`: the key, its meter_version and when it was created.
+type Row = (ApiKey, i64, i64);
+
+fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
+    let key = errors::internal(row.get::<ApiKey>(1))?;
+    let version = errors::internal(row.get::<i64>(2)).unwrap_or(0);
+    let created_us =
+        errors::internal(row.get::<TimestampWithTimeZone>(3)).map_or(0, verify::epoch_us);
+    Some((key, version, created_us))
+}
+
+/// The key with what shared memory holds beyond its rows: uses not written yet, and the quota
+/// as it is now. Called outside SPI: the tuple is rebuilt in the caller's memory context.
+fn with_live((key, version, created_us): Row) -> ApiKey {
+    let id = errors::internal(key.get_by_name::<String>("id")).unwrap_or_default();
+    let Some(live) = crate::engine::live(&id, created_us, version) else {
+        return key;
+    };
+    let mut key = key;
+    let requests = errors::internal(key.get_by_name::<i64>("request_count")).unwrap_or(0);
+    errors::internal(key.set_by_name("request_count", requests + live.uses as i64));
+    if let Some(at) = live.last_used_us {
+        let written = errors::internal(key.get_by_name::<TimestampWithTimeZone>("last_used_at"));
+        let at = verify::from_epoch_us(at);
+        errors::internal(key.set_by_name("last_used_at", written.map_or(at, |w| w.max(at))));
+    }
+    if let Some(counters) = live.counters {
+        errors::internal(key.set_by_name("remaining", counters.remaining));
+        errors::internal(key.set_by_name(
+            "last_refill_at",
+            live.last_refill_us.map(verify::from_epoch_us),
+        ));
+    }
+    key
+}
+
+/// The columns `read_row` reads, for keys `filter` selects (a WHERE clause over `k`).
+fn api_key_sql(filter: &str) -> String {
+    format!("SELECT {API_KEY_ROW}, k.meter_version, k.created_at FROM {API_KEY_FROM} {filter}")
+}
+
+fn first_row(table: pgrx::spi::SpiTupleTable<'_>) -> Option<Row> {
     if table.is_empty() {
         return None;
     }
-    errors::internal(table.first().get::<ApiKey>(1))
+    read_row(errors::internal(table.first().get_heap_tuple())?)
 }
 
 /// One key by id (never its secret or hash); NULL when there is no such key.
@@ -497,14 +552,15 @@ fn first_api_key(table: pgrx::spi::SpiTupleTable<'_>) -> Option<ApiKey> {
 #[search_path(pg_catalog, pg_temp)]
 fn get_api_key(id: Option<String>) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = id?;
-    Spi::connect(|client| {
-        first_api_key(plans::select(
+    let row = Spi::connect(|client| {
+        first_row(plans::select(
             client,
-            &format!("SELECT {API_KEY_ROW} FROM apikeys.keys WHERE id = $1"),
+            &api_key_sql("WHERE k.id = $1"),
             None,
             &[id.as_str().into()],
         ))
-    })
+    });
+    row.map(with_live)
 }
 
 /// Every key, or every key of one owner, oldest first.
@@ -513,21 +569,17 @@ fn get_api_key(id: Option<String>) -> Option<pgrx::composite_type!('static, "api
 fn list_api_keys(
     owner: default!(Option<String>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "apikeys.api_key")> {
-    let rows: Vec<ApiKey> = Spi::connect(|client| {
-        let table = plans::select(
+    let rows: Vec<Row> = Spi::connect(|client| {
+        plans::select(
             client,
-            &format!(
-                "SELECT {API_KEY_ROW} FROM apikeys.keys WHERE $1::text IS NULL OR owner = $1 \
-                 ORDER BY created_at, id"
-            ),
+            &api_key_sql("WHERE $1::text IS NULL OR k.owner = $1 ORDER BY k.created_at, k.id"),
             None,
             &[owner.into()],
-        );
-        table
-            .filter_map(|row| errors::internal(row.get::<ApiKey>(1)))
-            .collect()
+        )
+        .filter_map(read_row)
+        .collect()
     });
-    SetOfIterator::new(rows)
+    SetOfIterator::new(rows.into_iter().map(with_live))
 }
 
 /// Fields `update_api_key(clear => ...)` resets, under the name each is cleared by.
@@ -607,8 +659,10 @@ fn update_api_key(
     rate_limit_window: default!(Option<Interval>, "NULL"),
     enabled: default!(Option<bool>, "NULL"),
     clear: default!(Option<Vec<Option<String>>>, "NULL"),
+    rate_limit_algorithm: default!(Option<String>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = required_id(id);
+    let algorithm = check_algorithm(rate_limit_algorithm);
     let mut cleared: Vec<&'static str> = Vec::new();
     for field in clear.unwrap_or_default().into_iter().flatten() {
         let Some(canonical) = canonical_clear_name(&field) else {
@@ -659,11 +713,16 @@ fn update_api_key(
         }
     }
 
-    Spi::connect_mut(|client| {
+    let row = Spi::connect_mut(|client| {
+        // The quota as it stands: counted use (apikeys.meters, shared memory) included.
         let current = plans::update(
             client,
-            "SELECT refill_amount, refill_interval, rate_limit_max, rate_limit_window, remaining \
-             FROM apikeys.keys WHERE id = $1 FOR UPDATE",
+            "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window,
+                    CASE WHEN m.meter_version = k.meter_version THEN m.remaining ELSE k.remaining END,
+                    k.meter_version, k.created_at
+               FROM apikeys.keys k LEFT JOIN apikeys.meters m
+                 ON m.key_id = k.id AND m.key_created_at = k.created_at
+              WHERE k.id = $1 FOR UPDATE OF k",
             None,
             &[id.as_str().into()],
         );
@@ -671,7 +730,7 @@ fn update_api_key(
             key_not_found(&id);
         }
         let cur = current.first();
-        let (cur_amount, cur_interval, cur_max, cur_window, cur_remaining) =
+        let (cur_amount, cur_interval, cur_max, cur_window, stored_remaining, version, created) =
             errors::internal((|| -> Result<_, pgrx::spi::SpiError> {
                 Ok((
                     cur.get::<i64>(1)?,
@@ -679,8 +738,15 @@ fn update_api_key(
                     cur.get::<i32>(3)?,
                     cur.get::<Interval>(4)?,
                     cur.get::<i64>(5)?,
+                    cur.get::<i64>(6)?.unwrap_or(0),
+                    cur.get::<TimestampWithTimeZone>(7)?,
                 ))
             })());
+        let live = crate::engine::live(&id, created.map_or(0, verify::epoch_us), version);
+        let cur_remaining = match live.and_then(|l| l.counters) {
+            Some(counters) => counters.remaining,
+            None => stored_remaining,
+        };
         let keep = |field: &str| !cleared.contains(&field);
         let final_amount = s.refill_amount.or(cur_amount).filter(|_| keep("refill"));
         let final_interval = s
@@ -740,8 +806,13 @@ fn update_api_key(
             .or(cur_remaining)
             .filter(|_| keep("remaining"))
             .or(final_amount);
-        if s.remaining.is_some() || final_remaining != cur_remaining {
+        // A new quota (or refill) is a new meter_version: use counted against the old one no
+        // longer applies, and the next verification loads the key's counters again.
+        let quota_changed =
+            s.remaining.is_some() || final_remaining != cur_remaining || refill_given || cleared.contains(&"refill");
+        if quota_changed {
             set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
+            set.set("remaining", "meter_version = meter_version + 1", vec![]);
         }
         // A newly configured refill starts its clock now.
         if refill_given {
@@ -767,23 +838,33 @@ fn update_api_key(
                 vec![final_window.into()],
             );
         } else if cleared.contains(&"rate_limit") {
-            set.set("rate_limit", "rate_limit_max = NULL, rate_limit_window = NULL, rate_window_start = NULL, rate_window_count = 0", vec![]);
+            set.set("rate_limit", "rate_limit_max = NULL, rate_limit_window = NULL", vec![]);
+        }
+        if let Some(algorithm) = algorithm {
+            set.set(
+                "rate_limit_algorithm",
+                "rate_limit_algorithm = $?",
+                vec![algorithm.as_str().into()],
+            );
         }
         let actor = audit::actor();
         let changed: Vec<&str> = set.changed.clone();
         set.set("updated_by", "updated_by = $?", vec![actor.into()]);
         set.set("updated_by", "updated_at = clock_timestamp()", vec![]);
-        let updated = first_api_key(errors::internal(client.update(
-            &format!(
-                "UPDATE apikeys.keys SET {} WHERE id = $1 RETURNING {API_KEY_ROW}",
-                set.sql.join(", ")
-            ),
+        errors::internal(client.update(
+            &format!("UPDATE apikeys.keys SET {} WHERE id = $1", set.sql.join(", ")),
             None,
             &set.args,
-        )));
+        ));
         audit::record(client, "update", Some(&id), json!({ "changed": changed }));
-        updated
-    })
+        first_row(plans::update(
+            client,
+            &api_key_sql("WHERE k.id = $1"),
+            None,
+            &[id.as_str().into()],
+        ))
+    });
+    row.map(with_live)
 }
 
 /// Revokes a key for good: verify_key says REVOKED from now on. True if this call revoked it,
@@ -824,7 +905,9 @@ fn delete_api_key(id: Option<String>) -> bool {
     Spi::connect_mut(|client| {
         let deleted = plans::update(
             client,
-            "DELETE FROM apikeys.keys WHERE id = $1 RETURNING id",
+            "WITH gone AS (DELETE FROM apikeys.keys WHERE id = $1 RETURNING id),
+                  counted AS (DELETE FROM apikeys.meters WHERE key_id IN (SELECT id FROM gone))
+             SELECT id FROM gone",
             None,
             &[id.as_str().into()],
         );
@@ -914,6 +997,8 @@ fn delete_expired_api_keys(older_than: default!(Option<Interval>, "'0'")) -> i64
             client,
             "WITH gone AS (
                 DELETE FROM apikeys.keys WHERE expires_at <= clock_timestamp() - $1 RETURNING id
+             ), counted AS (
+                DELETE FROM apikeys.meters WHERE key_id IN (SELECT id FROM gone)
              ), audit AS (
                 INSERT INTO apikeys.audit_log (actor, action, key_id, details)
                 SELECT $2, 'delete_expired', id, '{}' FROM gone
@@ -1503,7 +1588,7 @@ mod tests {
         );
         assert_eq!(
             dumped.as_deref(),
-            Some("audit_log,audit_log_id_seq,keys,signing_keys")
+            Some("audit_log,audit_log_id_seq,keys,meters,signing_keys")
         );
     }
 }

@@ -7,6 +7,7 @@ mod audit;
 mod catalog;
 pub mod claims;
 mod context;
+mod engine;
 pub mod durations;
 mod errors;
 mod guc;
@@ -21,10 +22,11 @@ mod plans;
 mod scan;
 mod schema;
 mod signing;
+pub mod slots;
 mod test_support;
 mod tokens;
-mod usage;
 mod verify;
+mod writer;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -34,7 +36,7 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
     // SAFETY: a plain read of a postmaster global, set before _PG_init runs.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        usage::init();
+        engine::init();
     }
 }
 
@@ -45,6 +47,7 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        // The metering engine, as deployments run it.
+        vec!["shared_preload_libraries = 'pg_apikeys'"]
     }
 }

@@ -50,9 +50,18 @@ pub struct KeyRow {
     pub remaining: Option<i64>,
     pub rate_limit_max: Option<i32>,
     pub created_at: Option<TimestampWithTimeZone>,
+    pub meter_version: i64,
+    pub refill_amount: Option<i64>,
+    pub refill_interval: Option<pgrx::datum::Interval>,
+    pub rate_limit_window: Option<pgrx::datum::Interval>,
+    pub rate_limit_algorithm: Option<String>,
+    /// A transaction still in progress that updated or deleted this version (a management
+    /// change not committed yet), other than the caller's own.
+    pub updater: Option<pg_sys::TransactionId>,
 }
 
-const COLUMNS: [&CStr; 16] = [
+const N: usize = 21;
+const COLUMNS: [&CStr; N] = [
     c"id",
     c"hash",
     c"previous_hash",
@@ -69,6 +78,11 @@ const COLUMNS: [&CStr; 16] = [
     c"remaining",
     c"rate_limit_max",
     c"created_at",
+    c"meter_version",
+    c"refill_amount",
+    c"refill_interval",
+    c"rate_limit_window",
+    c"rate_limit_algorithm",
 ];
 const ID: usize = 0;
 const HASH: usize = 1;
@@ -77,7 +91,7 @@ const PREVIOUS_HASH: usize = 2;
 thread_local! {
     /// apikeys.keys' oid and the attribute numbers of COLUMNS, found once per backend (again
     /// if the table was dropped and created since).
-    static LAYOUT: Cell<Option<(pg_sys::Oid, [pg_sys::AttrNumber; 16])>> = const { Cell::new(None) };
+    static LAYOUT: Cell<Option<(pg_sys::Oid, [pg_sys::AttrNumber; N])>> = const { Cell::new(None) };
     /// Where each key was last found, by (lookup kind, hash or id), for apikeys.keys' oid.
     static PLACES: RefCell<(pg_sys::Oid, HashMap<Vec<u8>, pg_sys::ItemPointerData>)> =
         RefCell::new((pg_sys::InvalidOid, HashMap::new()));
@@ -141,7 +155,7 @@ unsafe fn fetch_at(
     rel: pg_sys::Relation,
     snapshot: pg_sys::Snapshot,
     root: pg_sys::ItemPointerData,
-    attnums: &[pg_sys::AttrNumber; 16],
+    attnums: &[pg_sys::AttrNumber; N],
     remembered: bool,
 ) -> Option<KeyRow> {
     let block = (u32::from(root.ip_blkid.bi_hi) << 16) | u32::from(root.ip_blkid.bi_lo);
@@ -170,11 +184,71 @@ unsafe fn fetch_at(
             std::ptr::null_mut(),
             true,
         );
+        // xmax is read under the share lock (hint bits and multixact members may change).
+        let updater = if found {
+            updating_xid(tuple.t_data)
+        } else {
+            pg_sys::InvalidTransactionId
+        };
         pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
         // The pin keeps the tuple in place (pruning needs a cleanup lock) while it is copied out.
         let row = found.then(|| deform(&mut tuple, (*rel).rd_att, attnums));
         pg_sys::ReleaseBuffer(buffer);
-        row
+        row.map(|mut row| {
+            row.updater = still_updating(updater);
+            row
+        })
+    }
+}
+
+/// The transaction that updated or deleted this version (not one that only locked it), if any.
+///
+/// # Safety
+/// `header` is a visible tuple's header in a pinned, share-locked buffer.
+unsafe fn updating_xid(header: pg_sys::HeapTupleHeader) -> pg_sys::TransactionId {
+    // SAFETY: the caller's contract; these are the checks of HEAP_XMAX_IS_LOCKED_ONLY and
+    // HeapTupleHeaderGetUpdateXid.
+    unsafe {
+        let infomask = u32::from((*header).t_infomask);
+        if infomask & pg_sys::HEAP_XMAX_INVALID != 0 {
+            return pg_sys::InvalidTransactionId;
+        }
+        let multi = infomask & pg_sys::HEAP_XMAX_IS_MULTI != 0;
+        let lock_only = infomask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
+            || infomask & (pg_sys::HEAP_XMAX_IS_MULTI | pg_sys::HEAP_LOCK_MASK)
+                == pg_sys::HEAP_XMAX_EXCL_LOCK;
+        if lock_only {
+            pg_sys::InvalidTransactionId
+        } else if multi {
+            pg_sys::HeapTupleGetUpdateXid(header)
+        } else {
+            (*header).t_choice.t_heap.t_xmax
+        }
+    }
+}
+
+fn still_updating(xid: pg_sys::TransactionId) -> Option<pg_sys::TransactionId> {
+    if xid == pg_sys::InvalidTransactionId {
+        return None;
+    }
+    // SAFETY: reads of the proc array and this transaction's state.
+    let waiting = unsafe {
+        !pg_sys::TransactionIdIsCurrentTransactionId(xid) && pg_sys::TransactionIdIsInProgress(xid)
+    };
+    waiting.then_some(xid)
+}
+
+/// Waits until transaction `xid` (an uncommitted change of a key's row) ends, as a row lock
+/// would; deadlocks are detected by the lock manager.
+pub fn wait_for(xid: pg_sys::TransactionId) {
+    // SAFETY: waits on the transaction's lock; interrupts and deadlocks raise as usual.
+    unsafe {
+        pg_sys::XactLockTableWait(
+            xid,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            pg_sys::XLTW_Oper::XLTW_None,
+        )
     }
 }
 
@@ -186,7 +260,7 @@ unsafe fn fetch_at(
 unsafe fn deform(
     tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
-    attnums: &[pg_sys::AttrNumber; 16],
+    attnums: &[pg_sys::AttrNumber; N],
 ) -> KeyRow {
     // SAFETY: the caller's contract; values and nulls have room for every attribute.
     unsafe {
@@ -201,13 +275,13 @@ unsafe fn deform(
     }
 }
 
-fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; 16] {
+fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; N] {
     if let Some((cached, attnums)) = LAYOUT.with(Cell::get) {
         if cached == relid {
             return attnums;
         }
     }
-    let mut attnums = [0; 16];
+    let mut attnums = [0; N];
     for (slot, column) in attnums.iter_mut().zip(COLUMNS) {
         // SAFETY: a syscache lookup of an existing relation's attribute, in a transaction.
         *slot = unsafe { pg_sys::get_attnum(relid, column.as_ptr()) };
@@ -238,6 +312,16 @@ pub fn snapshot() -> pg_sys::Snapshot {
 
 /// The row of the key `by` names, if one is visible.
 pub fn find(by: By<'_>) -> Option<KeyRow> {
+    find_with(by, false)
+}
+
+/// The row as committed now (READ COMMITTED: after waiting for a change of it, as a row lock
+/// would re-read it; other isolation levels keep their transaction snapshot).
+pub fn find_latest(by: By<'_>) -> Option<KeyRow> {
+    find_with(by, true)
+}
+
+fn find_with(by: By<'_>, latest: bool) -> Option<KeyRow> {
     let relid = relation(c"keys");
     let attnums = attnums(relid);
     let place_key = by.place_key();
@@ -246,7 +330,12 @@ pub fn find(by: By<'_>) -> Option<KeyRow> {
     // them; the snapshot is used before anything else takes one.
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let snapshot = snapshot();
+        let read_committed = pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32;
+        let snapshot = if latest && read_committed {
+            pg_sys::GetLatestSnapshot()
+        } else {
+            snapshot()
+        };
         // SERIALIZABLE transactions take the index path: its predicate locks are what
         // serializable conflict detection expects of a lookup.
         let serializable = pg_sys::XactIsoLevel == pg_sys::XACT_SERIALIZABLE as i32;
@@ -303,7 +392,7 @@ unsafe fn probe(
     procedure: u32,
     argument: pg_sys::Datum,
     snapshot: pg_sys::Snapshot,
-    attnums: &[pg_sys::AttrNumber; 16],
+    attnums: &[pg_sys::AttrNumber; N],
 ) -> Option<(KeyRow, pg_sys::ItemPointerData)> {
     // SAFETY: the caller's contract; the index is opened and locked for the scan, which is
     // ended and closed before returning; each TID is read before the next index_getnext_tid.
@@ -371,6 +460,12 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         remaining: get(at(13)),
         rate_limit_max: get(at(14)),
         created_at: get(at(15)),
+        meter_version: get(at(16)).unwrap_or(0),
+        refill_amount: get(at(17)),
+        refill_interval: get(at(18)),
+        rate_limit_window: get(at(19)),
+        rate_limit_algorithm: get(at(20)),
+        updater: None,
     }
 }
 
@@ -417,7 +512,7 @@ mod tests {
         )
         .is_some());
         run(&format!(
-            "UPDATE apikeys.keys SET request_count = request_count + 5 WHERE id = '{id}'"
+            "UPDATE apikeys.keys SET updated_by = 'hot' WHERE id = '{id}'"
         ));
         assert_eq!(field::<String>(&key, "", "name").as_deref(), Some("a"));
         run(&format!("SELECT apikeys.update_api_key('{id}', name => 'b', permissions => '{{\"x\": [\"y\"]}}')"));

@@ -60,10 +60,10 @@ CREATE TABLE apikeys.keys (
     last_refill_at       timestamptz,
     rate_limit_max       integer CHECK (rate_limit_max > 0),
     rate_limit_window    interval,
-    rate_window_start    timestamptz,             -- the current fixed window ...
-    rate_window_count    bigint NOT NULL DEFAULT 0, -- ... and what it has used
-    request_count        bigint NOT NULL DEFAULT 0,
-    last_used_at         timestamptz,
+    rate_limit_algorithm text NOT NULL DEFAULT 'sliding' CHECK (rate_limit_algorithm IN ('sliding', 'fixed')),
+    -- remaining and last_refill_at above are what management set; bumped with them, so that use
+    -- counted against an older setting (apikeys.meters) no longer applies
+    meter_version        bigint NOT NULL DEFAULT 1,
     created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     created_by           text NOT NULL,
     updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -73,6 +73,23 @@ CREATE TABLE apikeys.keys (
 );
 CREATE INDEX keys_owner_idx ON apikeys.keys (owner);
 CREATE INDEX keys_expires_at_idx ON apikeys.keys (expires_at) WHERE expires_at IS NOT NULL;
+
+-- What use changes, apart from the keys the lookups read on every call: written by the metering
+-- engine's writer in batches (or, without shared_preload_libraries, by each verification).
+-- remaining and last_refill_at count while meter_version is the key's; the window and the
+-- usage counts belong to the key created at key_created_at.
+CREATE TABLE apikeys.meters (
+    key_id          text PRIMARY KEY,
+    key_created_at  timestamptz NOT NULL,
+    meter_version   bigint NOT NULL,          -- 0: no quota counted yet
+    remaining       bigint,
+    last_refill_at  timestamptz,
+    window_start    timestamptz,              -- the fixed window's start, or the sliding bucket's
+    window_count    bigint NOT NULL DEFAULT 0,
+    window_previous bigint NOT NULL DEFAULT 0, -- the previous sliding bucket's count
+    request_count   bigint NOT NULL DEFAULT 0,
+    last_used_at    timestamptz
+);
 
 -- Every management action, with the database role that performed it.
 CREATE TABLE apikeys.audit_log (
@@ -102,6 +119,7 @@ CREATE TABLE apikeys.signing_keys (
 CREATE INDEX signing_keys_live_idx ON apikeys.signing_keys (created_at) WHERE retired_at IS NULL;
 
 SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
@@ -114,7 +132,8 @@ CREATE TYPE apikeys.api_key AS (
     remaining bigint, refill_amount bigint, refill_interval interval, last_refill_at timestamptz,
     rate_limit_max integer, rate_limit_window interval,
     request_count bigint, last_used_at timestamptz,
-    created_at timestamptz, created_by text, updated_at timestamptz, updated_by text
+    created_at timestamptz, created_by text, updated_at timestamptz, updated_by text,
+    rate_limit_algorithm text
 );
 
 -- The result of every verification.
@@ -156,12 +175,21 @@ GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
     finalize
 );
 
-/// Columns of `apikeys.api_key`, in order, as expressions over `apikeys.keys`.
+/// Columns of `apikeys.api_key`, in order, as expressions over `API_KEY_FROM`: a key's row
+/// with what use has changed (as of the metering engine's last write; `keys::live` adds what
+/// shared memory holds beyond it).
 pub const API_KEY_ROW: &str =
-    "ROW(id, name, owner, prefix, start, description, permissions, metadata, \
-     role, master, enabled, expires_at, revoked_at, remaining, refill_amount, refill_interval, \
-     last_refill_at, rate_limit_max, rate_limit_window, request_count, last_used_at, created_at, \
-     created_by, updated_at, updated_by)::apikeys.api_key";
+    "ROW(k.id, k.name, k.owner, k.prefix, k.start, k.description, k.permissions, k.metadata, \
+     k.role, k.master, k.enabled, k.expires_at, k.revoked_at, \
+     CASE WHEN m.meter_version = k.meter_version THEN m.remaining ELSE k.remaining END, \
+     k.refill_amount, k.refill_interval, \
+     CASE WHEN m.meter_version = k.meter_version THEN m.last_refill_at ELSE k.last_refill_at END, \
+     k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
+     k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm)::apikeys.api_key";
+
+/// The rows `API_KEY_ROW` reads.
+pub const API_KEY_FROM: &str = "apikeys.keys k LEFT JOIN apikeys.meters m \
+     ON m.key_id = k.id AND m.key_created_at = k.created_at";
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

@@ -1,0 +1,656 @@
+//! The metering engine: usage counts, quotas and rate-limit windows of every database's keys in
+//! shared memory (with `shared_preload_libraries = 'pg_apikeys'`), persisted by one writer per
+//! database (`writer`). A verification never writes a row, never takes a row lock and never
+//! needs a transaction id, so it works the same in READ ONLY transactions, and a caller's
+//! rollback cannot give back what a VALID answer spent.
+//!
+//! - Uses of any key are counts in its entry; the writer adds them to `apikeys.meters` about
+//!   every second (sooner when the table fills up). A crash loses at most those seconds.
+//! - Rate-limit windows are counters in the entry, exact per server under any concurrency
+//!   (one lock); the writer persists them with the uses. A crash may restart a window.
+//! - A quota spend (and a refill) makes the entry dirty at a per-database sequence number; the
+//!   verification returns only once the writer has committed a batch up to that number. Many
+//!   callers' spends share one commit (group commit), so a hot quota key is not bound to one WAL
+//!   flush per call, and a spend answered VALID survives a crash.
+//!
+//! Entries are loaded from `apikeys.keys` and `apikeys.meters` on first use (and again when a
+//! management change bumps `keys.meter_version`). Entries whose counters are written may be
+//! evicted when the table is three-quarters full; a load that raced with an eviction reads
+//! again (`evictions`), so nothing is loaded from a row older than the entry it replaces.
+
+use crate::metering::{self, Charge, Counters};
+use crate::verify::Config;
+use crate::slots::{self, Entry, KeyRef};
+use crate::{errors, guc};
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Databases that can use the engine at once (each has a writer while it has work).
+pub const DATABASES: usize = 64;
+
+/// One database's persistence state.
+#[repr(C)]
+pub struct Database {
+    pub oid: u32,
+    /// The role its writer connects as (the extension's owner, when it may log in).
+    pub owner: u32,
+    pub writer_pid: i32,
+    pub writer_procno: i32,
+    /// Work is waiting for a writer; when the launcher last started one.
+    pub wanted: bool,
+    pub started_us: i64,
+    /// Starts that ended before the writer ran: after three the database is given up on.
+    pub failed_starts: u32,
+    /// Sequence numbers of counter changes: the next one, and all up to `durable` are committed.
+    pub next_seq: u64,
+    pub durable: u64,
+    /// Signalled when `durable` moves.
+    pub flushed: pg_sys::ConditionVariable,
+}
+
+#[repr(C)]
+pub struct Header {
+    pub launcher_pid: i32,
+    pub launcher_procno: i32,
+    pub used: usize,
+    pub capacity: usize,
+    /// Bumped by every eviction of a counted entry (see the module comment).
+    pub evictions: u64,
+    pub databases: [Database; DATABASES],
+}
+
+// Set once per process by shmem_startup (in the postmaster, inherited by every child).
+static mut HEADER: *mut Header = std::ptr::null_mut();
+static mut SLOTS: *mut Entry = std::ptr::null_mut();
+static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+const NAME: &std::ffi::CStr = c"pg_apikeys metering";
+/// Set in _PG_init when the library is preloaded; inherited by every backend.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// How long a verification waits for its spend to be written before it gives up (and gives
+/// the spend back).
+const DURABLE_WAIT: Duration = Duration::from_secs(30);
+
+fn shared_size(capacity: usize) -> usize {
+    std::mem::size_of::<Header>() + capacity * std::mem::size_of::<Entry>()
+}
+
+/// From _PG_init, only while shared_preload_libraries are loaded.
+pub fn init() {
+    // SAFETY: _PG_init runs in the postmaster before any other process exists, so nothing
+    // reads the hook variables while they are chained.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+    crate::writer::register_launcher();
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: called by the postmaster while shared memory may still be requested; the
+    // previous hook was saved by init before ours was installed.
+    unsafe {
+        if let Some(previous) = PREV_SHMEM_REQUEST {
+            previous();
+        }
+        pg_sys::RequestAddinShmemSpace(shared_size(guc::shared_keys()));
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: AddinShmemInitLock (MainLWLockArray[21]) serialises ShmemInitStruct against other
+    // processes attaching; the memory is initialised only by whoever created it (found = false).
+    unsafe {
+        if let Some(previous) = PREV_SHMEM_STARTUP {
+            previous();
+        }
+        let capacity = guc::shared_keys();
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let base = pg_sys::ShmemInitStruct(NAME.as_ptr(), shared_size(capacity), &mut found);
+        let header = base.cast::<Header>();
+        let slots = base
+            .cast::<u8>()
+            .add(std::mem::size_of::<Header>())
+            .cast::<Entry>();
+        if !found {
+            std::ptr::write_bytes(base.cast::<u8>(), 0, std::mem::size_of::<Header>());
+            (*header).capacity = capacity;
+            for i in 0..DATABASES {
+                pg_sys::ConditionVariableInit(&raw mut (*header).databases[i].flushed);
+            }
+            for i in 0..capacity {
+                slots.add(i).write(slots::FREE);
+            }
+        }
+        HEADER = header;
+        SLOTS = slots;
+        LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// The shared state while this process holds the lock.
+pub struct Shared<'a> {
+    pub header: &'a mut Header,
+    pub slots: &'a mut [Entry],
+}
+
+impl Shared<'_> {
+    pub fn database(&mut self, index: usize) -> &mut Database {
+        &mut self.header.databases[index]
+    }
+
+    /// Wakes the writer of database `index`, or asks the launcher for one.
+    pub fn wake_writer(&mut self, index: usize) {
+        let db = &mut self.header.databases[index];
+        if db.writer_pid != 0 {
+            set_latch(db.writer_procno);
+        } else {
+            db.wanted = true;
+            set_latch(self.header.launcher_procno);
+        }
+    }
+}
+
+/// Whether the engine's shared memory exists in this server.
+pub fn available() -> bool {
+    // SAFETY: the pointers are written once at shared-memory start-up, before this can run.
+    let (header, lock) = unsafe { (HEADER, LOCK) };
+    PRELOADED.load(Ordering::Relaxed) && !header.is_null() && !lock.is_null()
+}
+
+/// Runs `f` on the shared state under its lock (exclusive or shared); None without one.
+pub fn with_shared<R>(exclusive: bool, f: impl FnOnce(&mut Shared<'_>) -> R) -> Option<R> {
+    if !available() {
+        return None;
+    }
+    let mode = if exclusive {
+        pg_sys::LWLockMode::LW_EXCLUSIVE
+    } else {
+        pg_sys::LWLockMode::LW_SHARED
+    };
+    // SAFETY: the pointers were set at start-up and stay valid for the server's life; the lock
+    // makes this process their only writer (or one of several readers, who only read) until
+    // it is released. `f` is plain memory work that does not raise, so the lock cannot be left
+    // held by a longjmp (and an error would release it: LWLockReleaseAll at abort).
+    unsafe {
+        pg_sys::LWLockAcquire(LOCK, mode);
+        let header = &mut *HEADER;
+        let slots = std::slice::from_raw_parts_mut(SLOTS, header.capacity);
+        let result = f(&mut Shared { header, slots });
+        pg_sys::LWLockRelease(LOCK);
+        Some(result)
+    }
+}
+
+/// Sets the latch of the process with this PGPROC number (a stale number wakes some other
+/// process once, which is harmless).
+pub fn set_latch(procno: i32) {
+    // SAFETY: ProcGlobal's array has MaxBackends + auxiliary entries for the server's life;
+    // the index is checked against its size.
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if procno < 0 || global.is_null() || procno as u32 >= (*global).allProcCount {
+            return;
+        }
+        pg_sys::SetLatch(&raw mut (*(*global).allProcs.add(procno as usize)).procLatch);
+    }
+}
+
+/// This process's PGPROC number.
+pub fn my_procno() -> i32 {
+    // SAFETY: MyProc points into ProcGlobal's array in every connected process.
+    unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) as i32 }
+}
+
+fn my_database() -> u32 {
+    // SAFETY: a plain read of a backend global.
+    u32::from(unsafe { pg_sys::MyDatabaseId })
+}
+
+thread_local! {
+    /// This database's index in `Header::databases`, once found (None: not looked up yet).
+    static DATABASE: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Uses that found the shared table full, added to it at a later call or when the backend
+    /// exits (bounded: beyond MAX_OVERFLOW keys they are dropped, with a WARNING).
+    static OVERFLOW: RefCell<HashMap<(String, i64), (u64, i64)>> = RefCell::new(HashMap::new());
+    static WARNED: Cell<bool> = const { Cell::new(false) };
+}
+const MAX_OVERFLOW: usize = 100_000;
+
+/// The role this database's writer connects as: the extension's owner when it may log in,
+/// else 0 (the writer connects as the bootstrap superuser and runs its statements as the owner).
+fn writer_role() -> u32 {
+    let Some((_, owner)) = crate::catalog::extension() else {
+        return 0;
+    };
+    // SAFETY: a syscache lookup by OID in a transaction; the tuple is released before return.
+    let can_login = unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::AUTHOID as i32,
+            pg_sys::Datum::from(owner),
+        );
+        if tuple.is_null() {
+            false
+        } else {
+            let form = pg_sys::GETSTRUCT(tuple).cast::<pg_sys::FormData_pg_authid>();
+            let login = (*form).rolcanlogin;
+            pg_sys::ReleaseSysCache(tuple);
+            login
+        }
+    };
+    if can_login {
+        u32::from(owner)
+    } else {
+        0
+    }
+}
+
+/// This database's slot in the shared state, claimed on first use; None when every slot is
+/// taken by other databases.
+fn database_index() -> Option<usize> {
+    if let Some(known) = DATABASE.with(Cell::get) {
+        return Some(known);
+    }
+    let me = my_database();
+    let owner = writer_role();
+    let index = with_shared(true, |s| {
+        let dbs = &mut s.header.databases;
+        if let Some(i) = dbs.iter().position(|d| d.oid == me) {
+            return Some(i);
+        }
+        let free = dbs.iter().position(|d| d.oid == 0)?;
+        let db = &mut dbs[free];
+        db.oid = me;
+        db.owner = owner;
+        db.failed_starts = 0;
+        Some(free)
+    })
+    .flatten();
+    if index.is_none() {
+        warn_once(&format!("pg_apikeys: more than {DATABASES} databases use the metering engine; in this one, uses of keys are not counted and keys with limits are metered by row locks"));
+    }
+    DATABASE.with(|d| d.set(index));
+    index
+}
+
+fn warn_once(message: &str) {
+    if !WARNED.with(|w| w.replace(true)) {
+        warning!("{message}");
+    }
+}
+
+/// Says once per backend that the engine is missing, and why that matters.
+pub fn warn_not_preloaded() {
+    warn_once("pg_apikeys is not in shared_preload_libraries: uses of keys are not counted, and keys with a quota or rate limit are metered with row locks in the caller's transaction (not in READ ONLY transactions, undone by a rollback)");
+}
+
+/// Counts one VALID use of a key (`id` created at `created_us`) at `now_us`. Never waits for
+/// another session and never writes: a full table keeps the use in this backend until there is
+/// room (and wakes the writer to make some).
+pub fn record_use(id: &str, created_us: i64, now_us: i64) {
+    let Some(index) = database_index() else {
+        return;
+    };
+    let db = my_database();
+    let overflowing = OVERFLOW.with(|o| !o.borrow().is_empty());
+    let stored = with_shared(true, |s| {
+        let wake = s.header.used * 2 > s.header.capacity || s.database(index).writer_pid == 0;
+        let mut used = s.header.used;
+        let key = KeyRef { db, id, created_us };
+        let stored = match slots::find_or_insert(s.slots, &mut used, &key) {
+            Some(i) => {
+                let e = &mut s.slots[i];
+                e.uses += 1;
+                e.last_used_us = e.last_used_us.max(now_us);
+                e.last_access_us = now_us;
+                true
+            }
+            None => false,
+        };
+        s.header.used = used;
+        if overflowing {
+            drain_overflow(s, db);
+        }
+        if wake || !stored {
+            s.wake_writer(index);
+        }
+        stored
+    })
+    .unwrap_or(true);
+    if !stored {
+        keep_for_later(id, created_us, 1, now_us);
+    }
+}
+
+fn keep_for_later(id: &str, created_us: i64, uses: u64, at_us: i64) {
+    OVERFLOW.with(|o| {
+        let mut o = o.borrow_mut();
+        if o.is_empty() {
+            register_exit_drain();
+        }
+        let key = (id.to_owned(), created_us);
+        if o.len() >= MAX_OVERFLOW && !o.contains_key(&key) {
+            warn_once("pg_apikeys: the metering table and this backend's overflow are full; some uses are not counted (raise apikeys.shared_keys)");
+            return;
+        }
+        let slot = o.entry(key).or_insert((0, at_us));
+        slot.0 += uses;
+        slot.1 = slot.1.max(at_us);
+    });
+}
+
+/// Moves this backend's overflow into the shared table while there is room.
+fn drain_overflow(s: &mut Shared<'_>, db: u32) {
+    OVERFLOW.with(|o| {
+        let mut o = o.borrow_mut();
+        let mut used = s.header.used;
+        o.retain(|(id, created_us), (uses, at_us)| {
+            let key = KeyRef { db, id, created_us: *created_us };
+            match slots::find_or_insert(s.slots, &mut used, &key) {
+                Some(i) => {
+                    s.slots[i].uses += *uses;
+                    s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
+                    false
+                }
+                None => true,
+            }
+        });
+        s.header.used = used;
+    });
+}
+
+fn register_exit_drain() {
+    thread_local! { static REGISTERED: Cell<bool> = const { Cell::new(false) }; }
+    if REGISTERED.with(|r| r.replace(true)) {
+        return;
+    }
+    // SAFETY: registers a plain function PostgreSQL calls once at backend exit, while shared
+    // memory is still attached.
+    unsafe { pg_sys::before_shmem_exit(Some(drain_at_exit), pg_sys::Datum::from(0)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn drain_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    let db = my_database();
+    with_shared(true, |s| drain_overflow(s, db));
+}
+
+/// A key's counters as stored (`apikeys.keys` and, when current, `apikeys.meters`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stored {
+    pub version: i64,
+    pub counters: Counters,
+    pub last_refill_us: Option<i64>,
+    pub next_refill_us: Option<i64>,
+}
+
+/// What a metered verification learns from the engine.
+pub struct Metered {
+    pub charge: Charge,
+}
+
+/// Why the engine cannot meter this key: the caller falls back to row locks.
+pub enum Unavailable {
+    NoEngine,
+}
+
+/// `timestamptz + interval`, PostgreSQL's own arithmetic (months and days in the session's
+/// time zone), in epoch µs.
+pub fn add_interval(at_us: i64, interval: pgrx::datum::Interval) -> i64 {
+    let at = crate::verify::from_epoch_us(at_us);
+    // SAFETY: timestamptz_pl_interval takes a timestamptz and an interval (by reference, valid
+    // for the call) and returns a timestamptz, or raises on overflow.
+    let sum: Option<TimestampWithTimeZone> = unsafe {
+        pgrx::direct_function_call(
+            pg_sys::timestamptz_pl_interval,
+            &[at.into_datum(), interval.into_datum()],
+        )
+    };
+    let sum = sum.unwrap_or_else(TimestampWithTimeZone::positive_infinity);
+    crate::verify::epoch_us(sum)
+}
+
+/// Charges a metered key in shared memory: loads it on first use (`load`, which reads the
+/// rows), applies refill, quota and window, and for a quota spend waits until the writer has
+/// committed it. `permitted`: whether the key grants what the call requires.
+pub fn meter(
+    id: &str,
+    created_us: i64,
+    version: i64,
+    now_us: i64,
+    cost: i64,
+    permitted: bool,
+    config: &Config,
+    load: impl Fn() -> Option<Stored>,
+) -> Result<Option<Metered>, Unavailable> {
+    let Some(index) = database_index() else {
+        return Err(Unavailable::NoEngine);
+    };
+    let db = my_database();
+    let key = KeyRef { db, id, created_us };
+    if id.len() > slots::ID_BYTES {
+        return Err(Unavailable::NoEngine);
+    }
+    let mut next_refill: Option<(i64, i64)> = None; // (for last_refill = now, the next due)
+    let mut room_deadline = None;
+    loop {
+        let evictions = with_shared(false, |s| s.header.evictions).unwrap_or(0);
+        enum Step {
+            Load,
+            Refill,
+            Done(Metered, Option<u64>),
+        }
+        let step = with_shared(true, |s| {
+            let Some(i) = slots::find(s.slots, &key) else {
+                return Step::Load;
+            };
+            let e = &mut s.slots[i];
+            if !e.metered || e.version < version {
+                return Step::Load;
+            }
+            let due = config.refill_amount.is_some() && e.next_refill_us <= now_us;
+            if due && next_refill.is_none() {
+                return Step::Refill;
+            }
+            let limits = config.limits(due);
+            let charge = metering::charge(&e.counters(), &limits, now_us, cost, permitted);
+            e.last_access_us = now_us;
+            let changed = charge.after != e.counters() || charge.refilled;
+            if charge.refilled {
+                e.last_refill_us = now_us;
+                e.next_refill_us = next_refill.map_or(i64::MAX, |(_, next)| next);
+            }
+            e.set_counters(&charge.after);
+            if charge.verdict == metering::Verdict::Allowed && permitted {
+                e.uses += 1;
+                e.last_used_us = e.last_used_us.max(now_us);
+            }
+            let mut wait_for = None;
+            if changed {
+                let database = &mut s.header.databases[index];
+                database.next_seq += 1;
+                let seq = database.next_seq;
+                let e = &mut s.slots[i];
+                e.dirty_seq = seq;
+                if charge.spent > 0 || charge.refilled {
+                    wait_for = Some(seq);
+                }
+            }
+            if wait_for.is_some() || (changed && s.database(index).writer_pid == 0) {
+                s.wake_writer(index);
+            }
+            Step::Done(Metered { charge }, wait_for)
+        });
+        match step {
+            None => return Err(Unavailable::NoEngine),
+            Some(Step::Refill) => {
+                let next = config
+                    .refill_interval
+                    .map_or(i64::MAX, |interval| add_interval(now_us, interval));
+                next_refill = Some((now_us, next));
+            }
+            Some(Step::Load) => {
+                let Some(stored) = load() else {
+                    return Ok(None);
+                };
+                let installed = with_shared(true, |s| {
+                    if s.header.evictions != evictions {
+                        return Some(false);
+                    }
+                    let mut used = s.header.used;
+                    let i = slots::find_or_insert(s.slots, &mut used, &key);
+                    s.header.used = used;
+                    let i = i?;
+                    let e = &mut s.slots[i];
+                    if !e.metered || e.version < stored.version {
+                        install(e, &stored);
+                    }
+                    Some(true)
+                })
+                .flatten();
+                match installed {
+                    Some(true) => {}
+                    // An eviction since the load began: the rows read may be older than the
+                    // entry that was evicted. Read again.
+                    Some(false) => {}
+                    // The table is full of entries not written yet: the writer makes room.
+                    None => wait_for_room(index, &mut room_deadline),
+                }
+            }
+            Some(Step::Done(metered, wait_for)) => {
+                if let Some(seq) = wait_for {
+                    wait_durable(index, seq, &key, &metered.charge);
+                }
+                return Ok(Some(metered));
+            }
+        }
+    }
+}
+
+/// Waits 10 ms for the writer to make room in a full table; past DURABLE_WAIT, fails.
+fn wait_for_room(index: usize, deadline: &mut Option<std::time::Instant>) {
+    let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + DURABLE_WAIT);
+    if std::time::Instant::now() > deadline {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "the pg_apikeys metering table is full of keys whose counters are not written yet".into(),
+            Some("Raise apikeys.shared_keys, and check the server log for pg_apikeys writer errors."),
+        );
+    }
+    with_shared(true, |s| s.wake_writer(index));
+    // SAFETY: sleeps this backend; interrupts are checked right after.
+    unsafe { pg_sys::pg_usleep(10_000) };
+    pgrx::check_for_interrupts!();
+}
+
+fn install(e: &mut Entry, stored: &Stored) {
+    e.metered = true;
+    e.version = stored.version;
+    // A new meter_version (a management change of the quota) keeps the window counted so far.
+    let window = e.counters();
+    let mut counters = stored.counters;
+    if e.metered && e.version < stored.version {
+        counters.window_start_us = window.window_start_us;
+        counters.window_count = window.window_count;
+        counters.window_previous = window.window_previous;
+    }
+    e.set_counters(&counters);
+    e.last_refill_us = stored.last_refill_us.unwrap_or(i64::MIN);
+    e.next_refill_us = stored.next_refill_us.unwrap_or(i64::MAX);
+    // What was loaded is what is stored: nothing to write.
+    e.flushed_seq = e.dirty_seq;
+}
+
+/// Waits until the writer has committed everything up to `seq`. Should that not happen within
+/// DURABLE_WAIT (no writer could start), the spend is given back and the call fails.
+fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
+    let durable = |s: &mut Shared<'_>| s.header.databases[index].durable >= seq;
+    if with_shared(false, durable) == Some(true) {
+        return;
+    }
+    // SAFETY: the condition variable lives in shared memory for the server's life; sleeping
+    // on it is interruptible (it checks for interrupts), and a prepared sleep is cancelled below
+    // or by the error cleanup (ConditionVariableCancelSleep at abort).
+    let cv = unsafe { &raw mut (*HEADER).databases[index].flushed };
+    let deadline = std::time::Instant::now() + DURABLE_WAIT;
+    // SAFETY: see above.
+    unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
+    let mut done = false;
+    while std::time::Instant::now() < deadline {
+        if with_shared(false, durable) == Some(true) {
+            done = true;
+            break;
+        }
+        with_shared(true, |s| s.wake_writer(index));
+        // SAFETY: see above; PG_WAIT_EXTENSION is the wait event class for extensions.
+        unsafe {
+            pg_sys::ConditionVariableTimedSleep(cv, 100, pg_sys::PG_WAIT_EXTENSION);
+        }
+    }
+    // SAFETY: see above.
+    unsafe {
+        pg_sys::ConditionVariableCancelSleep();
+    }
+    if done {
+        return;
+    }
+    // Give the spend back: the caller gets an error, not VALID.
+    let spent = charge.spent;
+    with_shared(true, |s| {
+        if let Some(i) = slots::find(s.slots, key) {
+            let e = &mut s.slots[i];
+            let mut c = e.counters();
+            c.remaining = c.remaining.map(|r| r + spent);
+            e.set_counters(&c);
+        }
+    });
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("the quota spend on API key \"{}\" could not be written within {} s: no pg_apikeys writer runs for this database", key.id, DURABLE_WAIT.as_secs()),
+        Some("Check the server log for pg_apikeys writer errors and max_worker_processes."),
+    )
+}
+
+/// What shared memory knows about a key beyond its rows: uses not written yet, and its current
+/// counters when they belong to `version`.
+pub struct Live {
+    pub uses: u64,
+    pub last_used_us: Option<i64>,
+    pub counters: Option<Counters>,
+    pub last_refill_us: Option<i64>,
+}
+
+pub fn live(id: &str, created_us: i64, version: i64) -> Option<Live> {
+    let db = my_database();
+    with_shared(false, |s| {
+        let i = slots::find(s.slots, &KeyRef { db, id, created_us })?;
+        let e = &s.slots[i];
+        let current = e.metered && e.version == version;
+        Some(Live {
+            uses: e.uses,
+            last_used_us: (e.uses > 0).then_some(e.last_used_us),
+            counters: current.then(|| e.counters()),
+            last_refill_us: if current { e.last_refill() } else { None },
+        })
+    })
+    .flatten()
+}
+
+/// The condition variable signalled when database `index`'s writes are committed.
+pub fn flushed_cv(index: usize) -> *mut pg_sys::ConditionVariable {
+    // SAFETY: only the address is taken; HEADER is set at start-up.
+    unsafe { &raw mut (*HEADER).databases[index].flushed }
+}

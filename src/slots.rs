@@ -1,0 +1,305 @@
+//! The metering engine's table of keys, as plain memory: open addressing with linear probing
+//! and backward-shift deletion (no tombstones, so probe chains stay short however many keys come
+//! and go). It lives in shared memory (`engine`), but nothing here knows that: every operation is
+//! a pure function of the slice, unit-tested against a `HashMap`.
+
+use crate::metering::Counters;
+
+/// Key ids longer than this are not metered in shared memory (generated ids take 26 bytes).
+pub const ID_BYTES: usize = 64;
+/// `Option<i64>` in shared memory: this value means None.
+const NONE: i64 = i64::MIN;
+
+/// Which key: the database, its id, and when it was created (a key deleted and created again
+/// under the same id is another key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRef<'a> {
+    pub db: u32,
+    pub id: &'a str,
+    pub created_us: i64,
+}
+
+/// One key's entry. `db == 0` marks a free slot (no database has OID 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub db: u32,
+    id_len: u8,
+    /// The key's limits and counters are loaded (from `apikeys.keys` and `apikeys.meters`).
+    pub metered: bool,
+    id: [u8; ID_BYTES],
+    pub created_us: i64,
+    /// `apikeys.keys.meter_version` the counters belong to: a management change bumps it and
+    /// the next verification loads the key again.
+    pub version: i64,
+    remaining: i64,
+    /// When the quota was last refilled and the next refill is due.
+    pub next_refill_us: i64,
+    pub last_refill_us: i64,
+    window_start_us: i64,
+    window_count: i64,
+    window_previous: i64,
+    /// VALID uses not yet written, and the last one.
+    pub uses: u64,
+    pub last_used_us: i64,
+    /// The counters changed at `dirty_seq` (a per-database sequence); written up to
+    /// `flushed_seq`.
+    pub dirty_seq: u64,
+    pub flushed_seq: u64,
+    pub last_access_us: i64,
+}
+
+pub const FREE: Entry = Entry {
+    db: 0,
+    id_len: 0,
+    metered: false,
+    id: [0; ID_BYTES],
+    created_us: 0,
+    version: 0,
+    remaining: NONE,
+    next_refill_us: i64::MAX,
+    last_refill_us: NONE,
+    window_start_us: NONE,
+    window_count: 0,
+    window_previous: 0,
+    uses: 0,
+    last_used_us: 0,
+    dirty_seq: 0,
+    flushed_seq: 0,
+    last_access_us: 0,
+};
+
+fn opt(v: i64) -> Option<i64> {
+    (v != NONE).then_some(v)
+}
+
+fn raw(v: Option<i64>) -> i64 {
+    v.unwrap_or(NONE)
+}
+
+impl Entry {
+    pub fn id(&self) -> &str {
+        std::str::from_utf8(&self.id[..usize::from(self.id_len)]).unwrap_or("")
+    }
+
+    fn is(&self, key: &KeyRef<'_>) -> bool {
+        self.db == key.db
+            && self.created_us == key.created_us
+            && &self.id[..usize::from(self.id_len)] == key.id.as_bytes()
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            remaining: opt(self.remaining),
+            window_start_us: opt(self.window_start_us),
+            window_count: self.window_count,
+            window_previous: self.window_previous,
+        }
+    }
+
+    pub fn set_counters(&mut self, c: &Counters) {
+        self.remaining = raw(c.remaining);
+        self.window_start_us = raw(c.window_start_us);
+        self.window_count = c.window_count;
+        self.window_previous = c.window_previous;
+    }
+
+    pub fn last_refill(&self) -> Option<i64> {
+        opt(self.last_refill_us)
+    }
+
+    /// Whether everything the entry holds is written: it can go without losing anything.
+    pub fn clean(&self) -> bool {
+        self.uses == 0 && self.flushed_seq >= self.dirty_seq
+    }
+}
+
+fn home(key: &KeyRef<'_>, capacity: usize) -> usize {
+    // FNV-1a over the database, the id and the creation time.
+    let hash = key
+        .db
+        .to_le_bytes()
+        .iter()
+        .chain(key.id.as_bytes())
+        .chain(&key.created_us.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    (hash % capacity as u64) as usize
+}
+
+/// The slot holding `key`, if any.
+pub fn find(slots: &[Entry], key: &KeyRef<'_>) -> Option<usize> {
+    let n = slots.len();
+    if n == 0 {
+        return None;
+    }
+    let start = home(key, n);
+    for probe in 0..n {
+        let i = (start + probe) % n;
+        if slots[i].db == 0 {
+            return None;
+        }
+        if slots[i].is(key) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// The slot of `key`, made (free of counters) when it is new; None when the id does not fit or
+/// the table is full. `used` counts the occupied slots.
+pub fn find_or_insert(slots: &mut [Entry], used: &mut usize, key: &KeyRef<'_>) -> Option<usize> {
+    let bytes = key.id.as_bytes();
+    let n = slots.len();
+    if key.db == 0 || bytes.is_empty() || bytes.len() > ID_BYTES || n == 0 {
+        return None;
+    }
+    let start = home(key, n);
+    for probe in 0..n {
+        let i = (start + probe) % n;
+        if slots[i].db == 0 {
+            // Keep one slot free so that every probe ends.
+            if *used + 1 >= n {
+                return None;
+            }
+            let mut e = FREE;
+            e.db = key.db;
+            e.id_len = bytes.len() as u8;
+            e.id[..bytes.len()].copy_from_slice(bytes);
+            e.created_us = key.created_us;
+            slots[i] = e;
+            *used += 1;
+            return Some(i);
+        }
+        if slots[i].is(key) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Empties slot `i`, moving later entries of its probe chain back so that none becomes
+/// unreachable.
+pub fn remove(slots: &mut [Entry], used: &mut usize, i: usize) {
+    let n = slots.len();
+    if slots[i].db == 0 {
+        return;
+    }
+    let mut hole = i;
+    let mut j = i;
+    loop {
+        j = (j + 1) % n;
+        if slots[j].db == 0 {
+            break;
+        }
+        let e = slots[j];
+        let key = KeyRef {
+            db: e.db,
+            id: e.id(),
+            created_us: e.created_us,
+        };
+        let h = home(&key, n);
+        // The entry at j may fill the hole if its home is not within (hole, j] cyclically.
+        let between = if hole <= j {
+            hole < h && h <= j
+        } else {
+            hole < h || h <= j
+        };
+        if !between {
+            slots[hole] = e;
+            hole = j;
+        }
+    }
+    slots[hole] = FREE;
+    *used -= 1;
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn entries_are_found_by_database_id_and_creation() {
+        let mut slots = vec![FREE; 64];
+        let mut used = 0;
+        let a = KeyRef { db: 1, id: "a", created_us: 10 };
+        let i = find_or_insert(&mut slots, &mut used, &a).unwrap();
+        slots[i].uses = 3;
+        assert_eq!(find(&slots, &a), Some(i));
+        assert_eq!(find_or_insert(&mut slots, &mut used, &a), Some(i));
+        assert_eq!(find(&slots, &KeyRef { db: 2, ..a }), None);
+        assert_eq!(find(&slots, &KeyRef { created_us: 11, ..a }), None);
+        assert_eq!(find(&slots, &KeyRef { id: "b", ..a }), None);
+        assert_eq!(used, 1);
+        let long = "x".repeat(ID_BYTES + 1);
+        assert_eq!(find_or_insert(&mut slots, &mut used, &KeyRef { id: &long, ..a }), None);
+        assert_eq!(find_or_insert(&mut slots, &mut used, &KeyRef { id: "", ..a }), None);
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_keys_but_finds_known_ones() {
+        let mut slots = vec![FREE; 16];
+        let mut used = 0;
+        let names: Vec<String> = (0..15).map(|i| format!("k{i}")).collect();
+        for name in &names {
+            assert!(find_or_insert(&mut slots, &mut used, &KeyRef { db: 1, id: name, created_us: 0 }).is_some());
+        }
+        assert_eq!(used, 15);
+        assert_eq!(find_or_insert(&mut slots, &mut used, &KeyRef { db: 1, id: "new", created_us: 0 }), None);
+        for name in &names {
+            assert!(find(&slots, &KeyRef { db: 1, id: name, created_us: 0 }).is_some());
+        }
+    }
+
+    /// Random inserts and removals against a HashMap: every key present is found, every key
+    /// removed is gone, whatever the probe chains looked like.
+    #[test]
+    fn inserts_and_removals_agree_with_a_hash_map() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let ids: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
+        let mut slots = vec![FREE; 128];
+        let mut used = 0;
+        let mut model: HashMap<(u32, usize), u64> = HashMap::new();
+        for step in 0..20_000u64 {
+            let db = 1 + next(2) as u32;
+            let k = next(ids.len() as u64) as usize;
+            let key = KeyRef { db, id: &ids[k], created_us: 7 };
+            if next(3) == 0 {
+                if let Some(i) = find(&slots, &key) {
+                    remove(&mut slots, &mut used, i);
+                }
+                model.remove(&(db, k));
+            } else if let Some(i) = find_or_insert(&mut slots, &mut used, &key) {
+                slots[i].uses = step;
+                model.insert((db, k), step);
+            } else {
+                assert!(used + 1 >= slots.len(), "refused while not full");
+            }
+            assert_eq!(used, model.len());
+        }
+        for ((db, k), step) in &model {
+            let i = find(&slots, &KeyRef { db: *db, id: &ids[*k], created_us: 7 }).expect("present");
+            assert_eq!(slots[i].uses, *step);
+        }
+    }
+
+    #[test]
+    fn counters_round_trip_through_an_entry() {
+        let mut e = FREE;
+        assert_eq!(e.counters(), Counters::default());
+        let c = Counters { remaining: Some(5), window_start_us: Some(-3), window_count: 2, window_previous: 9 };
+        e.set_counters(&c);
+        assert_eq!(e.counters(), c);
+        assert!(e.clean());
+        e.dirty_seq = 1;
+        assert!(!e.clean());
+    }
+}

@@ -1,0 +1,480 @@
+//! Persistence of the metering engine (`engine`): a launcher and one writer per database.
+//!
+//! The launcher is a static background worker connected to no database (so it runs as no
+//! role): it only reads shared memory and starts, for each database with work waiting, a
+//! writer connected to that database as the extension's owner (never the bootstrap superuser
+//! when the owner may log in). A writer commits a batch whenever a verification wakes it (a
+//! quota spend waiting to be durable, a filling table) and about every second otherwise, and
+//! exits after a while without work, so that `DROP DATABASE` is not held up for long. Its
+//! statements run as the owner with `search_path = pg_catalog, pg_temp` and name every
+//! operator with its schema: no object a database owner or another role can create is used.
+
+use crate::engine::{self, with_shared};
+use crate::metering::Counters;
+use crate::plans;
+use crate::slots::{self, KeyRef};
+use crate::verify::from_epoch_us;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
+use std::time::{Duration, Instant};
+
+/// A writer with nothing to write for this long exits (the launcher starts another on demand).
+const IDLE_EXIT: Duration = Duration::from_secs(10);
+
+pub fn register_launcher() {
+    BackgroundWorkerBuilder::new("pg_apikeys launcher")
+        .set_type("pg_apikeys launcher")
+        .set_library("pg_apikeys")
+        .set_function("pg_apikeys_launcher")
+        .enable_shmem_access(None)
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+fn now_us() -> i64 {
+    crate::verify::epoch_us(crate::verify::wall_clock())
+}
+
+/// The launcher: starts a writer for every database that has work and none running.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: a plain read of this process's id.
+    let me = unsafe { pg_sys::MyProcPid };
+    let procno = engine::my_procno();
+    with_shared(true, |s| {
+        s.header.launcher_pid = me;
+        s.header.launcher_procno = procno;
+    });
+    let mut started: Vec<(u32, DynamicBackgroundWorker)> = Vec::new();
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        // Writers that stopped before they ever registered count as failed starts.
+        started.retain(|(db, w)| {
+            let stopped = matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped));
+            if stopped {
+                with_shared(true, |s| {
+                    if let Some(d) = s.header.databases.iter_mut().find(|d| d.oid == *db) {
+                        if d.writer_pid == 0 && d.started_us != 0 {
+                            d.failed_starts += 1;
+                            d.started_us = 0;
+                        }
+                    }
+                });
+            }
+            !stopped
+        });
+        let now = now_us();
+        let to_start: Vec<(u32, u32)> = with_shared(true, |s| {
+            let mut to_start = Vec::new();
+            for d in s.header.databases.iter_mut().filter(|d| d.oid != 0) {
+                if d.failed_starts >= 3 {
+                    // Its writer cannot connect (the database was dropped): forget it.
+                    let oid = d.oid;
+                    *d = engine::Database { flushed: d.flushed, ..unsafe_zeroed_database() };
+                    forget_database(s.slots, &mut s.header.used, oid);
+                    break;
+                }
+                let pending = d.wanted || d.durable < d.next_seq;
+                let starting = d.started_us != 0 && now - d.started_us < 5_000_000;
+                if pending && d.writer_pid == 0 && !starting {
+                    d.started_us = now;
+                    d.wanted = false;
+                    to_start.push((d.oid, d.owner));
+                }
+            }
+            to_start
+        })
+        .unwrap_or_default();
+        for (db, owner) in to_start {
+            let argument = (u64::from(db) << 32) | u64::from(owner);
+            match BackgroundWorkerBuilder::new("pg_apikeys writer")
+                .set_type("pg_apikeys writer")
+                .set_library("pg_apikeys")
+                .set_function("pg_apikeys_writer")
+                .enable_spi_access()
+                .set_restart_time(None)
+                .set_argument(Some(pg_sys::Datum::from(argument)))
+                .set_notify_pid(me)
+                .load_dynamic()
+            {
+                Ok(worker) => started.push((db, worker)),
+                Err(_) => warning!("pg_apikeys launcher: could not start a writer (max_worker_processes?)"),
+            }
+        }
+    }
+}
+
+/// A zeroed database slot (its condition variable is kept by the caller).
+fn unsafe_zeroed_database() -> engine::Database {
+    // SAFETY: Database is integers, a bool and a condition variable, for all of which all
+    // zeroes is a valid value; the caller keeps the initialised condition variable.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Drops every entry of a database that is gone.
+fn forget_database(entries: &mut [slots::Entry], used: &mut usize, db: u32) {
+    let mut i = 0;
+    while i < entries.len() {
+        if entries[i].db == db {
+            // Backward shift may move a later entry into i: look at i again.
+            slots::remove(entries, used, i);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// A batch of what is to be written: uses to add and counters to set.
+#[derive(Default)]
+struct Batch {
+    up_to: u64,
+    uses: Vec<(String, i64, i64, i64)>,
+    meters: Vec<(String, i64, i64, Counters, Option<i64>, u64)>,
+}
+
+/// Takes everything this database has to write out of shared memory.
+fn collect(index: usize, db: u32) -> Batch {
+    with_shared(true, |s| {
+        let mut batch = Batch {
+            up_to: s.header.databases[index].next_seq,
+            ..Batch::default()
+        };
+        let mut plain = Vec::new();
+        for e in s.slots.iter_mut().filter(|e| e.db == db) {
+            if e.uses > 0 {
+                batch.uses.push((e.id().to_owned(), e.created_us, e.uses as i64, e.last_used_us));
+                e.uses = 0;
+                if !e.metered {
+                    plain.push((e.id().to_owned(), e.created_us));
+                }
+            }
+            if e.metered && e.dirty_seq > e.flushed_seq {
+                batch.meters.push((e.id().to_owned(), e.created_us, e.version, e.counters(), e.last_refill(), e.dirty_seq));
+            }
+        }
+        // Entries of keys without limits hold nothing once their uses are taken.
+        let mut used = s.header.used;
+        for (id, created_us) in &plain {
+            let key = KeyRef { db, id, created_us: *created_us };
+            if let Some(i) = slots::find(s.slots, &key) {
+                if s.slots[i].clean() && !s.slots[i].metered {
+                    slots::remove(s.slots, &mut used, i);
+                }
+            }
+        }
+        s.header.used = used;
+        batch
+    })
+    .unwrap_or_default()
+}
+
+/// After a commit: the counters are written, waiting verifications go on, and when the table
+/// is three-quarters full the least recently used written entries of this database go.
+fn completed(index: usize, db: u32, batch: &Batch) {
+    with_shared(true, |s| {
+        for (id, created_us, _, _, _, seq) in &batch.meters {
+            if let Some(i) = slots::find(s.slots, &KeyRef { db, id, created_us: *created_us }) {
+                let e = &mut s.slots[i];
+                e.flushed_seq = e.flushed_seq.max(*seq);
+            }
+        }
+        let d = &mut s.header.databases[index];
+        d.durable = d.durable.max(batch.up_to);
+        if s.header.used * 4 > s.header.capacity * 3 {
+            let mut clean: Vec<(i64, String, i64)> = s
+                .slots
+                .iter()
+                .filter(|e| e.db == db && e.clean())
+                .map(|e| (e.last_access_us, e.id().to_owned(), e.created_us))
+                .collect();
+            clean.sort();
+            let mut used = s.header.used;
+            for (_, id, created_us) in clean {
+                if used * 2 <= s.header.capacity {
+                    break;
+                }
+                if let Some(i) = slots::find(s.slots, &KeyRef { db, id: &id, created_us }) {
+                    slots::remove(s.slots, &mut used, i);
+                }
+            }
+            s.header.used = used;
+            s.header.evictions += 1;
+        }
+    });
+    // SAFETY: the condition variable lives in shared memory for the server's life.
+    unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
+}
+
+/// Puts the uses of a batch that could not be written back, for the next writer.
+fn put_back(db: u32, batch: &Batch) {
+    with_shared(true, |s| {
+        let mut used = s.header.used;
+        for (id, created_us, count, at_us) in &batch.uses {
+            if let Some(i) = slots::find_or_insert(s.slots, &mut used, &KeyRef { db, id, created_us: *created_us }) {
+                s.slots[i].uses += (*count).max(0) as u64;
+                s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
+            }
+        }
+        s.header.used = used;
+    });
+}
+
+fn times(v: impl Iterator<Item = Option<i64>>) -> Vec<Option<TimestampWithTimeZone>> {
+    v.map(|t| t.map(from_epoch_us)).collect()
+}
+
+/// Writes a batch in one transaction: uses are added to `apikeys.meters`, counters replace
+/// theirs (never with an older meter_version). Only rows of keys that still exist are written.
+fn write(batch: &Batch) -> bool {
+    BackgroundWorker::transaction(|| {
+        if crate::catalog::extension().is_none() {
+            return false;
+        }
+        crate::owner::as_owner(|| {
+            Spi::connect_mut(|client| {
+                if !batch.uses.is_empty() {
+                    let ids: Vec<&str> = batch.uses.iter().map(|u| u.0.as_str()).collect();
+                    let created = times(batch.uses.iter().map(|u| Some(u.1)));
+                    let counts: Vec<i64> = batch.uses.iter().map(|u| u.2).collect();
+                    let last = times(batch.uses.iter().map(|u| Some(u.3)));
+                    plans::update(
+                        client,
+                        "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, request_count, last_used_at)
+                         SELECT u.id, u.c, 0, u.n, u.t
+                           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                                           pg_catalog.unnest($3::pg_catalog.int8[]),
+                                           pg_catalog.unnest($4::pg_catalog.timestamptz[])) u(id, c, n, t)
+                           JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
+                                              AND k.created_at OPERATOR(pg_catalog.=) u.c
+                         ON CONFLICT (key_id) DO UPDATE SET
+                            request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                                 THEN m.request_count OPERATOR(pg_catalog.+) excluded.request_count
+                                                 ELSE excluded.request_count END,
+                            last_used_at = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                                THEN GREATEST(m.last_used_at, excluded.last_used_at)
+                                                ELSE excluded.last_used_at END,
+                            meter_version = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                                 THEN m.meter_version ELSE 0 END,
+                            key_created_at = excluded.key_created_at",
+                        None,
+                        &[ids.into(), created.into(), counts.into(), last.into()],
+                    );
+                }
+                if !batch.meters.is_empty() {
+                    let m = &batch.meters;
+                    let ids: Vec<&str> = m.iter().map(|r| r.0.as_str()).collect();
+                    let created = times(m.iter().map(|r| Some(r.1)));
+                    let versions: Vec<i64> = m.iter().map(|r| r.2).collect();
+                    let remaining: Vec<Option<i64>> = m.iter().map(|r| r.3.remaining).collect();
+                    let refilled = times(m.iter().map(|r| r.4));
+                    let starts = times(m.iter().map(|r| r.3.window_start_us));
+                    let counts: Vec<i64> = m.iter().map(|r| r.3.window_count).collect();
+                    let previous: Vec<i64> = m.iter().map(|r| r.3.window_previous).collect();
+                    plans::update(
+                        client,
+                        "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
+                                last_refill_at, window_start, window_count, window_previous, request_count)
+                         SELECT u.id, u.c, u.v, u.r, u.lr, u.ws, u.wc, u.wp, 0
+                           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                                           pg_catalog.unnest($3::pg_catalog.int8[]),
+                                           pg_catalog.unnest($4::pg_catalog.int8[]),
+                                           pg_catalog.unnest($5::pg_catalog.timestamptz[]),
+                                           pg_catalog.unnest($6::pg_catalog.timestamptz[]),
+                                           pg_catalog.unnest($7::pg_catalog.int8[]),
+                                           pg_catalog.unnest($8::pg_catalog.int8[])) u(id, c, v, r, lr, ws, wc, wp)
+                           JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
+                                              AND k.created_at OPERATOR(pg_catalog.=) u.c
+                         ON CONFLICT (key_id) DO UPDATE SET
+                            meter_version = excluded.meter_version, remaining = excluded.remaining,
+                            last_refill_at = excluded.last_refill_at, window_start = excluded.window_start,
+                            window_count = excluded.window_count, window_previous = excluded.window_previous,
+                            request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                                 THEN m.request_count ELSE 0 END,
+                            key_created_at = excluded.key_created_at
+                          WHERE m.meter_version OPERATOR(pg_catalog.<=) excluded.meter_version
+                             OR m.key_created_at OPERATOR(pg_catalog.<>) excluded.key_created_at",
+                        None,
+                        &[
+                            ids.into(),
+                            created.into(),
+                            versions.into(),
+                            remaining.into(),
+                            refilled.into(),
+                            starts.into(),
+                            counts.into(),
+                            previous.into(),
+                        ],
+                    );
+                }
+                true
+            })
+        })
+    })
+}
+
+/// One round: collect, write, complete. A failed write puts the uses back and re-raises (the
+/// writer exits, the launcher starts another).
+fn flush(index: usize, db: u32) -> bool {
+    let batch = collect(index, db);
+    if batch.uses.is_empty() && batch.meters.is_empty() {
+        let idle = with_shared(true, |s| {
+            let d = &mut s.header.databases[index];
+            d.durable = d.durable.max(batch.up_to);
+        });
+        // SAFETY: see completed().
+        unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
+        return idle.is_none();
+    }
+    let installed = PgTryBuilder::new(|| write(&batch))
+        .catch_others(|error| {
+            put_back(db, &batch);
+            error.rethrow()
+        })
+        .execute();
+    if !installed {
+        // The extension is gone from this database: nothing of it is kept.
+        with_shared(true, |s| forget_database(s.slots, &mut s.header.used, db));
+    }
+    completed(index, db, &batch);
+    true
+}
+
+/// Settings a database's or role's `ALTER … SET` gives every session, the writer's too, that
+/// would stop it or make its commits lose durability: read-only transactions, another role,
+/// timeouts, an isolation level that can fail a batch, a search_path, asynchronous commit.
+const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
+    (c"role", c"none"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"statement_timeout", c"0"),
+    (c"lock_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+    (c"search_path", c"pg_catalog, pg_temp"),
+    (c"exit_on_error", c"off"),
+    (c"transform_null_equals", c"off"),
+    (c"synchronous_commit", c"on"),
+];
+
+/// Sets `name` for the rest of the session: PGC_S_SESSION outranks a database's or role's
+/// defaults; inside a transaction, which commits it.
+fn set_for_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: two C strings that outlive the call; errors are raised as PostgreSQL errors.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+fn pin_session_settings() {
+    BackgroundWorker::transaction(|| {
+        // A writer connected without naming a role (when the owner cannot log in) would take a
+        // database's `session_authorization` too: back to the role it connected as, before
+        // `role` is reset on top of it.
+        // SAFETY: the authenticated user always exists in a connected session; its name is a
+        // palloc'd C string used at once. A session_authorization locked at connection (a
+        // worker that named its role) outranks this and is left as it is.
+        let me = unsafe {
+            std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(
+                pg_sys::GetAuthenticatedUserId(),
+                false,
+            ))
+        };
+        set_for_session(c"session_authorization", me);
+        for (name, value) in PINNED {
+            set_for_session(name, value);
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn unregister(_code: i32, arg: pg_sys::Datum) {
+    let index = arg.value();
+    // SAFETY: a plain read of this process's id.
+    let me = unsafe { pg_sys::MyProcPid };
+    with_shared(true, |s| {
+        let d = &mut s.header.databases[index];
+        if d.writer_pid == me {
+            d.writer_pid = 0;
+            d.writer_procno = -1;
+        }
+    });
+}
+
+/// The writer of one database, connected as the role the launcher passed (packed with the
+/// database in its argument). It claims the database (one writer each: batches are written in
+/// order) and writes until it is stopped or idle.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let packed = argument.value() as u64;
+    let db = (packed >> 32) as u32;
+    let owner = pg_sys::Oid::from(packed as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(
+        Some(pg_sys::Oid::from(db)),
+        (owner != pg_sys::InvalidOid).then_some(owner),
+    );
+    pin_session_settings();
+    // SAFETY: a plain read of this process's id.
+    let me = unsafe { pg_sys::MyProcPid };
+    let procno = engine::my_procno();
+    let claimed = with_shared(true, |s| {
+        let index = s.header.databases.iter().position(|d| d.oid == db)?;
+        let d = &mut s.header.databases[index];
+        if d.writer_pid != 0 {
+            return None;
+        }
+        d.writer_pid = me;
+        d.writer_procno = procno;
+        d.started_us = 0;
+        d.failed_starts = 0;
+        Some(index)
+    })
+    .flatten();
+    let Some(index) = claimed else { return };
+    // SAFETY: registers a plain function called once at exit while shared memory is attached.
+    unsafe { pg_sys::before_shmem_exit(Some(unregister), pg_sys::Datum::from(index)) };
+    let mut last_work = Instant::now();
+    loop {
+        let running = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
+        if flush(index, db) {
+            last_work = Instant::now();
+        }
+        if !running {
+            break;
+        }
+        if last_work.elapsed() > IDLE_EXIT {
+            // Unregister before the last look, so that work arriving meanwhile asks the launcher
+            // for a new writer rather than waiting for this one.
+            let quiet = with_shared(true, |s| {
+                let d = &mut s.header.databases[index];
+                let quiet = d.durable >= d.next_seq && !d.wanted;
+                if quiet {
+                    d.writer_pid = 0;
+                    d.writer_procno = -1;
+                }
+                quiet
+            });
+            if quiet == Some(true) {
+                flush(index, db);
+                break;
+            }
+        }
+    }
+}
