@@ -63,7 +63,7 @@ test-unit: setup
 # pg_regress (the README's examples) and the integration tests share one scratch cluster.
 test-regress: install
 	scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); rm -rf $(TEST_DIR)
-	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) "apikeys.usage_database = 'pg_apikeys_it'"
+	scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
 	rm -rf tests/pg_regress/results
 	$(PG_REGRESS) --host=127.0.0.1 --port=$(TEST_PORT) --user=postgres \
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress --dbname=pg_apikeys_regress \
@@ -112,6 +112,7 @@ bench: install
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
 	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); scripts/cluster.sh stop /tmp/pg_apikeys_crash 55436
+	scripts/cluster.sh stop /tmp/pg_apikeys_wal 55439
 	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437; scripts/cluster.sh stop /tmp/pg_apikeys_bench 55438
-	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_package \
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_wal /tmp/pg_apikeys_package \
 	  /tmp/pg_apikeys_bench

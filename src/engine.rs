@@ -232,7 +232,7 @@ const MAX_OVERFLOW: usize = 100_000;
 
 /// The role this database's writer connects as: the extension's owner when it may log in,
 /// else 0 (the writer connects as the bootstrap superuser and runs its statements as the owner).
-fn writer_role() -> u32 {
+pub fn writer_role() -> u32 {
     let Some((_, owner)) = crate::catalog::extension() else {
         return 0;
     };

@@ -61,6 +61,8 @@ pub struct KeyRow {
 }
 
 const N: usize = 21;
+/// COLUMNS from here on came with 0.6.0.
+const FIRST_ADDED_IN_0_6: usize = 16;
 const COLUMNS: [&CStr; N] = [
     c"id",
     c"hash",
@@ -91,7 +93,7 @@ const PREVIOUS_HASH: usize = 2;
 thread_local! {
     /// apikeys.keys' oid and the attribute numbers of COLUMNS, found once per backend (again
     /// if the table was dropped and created since).
-    static LAYOUT: Cell<Option<(pg_sys::Oid, [pg_sys::AttrNumber; N])>> = const { Cell::new(None) };
+    static LAYOUT: Cell<Option<(pg_sys::Oid, i32, [pg_sys::AttrNumber; N])>> = const { Cell::new(None) };
     /// Where each key was last found, by (lookup kind, hash or id), for apikeys.keys' oid.
     static PLACES: RefCell<(pg_sys::Oid, HashMap<Vec<u8>, pg_sys::ItemPointerData>)> =
         RefCell::new((pg_sys::InvalidOid, HashMap::new()));
@@ -268,28 +270,31 @@ unsafe fn deform(
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![true; natts];
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        read(|i: usize| {
-            let n = attnums[i] as usize - 1;
-            (values[n], nulls[n])
+        read(|i: usize| match attnums[i] {
+            n if n > 0 => (values[n as usize - 1], nulls[n as usize - 1]),
+            _ => (pg_sys::Datum::from(0), true),
         })
     }
 }
 
-fn attnums(relid: pg_sys::Oid) -> [pg_sys::AttrNumber; N] {
-    if let Some((cached, attnums)) = LAYOUT.with(Cell::get) {
-        if cached == relid {
+/// The attribute numbers of COLUMNS in the table `relid` with `natts` attributes (a table
+/// altered by ALTER EXTENSION … UPDATE keeps its OID but gains attributes).
+fn attnums(relid: pg_sys::Oid, natts: i32) -> [pg_sys::AttrNumber; N] {
+    if let Some((cached, cached_natts, attnums)) = LAYOUT.with(Cell::get) {
+        if cached == relid && cached_natts == natts {
             return attnums;
         }
     }
     let mut attnums = [0; N];
-    for (slot, column) in attnums.iter_mut().zip(COLUMNS) {
+    for (i, (slot, column)) in attnums.iter_mut().zip(COLUMNS).enumerate() {
         // SAFETY: a syscache lookup of an existing relation's attribute, in a transaction.
         *slot = unsafe { pg_sys::get_attnum(relid, column.as_ptr()) };
-        if *slot <= 0 {
+        // Columns added in 0.6.0 are missing until ALTER EXTENSION … UPDATE: read as NULL.
+        if *slot <= 0 && i < FIRST_ADDED_IN_0_6 {
             errors::internal_error(format!("apikeys.keys has no column {column:?}"));
         }
     }
-    LAYOUT.with(|l| l.set(Some((relid, attnums))));
+    LAYOUT.with(|l| l.set(Some((relid, natts, attnums))));
     attnums
 }
 
@@ -323,13 +328,13 @@ pub fn find_latest(by: By<'_>) -> Option<KeyRow> {
 
 fn find_with(by: By<'_>, latest: bool) -> Option<KeyRow> {
     let relid = relation(c"keys");
-    let attnums = attnums(relid);
     let place_key = by.place_key();
     // SAFETY: the table is opened AccessShareLock'ed and the lock kept to the transaction's end
     // (as the executor does), so it and its indexes stay in place while fetch_at and probe read
     // them; the snapshot is used before anything else takes one.
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let attnums = attnums(relid, (*(*rel).rd_att).natts);
         let read_committed = pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32;
         let snapshot = if latest && read_committed {
             pg_sys::GetLatestSnapshot()
@@ -460,7 +465,7 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         remaining: get(at(13)),
         rate_limit_max: get(at(14)),
         created_at: get(at(15)),
-        meter_version: get(at(16)).unwrap_or(0),
+        meter_version: get(at(16)).unwrap_or(1),
         refill_amount: get(at(17)),
         refill_interval: get(at(18)),
         rate_limit_window: get(at(19)),

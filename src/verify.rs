@@ -473,6 +473,13 @@ pub fn judge(
             Some("Verify keys with a quota or rate limit on the primary: a standby cannot enforce them exactly."),
         );
     }
+    if crate::catalog::relation_if_exists(c"meters").is_none() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("API key \"{}\" has a quota or rate limit, which this database's pg_apikeys SQL is too old to meter", state.id),
+            Some("The installed pg_apikeys library is newer than the extension in this database: run ALTER EXTENSION pg_apikeys UPDATE."),
+        );
+    }
     let permitted = permitted(&state, required, token);
     if crate::engine::available() {
         match meter_in_shared_memory(&state, cost, permitted) {

@@ -23,7 +23,7 @@ use pgrx::PgTryBuilder;
 use std::time::{Duration, Instant};
 
 /// A writer with nothing to write for this long exits (the launcher starts another on demand).
-const IDLE_EXIT: Duration = Duration::from_secs(10);
+const IDLE_EXIT: Duration = Duration::from_secs(2);
 
 pub fn register_launcher() {
     BackgroundWorkerBuilder::new("pg_apikeys launcher")
@@ -40,7 +40,9 @@ fn now_us() -> i64 {
     crate::verify::epoch_us(crate::verify::wall_clock())
 }
 
-/// The launcher: starts a writer for every database that has work and none running.
+/// The launcher: starts a writer for every database that has work and none running. It
+/// exits with code 1 whatever stops it (pg_terminate_backend cannot reach it: SIGTERM), so the
+/// postmaster starts it again.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
@@ -63,6 +65,8 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
                         if d.writer_pid == 0 && d.started_us != 0 {
                             d.failed_starts += 1;
                             d.started_us = 0;
+                            // Its work is still there: try again (as the bootstrap superuser).
+                            d.wanted = true;
                         }
                     }
                 });
@@ -85,7 +89,9 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
                 if pending && d.writer_pid == 0 && !starting {
                     d.started_us = now;
                     d.wanted = false;
-                    to_start.push((d.oid, d.owner));
+                    // After a failed start (the recorded owner was dropped, say), connect as the
+                    // bootstrap superuser once, only to learn the owner (see pg_apikeys_writer).
+                    to_start.push((d.oid, if d.failed_starts > 0 { 0 } else { d.owner }));
                 }
             }
             to_start
@@ -108,6 +114,10 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
             }
         }
     }
+    // Exit code 1, so that the postmaster starts the launcher again 5 seconds later whatever
+    // stopped it (a clean exit would end it for good), except at server shutdown.
+    // SAFETY: the launcher's last act; proc_exit runs the exit callbacks and does not return.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// A zeroed database slot (its condition variable is kept by the caller).
@@ -141,6 +151,7 @@ struct Batch {
 /// Takes everything this database has to write out of shared memory.
 fn collect(index: usize, db: u32) -> Batch {
     with_shared(true, |s| {
+        s.header.databases[index].wanted = false;
         let mut batch = Batch {
             up_to: s.header.databases[index].next_seq,
             ..Batch::default()
@@ -231,10 +242,15 @@ fn times(v: impl Iterator<Item = Option<i64>>) -> Vec<Option<TimestampWithTimeZo
 
 /// Writes a batch in one transaction: uses are added to `apikeys.meters`, counters replace
 /// theirs (never with an older meter_version). Only rows of keys that still exist are written.
-fn write(batch: &Batch) -> bool {
+fn write(batch: &Batch) -> Written {
     BackgroundWorker::transaction(|| {
         if crate::catalog::extension().is_none() {
-            return false;
+            return Written::NoExtension;
+        }
+        // The library is newer than this database's SQL (ALTER EXTENSION … UPDATE not run yet):
+        // keep the uses until it is.
+        if crate::catalog::relation_if_exists(c"meters").is_none() {
+            return Written::NotYet;
         }
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
@@ -314,10 +330,18 @@ fn write(batch: &Batch) -> bool {
                         ],
                     );
                 }
-                true
+                Written::Done
             })
         })
     })
+}
+
+/// What became of a batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Done,
+    NoExtension,
+    NotYet,
 }
 
 /// One round: collect, write, complete. A failed write puts the uses back and re-raises (the
@@ -333,15 +357,22 @@ fn flush(index: usize, db: u32) -> bool {
         unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
         return idle.is_none();
     }
-    let installed = PgTryBuilder::new(|| write(&batch))
+    let written = PgTryBuilder::new(|| write(&batch))
         .catch_others(|error| {
             put_back(db, &batch);
             error.rethrow()
         })
         .execute();
-    if !installed {
+    match written {
+        Written::Done => {}
         // The extension is gone from this database: nothing of it is kept.
-        with_shared(true, |s| forget_database(s.slots, &mut s.header.used, db));
+        Written::NoExtension => {
+            with_shared(true, |s| forget_database(s.slots, &mut s.header.used, db));
+        }
+        Written::NotYet => {
+            put_back(db, &batch);
+            return false;
+        }
     }
     completed(index, db, &batch);
     true
@@ -431,6 +462,21 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
         (owner != pg_sys::InvalidOid).then_some(owner),
     );
     pin_session_settings();
+    // The owner may have changed since a backend recorded it (ALTER EXTENSION … OWNER TO):
+    // record the current one and let the launcher start a writer connected as that role.
+    let current = BackgroundWorker::transaction(engine::writer_role);
+    if current != u32::from(owner) {
+        debug1!("pg_apikeys writer: database {db} is owned by role {current}, not {owner:?}: restarting as that role");
+        with_shared(true, |s| {
+            if let Some(d) = s.header.databases.iter_mut().find(|d| d.oid == db) {
+                d.owner = current;
+                d.started_us = 0;
+                d.failed_starts = 0;
+                d.wanted = true;
+            }
+        });
+        return;
+    }
     // SAFETY: a plain read of this process's id.
     let me = unsafe { pg_sys::MyProcPid };
     let procno = engine::my_procno();
@@ -444,10 +490,16 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
         d.writer_procno = procno;
         d.started_us = 0;
         d.failed_starts = 0;
+        // Whatever asked for a writer is this one's work now.
+        d.wanted = false;
         Some(index)
     })
     .flatten();
-    let Some(index) = claimed else { return };
+    let Some(index) = claimed else {
+        debug1!("pg_apikeys writer: database {db} has a writer already");
+        return;
+    };
+    debug1!("pg_apikeys writer: writing for database {db}");
     // SAFETY: registers a plain function called once at exit while shared memory is attached.
     unsafe { pg_sys::before_shmem_exit(Some(unregister), pg_sys::Datum::from(index)) };
     let mut last_work = Instant::now();
@@ -457,6 +509,7 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
             last_work = Instant::now();
         }
         if !running {
+            debug1!("pg_apikeys writer: database {db}: stopping (SIGTERM)");
             break;
         }
         if last_work.elapsed() > IDLE_EXIT {
@@ -473,6 +526,7 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
             });
             if quiet == Some(true) {
                 flush(index, db);
+                debug1!("pg_apikeys writer: database {db}: idle, leaving");
                 break;
             }
         }

@@ -27,7 +27,7 @@ fn quota_is_exact_under_concurrency() {
     );
     let row = client
         .query_one(
-            "SELECT remaining, request_count FROM apikeys.keys WHERE id = $1",
+            "SELECT remaining, request_count FROM apikeys.get_api_key($1)",
             &[&id],
         )
         .unwrap();
@@ -535,7 +535,7 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
     );
     let metered_token = mint(&mut primary, &metered, 600000);
     let token = mint(&mut primary, &plain, 600000);
-    // BEGIN READ ONLY on the primary: plain keys and their tokens verify, limited keys refuse.
+    // BEGIN READ ONLY on the primary: every key and token verifies, limited keys too.
     let mut tx = primary.build_transaction().read_only(true).start().unwrap();
     let codes: (String, String) = {
         let row = tx
@@ -547,10 +547,11 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         (row.get(0), row.get(1))
     };
     assert_eq!(codes, ("VALID".into(), "VALID".into()));
-    let err = tx
-        .query_one("SELECT apikeys.verify_key($1)", &[&limited])
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "25006", "{err}");
+    let code: String = tx
+        .query_one("SELECT (apikeys.verify_key($1)).code", &[&limited])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "VALID");
     tx.rollback().unwrap();
     // Wait until the standby has replayed everything the primary has written so far: the insert
     // position, since with synchronous_commit = off the last commits may not be written yet.
@@ -893,19 +894,45 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         client
             .batch_execute(&format!("CREATE EXTENSION pg_apikeys VERSION '{old}'"))
             .unwrap();
-        let (_, plain) = create(&mut client, "owner => 'before-upgrade'");
-        let (_, metered) = create(&mut client, "remaining => 3");
-        let (revoked_id, revoked) = create(&mut client, "");
-        client
-            .query_one("SELECT apikeys.verify_key($1)", &[&metered])
+        // Rows as every released version's create_api_key and verify_key left them (the
+        // keys table is the same in all of them): a plain key used 5 times, a quota key, a key
+        // whose fixed window is full, a revoked key.
+        let legacy = |c: &mut Client, id: &str, columns: &str, values: &str| -> String {
+            let key = format!("legacy-{id}-0123456789abcdefghijklmnop");
+            c.execute(
+                &format!(
+                    "INSERT INTO apikeys.keys (id, hash, prefix, start, owner, created_by, updated_by{columns})
+                     VALUES ($1, sha256(convert_to($2, 'UTF8')), 'sk', 'legacy', 'before-upgrade', 'test', 'test'{values})"
+                ),
+                &[&id, &key],
+            )
             .unwrap();
-        client
-            .query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id])
-            .unwrap();
+            key
+        };
+        let plain = legacy(&mut client, "plain", ", request_count, last_used_at", ", 5, now()");
+        let metered = legacy(&mut client, "metered", ", remaining", ", 3");
+        let windowed = legacy(
+            &mut client,
+            "windowed",
+            ", rate_limit_max, rate_limit_window, rate_window_start, rate_window_count",
+            ", 2, '1 hour', now(), 2",
+        );
+        let revoked = legacy(&mut client, "revoked", ", revoked_at", ", now()");
         let has_tokens: bool = client
             .query_one("SELECT to_regproc('apikeys.mint_token') IS NOT NULL", &[])
             .unwrap()
             .get(0);
+        // With the new library and the old SQL, keys without limits and tokens keep working;
+        // keys with limits wait for ALTER EXTENSION … UPDATE, and say so.
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&plain])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID", "from {old}, before the update");
+        let err = client
+            .query_one("SELECT apikeys.verify_key($1)", &[&metered])
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "55000", "from {old}: {err}");
         let old_token = has_tokens.then(|| mint(&mut client, &plain, 600000));
 
         client
@@ -931,13 +958,30 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         );
         assert_eq!(
             verify(&mut client, &metered),
-            ("VALID".into(), Some(1)),
+            ("VALID".into(), Some(2)),
             "from {old}"
+        );
+        assert_eq!(
+            verify(&mut client, &windowed).0,
+            "RATE_LIMITED",
+            "from {old}: the full window was carried over"
         );
         assert_eq!(
             verify(&mut client, &revoked),
             ("REVOKED".into(), None),
             "from {old}"
+        );
+        let row = client
+            .query_one(
+                "SELECT request_count, rate_limit_algorithm FROM apikeys.get_api_key('plain')",
+                &[],
+            )
+            .unwrap();
+        let uses_before = if has_tokens { 9 } else { 7 };
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, String>(1)),
+            (uses_before, "fixed".to_owned()),
+            "from {old}: uses carried over; existing keys keep fixed windows"
         );
         let token = mint(&mut client, &plain, 60000);
         assert_eq!(token_code(&mut client, &token), "VALID", "from {old}");
@@ -983,14 +1027,25 @@ fn the_readme_reference_lists_every_function() {
     assert_eq!(documented, in_schema);
 }
 
-/// With the library preloaded (pg_test.conf) and this database as `apikeys.usage_database`,
-/// verifying a key without limits writes nothing — no transaction id is assigned, even in a
-/// read-only transaction — and the background worker brings `request_count` and `last_used_at`
-/// up to date within seconds. In another database the verification writes the row itself.
+/// The metering engine in a new database, with no setting: verifying keys with and without
+/// limits in a READ ONLY transaction assigns no transaction id (so writes no WAL and waits for no
+/// flush of its own); get_api_key shows the uses at once, `apikeys.meters` has them within
+/// seconds, and a quota spend is in `apikeys.meters` by the time VALID is returned.
 #[test]
-fn plain_key_use_is_counted_in_shared_memory_and_written_within_seconds() {
-    let mut client = connect();
+fn every_database_meters_in_shared_memory_with_no_setting() {
+    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
+    recreate_database(&mut admin, "pg_apikeys_elsewhere");
+    let mut client = Client::connect(
+        &format!("{} dbname=pg_apikeys_elsewhere", base_url()),
+        NoTls,
+    )
+    .unwrap();
+    client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
     let (id, key) = create(&mut client, "");
+    let (metered_id, metered) = create(
+        &mut client,
+        "remaining => 5, rate_limit_max => 100, rate_limit_window => '1 hour'",
+    );
     let mut tx = client.build_transaction().read_only(true).start().unwrap();
     for _ in 0..7 {
         let code: String = tx
@@ -999,21 +1054,46 @@ fn plain_key_use_is_counted_in_shared_memory_and_written_within_seconds() {
             .get(0);
         assert_eq!(code, "VALID");
     }
+    for left in [4i64, 3, 2] {
+        let row = tx
+            .query_one(
+                "SELECT code, remaining FROM apikeys.verify_key($1)",
+                &[&metered],
+            )
+            .unwrap();
+        assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("VALID".into(), left));
+    }
     let xid: Option<i64> = tx
         .query_one("SELECT txid_current_if_assigned()", &[])
         .unwrap()
         .get(0);
-    assert_eq!(xid, None, "verification wrote nothing");
-    tx.commit().unwrap();
+    assert_eq!(xid, None, "verification wrote nothing in the caller's transaction");
+    // Durable before VALID was returned: the writer's commit holds the spends.
+    let durable: Option<i64> = tx
+        .query_one(
+            "SELECT remaining FROM apikeys.meters WHERE key_id = $1",
+            &[&metered_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(durable, Some(2));
+    tx.rollback().unwrap();
+    // A rollback gives nothing back: a VALID answered is a request made.
+    assert_eq!(remaining(&mut client, &metered_id), 2);
+    let shown: i64 = client
+        .query_one("SELECT request_count FROM apikeys.get_api_key($1)", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, 7, "get_api_key counts uses not written yet");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let row = client
-            .query_one(
-                "SELECT request_count, last_used_at IS NOT NULL FROM apikeys.keys WHERE id = $1",
+            .query_opt(
+                "SELECT request_count, last_used_at IS NOT NULL FROM apikeys.meters WHERE key_id = $1",
                 &[&id],
             )
             .unwrap();
-        let (count, used): (i64, bool) = (row.get(0), row.get(1));
+        let (count, used): (i64, bool) = row.map_or((0, false), |r| (r.get(0), r.get(1)));
         if count == 7 && used {
             break;
         }
@@ -1024,37 +1104,53 @@ fn plain_key_use_is_counted_in_shared_memory_and_written_within_seconds() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-
-    // Another database: no shared counting, the row is written at once (and not when read-only).
-    let mut admin = Client::connect(&base_url(), NoTls).unwrap();
-    recreate_database(&mut admin, "pg_apikeys_elsewhere");
-    let mut other = Client::connect(
-        &format!("{} dbname=pg_apikeys_elsewhere", base_url()),
-        NoTls,
-    )
-    .unwrap();
-    other.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
-    let (id, key) = create(&mut other, "");
-    let row = other
-        .query_one(
-            "SELECT (apikeys.verify_key($1)).code, txid_current_if_assigned() IS NOT NULL",
-            &[&key],
-        )
-        .unwrap();
-    assert_eq!(
-        (row.get::<_, String>(0), row.get::<_, bool>(1)),
-        ("VALID".into(), true)
-    );
-    let count: i64 = other
-        .query_one(
-            "SELECT request_count FROM apikeys.keys WHERE id = $1",
-            &[&id],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(count, 1);
-    drop(other);
+    drop(client);
+    // The writer leaves a database soon after its last work: DROP DATABASE waits up to 5 s.
     admin
         .batch_execute("DROP DATABASE pg_apikeys_elsewhere")
         .unwrap();
+}
+
+/// Rate limits and quotas stay exact when every caller runs READ ONLY transactions (PostgREST's
+/// GET), and a rolled-back transaction keeps its spends.
+#[test]
+fn metered_keys_are_exact_in_read_only_transactions() {
+    let mut client = connect();
+    let (_, limited) = create(
+        &mut client,
+        "rate_limit_max => 30, rate_limit_window => '1 hour'",
+    );
+    let counts = hammer_in_sessions(
+        "SET default_transaction_read_only = on",
+        "SELECT code FROM apikeys.verify_key($1)",
+        &limited,
+        8,
+        10,
+    );
+    assert_eq!(counts.get("VALID").copied(), Some(30), "{counts:?}");
+    assert_eq!(counts.get("RATE_LIMITED").copied(), Some(50), "{counts:?}");
+    let (id, quota) = create(&mut client, "remaining => 25");
+    let counts = hammer_in_sessions(
+        "SET default_transaction_read_only = on",
+        "SELECT code FROM apikeys.verify_key($1)",
+        &quota,
+        8,
+        10,
+    );
+    assert_eq!(counts.get("VALID").copied(), Some(25), "{counts:?}");
+    assert_eq!(remaining(&mut client, &id), 0);
+    // Spends made in transactions that roll back are spent all the same.
+    let (_, again) = create(&mut client, "remaining => 3");
+    let mut tx = client.transaction().unwrap();
+    let code: String = tx
+        .query_one("SELECT code FROM apikeys.verify_key($1)", &[&again])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "VALID");
+    tx.rollback().unwrap();
+    let left: i64 = client
+        .query_one("SELECT remaining FROM apikeys.verify_key($1)", &[&again])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1, "the rolled-back spend stays spent");
 }

@@ -1,7 +1,8 @@
 //! Attacks on 0.4.0 (issue "Security: close two superuser escalations …"), each shown to fail
-//! against a real server with pg_apikeys preloaded: hijacking the usage writer's SQL, squatting
-//! the extension's schema, 40001 for keys without limits, a usage writer that stays dead, uses
-//! inherited by a re-created key, and a first mint blocked by anyone's advisory lock.
+//! against a real server with pg_apikeys preloaded: hijacking the writer's SQL, squatting the
+//! extension's schema, 40001 for keys without limits, a writer that stays dead, uses inherited by
+//! a re-created key, and a first mint blocked by anyone's advisory lock. The metering engine
+//! (0.6.0) has one writer per database, started on demand: the tests verify a key to get one.
 mod common;
 
 use common::*;
@@ -27,7 +28,7 @@ fn writer_pid(admin: &mut Client, within: Duration) -> Option<i32> {
     loop {
         let pid: Option<i32> = admin
             .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_apikeys usage writer'",
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_apikeys writer'",
                 &[],
             )
             .unwrap()
@@ -37,6 +38,15 @@ fn writer_pid(admin: &mut Client, within: Duration) -> Option<i32> {
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A verification of `key`, which (re)starts the database's writer if none runs.
+fn poke(client: &mut Client, key: &str) {
+    let code: String = client
+        .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "VALID");
 }
 
 /// A new database `name` with the extension and one key without limits: (url, client, key).
@@ -61,13 +71,14 @@ fn next_writer(admin: &mut Client, old: i32) -> i32 {
     }
 }
 
-/// Waits until the row of key `id` shows `count` uses (the writer flushes every second).
+/// Waits until the written uses of key `id` (apikeys.meters) are `count` (the writer writes
+/// every second).
 fn wait_for_count(client: &mut Client, id: &str, count: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let now: i64 = client
             .query_one(
-                "SELECT request_count FROM apikeys.keys WHERE id = $1",
+                "SELECT COALESCE((SELECT request_count FROM apikeys.meters WHERE key_id = $1), 0)",
                 &[&id],
             )
             .unwrap()
@@ -122,17 +133,16 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
              ALTER DATABASE pg_apikeys_it SET statement_timeout = '1ms';",
         )
         .unwrap();
-    // The workers read the database's settings when they connect: make both connect again.
-    let before = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE backend_type = 'pg_apikeys usage launcher'",
-            &[],
-        )
-        .unwrap();
+    // The writer reads the database's settings when it connects: make it connect again.
     let (id, key) = create(&mut client, "");
+    poke(&mut client, &key);
+    let before = writer_pid(&mut admin, Duration::from_secs(10)).expect("a writer runs");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&before])
+        .unwrap();
+    poke(&mut client, &key);
     next_writer(&mut admin, before);
+    wait_for_count(&mut client, &id, 2);
     // Uses in both the plain verification and the writer's flush.
     for _ in 0..3 {
         let code: String = client
@@ -141,7 +151,7 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
             .get(0);
         assert_eq!(code, "VALID");
     }
-    wait_for_count(&mut client, &id, 3);
+    wait_for_count(&mut client, &id, 5);
     let escalated = is_superuser(&mut admin, "sec_dbowner");
     admin
         .batch_execute(
@@ -173,92 +183,129 @@ fn the_usage_writer_comes_back_after_it_is_terminated() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
     let mut client = connect();
     let (id, key) = create(&mut client, "");
-    let mut last = writer_pid(&mut admin, Duration::from_secs(10)).expect("a usage writer runs");
-    for (round, kind) in [(1, "writer"), (2, "launcher"), (3, "writer")] {
-        let target: i32 = if kind == "launcher" {
-            admin
-                .query_one(
-                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_apikeys usage launcher'",
-                    &[],
-                )
-                .unwrap()
-                .get(0)
+    poke(&mut client, &key);
+    let mut last = writer_pid(&mut admin, Duration::from_secs(10)).expect("a writer runs");
+    wait_for_count(&mut client, &id, 1);
+    for (round, kind) in [(2, "writer"), (3, "launcher"), (4, "writer")] {
+        if kind == "launcher" {
+            // Connected to no database, the launcher is not in pg_stat_activity: SIGTERM it.
+            let launcher = launcher_pid(&mut admin);
+            let killed = std::process::Command::new("kill")
+                .args(["-TERM", &launcher.to_string()])
+                .output()
+                .unwrap();
+            assert!(killed.status.success(), "{killed:?}");
+            // The postmaster starts it again 5 s later; meanwhile the writer may leave too.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while launcher_pid(&mut admin) == launcher {
+                assert!(Instant::now() < deadline, "the launcher did not come back");
+                thread::sleep(Duration::from_millis(200));
+            }
         } else {
-            last
-        };
-        admin
-            .execute("SELECT pg_terminate_backend($1)", &[&target])
-            .unwrap();
+            admin
+                .execute("SELECT pg_terminate_backend($1)", &[&last])
+                .unwrap();
+        }
         // Counted while no writer runs: kept in shared memory for the next one.
-        let code: String = client
-            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
-            .unwrap()
-            .get(0);
-        assert_eq!(code, "VALID");
-        last = next_writer(&mut admin, last);
+        poke(&mut client, &key);
+        if kind == "writer" {
+            last = next_writer(&mut admin, last);
+        }
         wait_for_count(&mut client, &id, round);
     }
 }
 
-/// The writer's session is the extension's owner's, not the bootstrap superuser's: the launcher
-/// reads pg_extension.extowner and starts the writer connected as that role.
+/// The launcher's process id (0 while none runs): the postmaster's child of that title.
+fn launcher_pid(admin: &mut Client) -> i32 {
+    let me: i32 = admin
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let parent = |pid: &str| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1).map(str::to_owned)
+    };
+    let postmaster = parent(&me.to_string()).expect("the backend's parent");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().into_string().unwrap();
+        let title = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+        if parent(&pid).as_deref() == Some(postmaster.as_str())
+            && title.starts_with("postgres: pg_apikeys launcher")
+        {
+            return pid.parse().unwrap();
+        }
+    }
+    0
+}
+
+/// The writer's session is the extension's owner's, not the bootstrap superuser's: a writer
+/// connects as the owner a backend recorded, checks it against pg_extension.extowner, and when the
+/// owner changed leaves so that the launcher starts one connected as the new owner.
 #[test]
 fn the_usage_writer_connects_as_the_extensions_owner() {
     let mut admin = Client::connect(&base_url(), NoTls).unwrap();
     let mut client = connect();
-    let writer_role = |admin: &mut Client, not_pid: i32| -> (i32, String) {
+    let (_, plain) = create(&mut client, "");
+    // Verifies `plain` (so that a writer is wanted) until the database's writer runs as `role`.
+    let writer_runs_as = |admin: &mut Client, client: &mut Client, role: &str| {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let row = admin
-                .query_opt(
-                    "SELECT pid, usename::text FROM pg_stat_activity
-                      WHERE backend_type = 'pg_apikeys usage writer' AND pid <> $1",
-                    &[&not_pid],
+            poke(client, &plain);
+            let roles: Vec<String> = admin
+                .query(
+                    "SELECT usename::text FROM pg_stat_activity
+                      WHERE backend_type = 'pg_apikeys writer' AND datname = $1",
+                    &[&DB],
                 )
-                .unwrap();
-            if let Some(row) = row {
-                return (row.get(0), row.get(1));
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if roles.iter().any(|r| r == role) {
+                return;
             }
-            assert!(Instant::now() < deadline, "no new usage writer");
-            thread::sleep(Duration::from_millis(100));
+            assert!(Instant::now() < deadline, "no writer as {role}: {roles:?}");
+            thread::sleep(Duration::from_millis(200));
         }
     };
-    let change_owner = |client: &mut Client, admin: &mut Client, role: &str| -> (i32, String) {
+    let change_owner = |client: &mut Client, admin: &mut Client, role: &str| {
         client
             .execute(
                 "UPDATE pg_catalog.pg_extension SET extowner = $1::text::regrole WHERE extname = 'pg_apikeys'",
                 &[&role],
             )
             .unwrap();
-        let old = writer_pid(admin, Duration::from_secs(10)).expect("a usage writer runs");
         admin
-            .execute("SELECT pg_terminate_backend($1)", &[&old])
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE backend_type = 'pg_apikeys writer' AND datname = $1",
+                &[&DB],
+            )
             .unwrap();
-        writer_role(admin, old)
     };
     admin
         .batch_execute(
             "DROP ROLE IF EXISTS sec_ext_owner; CREATE ROLE sec_ext_owner SUPERUSER LOGIN",
         )
         .unwrap();
-    let (_, first) = writer_role(&mut admin, 0);
-    assert_eq!(first, "postgres");
-    let (_, role) = change_owner(&mut client, &mut admin, "sec_ext_owner");
+    writer_runs_as(&mut admin, &mut client, "postgres");
+    change_owner(&mut client, &mut admin, "sec_ext_owner");
+    writer_runs_as(&mut admin, &mut client, "sec_ext_owner");
     let (id, key) = create(&mut client, "");
     for _ in 0..2 {
-        let code: String = client
-            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
-            .unwrap()
-            .get(0);
-        assert_eq!(code, "VALID");
+        poke(&mut client, &key);
     }
     wait_for_count(&mut client, &id, 2);
-    let (_, back) = change_owner(&mut client, &mut admin, "postgres");
+    change_owner(&mut client, &mut admin, "postgres");
+    writer_runs_as(&mut admin, &mut client, "postgres");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'sec_ext_owner'",
+            &[],
+        )
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
     admin.batch_execute("DROP ROLE sec_ext_owner").unwrap();
-    assert_eq!(
-        (role.as_str(), back.as_str()),
-        ("sec_ext_owner", "postgres")
-    );
 }
 
 /// A key deleted and re-created under the same id does not inherit the old key's uses that the

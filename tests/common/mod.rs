@@ -58,10 +58,10 @@ pub fn token_code(client: &mut Client, token: &str) -> String {
         .get(0)
 }
 
-/// What is left of a key's quota, read from the table.
+/// What is left of a key's quota, as get_api_key reports it.
 pub fn remaining(client: &mut Client, id: &str) -> i64 {
     client
-        .query_one("SELECT remaining FROM apikeys.keys WHERE id = $1", &[&id])
+        .query_one("SELECT remaining FROM apikeys.get_api_key($1)", &[&id])
         .unwrap()
         .get(0)
 }
@@ -88,14 +88,27 @@ pub fn hammer_with(
     threads: usize,
     per_thread: usize,
 ) -> std::collections::BTreeMap<String, usize> {
+    hammer_in_sessions("", sql, key, threads, per_thread)
+}
+
+/// `hammer_with` on connections that first run `setup` (session settings).
+pub fn hammer_in_sessions(
+    setup: &str,
+    sql: &str,
+    key: &str,
+    threads: usize,
+    per_thread: usize,
+) -> std::collections::BTreeMap<String, usize> {
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let key = key.to_owned();
             let sql = sql.to_owned();
+            let setup = setup.to_owned();
             let barrier = barrier.clone();
             thread::spawn(move || {
                 let mut client = connect();
+                client.batch_execute(&setup).unwrap();
                 let stmt = client.prepare(&sql).unwrap();
                 barrier.wait();
                 (0..per_thread)
