@@ -19,8 +19,8 @@
 //! again (`evictions`), so nothing is loaded from a row older than the entry it replaces.
 
 use crate::metering::{self, Charge, Counters};
-use crate::verify::Config;
 use crate::slots::{self, Entry, KeyRef};
+use crate::verify::Config;
 use crate::{errors, guc};
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -358,7 +358,11 @@ fn drain_overflow(s: &mut Shared<'_>, db: u32) {
         let mut o = o.borrow_mut();
         let mut used = s.header.used;
         o.retain(|(id, created_us), (uses, at_us)| {
-            let key = KeyRef { db, id, created_us: *created_us };
+            let key = KeyRef {
+                db,
+                id,
+                created_us: *created_us,
+            };
             match slots::find_or_insert(s.slots, &mut used, &key) {
                 Some(i) => {
                     s.slots[i].uses += *uses;
@@ -423,19 +427,33 @@ pub fn add_interval(at_us: i64, interval: pgrx::datum::Interval) -> i64 {
     crate::verify::epoch_us(sum)
 }
 
+/// One metered call: which key (and the meter_version its row has), when, for how much, and
+/// whether the key grants what the call requires.
+pub struct Call<'a> {
+    pub id: &'a str,
+    pub created_us: i64,
+    pub version: i64,
+    pub now_us: i64,
+    pub cost: i64,
+    pub permitted: bool,
+}
+
 /// Charges a metered key in shared memory: loads it on first use (`load`, which reads the
 /// rows), applies refill, quota and window, and for a quota spend waits until the writer has
-/// committed it. `permitted`: whether the key grants what the call requires.
+/// committed it.
 pub fn meter(
-    id: &str,
-    created_us: i64,
-    version: i64,
-    now_us: i64,
-    cost: i64,
-    permitted: bool,
+    call: &Call<'_>,
     config: &Config,
     load: impl Fn() -> Option<Stored>,
 ) -> Result<Option<Metered>, Unavailable> {
+    let Call {
+        id,
+        created_us,
+        version,
+        now_us,
+        cost,
+        permitted,
+    } = *call;
     let Some(index) = database_index() else {
         return Err(Unavailable::NoEngine);
     };
@@ -546,8 +564,11 @@ fn wait_for_room(index: usize, deadline: &mut Option<std::time::Instant>) {
     if std::time::Instant::now() > deadline {
         errors::raise(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            "the pg_apikeys metering table is full of keys whose counters are not written yet".into(),
-            Some("Raise apikeys.shared_keys, and check the server log for pg_apikeys writer errors."),
+            "the pg_apikeys metering table is full of keys whose counters are not written yet"
+                .into(),
+            Some(
+                "Raise apikeys.shared_keys, and check the server log for pg_apikeys writer errors.",
+            ),
         );
     }
     with_shared(true, |s| s.wake_writer(index));

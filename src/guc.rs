@@ -192,5 +192,7 @@ pub fn token_cache_bytes() -> usize {
 
 /// Slots of the metering engine's shared table.
 pub fn shared_keys() -> usize {
-    usize::try_from(SHARED_KEYS.get()).unwrap_or(16_384).max(1024)
+    usize::try_from(SHARED_KEYS.get())
+        .unwrap_or(16_384)
+        .max(1024)
 }

@@ -490,7 +490,10 @@ fn check_algorithm(name: Option<String>) -> Option<metering::Algorithm> {
     Some(metering::Algorithm::parse(&name).unwrap_or_else(|| {
         invalid_argument(
             "rate_limit_algorithm",
-            format!("must be 'sliding' or 'fixed', got \"{}\"", errors::shown(&name)),
+            format!(
+                "must be 'sliding' or 'fixed', got \"{}\"",
+                errors::shown(&name)
+            ),
         )
     }))
 }
@@ -808,8 +811,10 @@ fn update_api_key(
             .or(final_amount);
         // A new quota (or refill) is a new meter_version: use counted against the old one no
         // longer applies, and the next verification loads the key's counters again.
-        let quota_changed =
-            s.remaining.is_some() || final_remaining != cur_remaining || refill_given || cleared.contains(&"refill");
+        let quota_changed = s.remaining.is_some()
+            || final_remaining != cur_remaining
+            || refill_given
+            || cleared.contains(&"refill");
         if quota_changed {
             set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
             set.set("remaining", "meter_version = meter_version + 1", vec![]);
@@ -838,7 +843,11 @@ fn update_api_key(
                 vec![final_window.into()],
             );
         } else if cleared.contains(&"rate_limit") {
-            set.set("rate_limit", "rate_limit_max = NULL, rate_limit_window = NULL", vec![]);
+            set.set(
+                "rate_limit",
+                "rate_limit_max = NULL, rate_limit_window = NULL",
+                vec![],
+            );
         }
         if let Some(algorithm) = algorithm {
             set.set(
@@ -852,7 +861,10 @@ fn update_api_key(
         set.set("updated_by", "updated_by = $?", vec![actor.into()]);
         set.set("updated_by", "updated_at = clock_timestamp()", vec![]);
         errors::internal(client.update(
-            &format!("UPDATE apikeys.keys SET {} WHERE id = $1", set.sql.join(", ")),
+            &format!(
+                "UPDATE apikeys.keys SET {} WHERE id = $1",
+                set.sql.join(", ")
+            ),
             None,
             &set.args,
         ));

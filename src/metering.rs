@@ -130,14 +130,20 @@ pub fn charge(c: &Counters, limits: &Limits, now_us: i64, cost: i64, permitted: 
     } else {
         c.remaining
     };
-    let window = limits.rate.map(|rate| (rate, current_window(c, &rate, now_us)));
+    let window = limits
+        .rate
+        .map(|rate| (rate, current_window(c, &rate, now_us)));
     let over_quota = remaining.is_some_and(|r| r < cost);
     let over_rate = window.is_some_and(|(rate, (start, count, previous))| match rate.algorithm {
         Algorithm::Fixed => count.saturating_add(cost) > rate.max,
         Algorithm::Sliding => {
             let elapsed = now_us - start.unwrap_or(now_us);
-            sliding_estimate(count.saturating_add(cost), previous, rate.window_us.max(1), elapsed)
-                > rate.max
+            sliding_estimate(
+                count.saturating_add(cost),
+                previous,
+                rate.window_us.max(1),
+                elapsed,
+            ) > rate.max
         }
     });
     let verdict = if over_quota {
@@ -220,11 +226,23 @@ mod unit {
     #[test]
     fn quota_is_spent_by_cost_and_never_below_zero() {
         let none = Limits::default();
-        assert_eq!(charge(&quota(3), &none, 0, 1, true).after.remaining, Some(2));
-        assert_eq!(charge(&quota(3), &none, 0, 3, true).after.remaining, Some(0));
+        assert_eq!(
+            charge(&quota(3), &none, 0, 1, true).after.remaining,
+            Some(2)
+        );
+        assert_eq!(
+            charge(&quota(3), &none, 0, 3, true).after.remaining,
+            Some(0)
+        );
         let over = charge(&quota(2), &none, 0, 3, true);
-        assert_eq!((over.verdict, over.after.remaining, over.spent), (Verdict::UsageExceeded, Some(2), 0));
-        assert_eq!(charge(&quota(0), &none, 0, 0, true).verdict, Verdict::Allowed);
+        assert_eq!(
+            (over.verdict, over.after.remaining, over.spent),
+            (Verdict::UsageExceeded, Some(2), 0)
+        );
+        assert_eq!(
+            charge(&quota(0), &none, 0, 0, true).verdict,
+            Verdict::Allowed
+        );
         let unlimited = charge(&Counters::default(), &none, 0, 1_000_000, true);
         assert_eq!((unlimited.after.remaining, unlimited.spent), (None, 0));
     }
@@ -239,27 +257,48 @@ mod unit {
         let c = charge(&quota(0), &limits, 0, 1, true);
         assert_eq!((c.after.remaining, c.refilled), (Some(4), true));
         let refused = charge(&quota(0), &limits, 0, 9, true);
-        assert_eq!((refused.verdict, refused.after.remaining, refused.refilled), (Verdict::UsageExceeded, Some(5), true));
-        let not_due = Limits { refill_due: false, ..limits };
-        assert_eq!(charge(&quota(0), &not_due, 0, 1, true).verdict, Verdict::UsageExceeded);
+        assert_eq!(
+            (refused.verdict, refused.after.remaining, refused.refilled),
+            (Verdict::UsageExceeded, Some(5), true)
+        );
+        let not_due = Limits {
+            refill_due: false,
+            ..limits
+        };
+        assert_eq!(
+            charge(&quota(0), &not_due, 0, 1, true).verdict,
+            Verdict::UsageExceeded
+        );
     }
 
     #[test]
     fn a_fixed_window_allows_max_then_limits_until_it_ends() {
         let limits = limited(2, HOUR, Algorithm::Fixed);
         let first = charge(&Counters::default(), &limits, 1000, 1, true);
-        assert_eq!((first.verdict, first.rate_remaining, first.reset_us), (Verdict::Allowed, Some(1), Some(1000 + HOUR)));
+        assert_eq!(
+            (first.verdict, first.rate_remaining, first.reset_us),
+            (Verdict::Allowed, Some(1), Some(1000 + HOUR))
+        );
         let second = charge(&first.after, &limits, 2000, 1, true);
         assert_eq!(second.rate_remaining, Some(0));
         let third = charge(&second.after, &limits, 3000, 1, true);
-        assert_eq!((third.verdict, third.after), (Verdict::RateLimited, second.after));
+        assert_eq!(
+            (third.verdict, third.after),
+            (Verdict::RateLimited, second.after)
+        );
         // The next window opens at the first call after this one ended, not on a boundary.
         let later = charge(&third.after, &limits, 1000 + HOUR + 5, 1, true);
-        assert_eq!((later.verdict, later.reset_us), (Verdict::Allowed, Some(1000 + 2 * HOUR + 5)));
+        assert_eq!(
+            (later.verdict, later.reset_us),
+            (Verdict::Allowed, Some(1000 + 2 * HOUR + 5))
+        );
         // A call that takes nothing opens no window.
         let idle = charge(&Counters::default(), &limits, 0, 1, false);
         assert_eq!((idle.after.window_start_us, idle.reset_us), (None, None));
-        assert_eq!(charge(&Counters::default(), &limits, 0, 3, true).verdict, Verdict::RateLimited);
+        assert_eq!(
+            charge(&Counters::default(), &limits, 0, 3, true).verdict,
+            Verdict::RateLimited
+        );
     }
 
     #[test]
@@ -273,13 +312,28 @@ mod unit {
         };
         // A quarter into bucket 1: 7.5 of the previous 10 still count (rounded up: 8).
         let c = charge(&full, &limits, HOUR + HOUR / 4, 2, true);
-        assert_eq!((c.verdict, c.rate_remaining, c.reset_us), (Verdict::Allowed, Some(0), Some(2 * HOUR)));
-        assert_eq!(charge(&c.after, &limits, HOUR + HOUR / 4, 1, true).verdict, Verdict::RateLimited);
+        assert_eq!(
+            (c.verdict, c.rate_remaining, c.reset_us),
+            (Verdict::Allowed, Some(0), Some(2 * HOUR))
+        );
+        assert_eq!(
+            charge(&c.after, &limits, HOUR + HOUR / 4, 1, true).verdict,
+            Verdict::RateLimited
+        );
         // A fixed window would have let 10 more through right at the edge: the double burst.
         let fixed = limited(10, HOUR, Algorithm::Fixed);
-        let fixed_full = Counters { window_start_us: Some(1), ..full };
-        assert_eq!(charge(&fixed_full, &fixed, HOUR + 1, 10, true).verdict, Verdict::Allowed);
-        assert_eq!(charge(&full, &limits, HOUR + 1, 10, true).verdict, Verdict::RateLimited);
+        let fixed_full = Counters {
+            window_start_us: Some(1),
+            ..full
+        };
+        assert_eq!(
+            charge(&fixed_full, &fixed, HOUR + 1, 10, true).verdict,
+            Verdict::Allowed
+        );
+        assert_eq!(
+            charge(&full, &limits, HOUR + 1, 10, true).verdict,
+            Verdict::RateLimited
+        );
         // Two buckets later nothing of the old one counts.
         let c = charge(&full, &limits, 2 * HOUR, 10, true);
         assert_eq!((c.verdict, c.after.window_previous), (Verdict::Allowed, 0));
@@ -316,7 +370,11 @@ mod unit {
                     + i128::from(prev) * i128::from(window - elapsed))
                     <= i128::from(max) * i128::from(window);
                 let c = charge(&counters, &limits, now, cost, true);
-                assert_eq!(c.verdict == Verdict::Allowed, allowed, "window {window} max {max} at {now} cost {cost}");
+                assert_eq!(
+                    c.verdict == Verdict::Allowed,
+                    allowed,
+                    "window {window} max {max} at {now} cost {cost}"
+                );
                 if allowed {
                     *buckets.entry(bucket).or_insert(0) += cost;
                 }
@@ -340,11 +398,33 @@ mod unit {
             window_count: 1,
             ..Counters::default()
         };
-        assert_eq!(charge(&used, &limits, 10, 1, true).verdict, Verdict::UsageExceeded);
-        let limited_only = Counters { remaining: Some(10), ..used };
+        assert_eq!(
+            charge(&used, &limits, 10, 1, true).verdict,
+            Verdict::UsageExceeded
+        );
+        let limited_only = Counters {
+            remaining: Some(10),
+            ..used
+        };
         let c = charge(&limited_only, &limits, 10, 1, true);
-        assert_eq!((c.verdict, c.after, c.spent), (Verdict::RateLimited, limited_only, 0));
-        let unpermitted = charge(&quota(10), &limited(5, HOUR, Algorithm::Sliding), 10, 1, false);
-        assert_eq!((unpermitted.verdict, unpermitted.after.remaining, unpermitted.after.window_count), (Verdict::Allowed, Some(10), 0));
+        assert_eq!(
+            (c.verdict, c.after, c.spent),
+            (Verdict::RateLimited, limited_only, 0)
+        );
+        let unpermitted = charge(
+            &quota(10),
+            &limited(5, HOUR, Algorithm::Sliding),
+            10,
+            1,
+            false,
+        );
+        assert_eq!(
+            (
+                unpermitted.verdict,
+                unpermitted.after.remaining,
+                unpermitted.after.window_count
+            ),
+            (Verdict::Allowed, Some(10), 0)
+        );
     }
 }

@@ -224,18 +224,37 @@ mod unit {
     fn entries_are_found_by_database_id_and_creation() {
         let mut slots = vec![FREE; 64];
         let mut used = 0;
-        let a = KeyRef { db: 1, id: "a", created_us: 10 };
+        let a = KeyRef {
+            db: 1,
+            id: "a",
+            created_us: 10,
+        };
         let i = find_or_insert(&mut slots, &mut used, &a).unwrap();
         slots[i].uses = 3;
         assert_eq!(find(&slots, &a), Some(i));
         assert_eq!(find_or_insert(&mut slots, &mut used, &a), Some(i));
         assert_eq!(find(&slots, &KeyRef { db: 2, ..a }), None);
-        assert_eq!(find(&slots, &KeyRef { created_us: 11, ..a }), None);
+        assert_eq!(
+            find(
+                &slots,
+                &KeyRef {
+                    created_us: 11,
+                    ..a
+                }
+            ),
+            None
+        );
         assert_eq!(find(&slots, &KeyRef { id: "b", ..a }), None);
         assert_eq!(used, 1);
         let long = "x".repeat(ID_BYTES + 1);
-        assert_eq!(find_or_insert(&mut slots, &mut used, &KeyRef { id: &long, ..a }), None);
-        assert_eq!(find_or_insert(&mut slots, &mut used, &KeyRef { id: "", ..a }), None);
+        assert_eq!(
+            find_or_insert(&mut slots, &mut used, &KeyRef { id: &long, ..a }),
+            None
+        );
+        assert_eq!(
+            find_or_insert(&mut slots, &mut used, &KeyRef { id: "", ..a }),
+            None
+        );
     }
 
     #[test]
@@ -244,12 +263,40 @@ mod unit {
         let mut used = 0;
         let names: Vec<String> = (0..15).map(|i| format!("k{i}")).collect();
         for name in &names {
-            assert!(find_or_insert(&mut slots, &mut used, &KeyRef { db: 1, id: name, created_us: 0 }).is_some());
+            assert!(find_or_insert(
+                &mut slots,
+                &mut used,
+                &KeyRef {
+                    db: 1,
+                    id: name,
+                    created_us: 0
+                }
+            )
+            .is_some());
         }
         assert_eq!(used, 15);
-        assert_eq!(find_or_insert(&mut slots, &mut used, &KeyRef { db: 1, id: "new", created_us: 0 }), None);
+        assert_eq!(
+            find_or_insert(
+                &mut slots,
+                &mut used,
+                &KeyRef {
+                    db: 1,
+                    id: "new",
+                    created_us: 0
+                }
+            ),
+            None
+        );
         for name in &names {
-            assert!(find(&slots, &KeyRef { db: 1, id: name, created_us: 0 }).is_some());
+            assert!(find(
+                &slots,
+                &KeyRef {
+                    db: 1,
+                    id: name,
+                    created_us: 0
+                }
+            )
+            .is_some());
         }
     }
 
@@ -271,7 +318,11 @@ mod unit {
         for step in 0..20_000u64 {
             let db = 1 + next(2) as u32;
             let k = next(ids.len() as u64) as usize;
-            let key = KeyRef { db, id: &ids[k], created_us: 7 };
+            let key = KeyRef {
+                db,
+                id: &ids[k],
+                created_us: 7,
+            };
             if next(3) == 0 {
                 if let Some(i) = find(&slots, &key) {
                     remove(&mut slots, &mut used, i);
@@ -286,7 +337,15 @@ mod unit {
             assert_eq!(used, model.len());
         }
         for ((db, k), step) in &model {
-            let i = find(&slots, &KeyRef { db: *db, id: &ids[*k], created_us: 7 }).expect("present");
+            let i = find(
+                &slots,
+                &KeyRef {
+                    db: *db,
+                    id: &ids[*k],
+                    created_us: 7,
+                },
+            )
+            .expect("present");
             assert_eq!(slots[i].uses, *step);
         }
     }
@@ -295,7 +354,12 @@ mod unit {
     fn counters_round_trip_through_an_entry() {
         let mut e = FREE;
         assert_eq!(e.counters(), Counters::default());
-        let c = Counters { remaining: Some(5), window_start_us: Some(-3), window_count: 2, window_previous: 9 };
+        let c = Counters {
+            remaining: Some(5),
+            window_start_us: Some(-3),
+            window_count: 2,
+            window_previous: 9,
+        };
         e.set_counters(&c);
         assert_eq!(e.counters(), c);
         assert!(e.clean());

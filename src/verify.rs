@@ -188,8 +188,10 @@ pub struct Config {
 
 impl Config {
     fn of(row: &lookup::KeyRow) -> Config {
-        let rate = row.rate_limit_max.zip(row.rate_limit_window).map(|(max, window)| {
-            metering::Rate {
+        let rate = row
+            .rate_limit_max
+            .zip(row.rate_limit_window)
+            .map(|(max, window)| metering::Rate {
                 max: i64::from(max),
                 window_us: i64::try_from(window.as_micros()).unwrap_or(i64::MAX).max(1),
                 algorithm: row
@@ -197,8 +199,7 @@ impl Config {
                     .as_deref()
                     .and_then(metering::Algorithm::parse)
                     .unwrap_or_default(),
-            }
-        });
+            });
         Config {
             quota: row.remaining.is_some() || row.refill_amount.is_some(),
             refill_amount: row.refill_amount,
@@ -591,12 +592,17 @@ fn load(state: &KeyState) -> Option<crate::engine::Stored> {
                 client,
                 STORED_SQL,
                 Some(1),
-                &[state.id.as_str().into(), from_epoch_us(state.created_us).into()],
+                &[
+                    state.id.as_str().into(),
+                    from_epoch_us(state.created_us).into(),
+                ],
             );
             if table.is_empty() {
                 return None;
             }
-            Some(errors::internal(stored_from(&table.first().get_heap_tuple().ok()??)))
+            Some(errors::internal(stored_from(
+                &table.first().get_heap_tuple().ok()??,
+            )))
         })
     })
 }
@@ -606,16 +612,15 @@ fn meter_in_shared_memory(
     cost: i64,
     permitted: bool,
 ) -> Result<Option<Charged>, crate::engine::Unavailable> {
-    let metered = crate::engine::meter(
-        &state.id,
-        state.created_us,
-        state.meter_version,
-        epoch_us(state.now),
+    let call = crate::engine::Call {
+        id: &state.id,
+        created_us: state.created_us,
+        version: state.meter_version,
+        now_us: epoch_us(state.now),
         cost,
         permitted,
-        &state.config,
-        || load(state),
-    )?;
+    };
+    let metered = crate::engine::meter(&call, &state.config, || load(state))?;
     Ok(metered.map(|m| Charged { charge: m.charge }))
 }
 
@@ -670,7 +675,13 @@ fn meter_with_row_lock(
             let permitted = permitted(&fresh, required, token);
             let now_us = epoch_us(fresh.now);
             let due = stored.next_refill_us.is_some_and(|next| next <= now_us);
-            let charge = metering::charge(&stored.counters, &fresh.config.limits(due), now_us, cost, permitted);
+            let charge = metering::charge(
+                &stored.counters,
+                &fresh.config.limits(due),
+                now_us,
+                cost,
+                permitted,
+            );
             let last_refill = if charge.refilled {
                 Some(now_us)
             } else {
@@ -782,7 +793,9 @@ mod tests {
         run("RESET ROLE");
         run("RESET search_path");
         assert_eq!(
-            one::<i64>(&format!("SELECT remaining FROM apikeys.get_api_key('{id}')")),
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
+            )),
             Some(0)
         );
         assert_eq!(code(&plain, ""), "VALID", "{plain_id}");
@@ -918,7 +931,9 @@ mod tests {
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(0));
         assert_eq!(code(&key, "cost => 0"), "VALID");
         assert_eq!(
-            one::<i64>(&format!("SELECT remaining FROM apikeys.get_api_key('{id}')")),
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
+            )),
             Some(0)
         );
     }
@@ -938,8 +953,9 @@ mod tests {
 
     #[pg_test]
     fn a_fixed_window_opens_at_the_first_call_and_lets_max_through() {
-        let (_, key) =
-            create("rate_limit_max => 2, rate_limit_window => '1 s', rate_limit_algorithm => 'fixed'");
+        let (_, key) = create(
+            "rate_limit_max => 2, rate_limit_window => '1 s', rate_limit_algorithm => 'fixed'",
+        );
         assert_eq!(field::<i64>(&key, "", "rate_limit_remaining"), Some(1));
         assert_eq!(
             field::<bool>(
@@ -1069,7 +1085,8 @@ mod tests {
     #[pg_test]
     fn read_only_transactions_verify_and_meter_every_key() {
         let (_, plain) = create("");
-        let (id, limited) = create("remaining => 2, rate_limit_max => 5, rate_limit_window => '1 hour'");
+        let (id, limited) =
+            create("remaining => 2, rate_limit_max => 5, rate_limit_window => '1 hour'");
         run("SET LOCAL transaction_read_only = on");
         assert_eq!(code(&plain, ""), "VALID");
         assert_eq!(
@@ -1080,7 +1097,9 @@ mod tests {
         assert_eq!(field::<i64>(&limited, "", "rate_limit_remaining"), Some(3));
         assert_eq!(code(&limited, ""), "USAGE_EXCEEDED");
         assert_eq!(
-            one::<i64>(&format!("SELECT remaining FROM apikeys.get_api_key('{id}')")),
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
+            )),
             Some(0)
         );
     }
@@ -1101,9 +1120,15 @@ mod tests {
         );
         // Into the next bucket: most of the previous one still counts, so one fits at most.
         run("SELECT pg_sleep(2 - extract(epoch FROM clock_timestamp())::numeric % 2 + 0.2)");
-        assert_eq!(code(&key, ""), "RATE_LIMITED", "4 × (1 - 0.1) rounds up to 4");
+        assert_eq!(
+            code(&key, ""),
+            "RATE_LIMITED",
+            "4 × (1 - 0.1) rounds up to 4"
+        );
         // A fixed window would let all 4 through again right after its end.
-        let (_, fixed) = create("rate_limit_max => 4, rate_limit_window => '2 s', rate_limit_algorithm => 'fixed'");
+        let (_, fixed) = create(
+            "rate_limit_max => 4, rate_limit_window => '2 s', rate_limit_algorithm => 'fixed'",
+        );
         for _ in 0..4 {
             assert_eq!(code(&fixed, ""), "VALID");
         }

@@ -80,7 +80,10 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
                 if d.failed_starts >= 3 {
                     // Its writer cannot connect (the database was dropped): forget it.
                     let oid = d.oid;
-                    *d = engine::Database { flushed: d.flushed, ..unsafe_zeroed_database() };
+                    *d = engine::Database {
+                        flushed: d.flushed,
+                        ..unsafe_zeroed_database()
+                    };
                     forget_database(s.slots, &mut s.header.used, oid);
                     break;
                 }
@@ -110,7 +113,9 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
                 .load_dynamic()
             {
                 Ok(worker) => started.push((db, worker)),
-                Err(_) => warning!("pg_apikeys launcher: could not start a writer (max_worker_processes?)"),
+                Err(_) => warning!(
+                    "pg_apikeys launcher: could not start a writer (max_worker_processes?)"
+                ),
             }
         }
     }
@@ -159,20 +164,36 @@ fn collect(index: usize, db: u32) -> Batch {
         let mut plain = Vec::new();
         for e in s.slots.iter_mut().filter(|e| e.db == db) {
             if e.uses > 0 {
-                batch.uses.push((e.id().to_owned(), e.created_us, e.uses as i64, e.last_used_us));
+                batch.uses.push((
+                    e.id().to_owned(),
+                    e.created_us,
+                    e.uses as i64,
+                    e.last_used_us,
+                ));
                 e.uses = 0;
                 if !e.metered {
                     plain.push((e.id().to_owned(), e.created_us));
                 }
             }
             if e.metered && e.dirty_seq > e.flushed_seq {
-                batch.meters.push((e.id().to_owned(), e.created_us, e.version, e.counters(), e.last_refill(), e.dirty_seq));
+                batch.meters.push((
+                    e.id().to_owned(),
+                    e.created_us,
+                    e.version,
+                    e.counters(),
+                    e.last_refill(),
+                    e.dirty_seq,
+                ));
             }
         }
         // Entries of keys without limits hold nothing once their uses are taken.
         let mut used = s.header.used;
         for (id, created_us) in &plain {
-            let key = KeyRef { db, id, created_us: *created_us };
+            let key = KeyRef {
+                db,
+                id,
+                created_us: *created_us,
+            };
             if let Some(i) = slots::find(s.slots, &key) {
                 if s.slots[i].clean() && !s.slots[i].metered {
                     slots::remove(s.slots, &mut used, i);
@@ -190,7 +211,14 @@ fn collect(index: usize, db: u32) -> Batch {
 fn completed(index: usize, db: u32, batch: &Batch) {
     with_shared(true, |s| {
         for (id, created_us, _, _, _, seq) in &batch.meters {
-            if let Some(i) = slots::find(s.slots, &KeyRef { db, id, created_us: *created_us }) {
+            if let Some(i) = slots::find(
+                s.slots,
+                &KeyRef {
+                    db,
+                    id,
+                    created_us: *created_us,
+                },
+            ) {
                 let e = &mut s.slots[i];
                 e.flushed_seq = e.flushed_seq.max(*seq);
             }
@@ -210,7 +238,14 @@ fn completed(index: usize, db: u32, batch: &Batch) {
                 if used * 2 <= s.header.capacity {
                     break;
                 }
-                if let Some(i) = slots::find(s.slots, &KeyRef { db, id: &id, created_us }) {
+                if let Some(i) = slots::find(
+                    s.slots,
+                    &KeyRef {
+                        db,
+                        id: &id,
+                        created_us,
+                    },
+                ) {
                     slots::remove(s.slots, &mut used, i);
                 }
             }
@@ -227,7 +262,15 @@ fn put_back(db: u32, batch: &Batch) {
     with_shared(true, |s| {
         let mut used = s.header.used;
         for (id, created_us, count, at_us) in &batch.uses {
-            if let Some(i) = slots::find_or_insert(s.slots, &mut used, &KeyRef { db, id, created_us: *created_us }) {
+            if let Some(i) = slots::find_or_insert(
+                s.slots,
+                &mut used,
+                &KeyRef {
+                    db,
+                    id,
+                    created_us: *created_us,
+                },
+            ) {
                 s.slots[i].uses += (*count).max(0) as u64;
                 s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
             }

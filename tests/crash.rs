@@ -346,9 +346,13 @@ fn verifications_cause_no_wal_flushes() {
         .unwrap();
     let wal_syncs = |admin: &mut Client, client: &mut Client| -> i64 {
         // A backend reports its WAL statistics when it goes idle, if told to do it at once.
-        client.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+        client
+            .batch_execute("SELECT pg_stat_force_next_flush()")
+            .unwrap();
         thread::sleep(Duration::from_millis(1500));
-        admin.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();
+        admin
+            .batch_execute("SELECT pg_stat_clear_snapshot()")
+            .unwrap();
         admin
             .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
             .unwrap()

@@ -909,7 +909,12 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
             .unwrap();
             key
         };
-        let plain = legacy(&mut client, "plain", ", request_count, last_used_at", ", 5, now()");
+        let plain = legacy(
+            &mut client,
+            "plain",
+            ", request_count, last_used_at",
+            ", 5, now()",
+        );
         let metered = legacy(&mut client, "metered", ", remaining", ", 3");
         let windowed = legacy(
             &mut client,
@@ -1061,13 +1066,19 @@ fn every_database_meters_in_shared_memory_with_no_setting() {
                 &[&metered],
             )
             .unwrap();
-        assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("VALID".into(), left));
+        assert_eq!(
+            (row.get::<_, String>(0), row.get::<_, i64>(1)),
+            ("VALID".into(), left)
+        );
     }
     let xid: Option<i64> = tx
         .query_one("SELECT txid_current_if_assigned()", &[])
         .unwrap()
         .get(0);
-    assert_eq!(xid, None, "verification wrote nothing in the caller's transaction");
+    assert_eq!(
+        xid, None,
+        "verification wrote nothing in the caller's transaction"
+    );
     // Durable before VALID was returned: the writer's commit holds the spends.
     let durable: Option<i64> = tx
         .query_one(

@@ -223,7 +223,11 @@ fn launcher_pid(admin: &mut Client) -> i32 {
         .get(0);
     let parent = |pid: &str| -> Option<String> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(')')?.1.split_whitespace().nth(1).map(str::to_owned)
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_owned)
     };
     let postmaster = parent(&me.to_string()).expect("the backend's parent");
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
