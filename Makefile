@@ -114,5 +114,6 @@ clean-clusters:
 	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); scripts/cluster.sh stop /tmp/pg_apikeys_crash 55436
 	scripts/cluster.sh stop /tmp/pg_apikeys_wal 55439
 	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437; scripts/cluster.sh stop /tmp/pg_apikeys_bench 55438
+	scripts/cluster.sh stop /tmp/pg_apikeys_bench_default 55440
 	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_wal /tmp/pg_apikeys_package \
-	  /tmp/pg_apikeys_bench
+	  /tmp/pg_apikeys_bench /tmp/pg_apikeys_bench_default

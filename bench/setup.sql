@@ -1,7 +1,11 @@
 -- Data for make bench (scripts/bench.sh). :nkeys is the total number of keys in apikeys.keys;
--- 10 000 of them are real (bench.pool holds their key strings), the rest are filler rows that
--- only give the table and its indexes their size.
+-- :nreal of them (default 10 000) are real (bench.pool holds their key strings), the rest are
+-- filler rows that only give the table and its indexes their size.
 \set ON_ERROR_STOP 1
+\if :{?nreal}
+\else
+\set nreal 10000
+\endif
 CREATE EXTENSION IF NOT EXISTS pg_apikeys;
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 CREATE SCHEMA bench;
@@ -12,18 +16,18 @@ INSERT INTO bench.pool
 SELECT row_number() OVER (), key
   FROM (SELECT (apikeys.create_api_key(owner => 't' || (g % 100),
                                        permissions => '{"docs": ["read"]}')).key
-          FROM generate_series(1, 10000) g) s;
+          FROM generate_series(1, :nreal) g) s;
 INSERT INTO apikeys.keys (id, hash, prefix, start, created_by, updated_by)
 SELECT 'filler-' || g, sha256(convert_to('filler-' || g, 'UTF8')), 'sk', 'sk_fill', 'bench', 'bench'
-  FROM generate_series(1, :nkeys - 10000) g;
+  FROM generate_series(1, :nkeys - :nreal) g;
 
 -- The index-lookup floor: a plain table of as many rows, probed the same way.
 CREATE TABLE bench.plain_t (id text PRIMARY KEY, hash bytea NOT NULL UNIQUE);
 INSERT INTO bench.plain_t SELECT id, hash FROM apikeys.keys;
 
--- Tokens for verify_token, minted once.
+-- Tokens for verify_token, minted once (for the first 10 000 keys).
 CREATE TABLE bench.tokens (i int PRIMARY KEY, token text NOT NULL);
-INSERT INTO bench.tokens SELECT i, apikeys.mint_token(key, 3600000) FROM bench.pool;
+INSERT INTO bench.tokens SELECT i, apikeys.mint_token(key, 3600000) FROM bench.pool WHERE i <= 10000;
 
 -- One hot rate-limited key (the limit is never reached: every call spends) and its floor.
 CREATE TABLE bench.hot (i int PRIMARY KEY, key text NOT NULL);
@@ -31,6 +35,16 @@ INSERT INTO bench.hot
 SELECT 1, key FROM apikeys.create_api_key(rate_limit_max => 2147483647, rate_limit_window => '1 hour');
 CREATE TABLE bench.counters (id int PRIMARY KEY, n bigint NOT NULL);
 INSERT INTO bench.counters VALUES (1, 0);
+-- One hot key with a quota that never runs out: every call spends, durably.
+CREATE TABLE bench.hot_quota (i int PRIMARY KEY, key text NOT NULL);
+INSERT INTO bench.hot_quota
+SELECT 1, key FROM apikeys.create_api_key(remaining => 9000000000000000000);
+-- Keys with a rate limit (never reached) for PostgREST-style GETs, one per tenant t0..t99.
+CREATE TABLE bench.metered_pool (i int PRIMARY KEY, key text NOT NULL);
+INSERT INTO bench.metered_pool
+SELECT g, (apikeys.create_api_key(owner => 't' || (g % 100), permissions => '{"docs": ["read"]}',
+                                  rate_limit_max => 2147483647, rate_limit_window => '1 hour')).key
+  FROM generate_series(1, 1000) g;
 
 -- An HS256 JWT in plain SQL with pgcrypto's hmac(): the baseline a SQL-only project would write.
 CREATE FUNCTION bench.b64url(bytea) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS

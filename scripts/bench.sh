@@ -21,16 +21,20 @@ NKEYS=${BENCH_KEYS:-1000000}
 BIG=${BENCH_BIG_KEYS:-10000000}
 CLIENTS=2
 
-q() { psql -h 127.0.0.1 -p $PORT -U postgres -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+# HOST and PORT name the cluster under test: the scratch cluster over TCP first, then the default
+# deployment over its unix socket.
+HOST=127.0.0.1
+q() { psql -h "$HOST" -p $PORT -U postgres -X -q -At -v ON_ERROR_STOP=1 "$@"; }
 log() { echo "bench: $*" >&2; }
 
 # tps of bench/$1.pgbench with $2 clients as role $3 in database $4.
 tps() {
-  "$BIN/pgbench" -h 127.0.0.1 -p $PORT -U "${3:-postgres}" -n -M prepared -c "$2" -j "$2" -T "$T" \
-    -f "bench/$1.pgbench" "${4:-bench}" 2>&1 | awk '/^tps = /{printf "%.0f", $3}'
+  "$BIN/pgbench" -h "$HOST" -p $PORT -U "${3:-postgres}" -n -M prepared -c "$2" -j "$2" -T "$T" \
+    -f "bench/$1.pgbench" "${4:-$DB}" 2>&1 | awk '/^tps = /{printf "%.0f", $3}'
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 median_of() { printf '%s\n' "$@" | median; }
+DB=bench
 # "ours floor ratio": medians over ROUNDS alternating runs of bench/$1 (ours) and bench/$2 (floor).
 pair() {
   local o f os=() fs=() rs=()
@@ -67,7 +71,7 @@ row() { # measure, ours, floor-name, floor, unit, ratio, op, target
 log "cluster on port $PORT ($DIR)"
 scripts/cluster.sh stop $DIR $PORT; rm -rf $DIR
 scripts/cluster.sh start $DIR $PORT "shared_buffers = 2GB" "max_wal_size = 8GB" \
-  "max_parallel_workers_per_gather = 0" "apikeys.usage_database = 'bench'" "autovacuum = off"
+  "max_parallel_workers_per_gather = 0" "autovacuum = off"
 q -c "CREATE DATABASE bench" -c "CREATE DATABASE bench_small"
 log "loading $NKEYS keys (10000 real) and 1M documents"
 q -d bench -v nkeys="$NKEYS" -f bench/setup.sql
@@ -138,6 +142,49 @@ small=$(median_of "${smalls[@]}"); big=$(median_of "${bigs[@]}")
 row "verify_key p50 latency, $BIG keys vs 10000" "$big" "10000 keys" "$small" ms "$(ratio "$big" "$small")" "<=" 1.5
 
 scripts/cluster.sh stop $DIR $PORT
+
+# The default deployment: what a new user runs. PostgreSQL's default settings (fsync,
+# synchronous_commit and full_page_writes on, shared_buffers 128MB, autovacuum on) with only
+# shared_preload_libraries = 'pg_apikeys', the extension in an application database, 1M keys of
+# which a random one of 100 000 per call, over the unix socket.
+DEFAULT_DIR=/tmp/pg_apikeys_bench_default
+DIR_DEFAULT_PORT=55440
+log "default deployment on $DEFAULT_DIR (unix socket)"
+scripts/cluster.sh stop $DEFAULT_DIR $DIR_DEFAULT_PORT; rm -rf $DEFAULT_DIR
+scripts/cluster.sh start $DEFAULT_DIR $DIR_DEFAULT_PORT "fsync = on" "synchronous_commit = on" \
+  "full_page_writes = on" "autovacuum = on"
+DIR=$DEFAULT_DIR PORT=$DIR_DEFAULT_PORT HOST=$DEFAULT_DIR DB=app
+q -c "CREATE DATABASE app"
+q -d app -v nkeys="$NKEYS" -v nreal=100000 -f bench/setup.sql
+T=3 tps verify_key_100k $CLIENTS >/dev/null
+deployment=()
+drow() { # like row, into the default deployment's table
+  local met="report"
+  [ -n "$7" ] && met=$(meets "$6" "$7" "$8")
+  deployment+=("| $1 | $2 $5 | $3: $4 $5 | $6 | ${7:+$7 $8} | $met |")
+  log "default: $1: $2 vs $4 $5 → $6"
+}
+read -r v2 f2 r2 <<<"$(pair verify_key_100k lookup_floor_100k 2)"
+drow "verify_key, plain key, 2 clients" "$v2" "index lookup" "$f2" tps "$r2" ">=" 0.8
+read -r v1 f1 r1 <<<"$(pair verify_key_100k lookup_floor_100k 1)"
+drow "verify_key, plain key, 1 client" "$v1" "index lookup" "$f1" tps "$r1" "" ""
+gain=$(ratio "$(ratio "$v2" "$v1")" "$(ratio "$f2" "$f1")")
+drow "verify_key's gain from 1 to 2 clients ($(ratio "$v2" "$v1")×) vs the floor's ($(ratio "$f2" "$f1")×)" "$(ratio "$v2" "$v1")" "floor's gain" "$(ratio "$f2" "$f1")" "×" "$gain" ">=" 0.8
+read -r t2 ft r <<<"$(pair verify_token_1000 lookup_floor_100k 2)"
+drow "verify_token, 1000 tokens, 2 clients" "$t2" "index lookup" "$ft" tps "$r" ">=" 0.8
+read -r h2 fh r <<<"$(pair hot_key lookup_floor_100k 2)"
+drow "verify_key, one hot rate-limited key, 2 clients" "$h2" "index lookup" "$fh" tps "$r" ">=" 0.7
+read -r q2 u2 r <<<"$(pair hot_quota counters 2)"
+drow "verify_key, one hot quota key (durable spends), 2 clients" "$q2" "one-row UPDATE" "$u2" tps "$r" ">=" 1.5
+read -r q8 u8 r <<<"$(pair hot_quota counters 8)"
+drow "verify_key, one hot quota key (durable spends), 8 clients" "$q8" "one-row UPDATE" "$u8" tps "$r" ">=" 3
+read -r g2 fg r <<<"$(pair postgrest_get lookup_floor_100k 2)"
+drow "PostgREST-style GET: BEGIN READ ONLY, authenticate_request() with a rate-limited key, COMMIT" "$g2" "index lookup" "$fg" tps "$r" "" ""
+read -r tv2 tf2 r <<<"$(HOST=127.0.0.1 pair verify_key_100k lookup_floor_100k 2)"
+drow "verify_key, plain key, 2 clients, TCP (127.0.0.1)" "$tv2" "index lookup over TCP" "$tf2" tps "$r" "" ""
+scripts/cluster.sh stop $DEFAULT_DIR $DIR_DEFAULT_PORT
+DIR=/tmp/pg_apikeys_bench PORT=55438 HOST=127.0.0.1 DB=bench
+
 commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml bench scripts || echo "+changes")
 {
   echo "# Benchmarks"
@@ -147,8 +194,25 @@ commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml be
 throughput, policy and latency rows the medians of $ROUNDS alternating runs of the measure and its floor;"
   echo "scratch cluster settings: pg_test.conf (fsync, synchronous_commit and full_page_writes off),"
   echo "shared_buffers 2GB, no parallel query, autovacuum off (the loads end with VACUUM ANALYZE),"
-  echo "pg_apikeys preloaded (usage of keys without limits counted in shared memory)."
+  echo "pg_apikeys preloaded (the metering engine)."
   echo "Ratios compare two figures of the same run."
+  echo
+  echo "## The default deployment"
+  echo
+  echo "What a new user runs: PostgreSQL's default settings (fsync, synchronous_commit and"
+  echo "full_page_writes on, shared_buffers 128MB, autovacuum on) plus shared_preload_libraries ="
+  echo "'pg_apikeys' and nothing else (no pg_apikeys setting), the extension in database \`app\`,"
+  echo "$NKEYS keys, a random one of 100 000 per call, pgbench over the unix socket (one row over TCP)."
+  echo
+  echo "| measure | ours | floor | ratio | target | met |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${deployment[@]}"
+  echo
+  echo "## Tuned for measurement"
+  echo
+  echo "The scratch cluster above the pg_test.conf settings: fsync, synchronous_commit and"
+  echo "full_page_writes off, shared_buffers 2GB, no parallel query, autovacuum off; TCP; database"
+  echo "\`bench\` with $NKEYS keys of which 10 000 real. Not what a deployment runs: see above."
   echo
   echo "| measure | ours | floor | ratio | target | met |"
   echo "|---|---|---|---|---|---|"

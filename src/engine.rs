@@ -307,6 +307,9 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
     let db = my_database();
     let overflowing = OVERFLOW.with(|o| !o.borrow().is_empty());
     let stored = with_shared(true, |s| {
+        if s.header.databases[index].oid != db {
+            return None;
+        }
         let wake = s.header.used * 2 > s.header.capacity || s.database(index).writer_pid == 0;
         let mut used = s.header.used;
         let key = KeyRef { db, id, created_us };
@@ -327,11 +330,14 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
         if wake || !stored {
             s.wake_writer(index);
         }
-        stored
-    })
-    .unwrap_or(true);
-    if !stored {
-        keep_for_later(id, created_us, 1, now_us);
+        Some(stored)
+    });
+    match stored {
+        Some(Some(true)) | None => {}
+        Some(Some(false)) => keep_for_later(id, created_us, 1, now_us),
+        // The launcher gave this database's slot up (its writer could not connect): claim one
+        // again next time.
+        Some(None) => DATABASE.with(|d| d.set(None)),
     }
 }
 
@@ -464,14 +470,20 @@ pub fn meter(
     }
     let mut next_refill: Option<(i64, i64)> = None; // (for last_refill = now, the next due)
     let mut room_deadline = None;
+    let mut loads = 0;
+    let mut index = index;
     loop {
         let evictions = with_shared(false, |s| s.header.evictions).unwrap_or(0);
         enum Step {
+            Stale,
             Load,
             Refill,
             Done(Metered, Option<u64>),
         }
         let step = with_shared(true, |s| {
+            if s.header.databases[index].oid != db {
+                return Step::Stale;
+            }
             let Some(i) = slots::find(s.slots, &key) else {
                 return Step::Load;
             };
@@ -514,6 +526,10 @@ pub fn meter(
         });
         match step {
             None => return Err(Unavailable::NoEngine),
+            Some(Step::Stale) => {
+                DATABASE.with(|d| d.set(None));
+                index = database_index().ok_or(Unavailable::NoEngine)?;
+            }
             Some(Step::Refill) => {
                 let next = config
                     .refill_interval
@@ -521,6 +537,12 @@ pub fn meter(
                 next_refill = Some((now_us, next));
             }
             Some(Step::Load) => {
+                loads += 1;
+                if loads > 100 {
+                    errors::internal_error(format!(
+                        "the counters of API key \"{id}\" did not load"
+                    ));
+                }
                 let Some(stored) = load() else {
                     return Ok(None);
                 };
@@ -632,10 +654,14 @@ fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
     let spent = charge.spent;
     with_shared(true, |s| {
         if let Some(i) = slots::find(s.slots, key) {
+            let database = &mut s.header.databases[index];
+            database.next_seq += 1;
+            let seq = database.next_seq;
             let e = &mut s.slots[i];
             let mut c = e.counters();
             c.remaining = c.remaining.map(|r| r + spent);
             e.set_counters(&c);
+            e.dirty_seq = seq;
         }
     });
     errors::raise(
