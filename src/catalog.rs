@@ -17,6 +17,12 @@ thread_local! {
     static CONFIRMED: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
+/// Whether the extension is installed in this database (a catalog index probe, no SPI).
+pub fn installed() -> bool {
+    // SAFETY: a catalog lookup by name in a transaction; missing_ok returns InvalidOid.
+    unsafe { pg_sys::get_extension_oid(c"pg_apikeys".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
 /// The extension's schema and owner as pg_extension records them, if it is installed here.
 pub fn extension() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     // Operators and the catalog schema-qualified: this runs under any search_path.

@@ -44,6 +44,8 @@ pub struct Database {
     pub started_us: i64,
     /// Starts that ended before the writer ran: after three the database is given up on.
     pub failed_starts: u32,
+    /// The writer's latch is set and it has not collected since: no need to set it again.
+    pub flush_requested: bool,
     /// Sequence numbers of counter changes: the next one, and all up to `durable` are committed.
     pub next_seq: u64,
     pub durable: u64,
@@ -59,12 +61,15 @@ pub struct Header {
     pub capacity: usize,
     /// Bumped by every eviction of a counted entry (see the module comment).
     pub evictions: u64,
+    /// Entries in the dirty list (`slots::Dirty`).
+    pub dirty_len: usize,
     pub databases: [Database; DATABASES],
 }
 
 // Set once per process by shmem_startup (in the postmaster, inherited by every child).
 static mut HEADER: *mut Header = std::ptr::null_mut();
 static mut SLOTS: *mut Entry = std::ptr::null_mut();
+static mut DIRTY: *mut u32 = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
@@ -76,7 +81,8 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 const DURABLE_WAIT: Duration = Duration::from_secs(30);
 
 fn shared_size(capacity: usize) -> usize {
-    std::mem::size_of::<Header>() + capacity * std::mem::size_of::<Entry>()
+    std::mem::size_of::<Header>()
+        + capacity * (std::mem::size_of::<Entry>() + std::mem::size_of::<u32>())
 }
 
 /// From _PG_init, only while shared_preload_libraries are loaded.
@@ -136,6 +142,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         }
         HEADER = header;
         SLOTS = slots;
+        DIRTY = slots.add(capacity).cast::<u32>();
         LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
         pg_sys::LWLockRelease(init_lock);
     }
@@ -145,6 +152,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
 pub struct Shared<'a> {
     pub header: &'a mut Header,
     pub slots: &'a mut [Entry],
+    pub dirty_list: &'a mut [u32],
 }
 
 impl Shared<'_> {
@@ -152,15 +160,56 @@ impl Shared<'_> {
         &mut self.header.databases[index]
     }
 
-    /// Wakes the writer of database `index`, or asks the launcher for one.
+    /// Wakes the writer of database `index` (once until it collects), or asks the launcher for
+    /// one.
     pub fn wake_writer(&mut self, index: usize) {
         let db = &mut self.header.databases[index];
         if db.writer_pid != 0 {
-            set_latch(db.writer_procno);
-        } else {
+            if !db.flush_requested {
+                db.flush_requested = true;
+                set_latch(db.writer_procno);
+            }
+        } else if !db.wanted {
             db.wanted = true;
             set_latch(self.header.launcher_procno);
         }
+    }
+
+    /// The slot of `key`, made when new; None when the table is full.
+    pub fn insert(&mut self, key: &KeyRef<'_>) -> Option<usize> {
+        slots::find_or_insert(self.slots, &mut self.header.used, key)
+    }
+
+    /// Queues slot `i` for the writer.
+    pub fn mark(&mut self, i: usize) {
+        slots::Dirty {
+            list: self.dirty_list,
+            len: &mut self.header.dirty_len,
+        }
+        .mark(self.slots, i);
+    }
+
+    /// Takes slot `i` off the writer's list.
+    pub fn unmark(&mut self, i: usize) {
+        slots::Dirty {
+            list: self.dirty_list,
+            len: &mut self.header.dirty_len,
+        }
+        .unmark(self.slots, i);
+    }
+
+    /// The `k`th queued slot.
+    pub fn queued(&self, k: usize) -> Option<usize> {
+        (k < self.header.dirty_len).then(|| self.dirty_list[k] as usize)
+    }
+
+    /// Frees slot `i`.
+    pub fn remove(&mut self, i: usize) {
+        let mut dirty = slots::Dirty {
+            list: self.dirty_list,
+            len: &mut self.header.dirty_len,
+        };
+        slots::remove(self.slots, &mut self.header.used, &mut dirty, i);
     }
 }
 
@@ -189,7 +238,12 @@ pub fn with_shared<R>(exclusive: bool, f: impl FnOnce(&mut Shared<'_>) -> R) -> 
         pg_sys::LWLockAcquire(LOCK, mode);
         let header = &mut *HEADER;
         let slots = std::slice::from_raw_parts_mut(SLOTS, header.capacity);
-        let result = f(&mut Shared { header, slots });
+        let dirty_list = std::slice::from_raw_parts_mut(DIRTY, header.capacity);
+        let result = f(&mut Shared {
+            header,
+            slots,
+            dirty_list,
+        });
         pg_sys::LWLockRelease(LOCK);
         Some(result)
     }
@@ -310,20 +364,20 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
         if s.header.databases[index].oid != db {
             return None;
         }
-        let wake = s.header.used * 2 > s.header.capacity || s.database(index).writer_pid == 0;
-        let mut used = s.header.used;
+        // Early when the table fills up; otherwise the writer comes about every second.
+        let wake = s.header.used * 4 > s.header.capacity * 3 || s.database(index).writer_pid == 0;
         let key = KeyRef { db, id, created_us };
-        let stored = match slots::find_or_insert(s.slots, &mut used, &key) {
+        let stored = match s.insert(&key) {
             Some(i) => {
                 let e = &mut s.slots[i];
                 e.uses += 1;
                 e.last_used_us = e.last_used_us.max(now_us);
                 e.last_access_us = now_us;
+                s.mark(i);
                 true
             }
             None => false,
         };
-        s.header.used = used;
         if overflowing {
             drain_overflow(s, db);
         }
@@ -519,6 +573,9 @@ pub fn meter(
                     wait_for = Some(seq);
                 }
             }
+            if changed || s.slots[i].uses > 0 {
+                s.mark(i);
+            }
             if wait_for.is_some() || (changed && s.database(index).writer_pid == 0) {
                 s.wake_writer(index);
             }
@@ -550,10 +607,7 @@ pub fn meter(
                     if s.header.evictions != evictions {
                         return Some(false);
                     }
-                    let mut used = s.header.used;
-                    let i = slots::find_or_insert(s.slots, &mut used, &key);
-                    s.header.used = used;
-                    let i = i?;
+                    let i = s.insert(&key)?;
                     let e = &mut s.slots[i];
                     if !e.metered || e.version < stored.version {
                         install(e, &stored);
@@ -662,6 +716,7 @@ fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
             c.remaining = c.remaining.map(|r| r + spent);
             e.set_counters(&c);
             e.dirty_seq = seq;
+            s.mark(i);
         }
     });
     errors::raise(

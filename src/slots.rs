@@ -27,6 +27,9 @@ pub struct Entry {
     id_len: u8,
     /// The key's limits and counters are loaded (from `apikeys.keys` and `apikeys.meters`).
     pub metered: bool,
+    /// In the dirty list (see `Dirty`), at `queue_pos`.
+    queued: bool,
+    queue_pos: u32,
     id: [u8; ID_BYTES],
     pub created_us: i64,
     /// `apikeys.keys.meter_version` the counters belong to: a management change bumps it and
@@ -53,6 +56,8 @@ pub const FREE: Entry = Entry {
     db: 0,
     id_len: 0,
     metered: false,
+    queued: false,
+    queue_pos: 0,
     id: [0; ID_BYTES],
     created_us: 0,
     version: 0,
@@ -179,13 +184,54 @@ pub fn find_or_insert(slots: &mut [Entry], used: &mut usize, key: &KeyRef<'_>) -
     None
 }
 
+/// The entries with something to write, so that a writer visits those and not the whole table:
+/// slot numbers, each entry at most once (`Entry::queued`).
+pub struct Dirty<'a> {
+    pub list: &'a mut [u32],
+    pub len: &'a mut usize,
+}
+
+impl Dirty<'_> {
+    /// Queues slot `i` unless it is queued already.
+    pub fn mark(&mut self, slots: &mut [Entry], i: usize) {
+        let e = &mut slots[i];
+        if e.queued || *self.len >= self.list.len() {
+            return;
+        }
+        e.queued = true;
+        e.queue_pos = *self.len as u32;
+        self.list[*self.len] = i as u32;
+        *self.len += 1;
+    }
+
+    /// Takes slot `i` out of the list (the last one takes its place).
+    pub fn unmark(&mut self, slots: &mut [Entry], i: usize) {
+        if !slots[i].queued {
+            return;
+        }
+        let pos = slots[i].queue_pos as usize;
+        let last = *self.len - 1;
+        let moved = self.list[last] as usize;
+        self.list[pos] = moved as u32;
+        slots[moved].queue_pos = pos as u32;
+        *self.len = last;
+        slots[i].queued = false;
+    }
+
+    /// Queued slots, in list order.
+    pub fn get(&self, k: usize) -> Option<usize> {
+        (k < *self.len).then(|| self.list[k] as usize)
+    }
+}
+
 /// Empties slot `i`, moving later entries of its probe chain back so that none becomes
-/// unreachable.
-pub fn remove(slots: &mut [Entry], used: &mut usize, i: usize) {
+/// unreachable (and keeping the dirty list pointing at them).
+pub fn remove(slots: &mut [Entry], used: &mut usize, dirty: &mut Dirty<'_>, i: usize) {
     let n = slots.len();
     if slots[i].db == 0 {
         return;
     }
+    dirty.unmark(slots, i);
     let mut hole = i;
     let mut j = i;
     loop {
@@ -208,6 +254,9 @@ pub fn remove(slots: &mut [Entry], used: &mut usize, i: usize) {
         };
         if !between {
             slots[hole] = e;
+            if e.queued {
+                dirty.list[e.queue_pos as usize] = hole as u32;
+            }
             hole = j;
         }
     }
@@ -314,6 +363,8 @@ mod unit {
         let ids: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
         let mut slots = vec![FREE; 128];
         let mut used = 0;
+        let mut list = vec![0u32; 128];
+        let mut len = 0usize;
         let mut model: HashMap<(u32, usize), u64> = HashMap::new();
         for step in 0..20_000u64 {
             let db = 1 + next(2) as u32;
@@ -323,18 +374,34 @@ mod unit {
                 id: &ids[k],
                 created_us: 7,
             };
+            let mut dirty = Dirty {
+                list: &mut list,
+                len: &mut len,
+            };
             if next(3) == 0 {
                 if let Some(i) = find(&slots, &key) {
-                    remove(&mut slots, &mut used, i);
+                    remove(&mut slots, &mut used, &mut dirty, i);
                 }
                 model.remove(&(db, k));
             } else if let Some(i) = find_or_insert(&mut slots, &mut used, &key) {
                 slots[i].uses = step;
+                // Every other entry is queued, as a verification would queue it.
+                if step % 2 == 0 {
+                    dirty.mark(&mut slots, i);
+                }
                 model.insert((db, k), step);
             } else {
                 assert!(used + 1 >= slots.len(), "refused while not full");
             }
             assert_eq!(used, model.len());
+            // The dirty list names exactly the queued entries, each where it says it is.
+            let queued: Vec<usize> = (0..slots.len())
+                .filter(|&i| slots[i].db != 0 && slots[i].queued)
+                .collect();
+            assert_eq!(len, queued.len());
+            for &i in &queued {
+                assert_eq!(list[slots[i].queue_pos as usize] as usize, i);
+            }
         }
         for ((db, k), step) in &model {
             let i = find(
@@ -348,6 +415,59 @@ mod unit {
             .expect("present");
             assert_eq!(slots[i].uses, *step);
         }
+    }
+
+    #[test]
+    fn an_entry_takes_under_192_bytes() {
+        // apikeys.shared_keys' description and README quote it.
+        assert!(
+            std::mem::size_of::<Entry>() + 4 <= 192,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn the_dirty_list_queues_each_entry_once() {
+        let mut slots = vec![FREE; 8];
+        let mut list = vec![0u32; 8];
+        let mut len = 0;
+        let mut used = 0;
+        let a = find_or_insert(
+            &mut slots,
+            &mut used,
+            &KeyRef {
+                db: 1,
+                id: "a",
+                created_us: 0,
+            },
+        )
+        .unwrap();
+        let b = find_or_insert(
+            &mut slots,
+            &mut used,
+            &KeyRef {
+                db: 1,
+                id: "b",
+                created_us: 0,
+            },
+        )
+        .unwrap();
+        let mut dirty = Dirty {
+            list: &mut list,
+            len: &mut len,
+        };
+        dirty.mark(&mut slots, a);
+        dirty.mark(&mut slots, b);
+        dirty.mark(&mut slots, a);
+        assert_eq!(
+            (dirty.get(0), dirty.get(1), dirty.get(2)),
+            (Some(a), Some(b), None)
+        );
+        dirty.unmark(&mut slots, a);
+        assert_eq!((dirty.get(0), dirty.get(1)), (Some(b), None));
+        dirty.unmark(&mut slots, a);
+        assert_eq!(*dirty.len, 1);
     }
 
     #[test]

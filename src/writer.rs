@@ -84,7 +84,7 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
                         flushed: d.flushed,
                         ..unsafe_zeroed_database()
                     };
-                    forget_database(s.slots, &mut s.header.used, oid);
+                    forget_database(s, oid);
                     break;
                 }
                 let pending = d.wanted || d.durable < d.next_seq;
@@ -133,12 +133,12 @@ fn unsafe_zeroed_database() -> engine::Database {
 }
 
 /// Drops every entry of a database that is gone.
-fn forget_database(entries: &mut [slots::Entry], used: &mut usize, db: u32) {
+fn forget_database(s: &mut engine::Shared<'_>, db: u32) {
     let mut i = 0;
-    while i < entries.len() {
-        if entries[i].db == db {
+    while i < s.slots.len() {
+        if s.slots[i].db == db {
             // Backward shift may move a later entry into i: look at i again.
-            slots::remove(entries, used, i);
+            s.remove(i);
         } else {
             i += 1;
         }
@@ -153,16 +153,25 @@ struct Batch {
     meters: Vec<(String, i64, i64, Counters, Option<i64>, u64)>,
 }
 
-/// Takes everything this database has to write out of shared memory.
+/// Takes everything this database has to write out of shared memory: the entries of its
+/// database in the dirty list (not the whole table).
 fn collect(index: usize, db: u32) -> Batch {
     with_shared(true, |s| {
-        s.header.databases[index].wanted = false;
+        let d = &mut s.header.databases[index];
+        d.wanted = false;
+        d.flush_requested = false;
         let mut batch = Batch {
-            up_to: s.header.databases[index].next_seq,
+            up_to: d.next_seq,
             ..Batch::default()
         };
         let mut plain = Vec::new();
-        for e in s.slots.iter_mut().filter(|e| e.db == db) {
+        let mut k = 0;
+        while let Some(i) = s.queued(k) {
+            if s.slots[i].db != db {
+                k += 1;
+                continue;
+            }
+            let e = &mut s.slots[i];
             if e.uses > 0 {
                 batch.uses.push((
                     e.id().to_owned(),
@@ -172,7 +181,7 @@ fn collect(index: usize, db: u32) -> Batch {
                 ));
                 e.uses = 0;
                 if !e.metered {
-                    plain.push((e.id().to_owned(), e.created_us));
+                    plain.push(i);
                 }
             }
             if e.metered && e.dirty_seq > e.flushed_seq {
@@ -185,9 +194,15 @@ fn collect(index: usize, db: u32) -> Batch {
                     e.dirty_seq,
                 ));
             }
+            // The last queued slot takes position k: look at k again.
+            s.unmark(i);
         }
-        // Entries of keys without limits hold nothing once their uses are taken.
-        let mut used = s.header.used;
+        // Entries of keys without limits hold nothing once their uses are taken. (Removing one
+        // moves others: remove by key, not by the slot numbers collected.)
+        let plain: Vec<(String, i64)> = plain
+            .into_iter()
+            .map(|i| (s.slots[i].id().to_owned(), s.slots[i].created_us))
+            .collect();
         for (id, created_us) in &plain {
             let key = KeyRef {
                 db,
@@ -196,11 +211,10 @@ fn collect(index: usize, db: u32) -> Batch {
             };
             if let Some(i) = slots::find(s.slots, &key) {
                 if s.slots[i].clean() && !s.slots[i].metered {
-                    slots::remove(s.slots, &mut used, i);
+                    s.remove(i);
                 }
             }
         }
-        s.header.used = used;
         batch
     })
     .unwrap_or_default()
@@ -233,9 +247,8 @@ fn completed(index: usize, db: u32, batch: &Batch) {
                 .map(|e| (e.last_access_us, e.id().to_owned(), e.created_us))
                 .collect();
             clean.sort();
-            let mut used = s.header.used;
             for (_, id, created_us) in clean {
-                if used * 2 <= s.header.capacity {
+                if s.header.used * 2 <= s.header.capacity {
                     break;
                 }
                 if let Some(i) = slots::find(
@@ -246,10 +259,9 @@ fn completed(index: usize, db: u32, batch: &Batch) {
                         created_us,
                     },
                 ) {
-                    slots::remove(s.slots, &mut used, i);
+                    s.remove(i);
                 }
             }
-            s.header.used = used;
             s.header.evictions += 1;
         }
     });
@@ -257,25 +269,32 @@ fn completed(index: usize, db: u32, batch: &Batch) {
     unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
 }
 
-/// Puts the uses of a batch that could not be written back, for the next writer.
+/// Puts what a batch that could not be written holds back, for the next writer: its uses, and
+/// its counters back on the dirty list.
 fn put_back(db: u32, batch: &Batch) {
     with_shared(true, |s| {
-        let mut used = s.header.used;
         for (id, created_us, count, at_us) in &batch.uses {
-            if let Some(i) = slots::find_or_insert(
-                s.slots,
-                &mut used,
-                &KeyRef {
-                    db,
-                    id,
-                    created_us: *created_us,
-                },
-            ) {
+            let key = KeyRef {
+                db,
+                id,
+                created_us: *created_us,
+            };
+            if let Some(i) = s.insert(&key) {
                 s.slots[i].uses += (*count).max(0) as u64;
                 s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
+                s.mark(i);
             }
         }
-        s.header.used = used;
+        for (id, created_us, ..) in &batch.meters {
+            let key = KeyRef {
+                db,
+                id,
+                created_us: *created_us,
+            };
+            if let Some(i) = slots::find(s.slots, &key) {
+                s.mark(i);
+            }
+        }
     });
 }
 
@@ -287,7 +306,7 @@ fn times(v: impl Iterator<Item = Option<i64>>) -> Vec<Option<TimestampWithTimeZo
 /// theirs (never with an older meter_version). Only rows of keys that still exist are written.
 fn write(batch: &Batch) -> Written {
     BackgroundWorker::transaction(|| {
-        if crate::catalog::extension().is_none() {
+        if !crate::catalog::installed() {
             return Written::NoExtension;
         }
         // The library is newer than this database's SQL (ALTER EXTENSION … UPDATE not run yet):
@@ -410,7 +429,7 @@ fn flush(index: usize, db: u32) -> bool {
         Written::Done => {}
         // The extension is gone from this database: nothing of it is kept.
         Written::NoExtension => {
-            with_shared(true, |s| forget_database(s.slots, &mut s.header.used, db));
+            with_shared(true, |s| forget_database(s, db));
         }
         Written::NotYet => {
             put_back(db, &batch);
