@@ -112,8 +112,8 @@ bench: install
 clean-clusters:
 	scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT)
 	scripts/cluster.sh stop $(DEMO_DIR) $(DEMO_PORT); scripts/cluster.sh stop /tmp/pg_apikeys_crash 55436
-	scripts/cluster.sh stop /tmp/pg_apikeys_wal 55439
+	scripts/cluster.sh stop /tmp/pg_apikeys_wal 55439; scripts/cluster.sh stop /tmp/pg_apikeys_nopreload 55442
 	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437; scripts/cluster.sh stop /tmp/pg_apikeys_bench 55438
 	scripts/cluster.sh stop /tmp/pg_apikeys_bench_default 55440
-	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_wal /tmp/pg_apikeys_package \
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_wal /tmp/pg_apikeys_nopreload /tmp/pg_apikeys_package \
 	  /tmp/pg_apikeys_bench /tmp/pg_apikeys_bench_default

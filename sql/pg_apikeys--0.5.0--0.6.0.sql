@@ -3,7 +3,8 @@
 -- Use of keys moves out of apikeys.keys into apikeys.meters, which only the metering engine's
 -- writer (or, without shared_preload_libraries, the verification) writes: request_count,
 -- last_used_at, the quota left and the rate-limit window. keys.remaining and last_refill_at stay
--- what management set; meter_version tells which meters row still applies. Rate limits gain a
+-- what management set; meter_version (with remaining_version and refill_version: the version at
+-- which management last set each) tells which of the meters row's counts still apply. Rate limits gain a
 -- sliding window (the default for new keys); keys that exist keep their fixed window.
 
 CREATE TABLE apikeys.meters (
@@ -24,7 +25,9 @@ REVOKE ALL ON apikeys.meters FROM PUBLIC;
 ALTER TABLE apikeys.keys
     ADD COLUMN rate_limit_algorithm text NOT NULL DEFAULT 'fixed'
         CHECK (rate_limit_algorithm IN ('sliding', 'fixed')),
-    ADD COLUMN meter_version bigint NOT NULL DEFAULT 1;
+    ADD COLUMN meter_version bigint NOT NULL DEFAULT 1,
+    ADD COLUMN remaining_version bigint NOT NULL DEFAULT 1,
+    ADD COLUMN refill_version bigint NOT NULL DEFAULT 1;
 ALTER TABLE apikeys.keys ALTER COLUMN rate_limit_algorithm SET DEFAULT 'sliding';
 
 INSERT INTO apikeys.meters (key_id, key_created_at, meter_version, remaining, last_refill_at,

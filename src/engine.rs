@@ -23,6 +23,7 @@ use crate::slots::{self, Entry, KeyRef};
 use crate::verify::Config;
 use crate::{errors, guc};
 use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -210,6 +211,23 @@ impl Shared<'_> {
             len: &mut self.header.dirty_len,
         };
         slots::remove(self.slots, &mut self.header.used, &mut dirty, i);
+    }
+}
+
+impl Database {
+    /// Frees the slot of a database that is gone (its condition variable stays as it is:
+    /// backends may be waiting on it under its own spinlock).
+    pub fn forget(&mut self) {
+        self.oid = 0;
+        self.owner = 0;
+        self.writer_pid = 0;
+        self.writer_procno = -1;
+        self.wanted = false;
+        self.started_us = 0;
+        self.failed_starts = 0;
+        self.flush_requested = false;
+        self.next_seq = 0;
+        self.durable = 0;
     }
 }
 
@@ -416,23 +434,22 @@ fn keep_for_later(id: &str, created_us: i64, uses: u64, at_us: i64) {
 fn drain_overflow(s: &mut Shared<'_>, db: u32) {
     OVERFLOW.with(|o| {
         let mut o = o.borrow_mut();
-        let mut used = s.header.used;
         o.retain(|(id, created_us), (uses, at_us)| {
             let key = KeyRef {
                 db,
                 id,
                 created_us: *created_us,
             };
-            match slots::find_or_insert(s.slots, &mut used, &key) {
+            match s.insert(&key) {
                 Some(i) => {
                     s.slots[i].uses += *uses;
                     s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
+                    s.mark(i);
                     false
                 }
                 None => true,
             }
         });
-        s.header.used = used;
     });
 }
 
@@ -456,6 +473,10 @@ unsafe extern "C-unwind" fn drain_at_exit(_code: i32, _arg: pg_sys::Datum) {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stored {
     pub version: i64,
+    /// The meter_versions at which management last set the quota left and the refill clock: an
+    /// entry counted since (at a version not older) keeps its own.
+    pub remaining_version: i64,
+    pub refill_version: i64,
     pub counters: Counters,
     pub last_refill_us: Option<i64>,
     pub next_refill_us: Option<i64>,
@@ -595,7 +616,7 @@ pub fn meter(
             }
             Some(Step::Load) => {
                 loads += 1;
-                if loads > 100 {
+                if loads > 1000 {
                     errors::internal_error(format!(
                         "the counters of API key \"{id}\" did not load"
                     ));
@@ -621,7 +642,10 @@ pub fn meter(
                     // entry that was evicted. Read again.
                     Some(false) => {}
                     // The table is full of entries not written yet: the writer makes room.
-                    None => wait_for_room(index, &mut room_deadline),
+                    None => {
+                        loads -= 1;
+                        wait_for_room(index, &mut room_deadline)
+                    }
                 }
             }
             Some(Step::Done(metered, wait_for)) => {
@@ -654,76 +678,120 @@ fn wait_for_room(index: usize, deadline: &mut Option<std::time::Instant>) {
 }
 
 fn install(e: &mut Entry, stored: &Stored) {
+    // A new meter_version (a management change of the quota or its refill) keeps what the entry
+    // counted that management did not set again: the window always, the quota left unless
+    // `remaining` was set, the refill clock unless the refill was.
+    let replacing = e.metered && e.version < stored.version;
+    let before = e.counters();
+    let mut counters = stored.counters;
+    let mut refill = (stored.last_refill_us, stored.next_refill_us);
+    if replacing {
+        counters.window_start_us = before.window_start_us;
+        counters.window_count = before.window_count;
+        counters.window_previous = before.window_previous;
+        if e.version >= stored.remaining_version {
+            counters.remaining = before.remaining;
+        }
+        if e.version >= stored.refill_version {
+            refill = (e.last_refill(), Some(e.next_refill_us));
+        }
+    }
     e.metered = true;
     e.version = stored.version;
-    // A new meter_version (a management change of the quota) keeps the window counted so far.
-    let window = e.counters();
-    let mut counters = stored.counters;
-    if e.metered && e.version < stored.version {
-        counters.window_start_us = window.window_start_us;
-        counters.window_count = window.window_count;
-        counters.window_previous = window.window_previous;
-    }
     e.set_counters(&counters);
-    e.last_refill_us = stored.last_refill_us.unwrap_or(i64::MIN);
-    e.next_refill_us = stored.next_refill_us.unwrap_or(i64::MAX);
+    e.last_refill_us = refill.0.unwrap_or(i64::MIN);
+    e.next_refill_us = refill.1.unwrap_or(i64::MAX);
     // What was loaded is what is stored: nothing to write.
     e.flushed_seq = e.dirty_seq;
 }
 
 /// Waits until the writer has committed everything up to `seq`. Should that not happen within
-/// DURABLE_WAIT (no writer could start), the spend is given back and the call fails.
+/// DURABLE_WAIT (no writer could start), or should the wait be interrupted (statement_timeout, a
+/// cancel), the spend is given back and the call fails: the caller gets an error, not VALID.
 fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
-    let durable = |s: &mut Shared<'_>| s.header.databases[index].durable >= seq;
-    if with_shared(false, durable) == Some(true) {
+    let db = key.db;
+    // Some(true): written; Some(false): the database lost its slot (its writer cannot connect).
+    let state = move |s: &mut Shared<'_>| {
+        let d = &s.header.databases[index];
+        if d.oid != db {
+            Some(false)
+        } else {
+            (d.durable >= seq).then_some(true)
+        }
+    };
+    if with_shared(false, state).flatten() == Some(true) {
         return;
     }
-    // SAFETY: the condition variable lives in shared memory for the server's life; sleeping
-    // on it is interruptible (it checks for interrupts), and a prepared sleep is cancelled below
-    // or by the error cleanup (ConditionVariableCancelSleep at abort).
-    let cv = unsafe { &raw mut (*HEADER).databases[index].flushed };
-    let deadline = std::time::Instant::now() + DURABLE_WAIT;
-    // SAFETY: see above.
-    unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
-    let mut done = false;
-    while std::time::Instant::now() < deadline {
-        if with_shared(false, durable) == Some(true) {
-            done = true;
-            break;
+    // What the spend changed, to give it back only to the counters it was taken from.
+    let at = with_shared(false, |s| {
+        slots::find(s.slots, key).map(|i| (s.slots[i].version, s.slots[i].last_refill_us))
+    })
+    .flatten();
+    let cv = flushed_cv(index);
+    let written = PgTryBuilder::new(|| {
+        let deadline = std::time::Instant::now() + DURABLE_WAIT;
+        // SAFETY: the condition variable lives in shared memory for the server's life; sleeping
+        // on it checks for interrupts, and an error cancels the prepared sleep (at abort).
+        unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
+        let mut written = false;
+        while std::time::Instant::now() < deadline {
+            match with_shared(false, state).flatten() {
+                Some(done) => {
+                    written = done;
+                    break;
+                }
+                None => {}
+            }
+            with_shared(true, |s| s.wake_writer(index));
+            // SAFETY: see above; PG_WAIT_EXTENSION is the wait event class for extensions.
+            unsafe {
+                pg_sys::ConditionVariableTimedSleep(cv, 100, pg_sys::PG_WAIT_EXTENSION);
+            }
         }
-        with_shared(true, |s| s.wake_writer(index));
-        // SAFETY: see above; PG_WAIT_EXTENSION is the wait event class for extensions.
+        // SAFETY: see above.
         unsafe {
-            pg_sys::ConditionVariableTimedSleep(cv, 100, pg_sys::PG_WAIT_EXTENSION);
+            pg_sys::ConditionVariableCancelSleep();
         }
-    }
-    // SAFETY: see above.
-    unsafe {
-        pg_sys::ConditionVariableCancelSleep();
-    }
-    if done {
+        written
+    })
+    .catch_others(|error| {
+        give_back(index, key, charge.spent, at);
+        error.rethrow()
+    })
+    .execute();
+    if written {
         return;
     }
-    // Give the spend back: the caller gets an error, not VALID.
-    let spent = charge.spent;
-    with_shared(true, |s| {
-        if let Some(i) = slots::find(s.slots, key) {
-            let database = &mut s.header.databases[index];
-            database.next_seq += 1;
-            let seq = database.next_seq;
-            let e = &mut s.slots[i];
-            let mut c = e.counters();
-            c.remaining = c.remaining.map(|r| r + spent);
-            e.set_counters(&c);
-            e.dirty_seq = seq;
-            s.mark(i);
-        }
-    });
+    give_back(index, key, charge.spent, at);
     errors::raise(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!("the quota spend on API key \"{}\" could not be written within {} s: no pg_apikeys writer runs for this database", key.id, DURABLE_WAIT.as_secs()),
         Some("Check the server log for pg_apikeys writer errors and max_worker_processes."),
     )
+}
+
+/// Gives `spent` back to the key's quota, if the counters are still those it was taken from
+/// (same meter_version, no refill since).
+fn give_back(index: usize, key: &KeyRef<'_>, spent: i64, at: Option<(i64, i64)>) {
+    with_shared(true, |s| {
+        let Some(i) = slots::find(s.slots, key) else {
+            return;
+        };
+        if Some((s.slots[i].version, s.slots[i].last_refill_us)) != at
+            || s.header.databases[index].oid != key.db
+        {
+            return;
+        }
+        let database = &mut s.header.databases[index];
+        database.next_seq += 1;
+        let seq = database.next_seq;
+        let e = &mut s.slots[i];
+        let mut c = e.counters();
+        c.remaining = c.remaining.map(|r| r + spent);
+        e.set_counters(&c);
+        e.dirty_seq = seq;
+        s.mark(i);
+    });
 }
 
 /// What shared memory knows about a key beyond its rows: uses not written yet, and its current

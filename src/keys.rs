@@ -721,7 +721,7 @@ fn update_api_key(
         let current = plans::update(
             client,
             "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window,
-                    CASE WHEN m.meter_version = k.meter_version THEN m.remaining ELSE k.remaining END,
+                    CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END,
                     k.meter_version, k.created_at
                FROM apikeys.keys k LEFT JOIN apikeys.meters m
                  ON m.key_id = k.id AND m.key_created_at = k.created_at
@@ -809,15 +809,21 @@ fn update_api_key(
             .or(cur_remaining)
             .filter(|_| keep("remaining"))
             .or(final_amount);
-        // A new quota (or refill) is a new meter_version: use counted against the old one no
-        // longer applies, and the next verification loads the key's counters again.
-        let quota_changed = s.remaining.is_some()
-            || final_remaining != cur_remaining
-            || refill_given
-            || cleared.contains(&"refill");
-        if quota_changed {
-            set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
+        // A quota set (or a refill configured) is a new meter_version, which the next
+        // verification loads. What management sets starts from its value; what it does not set
+        // (the quota left when only the refill changes) goes on from what use left it at, spends
+        // made meanwhile included.
+        let remaining_set = s.remaining.is_some() || final_remaining != cur_remaining;
+        let refill_set = refill_given || cleared.contains(&"refill");
+        if remaining_set || refill_set {
             set.set("remaining", "meter_version = meter_version + 1", vec![]);
+        }
+        if remaining_set {
+            set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
+            set.set("remaining", "remaining_version = meter_version + 1", vec![]);
+        }
+        if refill_set {
+            set.set("refill", "refill_version = meter_version + 1", vec![]);
         }
         // A newly configured refill starts its clock now.
         if refill_given {

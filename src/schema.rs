@@ -61,9 +61,12 @@ CREATE TABLE apikeys.keys (
     rate_limit_max       integer CHECK (rate_limit_max > 0),
     rate_limit_window    interval,
     rate_limit_algorithm text NOT NULL DEFAULT 'sliding' CHECK (rate_limit_algorithm IN ('sliding', 'fixed')),
-    -- remaining and last_refill_at above are what management set; bumped with them, so that use
-    -- counted against an older setting (apikeys.meters) no longer applies
+    -- bumped by every management change of the quota or its refill; remaining (last_refill_at)
+    -- above is what management set at remaining_version (refill_version): apikeys.meters' own
+    -- counts apply from the version they were written at, if not older than that
     meter_version        bigint NOT NULL DEFAULT 1,
+    remaining_version    bigint NOT NULL DEFAULT 1,
+    refill_version       bigint NOT NULL DEFAULT 1,
     created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     created_by           text NOT NULL,
     updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -181,9 +184,9 @@ GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
 pub const API_KEY_ROW: &str =
     "ROW(k.id, k.name, k.owner, k.prefix, k.start, k.description, k.permissions, k.metadata, \
      k.role, k.master, k.enabled, k.expires_at, k.revoked_at, \
-     CASE WHEN m.meter_version = k.meter_version THEN m.remaining ELSE k.remaining END, \
+     CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END, \
      k.refill_amount, k.refill_interval, \
-     CASE WHEN m.meter_version = k.meter_version THEN m.last_refill_at ELSE k.last_refill_at END, \
+     CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END, \
      k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
      k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm)::apikeys.api_key";
 

@@ -551,13 +551,14 @@ impl Charged {
     }
 }
 
-/// The rows' counters (`apikeys.meters` when it holds the key's current meter_version, else the
-/// key's own remaining and last_refill_at; the window belongs to the key either way). `lock`
-/// adds FOR UPDATE of the key's row.
-const STORED_SQL: &str = "SELECT k.meter_version, k.remaining, k.last_refill_at,
-        k.last_refill_at + k.refill_interval,
-        COALESCE(m.meter_version = k.meter_version, false), m.remaining, m.last_refill_at,
-        m.last_refill_at + k.refill_interval,
+/// The rows' counters: the quota left is `apikeys.meters`' when written at or after the version
+/// management last set `remaining` at, else the key's own; the same for the last refill; the
+/// window belongs to the key either way. The meter row's writes never go back in meter_version.
+const STORED_SQL: &str = "SELECT k.meter_version, k.remaining_version, k.refill_version,
+        CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END,
+        CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END,
+        CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END
+            + k.refill_interval,
         m.window_start, COALESCE(m.window_count, 0), COALESCE(m.window_previous, 0)
    FROM apikeys.keys k LEFT JOIN apikeys.meters m
      ON m.key_id = k.id AND m.key_created_at = k.created_at
@@ -565,27 +566,35 @@ const STORED_SQL: &str = "SELECT k.meter_version, k.remaining, k.last_refill_at,
 
 fn stored_from(row: &SpiHeapTupleData<'_>) -> SpiResult<crate::engine::Stored> {
     let ts = |t: Option<TimestampWithTimeZone>| t.map(epoch_us);
-    let current: bool = row.get(5)?.unwrap_or(false);
-    let (remaining, last, next) = if current {
-        (row.get::<i64>(6)?, row.get(7)?, row.get(8)?)
-    } else {
-        (row.get::<i64>(2)?, row.get(3)?, row.get(4)?)
-    };
     Ok(crate::engine::Stored {
         version: row.get(1)?.unwrap_or(0),
+        remaining_version: row.get(2)?.unwrap_or(0),
+        refill_version: row.get(3)?.unwrap_or(0),
         counters: metering::Counters {
-            remaining,
-            window_start_us: ts(row.get(9)?),
-            window_count: row.get(10)?.unwrap_or(0),
-            window_previous: row.get(11)?.unwrap_or(0),
+            remaining: row.get::<i64>(4)?,
+            window_start_us: ts(row.get(7)?),
+            window_count: row.get(8)?.unwrap_or(0),
+            window_previous: row.get(9)?.unwrap_or(0),
         },
-        last_refill_us: ts(last),
-        next_refill_us: ts(next),
+        last_refill_us: ts(row.get(5)?),
+        next_refill_us: ts(row.get(6)?),
     })
 }
 
-/// Loads a key's stored counters, as the owner (the caller may not read the tables).
+/// Loads a key's stored counters, as the owner (the caller may not read the tables), as they are
+/// committed now: a REPEATABLE READ caller's older snapshot would miss spends the writer has
+/// committed since (and the entry holding them may have been evicted).
 fn load(state: &KeyState) -> Option<crate::engine::Stored> {
+    // SAFETY: the latest snapshot is pushed for the one read-only statement below and popped
+    // after it (an error pops it with the transaction's abort).
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let stored = load_with_active_snapshot(state);
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    stored
+}
+
+fn load_with_active_snapshot(state: &KeyState) -> Option<crate::engine::Stored> {
     crate::owner::as_owner(|| {
         Spi::connect(|client| {
             let table = plans::select(

@@ -80,10 +80,7 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
                 if d.failed_starts >= 3 {
                     // Its writer cannot connect (the database was dropped): forget it.
                     let oid = d.oid;
-                    *d = engine::Database {
-                        flushed: d.flushed,
-                        ..unsafe_zeroed_database()
-                    };
+                    d.forget();
                     forget_database(s, oid);
                     break;
                 }
@@ -123,13 +120,6 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
     // stopped it (a clean exit would end it for good), except at server shutdown.
     // SAFETY: the launcher's last act; proc_exit runs the exit callbacks and does not return.
     unsafe { pg_sys::proc_exit(1) }
-}
-
-/// A zeroed database slot (its condition variable is kept by the caller).
-fn unsafe_zeroed_database() -> engine::Database {
-    // SAFETY: Database is integers, a bool and a condition variable, for all of which all
-    // zeroes is a valid value; the caller keeps the initialised condition variable.
-    unsafe { std::mem::zeroed() }
 }
 
 /// Drops every entry of a database that is gone.
@@ -226,49 +216,62 @@ fn collect(index: usize, db: u32) -> Batch {
     .unwrap_or_default()
 }
 
-/// After a commit: the counters are written, waiting verifications go on, and when the table
-/// is three-quarters full the least recently used written entries of this database go.
-fn completed(index: usize, db: u32, batch: &Batch) {
+/// Tries at writing the counters of a key whose row the writer cannot see (created by a
+/// transaction not committed yet) before giving up on them (rolled back: the key never was).
+const UNWRITTEN_TRIES: u8 = 60;
+
+/// After a commit: the counters are written (but for `unwritten`, which go back on the dirty
+/// list), waiting verifications go on, and when the table is three-quarters full the least
+/// recently used entries with nothing left to write go, whichever their database.
+fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) {
     with_shared(true, |s| {
         for (id, created_us, _, _, _, seq) in &batch.meters {
-            if let Some(i) = slots::find(
-                s.slots,
-                &KeyRef {
-                    db,
-                    id,
-                    created_us: *created_us,
-                },
-            ) {
+            let key = KeyRef {
+                db,
+                id,
+                created_us: *created_us,
+            };
+            if let Some(i) = slots::find(s.slots, &key) {
+                let retry = unwritten.iter().any(|(u, c)| u == id && c == created_us)
+                    && s.slots[i].unwritten < UNWRITTEN_TRIES;
                 let e = &mut s.slots[i];
-                e.flushed_seq = e.flushed_seq.max(*seq);
+                if retry {
+                    e.unwritten += 1;
+                    s.mark(i);
+                } else {
+                    e.flushed_seq = e.flushed_seq.max(*seq);
+                    e.unwritten = 0;
+                }
             }
         }
         let d = &mut s.header.databases[index];
         d.durable = d.durable.max(batch.up_to);
         if s.header.used * 4 > s.header.capacity * 3 {
-            let mut clean: Vec<(i64, String, i64)> = s
+            let mut clean: Vec<(i64, u32, String, i64)> = s
                 .slots
                 .iter()
-                .filter(|e| e.db == db && e.clean())
-                .map(|e| (e.last_access_us, e.id().to_owned(), e.created_us))
+                .filter(|e| e.db != 0 && e.clean())
+                .map(|e| (e.last_access_us, e.db, e.id().to_owned(), e.created_us))
                 .collect();
             clean.sort();
-            for (_, id, created_us) in clean {
+            let mut evicted = false;
+            for (_, db, id, created_us) in clean {
                 if s.header.used * 2 <= s.header.capacity {
                     break;
                 }
-                if let Some(i) = slots::find(
-                    s.slots,
-                    &KeyRef {
-                        db,
-                        id: &id,
-                        created_us,
-                    },
-                ) {
+                let key = KeyRef {
+                    db,
+                    id: &id,
+                    created_us,
+                };
+                if let Some(i) = slots::find(s.slots, &key) {
                     s.remove(i);
+                    evicted = true;
                 }
             }
-            s.header.evictions += 1;
+            if evicted {
+                s.header.evictions += 1;
+            }
         }
     });
     // SAFETY: the condition variable lives in shared memory for the server's life.
@@ -323,6 +326,10 @@ fn write(batch: &Batch) -> Written {
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
                 let (uses, meters) = update_rows_in_place(client, batch);
+                // Counters of keys the set-based statement does not write (a key whose creating
+                // transaction has not committed yet) stay dirty.
+                let mut unwritten: Vec<(String, i64)> =
+                    meters.iter().map(|m| (m.0.clone(), m.1)).collect();
                 let batch = Batch {
                     up_to: batch.up_to,
                     uses,
@@ -359,6 +366,7 @@ fn write(batch: &Batch) -> Written {
                 }
                 if !batch.meters.is_empty() {
                     let m = &batch.meters;
+                    let written_ids: Vec<String>;
                     let ids: Vec<&str> = m.iter().map(|r| r.0.as_str()).collect();
                     let created = times(m.iter().map(|r| Some(r.1)));
                     let versions: Vec<i64> = m.iter().map(|r| r.2).collect();
@@ -367,7 +375,7 @@ fn write(batch: &Batch) -> Written {
                     let starts = times(m.iter().map(|r| r.3.window_start_us));
                     let counts: Vec<i64> = m.iter().map(|r| r.3.window_count).collect();
                     let previous: Vec<i64> = m.iter().map(|r| r.3.window_previous).collect();
-                    plans::update(
+                    let table = plans::update(
                         client,
                         "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
                                 last_refill_at, window_start, window_count, window_previous, request_count)
@@ -390,7 +398,8 @@ fn write(batch: &Batch) -> Written {
                                                  THEN m.request_count ELSE 0 END,
                             key_created_at = excluded.key_created_at
                           WHERE m.meter_version OPERATOR(pg_catalog.<=) excluded.meter_version
-                             OR m.key_created_at OPERATOR(pg_catalog.<>) excluded.key_created_at",
+                             OR m.key_created_at OPERATOR(pg_catalog.<>) excluded.key_created_at
+                         RETURNING m.key_id",
                         None,
                         &[
                             ids.into(),
@@ -403,8 +412,12 @@ fn write(batch: &Batch) -> Written {
                             previous.into(),
                         ],
                     );
+                    written_ids = table
+                        .filter_map(|row| row.get::<String>(1).ok().flatten())
+                        .collect();
+                    unwritten.retain(|(id, _)| !written_ids.contains(id));
                 }
-                Written::Done
+                Written::Done(unwritten)
             })
         })
     })
@@ -478,9 +491,10 @@ fn update_rows_in_place(
 }
 
 /// What became of a batch.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Written {
-    Done,
+    /// Done, but for the counters of these keys (id, created_at µs).
+    Done(Vec<(String, i64)>),
     NoExtension,
     NotYet,
 }
@@ -490,13 +504,13 @@ enum Written {
 fn flush(index: usize, db: u32) -> bool {
     let batch = collect(index, db);
     if batch.uses.is_empty() && batch.meters.is_empty() {
-        let idle = with_shared(true, |s| {
+        with_shared(true, |s| {
             let d = &mut s.header.databases[index];
             d.durable = d.durable.max(batch.up_to);
         });
         // SAFETY: see completed().
         unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
-        return idle.is_none();
+        return false;
     }
     let written = PgTryBuilder::new(|| write(&batch))
         .catch_others(|error| {
@@ -504,18 +518,19 @@ fn flush(index: usize, db: u32) -> bool {
             error.rethrow()
         })
         .execute();
-    match written {
-        Written::Done => {}
+    let unwritten = match written {
+        Written::Done(unwritten) => unwritten,
         // The extension is gone from this database: nothing of it is kept.
         Written::NoExtension => {
             with_shared(true, |s| forget_database(s, db));
+            Vec::new()
         }
         Written::NotYet => {
             put_back(db, &batch);
             return false;
         }
-    }
-    completed(index, db, &batch);
+    };
+    completed(index, db, &batch, &unwritten);
     true
 }
 
@@ -527,7 +542,10 @@ const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"default_transaction_read_only", c"off"),
     (c"default_transaction_isolation", c"read committed"),
     (c"statement_timeout", c"0"),
-    (c"lock_timeout", c"0"),
+    // A row lock held by an open transaction (one that deleted a key with uses not yet written)
+    // fails the batch after a second instead of holding every spend of the database: the batch
+    // goes back to shared memory and the next writer tries again.
+    (c"lock_timeout", c"1s"),
     (c"idle_in_transaction_session_timeout", c"0"),
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"exit_on_error", c"off"),
@@ -633,6 +651,7 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
         d.failed_starts = 0;
         // Whatever asked for a writer is this one's work now.
         d.wanted = false;
+        d.flush_requested = false;
         Some(index)
     })
     .flatten();
@@ -654,22 +673,14 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
             break;
         }
         if last_work.elapsed() > IDLE_EXIT {
-            // Unregister before the last look, so that work arriving meanwhile asks the launcher
-            // for a new writer rather than waiting for this one.
-            let quiet = with_shared(true, |s| {
-                let d = &mut s.header.databases[index];
-                let quiet = d.durable >= d.next_seq && !d.wanted;
-                if quiet {
-                    d.writer_pid = 0;
-                    d.writer_procno = -1;
-                }
-                quiet
-            });
-            if quiet == Some(true) {
-                flush(index, db);
+            // The claim is given up only at exit (`unregister`), so that no second writer can
+            // start while this one still writes: work arriving after the last flush makes the
+            // callers ask the launcher for a new writer once this one is gone.
+            if !flush(index, db) {
                 debug1!("pg_apikeys writer: database {db}: idle, leaving");
                 break;
             }
+            last_work = Instant::now();
         }
     }
 }

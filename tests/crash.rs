@@ -395,3 +395,86 @@ fn verifications_cause_no_wal_flushes() {
     cluster(&["stop", DIR, PORT]);
     let _ = std::fs::remove_dir_all(DIR);
 }
+
+/// Without `shared_preload_libraries` there is no metering engine: every key still verifies, a
+/// WARNING says once per session what is missing, and a quota stays exact under concurrency
+/// through row locks (which need a read-write transaction: 25006 in a read-only one).
+#[test]
+fn without_preloading_every_key_still_verifies_and_quotas_stay_exact() {
+    const DIR: &str = "/tmp/pg_apikeys_nopreload";
+    const PORT: &str = "55442";
+    cluster(&["stop", DIR, PORT]);
+    let _ = std::fs::remove_dir_all(DIR);
+    let started = cluster(&["start", DIR, PORT, "shared_preload_libraries = ''"]);
+    assert!(started.status.success(), "{started:?}");
+    let url = format!("host=127.0.0.1 port={PORT} user=postgres dbname=postgres");
+    let warnings = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = warnings.clone();
+    let mut client = url
+        .parse::<postgres::Config>()
+        .unwrap()
+        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_owned()))
+        .connect(NoTls)
+        .unwrap();
+    client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let plain: String = client
+        .query_one("SELECT key FROM apikeys.create_api_key()", &[])
+        .unwrap()
+        .get(0);
+    for _ in 0..3 {
+        let code: String = client
+            .query_one("SELECT code FROM apikeys.verify_key($1)", &[&plain])
+            .unwrap()
+            .get(0);
+        assert_eq!(code, "VALID");
+    }
+    let said: Vec<String> = warnings.lock().unwrap().clone();
+    assert_eq!(said.len(), 1, "one WARNING per session: {said:?}");
+    assert!(said[0].contains("shared_preload_libraries"), "{said:?}");
+
+    let (id, quota): (String, String) = {
+        let row = client
+            .query_one(
+                "SELECT id, key FROM apikeys.create_api_key(remaining => 30)",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, quota) = (url.clone(), quota.clone());
+            thread::spawn(move || {
+                let mut c = Client::connect(&url, NoTls).unwrap();
+                (0..15)
+                    .filter(|_| {
+                        c.query_one("SELECT code FROM apikeys.verify_key($1)", &[&quota])
+                            .unwrap()
+                            .get::<_, String>(0)
+                            == "VALID"
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let valid: usize = callers.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(valid, 30, "exactly the quota, through row locks");
+    let left: i64 = client
+        .query_one("SELECT remaining FROM apikeys.get_api_key($1)", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    let mut tx = client.build_transaction().read_only(true).start().unwrap();
+    let err = tx
+        .query_one("SELECT apikeys.verify_key($1)", &[&quota])
+        .unwrap_err();
+    assert_eq!(
+        err.code().map(|c| c.code().to_owned()).as_deref(),
+        Some("25006"),
+        "{err}"
+    );
+    drop(tx);
+    drop(client);
+    cluster(&["stop", DIR, PORT]);
+    let _ = std::fs::remove_dir_all(DIR);
+}

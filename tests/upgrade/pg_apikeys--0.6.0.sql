@@ -66,9 +66,12 @@ CREATE TABLE apikeys.keys (
     rate_limit_max       integer CHECK (rate_limit_max > 0),
     rate_limit_window    interval,
     rate_limit_algorithm text NOT NULL DEFAULT 'sliding' CHECK (rate_limit_algorithm IN ('sliding', 'fixed')),
-    -- remaining and last_refill_at above are what management set; bumped with them, so that use
-    -- counted against an older setting (apikeys.meters) no longer applies
+    -- bumped by every management change of the quota or its refill; remaining (last_refill_at)
+    -- above is what management set at remaining_version (refill_version): apikeys.meters' own
+    -- counts apply from the version they were written at, if not older than that
     meter_version        bigint NOT NULL DEFAULT 1,
+    remaining_version    bigint NOT NULL DEFAULT 1,
+    refill_version       bigint NOT NULL DEFAULT 1,
     created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     created_by           text NOT NULL,
     updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -290,7 +293,7 @@ AS 'MODULE_PATHNAME', 'current_permissions_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:901
+-- src/keys.rs:919
 -- pg_apikeys::keys::delete_api_key
 CREATE  FUNCTION "delete_api_key"(
 	"id" TEXT /* Option < String > */
@@ -302,7 +305,7 @@ AS 'MODULE_PATHNAME', 'delete_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:987
+-- src/keys.rs:1005
 -- pg_apikeys::keys::delete_expired_api_keys
 CREATE  FUNCTION "delete_expired_api_keys"(
 	"older_than" interval DEFAULT '0' /* Option < Interval > */
@@ -326,7 +329,7 @@ AS 'MODULE_PATHNAME', 'export_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:551
+-- src/keys.rs:554
 -- pg_apikeys::keys::get_api_key
 CREATE  FUNCTION "get_api_key"(
 	"id" TEXT /* Option < String > */
@@ -361,7 +364,7 @@ AS 'MODULE_PATHNAME', 'jwks_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:567
+-- src/keys.rs:570
 -- pg_apikeys::keys::list_api_keys
 CREATE  FUNCTION "list_api_keys"(
 	"owner" TEXT DEFAULT NULL /* Option < String > */
@@ -439,7 +442,7 @@ AS 'MODULE_PATHNAME', 'retire_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:872
+-- src/keys.rs:890
 -- pg_apikeys::keys::revoke_api_key
 CREATE  FUNCTION "revoke_api_key"(
 	"id" TEXT /* Option < String > */
@@ -451,7 +454,7 @@ AS 'MODULE_PATHNAME', 'revoke_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:924
+-- src/keys.rs:942
 -- pg_apikeys::keys::rotate_api_key
 CREATE  FUNCTION "rotate_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -481,7 +484,7 @@ AS 'MODULE_PATHNAME', 'rotate_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:642
+-- src/keys.rs:645
 -- pg_apikeys::keys::update_api_key
 CREATE  FUNCTION "update_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -510,7 +513,7 @@ AS 'MODULE_PATHNAME', 'update_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:731
+-- src/verify.rs:758
 -- pg_apikeys::verify::verify_key
 CREATE  FUNCTION "verify_key"(
 	"key" TEXT, /* Option < & str > */
@@ -538,7 +541,7 @@ AS 'MODULE_PATHNAME', 'verify_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/schema.rs:151
+-- src/schema.rs:154
 -- finalize
 
 -- Management is for roles a DBA grants it to; verification is for everyone.
