@@ -735,12 +735,9 @@ fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
         unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
         let mut written = false;
         while std::time::Instant::now() < deadline {
-            match with_shared(false, state).flatten() {
-                Some(done) => {
-                    written = done;
-                    break;
-                }
-                None => {}
+            if let Some(done) = with_shared(false, state).flatten() {
+                written = done;
+                break;
             }
             with_shared(true, |s| s.wake_writer(index));
             // SAFETY: see above; PG_WAIT_EXTENSION is the wait event class for extensions.
@@ -794,26 +791,29 @@ fn give_back(index: usize, key: &KeyRef<'_>, spent: i64, at: Option<(i64, i64)>)
     });
 }
 
-/// What shared memory knows about a key beyond its rows: uses not written yet, and its current
-/// counters when they belong to `version`.
+/// What shared memory knows about a key beyond its rows: uses not written yet, and the quota
+/// left and the last refill when they are still current (counted at a meter_version not older
+/// than the one management last set them at).
 pub struct Live {
     pub uses: u64,
     pub last_used_us: Option<i64>,
-    pub counters: Option<Counters>,
-    pub last_refill_us: Option<i64>,
+    pub remaining: Option<Option<i64>>,
+    pub last_refill_us: Option<Option<i64>>,
 }
 
-pub fn live(id: &str, created_us: i64, version: i64) -> Option<Live> {
+/// `set_at`: the key's remaining_version and refill_version.
+pub fn live(id: &str, created_us: i64, set_at: (i64, i64)) -> Option<Live> {
     let db = my_database();
     with_shared(false, |s| {
         let i = slots::find(s.slots, &KeyRef { db, id, created_us })?;
         let e = &s.slots[i];
-        let current = e.metered && e.version == version;
+        let (remaining_version, refill_version) = set_at;
         Some(Live {
             uses: e.uses,
             last_used_us: (e.uses > 0).then_some(e.last_used_us),
-            counters: current.then(|| e.counters()),
-            last_refill_us: if current { e.last_refill() } else { None },
+            remaining: (e.metered && e.version >= remaining_version)
+                .then(|| e.counters().remaining),
+            last_refill_us: (e.metered && e.version >= refill_version).then(|| e.last_refill()),
         })
     })
     .flatten()

@@ -502,22 +502,24 @@ fn required_id(id: Option<String>) -> String {
     id.unwrap_or_else(|| invalid_argument("id", "must not be NULL"))
 }
 
-/// A row of `api_key_sql`: the key, its meter_version and when it was created.
-type Row = (ApiKey, i64, i64);
+/// A row of `api_key_sql`: the key, when it was created, and the meter_versions at which
+/// management last set its quota and its refill.
+type Row = (ApiKey, i64, (i64, i64));
 
 fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
     let key = errors::internal(row.get::<ApiKey>(1))?;
-    let version = errors::internal(row.get::<i64>(2)).unwrap_or(0);
     let created_us =
-        errors::internal(row.get::<TimestampWithTimeZone>(3)).map_or(0, verify::epoch_us);
-    Some((key, version, created_us))
+        errors::internal(row.get::<TimestampWithTimeZone>(2)).map_or(0, verify::epoch_us);
+    let remaining_version = errors::internal(row.get::<i64>(3)).unwrap_or(0);
+    let refill_version = errors::internal(row.get::<i64>(4)).unwrap_or(0);
+    Some((key, created_us, (remaining_version, refill_version)))
 }
 
 /// The key with what shared memory holds beyond its rows: uses not written yet, and the quota
 /// as it is now. Called outside SPI: the tuple is rebuilt in the caller's memory context.
-fn with_live((key, version, created_us): Row) -> ApiKey {
+fn with_live((key, created_us, set_at): Row) -> ApiKey {
     let id = errors::internal(key.get_by_name::<String>("id")).unwrap_or_default();
-    let Some(live) = crate::engine::live(&id, created_us, version) else {
+    let Some(live) = crate::engine::live(&id, created_us, set_at) else {
         return key;
     };
     let mut key = key;
@@ -528,19 +530,21 @@ fn with_live((key, version, created_us): Row) -> ApiKey {
         let at = verify::from_epoch_us(at);
         errors::internal(key.set_by_name("last_used_at", written.map_or(at, |w| w.max(at))));
     }
-    if let Some(counters) = live.counters {
-        errors::internal(key.set_by_name("remaining", counters.remaining));
-        errors::internal(key.set_by_name(
-            "last_refill_at",
-            live.last_refill_us.map(verify::from_epoch_us),
-        ));
+    if let Some(remaining) = live.remaining {
+        errors::internal(key.set_by_name("remaining", remaining));
+    }
+    if let Some(last_refill) = live.last_refill_us {
+        errors::internal(key.set_by_name("last_refill_at", last_refill.map(verify::from_epoch_us)));
     }
     key
 }
 
 /// The columns `read_row` reads, for keys `filter` selects (a WHERE clause over `k`).
 fn api_key_sql(filter: &str) -> String {
-    format!("SELECT {API_KEY_ROW}, k.meter_version, k.created_at FROM {API_KEY_FROM} {filter}")
+    format!(
+        "SELECT {API_KEY_ROW}, k.created_at, k.remaining_version, k.refill_version \
+         FROM {API_KEY_FROM} {filter}"
+    )
 }
 
 fn first_row(table: pgrx::spi::SpiTupleTable<'_>) -> Option<Row> {
@@ -722,7 +726,7 @@ fn update_api_key(
             client,
             "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window,
                     CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END,
-                    k.meter_version, k.created_at
+                    k.remaining_version, k.created_at, k.refill_version
                FROM apikeys.keys k LEFT JOIN apikeys.meters m
                  ON m.key_id = k.id AND m.key_created_at = k.created_at
               WHERE k.id = $1 FOR UPDATE OF k",
@@ -733,7 +737,7 @@ fn update_api_key(
             key_not_found(&id);
         }
         let cur = current.first();
-        let (cur_amount, cur_interval, cur_max, cur_window, stored_remaining, version, created) =
+        let (cur_amount, cur_interval, cur_max, cur_window, stored_remaining, set_at, created) =
             errors::internal((|| -> Result<_, pgrx::spi::SpiError> {
                 Ok((
                     cur.get::<i64>(1)?,
@@ -741,13 +745,16 @@ fn update_api_key(
                     cur.get::<i32>(3)?,
                     cur.get::<Interval>(4)?,
                     cur.get::<i64>(5)?,
-                    cur.get::<i64>(6)?.unwrap_or(0),
+                    (
+                        cur.get::<i64>(6)?.unwrap_or(0),
+                        cur.get::<i64>(8)?.unwrap_or(0),
+                    ),
                     cur.get::<TimestampWithTimeZone>(7)?,
                 ))
             })());
-        let live = crate::engine::live(&id, created.map_or(0, verify::epoch_us), version);
-        let cur_remaining = match live.and_then(|l| l.counters) {
-            Some(counters) => counters.remaining,
+        let live = crate::engine::live(&id, created.map_or(0, verify::epoch_us), set_at);
+        let cur_remaining = match live.and_then(|l| l.remaining) {
+            Some(remaining) => remaining,
             None => stored_remaining,
         };
         let keep = |field: &str| !cleared.contains(&field);

@@ -1114,6 +1114,36 @@ mod tests {
     }
 
     #[pg_test]
+    fn management_changes_keep_what_they_do_not_set() {
+        let (id, key) =
+            create("remaining => 5, rate_limit_max => 2, rate_limit_window => '1 hour'");
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(4));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(3));
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        // A refill configured later: the quota left carries over, the full window too.
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', refill_amount => 10, refill_interval => '1 day')"
+        ));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
+            )),
+            Some(3)
+        );
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        // A quota set: it starts from the value given; the window still carries over.
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', remaining => 7, rate_limit_max => 3)"
+        ));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(6));
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY['rate_limit'])"
+        ));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(5));
+    }
+
+    #[pg_test]
     fn a_sliding_window_counts_the_previous_bucket_at_its_edge() {
         // A 2-second window, so that the call lands early in a bucket: wait for a bucket start.
         run("SELECT pg_sleep(2 - extract(epoch FROM clock_timestamp())::numeric % 2 + 0.05)");

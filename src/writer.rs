@@ -366,7 +366,6 @@ fn write(batch: &Batch) -> Written {
                 }
                 if !batch.meters.is_empty() {
                     let m = &batch.meters;
-                    let written_ids: Vec<String>;
                     let ids: Vec<&str> = m.iter().map(|r| r.0.as_str()).collect();
                     let created = times(m.iter().map(|r| Some(r.1)));
                     let versions: Vec<i64> = m.iter().map(|r| r.2).collect();
@@ -412,7 +411,7 @@ fn write(batch: &Batch) -> Written {
                             previous.into(),
                         ],
                     );
-                    written_ids = table
+                    let written_ids: Vec<String> = table
                         .filter_map(|row| row.get::<String>(1).ok().flatten())
                         .collect();
                     unwritten.retain(|(id, _)| !written_ids.contains(id));
