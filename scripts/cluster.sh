@@ -18,7 +18,14 @@ case "$cmd" in
       # Later lines win: the caller's settings override pg_test.conf's.
       for setting in "$@"; do printf "%s\n" "$setting" >> "$dir/postgresql.conf"; done
     fi
-    as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+    # Our loopback ports lie in Linux's ephemeral range: a client connection that just used the
+    # port as its local end (TIME_WAIT, up to a minute) makes the bind fail. Wait it out.
+    for try in $(seq 1 15); do
+      if as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null; then exit 0; fi
+      tail -n 3 "$dir/server.log" | grep -q "could not create any TCP/IP sockets" || exit 1
+      echo "cluster.sh: port $port busy (try $try), retrying in 5 s" >&2; sleep 5
+    done
+    exit 1
     ;;
   stop)
     [ -f "$dir/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null || true

@@ -652,9 +652,15 @@ fn meter_with_row_lock(
     }
     crate::owner::as_owner(|| {
         Spi::connect_mut(|client| {
+            // Lock the key's row (queueing behind other callers), then read the counters in a
+            // statement of their own: it sees what the previous holders of the lock committed
+            // to apikeys.meters (the locking statement's snapshot would not).
             let locked = plans::update(
                 client,
-                &format!("{STORED_SQL} AND ($3::bytea IS NULL OR k.hash = $3 OR k.previous_hash = $3) FOR UPDATE OF k"),
+                "SELECT 1 FROM apikeys.keys k
+                  WHERE k.id = $1 AND k.created_at = $2
+                    AND ($3::bytea IS NULL OR k.hash = $3 OR k.previous_hash = $3)
+                    FOR UPDATE",
                 Some(1),
                 &[
                     state.id.as_str().into(),
@@ -665,7 +671,19 @@ fn meter_with_row_lock(
             if locked.is_empty() {
                 return Verification::not_found();
             }
-            let Some(row) = errors::internal(locked.first().get_heap_tuple()) else {
+            let counters = plans::update(
+                client,
+                STORED_SQL,
+                Some(1),
+                &[
+                    state.id.as_str().into(),
+                    from_epoch_us(state.created_us).into(),
+                ],
+            );
+            if counters.is_empty() {
+                return Verification::not_found();
+            }
+            let Some(row) = errors::internal(counters.first().get_heap_tuple()) else {
                 return Verification::not_found();
             };
             let stored = errors::internal(stored_from(&row));
