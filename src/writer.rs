@@ -597,10 +597,27 @@ unsafe extern "C-unwind" fn unregister(_code: i32, arg: pg_sys::Datum) {
     // SAFETY: a plain read of this process's id.
     let me = unsafe { pg_sys::MyProcPid };
     with_shared(true, |s| {
+        let db = s.header.databases[index].oid;
+        // Work that arrived after the last collection (uses, spends) asks for the next writer
+        // now: nothing else might, until the next verification.
+        let mut k = 0;
+        let mut pending = false;
+        while let Some(i) = s.queued(k) {
+            if s.slots[i].db == db {
+                pending = true;
+                break;
+            }
+            k += 1;
+        }
         let d = &mut s.header.databases[index];
         if d.writer_pid == me {
             d.writer_pid = 0;
             d.writer_procno = -1;
+            d.flush_requested = false;
+            if pending || d.durable < d.next_seq {
+                d.wanted = true;
+                engine::set_latch(s.header.launcher_procno);
+            }
         }
     });
 }

@@ -78,7 +78,9 @@ fn wait_for_count(client: &mut Client, id: &str, count: i64) {
     loop {
         let now: i64 = client
             .query_one(
-                "SELECT COALESCE((SELECT request_count FROM apikeys.meters WHERE key_id = $1), 0)",
+                "SELECT COALESCE((SELECT m.request_count FROM apikeys.meters m
+                                    JOIN apikeys.keys k ON k.id = m.key_id AND k.created_at = m.key_created_at
+                                   WHERE k.id = $1), 0)",
                 &[&id],
             )
             .unwrap()
