@@ -4,10 +4,11 @@
 //! needs a transaction id, so it works the same in READ ONLY transactions, and a caller's
 //! rollback cannot give back what a VALID answer spent.
 //!
-//! - Uses of any key are counts in its entry; the writer adds them to `apikeys.meters` about
-//!   every second (sooner when the table fills up). A crash loses at most those seconds.
+//! - Uses of any key are counts in its entry; the writer adds them to `apikeys.meters` every
+//!   five seconds (sooner when the table fills up). A crash loses at most those seconds.
 //! - Rate-limit windows are counters in the entry, exact per server under any concurrency
-//!   (one lock); the writer persists them with the uses. A crash may restart a window.
+//!   (one lock); the writer persists a changed window within a second. A crash may restart a
+//!   window.
 //! - A quota spend (and a refill) makes the entry dirty at a per-database sequence number; the
 //!   verification returns only once the writer has committed a batch up to that number. Many
 //!   callers' spends share one commit (group commit), so a hot quota key is not bound to one WAL
@@ -62,8 +63,8 @@ pub struct Header {
     pub capacity: usize,
     /// Bumped by every eviction of a counted entry (see the module comment).
     pub evictions: u64,
-    /// Entries in the dirty list (`slots::Dirty`).
-    pub dirty_len: usize,
+    /// Entries in the two dirty lists (`slots::Dirty`: counters, uses).
+    pub dirty_len: [usize; 2],
     pub databases: [Database; DATABASES],
 }
 
@@ -83,7 +84,7 @@ const DURABLE_WAIT: Duration = Duration::from_secs(30);
 
 fn shared_size(capacity: usize) -> usize {
     std::mem::size_of::<Header>()
-        + capacity * (std::mem::size_of::<Entry>() + std::mem::size_of::<u32>())
+        + capacity * (std::mem::size_of::<Entry>() + 2 * std::mem::size_of::<u32>())
 }
 
 /// From _PG_init, only while shared_preload_libraries are loaded.
@@ -153,7 +154,8 @@ unsafe extern "C-unwind" fn shmem_startup() {
 pub struct Shared<'a> {
     pub header: &'a mut Header,
     pub slots: &'a mut [Entry],
-    pub dirty_list: &'a mut [u32],
+    /// The two dirty lists, `capacity` slot numbers each, one after the other.
+    pub dirty_lists: &'a mut [u32],
 }
 
 impl Shared<'_> {
@@ -181,36 +183,50 @@ impl Shared<'_> {
         slots::find_or_insert(self.slots, &mut self.header.used, key)
     }
 
-    /// Queues slot `i` for the writer.
-    pub fn mark(&mut self, i: usize) {
-        slots::Dirty {
-            list: self.dirty_list,
-            len: &mut self.header.dirty_len,
-        }
-        .mark(self.slots, i);
+    fn lists(&mut self) -> [slots::Dirty<'_>; 2] {
+        let (counters, uses) = self.dirty_lists.split_at_mut(self.header.capacity);
+        let [counters_len, uses_len] = &mut self.header.dirty_len;
+        [
+            slots::Dirty {
+                list: counters,
+                len: counters_len,
+                which: slots::COUNTERS,
+            },
+            slots::Dirty {
+                list: uses,
+                len: uses_len,
+                which: slots::USES,
+            },
+        ]
     }
 
-    /// Takes slot `i` off the writer's list.
-    pub fn unmark(&mut self, i: usize) {
-        slots::Dirty {
-            list: self.dirty_list,
-            len: &mut self.header.dirty_len,
-        }
-        .unmark(self.slots, i);
+    /// Queues slot `i` for the writer on list `which` (`slots::COUNTERS`, `slots::USES`).
+    pub fn mark(&mut self, i: usize, which: usize) {
+        let slots = std::mem::take(&mut self.slots);
+        self.lists()[which].mark(slots, i);
+        self.slots = slots;
     }
 
-    /// The `k`th queued slot.
-    pub fn queued(&self, k: usize) -> Option<usize> {
-        (k < self.header.dirty_len).then(|| self.dirty_list[k] as usize)
+    /// Takes slot `i` off list `which`.
+    pub fn unmark(&mut self, i: usize, which: usize) {
+        let slots = std::mem::take(&mut self.slots);
+        self.lists()[which].unmark(slots, i);
+        self.slots = slots;
+    }
+
+    /// The `k`th slot queued on list `which`.
+    pub fn queued(&self, which: usize, k: usize) -> Option<usize> {
+        (k < self.header.dirty_len[which])
+            .then(|| self.dirty_lists[which * self.header.capacity + k] as usize)
     }
 
     /// Frees slot `i`.
     pub fn remove(&mut self, i: usize) {
-        let mut dirty = slots::Dirty {
-            list: self.dirty_list,
-            len: &mut self.header.dirty_len,
-        };
-        slots::remove(self.slots, &mut self.header.used, &mut dirty, i);
+        let slots = std::mem::take(&mut self.slots);
+        let mut used = self.header.used;
+        slots::remove(slots, &mut used, &mut self.lists(), i);
+        self.header.used = used;
+        self.slots = slots;
     }
 }
 
@@ -256,11 +272,11 @@ pub fn with_shared<R>(exclusive: bool, f: impl FnOnce(&mut Shared<'_>) -> R) -> 
         pg_sys::LWLockAcquire(LOCK, mode);
         let header = &mut *HEADER;
         let slots = std::slice::from_raw_parts_mut(SLOTS, header.capacity);
-        let dirty_list = std::slice::from_raw_parts_mut(DIRTY, header.capacity);
+        let dirty_lists = std::slice::from_raw_parts_mut(DIRTY, 2 * header.capacity);
         let result = f(&mut Shared {
             header,
             slots,
-            dirty_list,
+            dirty_lists,
         });
         pg_sys::LWLockRelease(LOCK);
         Some(result)
@@ -382,7 +398,7 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
         if s.header.databases[index].oid != db {
             return None;
         }
-        // Early when the table fills up; otherwise the writer comes about every second.
+        // Early when the table fills up; otherwise uses are written every few seconds.
         let wake = s.header.used * 4 > s.header.capacity * 3 || s.database(index).writer_pid == 0;
         let key = KeyRef { db, id, created_us };
         let stored = match s.insert(&key) {
@@ -391,7 +407,7 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
                 e.uses += 1;
                 e.last_used_us = e.last_used_us.max(now_us);
                 e.last_access_us = now_us;
-                s.mark(i);
+                s.mark(i, slots::USES);
                 true
             }
             None => false,
@@ -444,7 +460,7 @@ fn drain_overflow(s: &mut Shared<'_>, db: u32) {
                 Some(i) => {
                     s.slots[i].uses += *uses;
                     s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
-                    s.mark(i);
+                    s.mark(i, slots::USES);
                     false
                 }
                 None => true,
@@ -594,8 +610,11 @@ pub fn meter(
                     wait_for = Some(seq);
                 }
             }
-            if changed || s.slots[i].uses > 0 {
-                s.mark(i);
+            if changed {
+                s.mark(i, slots::COUNTERS);
+            }
+            if s.slots[i].uses > 0 {
+                s.mark(i, slots::USES);
             }
             if wait_for.is_some() || (changed && s.database(index).writer_pid == 0) {
                 s.wake_writer(index);
@@ -787,7 +806,7 @@ fn give_back(index: usize, key: &KeyRef<'_>, spent: i64, at: Option<(i64, i64)>)
         c.remaining = c.remaining.map(|r| r + spent);
         e.set_counters(&c);
         e.dirty_seq = seq;
-        s.mark(i);
+        s.mark(i, slots::COUNTERS);
     });
 }
 

@@ -27,11 +27,11 @@ pub struct Entry {
     id_len: u8,
     /// The key's limits and counters are loaded (from `apikeys.keys` and `apikeys.meters`).
     pub metered: bool,
-    /// In the dirty list (see `Dirty`), at `queue_pos`.
-    queued: bool,
+    /// In each of the two dirty lists (see `Dirty`: counters, uses), at `queue_pos`.
+    queued: [bool; 2],
     /// Writes that found no row of the key to write to (see writer::UNWRITTEN_TRIES).
     pub unwritten: u8,
-    queue_pos: u32,
+    queue_pos: [u32; 2],
     id: [u8; ID_BYTES],
     pub created_us: i64,
     /// `apikeys.keys.meter_version` the counters belong to: a management change bumps it and
@@ -58,9 +58,9 @@ pub const FREE: Entry = Entry {
     db: 0,
     id_len: 0,
     metered: false,
-    queued: false,
+    queued: [false; 2],
     unwritten: 0,
-    queue_pos: 0,
+    queue_pos: [0; 2],
     id: [0; ID_BYTES],
     created_us: 0,
     version: 0,
@@ -187,38 +187,46 @@ pub fn find_or_insert(slots: &mut [Entry], used: &mut usize, key: &KeyRef<'_>) -
     None
 }
 
+/// Which dirty list: changed counters (written at once: quota spends wait for them) or uses
+/// (written every few seconds).
+pub const COUNTERS: usize = 0;
+pub const USES: usize = 1;
+
 /// The entries with something to write, so that a writer visits those and not the whole table:
-/// slot numbers, each entry at most once (`Entry::queued`).
+/// slot numbers, each entry at most once per list (`Entry::queued`).
 pub struct Dirty<'a> {
     pub list: &'a mut [u32],
     pub len: &'a mut usize,
+    pub which: usize,
 }
 
 impl Dirty<'_> {
     /// Queues slot `i` unless it is queued already.
     pub fn mark(&mut self, slots: &mut [Entry], i: usize) {
+        let w = self.which;
         let e = &mut slots[i];
-        if e.queued || *self.len >= self.list.len() {
+        if e.queued[w] || *self.len >= self.list.len() {
             return;
         }
-        e.queued = true;
-        e.queue_pos = *self.len as u32;
+        e.queued[w] = true;
+        e.queue_pos[w] = *self.len as u32;
         self.list[*self.len] = i as u32;
         *self.len += 1;
     }
 
     /// Takes slot `i` out of the list (the last one takes its place).
     pub fn unmark(&mut self, slots: &mut [Entry], i: usize) {
-        if !slots[i].queued {
+        let w = self.which;
+        if !slots[i].queued[w] {
             return;
         }
-        let pos = slots[i].queue_pos as usize;
+        let pos = slots[i].queue_pos[w] as usize;
         let last = *self.len - 1;
         let moved = self.list[last] as usize;
         self.list[pos] = moved as u32;
-        slots[moved].queue_pos = pos as u32;
+        slots[moved].queue_pos[w] = pos as u32;
         *self.len = last;
-        slots[i].queued = false;
+        slots[i].queued[w] = false;
     }
 
     /// Queued slots, in list order.
@@ -228,13 +236,15 @@ impl Dirty<'_> {
 }
 
 /// Empties slot `i`, moving later entries of its probe chain back so that none becomes
-/// unreachable (and keeping the dirty list pointing at them).
-pub fn remove(slots: &mut [Entry], used: &mut usize, dirty: &mut Dirty<'_>, i: usize) {
+/// unreachable (and keeping the dirty lists pointing at them).
+pub fn remove(slots: &mut [Entry], used: &mut usize, dirty: &mut [Dirty<'_>; 2], i: usize) {
     let n = slots.len();
     if slots[i].db == 0 {
         return;
     }
-    dirty.unmark(slots, i);
+    for d in dirty.iter_mut() {
+        d.unmark(slots, i);
+    }
     let mut hole = i;
     let mut j = i;
     loop {
@@ -257,8 +267,10 @@ pub fn remove(slots: &mut [Entry], used: &mut usize, dirty: &mut Dirty<'_>, i: u
         };
         if !between {
             slots[hole] = e;
-            if e.queued {
-                dirty.list[e.queue_pos as usize] = hole as u32;
+            for d in dirty.iter_mut() {
+                if e.queued[d.which] {
+                    d.list[e.queue_pos[d.which] as usize] = hole as u32;
+                }
             }
             hole = j;
         }
@@ -366,8 +378,8 @@ mod unit {
         let ids: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
         let mut slots = vec![FREE; 128];
         let mut used = 0;
-        let mut list = vec![0u32; 128];
-        let mut len = 0usize;
+        let (mut list0, mut list1) = (vec![0u32; 128], vec![0u32; 128]);
+        let (mut len0, mut len1) = (0usize, 0usize);
         let mut model: HashMap<(u32, usize), u64> = HashMap::new();
         for step in 0..20_000u64 {
             let db = 1 + next(2) as u32;
@@ -377,10 +389,18 @@ mod unit {
                 id: &ids[k],
                 created_us: 7,
             };
-            let mut dirty = Dirty {
-                list: &mut list,
-                len: &mut len,
-            };
+            let mut dirty = [
+                Dirty {
+                    list: &mut list0,
+                    len: &mut len0,
+                    which: COUNTERS,
+                },
+                Dirty {
+                    list: &mut list1,
+                    len: &mut len1,
+                    which: USES,
+                },
+            ];
             if next(3) == 0 {
                 if let Some(i) = find(&slots, &key) {
                     remove(&mut slots, &mut used, &mut dirty, i);
@@ -390,20 +410,25 @@ mod unit {
                 slots[i].uses = step;
                 // Every other entry is queued, as a verification would queue it.
                 if step % 2 == 0 {
-                    dirty.mark(&mut slots, i);
+                    dirty[COUNTERS].mark(&mut slots, i);
+                }
+                if step % 3 == 0 {
+                    dirty[USES].mark(&mut slots, i);
                 }
                 model.insert((db, k), step);
             } else {
                 assert!(used + 1 >= slots.len(), "refused while not full");
             }
             assert_eq!(used, model.len());
-            // The dirty list names exactly the queued entries, each where it says it is.
-            let queued: Vec<usize> = (0..slots.len())
-                .filter(|&i| slots[i].db != 0 && slots[i].queued)
-                .collect();
-            assert_eq!(len, queued.len());
-            for &i in &queued {
-                assert_eq!(list[slots[i].queue_pos as usize] as usize, i);
+            // Each dirty list names exactly its queued entries, each where it says it is.
+            for (w, list, len) in [(COUNTERS, &list0, len0), (USES, &list1, len1)] {
+                let queued: Vec<usize> = (0..slots.len())
+                    .filter(|&i| slots[i].db != 0 && slots[i].queued[w])
+                    .collect();
+                assert_eq!(len, queued.len());
+                for &i in &queued {
+                    assert_eq!(list[slots[i].queue_pos[w] as usize] as usize, i);
+                }
             }
         }
         for ((db, k), step) in &model {
@@ -459,6 +484,7 @@ mod unit {
         let mut dirty = Dirty {
             list: &mut list,
             len: &mut len,
+            which: USES,
         };
         dirty.mark(&mut slots, a);
         dirty.mark(&mut slots, b);

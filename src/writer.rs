@@ -4,7 +4,8 @@
 //! role): it only reads shared memory and starts, for each database with work waiting, a
 //! writer connected to that database as the extension's owner (never the bootstrap superuser
 //! when the owner may log in). A writer commits a batch whenever a verification wakes it (a
-//! quota spend waiting to be durable, a filling table) and about every second otherwise, and
+//! quota spend waiting to be durable, a filling table) and about every second otherwise (uses
+//! every five seconds), and
 //! exits after a while without work, so that `DROP DATABASE` is not held up for long. Its
 //! statements run as the owner with `search_path = pg_catalog, pg_temp` and name every
 //! operator with its schema: no object a database owner or another role can create is used.
@@ -24,6 +25,9 @@ use std::time::{Duration, Instant};
 
 /// A writer with nothing to write for this long exits (the launcher starts another on demand).
 const IDLE_EXIT: Duration = Duration::from_secs(2);
+/// Uses of keys are written this often (sooner when the table fills up): each write is a row per
+/// key used since the last, so with many distinct keys less often is much less work.
+const USES_EVERY: Duration = Duration::from_secs(5);
 
 pub fn register_launcher() {
     BackgroundWorkerBuilder::new("pg_apikeys launcher")
@@ -145,14 +149,19 @@ type MeterRow = (String, i64, i64, Counters, Option<i64>, u64);
 #[derive(Default)]
 struct Batch {
     up_to: u64,
+    /// Uses not taken this time (they are written every USES_EVERY).
+    uses_waiting: bool,
     uses: Vec<Use>,
     meters: Vec<MeterRow>,
 }
 
-/// Takes everything this database has to write out of shared memory: the entries of its
-/// database in the dirty list (not the whole table).
-fn collect(index: usize, db: u32) -> Batch {
+/// Takes what this database has to write out of shared memory: every changed counter (with that
+/// key's uses, so that request_count keeps step with a quota), and, when `all_uses` (every few
+/// seconds, when the table fills up, at exit), the uses of every key. Only the dirty lists are
+/// visited, not the whole table.
+fn collect(index: usize, db: u32, all_uses: bool) -> Batch {
     with_shared(true, |s| {
+        let all_uses = all_uses || s.header.used * 4 > s.header.capacity * 3;
         let d = &mut s.header.databases[index];
         d.wanted = false;
         d.flush_requested = false;
@@ -161,37 +170,57 @@ fn collect(index: usize, db: u32) -> Batch {
             ..Batch::default()
         };
         let mut plain = Vec::new();
-        let mut k = 0;
-        while let Some(i) = s.queued(k) {
-            if s.slots[i].db != db {
-                k += 1;
-                continue;
-            }
-            let e = &mut s.slots[i];
-            if e.uses > 0 {
-                batch.uses.push((
-                    e.id().to_owned(),
-                    e.created_us,
-                    e.uses as i64,
-                    e.last_used_us,
-                ));
-                e.uses = 0;
-                if !e.metered {
-                    plain.push(i);
+        let lists: &[usize] = if all_uses {
+            &[slots::COUNTERS, slots::USES]
+        } else {
+            &[slots::COUNTERS]
+        };
+        // Uses left for a later write keep the writer from counting as idle.
+        if !all_uses {
+            let mut k = 0;
+            while let Some(i) = s.queued(slots::USES, k) {
+                if s.slots[i].db == db {
+                    batch.uses_waiting = true;
+                    break;
                 }
+                k += 1;
             }
-            if e.metered && e.dirty_seq > e.flushed_seq {
-                batch.meters.push((
-                    e.id().to_owned(),
-                    e.created_us,
-                    e.version,
-                    e.counters(),
-                    e.last_refill(),
-                    e.dirty_seq,
-                ));
+        }
+        for &list in lists {
+            let mut k = 0;
+            while let Some(i) = s.queued(list, k) {
+                if s.slots[i].db != db {
+                    k += 1;
+                    continue;
+                }
+                let e = &mut s.slots[i];
+                if e.uses > 0 {
+                    batch.uses.push((
+                        e.id().to_owned(),
+                        e.created_us,
+                        e.uses as i64,
+                        e.last_used_us,
+                    ));
+                    e.uses = 0;
+                    if !e.metered {
+                        plain.push(i);
+                    }
+                }
+                if e.metered && e.dirty_seq > e.flushed_seq {
+                    batch.meters.push((
+                        e.id().to_owned(),
+                        e.created_us,
+                        e.version,
+                        e.counters(),
+                        e.last_refill(),
+                        e.dirty_seq,
+                    ));
+                }
+                // Off both lists (its uses are taken too). The last queued slot of this list
+                // takes position k: look at k again.
+                s.unmark(i, slots::USES);
+                s.unmark(i, slots::COUNTERS);
             }
-            // The last queued slot takes position k: look at k again.
-            s.unmark(i);
         }
         // Entries of keys without limits hold nothing once their uses are taken. (Removing one
         // moves others: remove by key, not by the slot numbers collected.)
@@ -237,7 +266,7 @@ fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) 
                 let e = &mut s.slots[i];
                 if retry {
                     e.unwritten += 1;
-                    s.mark(i);
+                    s.mark(i, slots::COUNTERS);
                 } else {
                     e.flushed_seq = e.flushed_seq.max(*seq);
                     e.unwritten = 0;
@@ -291,7 +320,7 @@ fn put_back(db: u32, batch: &Batch) {
             if let Some(i) = s.insert(&key) {
                 s.slots[i].uses += (*count).max(0) as u64;
                 s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
-                s.mark(i);
+                s.mark(i, slots::USES);
             }
         }
         for (id, created_us, ..) in &batch.meters {
@@ -301,7 +330,7 @@ fn put_back(db: u32, batch: &Batch) {
                 created_us: *created_us,
             };
             if let Some(i) = slots::find(s.slots, &key) {
-                s.mark(i);
+                s.mark(i, slots::COUNTERS);
             }
         }
     });
@@ -332,6 +361,7 @@ fn write(batch: &Batch) -> Written {
                     meters.iter().map(|m| (m.0.clone(), m.1)).collect();
                 let batch = Batch {
                     up_to: batch.up_to,
+                    uses_waiting: false,
                     uses,
                     meters,
                 };
@@ -500,8 +530,8 @@ enum Written {
 
 /// One round: collect, write, complete. A failed write puts the uses back and re-raises (the
 /// writer exits, the launcher starts another).
-fn flush(index: usize, db: u32) -> bool {
-    let batch = collect(index, db);
+fn flush(index: usize, db: u32, all_uses: bool) -> bool {
+    let batch = collect(index, db, all_uses);
     if batch.uses.is_empty() && batch.meters.is_empty() {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
@@ -509,7 +539,7 @@ fn flush(index: usize, db: u32) -> bool {
         });
         // SAFETY: see completed().
         unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
-        return false;
+        return batch.uses_waiting;
     }
     let written = PgTryBuilder::new(|| write(&batch))
         .catch_others(|error| {
@@ -600,14 +630,16 @@ unsafe extern "C-unwind" fn unregister(_code: i32, arg: pg_sys::Datum) {
         let db = s.header.databases[index].oid;
         // Work that arrived after the last collection (uses, spends) asks for the next writer
         // now: nothing else might, until the next verification.
-        let mut k = 0;
         let mut pending = false;
-        while let Some(i) = s.queued(k) {
-            if s.slots[i].db == db {
-                pending = true;
-                break;
+        for list in [slots::COUNTERS, slots::USES] {
+            let mut k = 0;
+            while let Some(i) = s.queued(list, k) {
+                if s.slots[i].db == db {
+                    pending = true;
+                    break;
+                }
+                k += 1;
             }
-            k += 1;
         }
         let d = &mut s.header.databases[index];
         if d.writer_pid == me {
@@ -679,9 +711,14 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
     // SAFETY: registers a plain function called once at exit while shared memory is attached.
     unsafe { pg_sys::before_shmem_exit(Some(unregister), pg_sys::Datum::from(index)) };
     let mut last_work = Instant::now();
+    let mut last_uses = Instant::now();
     loop {
         let running = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
-        if flush(index, db) {
+        let all_uses = !running || last_uses.elapsed() >= USES_EVERY;
+        if all_uses {
+            last_uses = Instant::now();
+        }
+        if flush(index, db, all_uses) {
             last_work = Instant::now();
         }
         if !running {
@@ -692,7 +729,7 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
             // The claim is given up only at exit (`unregister`), so that no second writer can
             // start while this one still writes: work arriving after the last flush makes the
             // callers ask the launcher for a new writer once this one is gone.
-            if !flush(index, db) {
+            if !flush(index, db, true) {
                 debug1!("pg_apikeys writer: database {db}: idle, leaving");
                 break;
             }
