@@ -580,6 +580,11 @@ const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     (c"exit_on_error", c"off"),
     (c"transform_null_equals", c"off"),
     (c"synchronous_commit", c"on"),
+    // Every statement of the writer is driven by an array of keys: probing apikeys.keys and
+    // apikeys.meters by index, key by key, beats hashing a scan of either (a million keys) at
+    // every write (perf: a seq scan and hash of apikeys.keys was most of the writer's time).
+    (c"enable_hashjoin", c"off"),
+    (c"enable_mergejoin", c"off"),
 ];
 
 /// Sets `name` for the rest of the session: PGC_S_SESSION outranks a database's or role's
