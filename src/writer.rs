@@ -149,8 +149,6 @@ type MeterRow = (String, i64, i64, Counters, Option<i64>, u64);
 #[derive(Default)]
 struct Batch {
     up_to: u64,
-    /// Uses not taken this time (they are written every USES_EVERY).
-    uses_waiting: bool,
     uses: Vec<Use>,
     meters: Vec<MeterRow>,
 }
@@ -175,17 +173,6 @@ fn collect(index: usize, db: u32, all_uses: bool) -> Batch {
         } else {
             &[slots::COUNTERS]
         };
-        // Uses left for a later write keep the writer from counting as idle.
-        if !all_uses {
-            let mut k = 0;
-            while let Some(i) = s.queued(slots::USES, k) {
-                if s.slots[i].db == db {
-                    batch.uses_waiting = true;
-                    break;
-                }
-                k += 1;
-            }
-        }
         for &list in lists {
             let mut k = 0;
             while let Some(i) = s.queued(list, k) {
@@ -361,7 +348,6 @@ fn write(batch: &Batch) -> Written {
                     meters.iter().map(|m| (m.0.clone(), m.1)).collect();
                 let batch = Batch {
                     up_to: batch.up_to,
-                    uses_waiting: false,
                     uses,
                     meters,
                 };
@@ -539,7 +525,7 @@ fn flush(index: usize, db: u32, all_uses: bool) -> bool {
         });
         // SAFETY: see completed().
         unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
-        return batch.uses_waiting;
+        return false;
     }
     let written = PgTryBuilder::new(|| write(&batch))
         .catch_others(|error| {
@@ -717,8 +703,15 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(unregister), pg_sys::Datum::from(index)) };
     let mut last_work = Instant::now();
     let mut last_uses = Instant::now();
+    let mut uses_queued = 0;
     loop {
         let running = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
+        // New uses (of any database) count as activity: the writer stays while they come, and
+        // leaves soon after they stop, having written them (DROP DATABASE waits 5 s at most).
+        let queued = with_shared(false, |s| s.header.dirty_len[slots::USES]).unwrap_or(0);
+        if queued > uses_queued {
+            last_work = Instant::now();
+        }
         let all_uses = !running || last_uses.elapsed() >= USES_EVERY;
         if all_uses {
             last_uses = Instant::now();
@@ -726,6 +719,7 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
         if flush(index, db, all_uses) {
             last_work = Instant::now();
         }
+        uses_queued = with_shared(false, |s| s.header.dirty_len[slots::USES]).unwrap_or(0);
         if !running {
             debug1!("pg_apikeys writer: database {db}: stopping (SIGTERM)");
             break;
@@ -734,11 +728,10 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
             // The claim is given up only at exit (`unregister`), so that no second writer can
             // start while this one still writes: work arriving after the last flush makes the
             // callers ask the launcher for a new writer once this one is gone.
-            if !flush(index, db, true) {
-                debug1!("pg_apikeys writer: database {db}: idle, leaving");
-                break;
-            }
-            last_work = Instant::now();
+            // What is left is written now; anything arriving later goes to the next writer.
+            flush(index, db, true);
+            debug1!("pg_apikeys writer: database {db}: idle, leaving");
+            break;
         }
     }
 }
