@@ -18,7 +18,7 @@ CREATE TABLE apikeys.meters (
     window_previous bigint NOT NULL DEFAULT 0,
     request_count   bigint NOT NULL DEFAULT 0,
     last_used_at    timestamptz
-);
+) WITH (fillfactor = 50);  -- room on each page for HOT updates: the writer updates every row often
 SELECT pg_catalog.pg_extension_config_dump('apikeys.meters', '');
 REVOKE ALL ON apikeys.meters FROM PUBLIC;
 

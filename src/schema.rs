@@ -92,7 +92,7 @@ CREATE TABLE apikeys.meters (
     window_previous bigint NOT NULL DEFAULT 0, -- the previous sliding bucket's count
     request_count   bigint NOT NULL DEFAULT 0,
     last_used_at    timestamptz
-);
+) WITH (fillfactor = 50);  -- room on each page for HOT updates: the writer updates every row often
 
 -- Every management action, with the database role that performed it.
 CREATE TABLE apikeys.audit_log (
