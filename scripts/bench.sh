@@ -192,10 +192,8 @@ commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml be
   echo "\`make bench\` on $(date -u +%Y-%m-%d), commit $commit, $(nproc) cores, $("$BIN/postgres" --version),"
   echo "release build; pgbench -M prepared, $T s per run, $CLIENTS clients unless the row says otherwise,
 throughput, policy and latency rows the medians of $ROUNDS alternating runs of the measure and its floor;"
-  echo "scratch cluster settings: pg_test.conf (fsync, synchronous_commit and full_page_writes off),"
-  echo "shared_buffers 2GB, no parallel query, autovacuum off (the loads end with VACUUM ANALYZE),"
-  echo "pg_apikeys preloaded (the metering engine)."
-  echo "Ratios compare two figures of the same run."
+  echo "pg_apikeys preloaded (the metering engine) in both clusters. Ratios compare two figures of"
+  echo "the same run. The default deployment comes first: it is what a new user gets."
   echo
   echo "## The default deployment"
   echo
