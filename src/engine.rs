@@ -220,6 +220,25 @@ impl Shared<'_> {
             .then(|| self.dirty_lists[which * self.header.capacity + k] as usize)
     }
 
+    /// Adds `count` uses of slot `i`'s key, the last at `at_us`, for the writer's next write.
+    pub fn add_uses(&mut self, i: usize, count: u64, at_us: i64) {
+        let e = &mut self.slots[i];
+        e.uses += count;
+        e.last_used_us = e.last_used_us.max(at_us);
+        self.mark(i, slots::USES);
+    }
+
+    /// Records that slot `i`'s counters changed (database `index`): they are dirty from the
+    /// returned sequence number on, and queued for the writer.
+    pub fn counters_changed(&mut self, index: usize, i: usize) -> u64 {
+        let database = &mut self.header.databases[index];
+        database.next_seq += 1;
+        let seq = database.next_seq;
+        self.slots[i].dirty_seq = seq;
+        self.mark(i, slots::COUNTERS);
+        seq
+    }
+
     /// Frees slot `i`.
     pub fn remove(&mut self, i: usize) {
         let slots = std::mem::take(&mut self.slots);
@@ -264,10 +283,10 @@ pub fn with_shared<R>(exclusive: bool, f: impl FnOnce(&mut Shared<'_>) -> R) -> 
     } else {
         pg_sys::LWLockMode::LW_SHARED
     };
-    // SAFETY: the pointers were set at start-up and stay valid for the server's life; the lock
-    // makes this process their only writer (or one of several readers, who only read) until
-    // it is released. `f` is plain memory work that does not raise, so the lock cannot be left
-    // held by a longjmp (and an error would release it: LWLockReleaseAll at abort).
+    // The lock makes this process the table's only writer (or one of several readers, who only
+    // read) until it is released; `f` is plain memory work that does not raise, so the lock
+    // cannot be left held by a longjmp (and an error would release it: LWLockReleaseAll).
+    // SAFETY: pointers set at start-up, valid for the server's life, used under LOCK only.
     unsafe {
         pg_sys::LWLockAcquire(LOCK, mode);
         let header = &mut *HEADER;
@@ -403,11 +422,8 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
         let key = KeyRef { db, id, created_us };
         let stored = match s.insert(&key) {
             Some(i) => {
-                let e = &mut s.slots[i];
-                e.uses += 1;
-                e.last_used_us = e.last_used_us.max(now_us);
-                e.last_access_us = now_us;
-                s.mark(i, slots::USES);
+                s.slots[i].last_access_us = now_us;
+                s.add_uses(i, 1, now_us);
                 true
             }
             None => false,
@@ -458,9 +474,7 @@ fn drain_overflow(s: &mut Shared<'_>, db: u32) {
             };
             match s.insert(&key) {
                 Some(i) => {
-                    s.slots[i].uses += *uses;
-                    s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
-                    s.mark(i, slots::USES);
+                    s.add_uses(i, *uses, *at_us);
                     false
                 }
                 None => true,
@@ -596,25 +610,14 @@ pub fn meter(
             }
             e.set_counters(&charge.after);
             if charge.verdict == metering::Verdict::Allowed && permitted {
-                e.uses += 1;
-                e.last_used_us = e.last_used_us.max(now_us);
+                s.add_uses(i, 1, now_us);
             }
             let mut wait_for = None;
             if changed {
-                let database = &mut s.header.databases[index];
-                database.next_seq += 1;
-                let seq = database.next_seq;
-                let e = &mut s.slots[i];
-                e.dirty_seq = seq;
+                let seq = s.counters_changed(index, i);
                 if charge.spent > 0 || charge.refilled {
                     wait_for = Some(seq);
                 }
-            }
-            if changed {
-                s.mark(i, slots::COUNTERS);
-            }
-            if s.slots[i].uses > 0 {
-                s.mark(i, slots::USES);
             }
             if wait_for.is_some() || (changed && s.database(index).writer_pid == 0) {
                 s.wake_writer(index);
@@ -798,15 +801,11 @@ fn give_back(index: usize, key: &KeyRef<'_>, spent: i64, at: Option<(i64, i64)>)
         {
             return;
         }
-        let database = &mut s.header.databases[index];
-        database.next_seq += 1;
-        let seq = database.next_seq;
         let e = &mut s.slots[i];
         let mut c = e.counters();
         c.remaining = c.remaining.map(|r| r + spent);
         e.set_counters(&c);
-        e.dirty_seq = seq;
-        s.mark(i, slots::COUNTERS);
+        s.counters_changed(index, i);
     });
 }
 

@@ -305,9 +305,7 @@ fn put_back(db: u32, batch: &Batch) {
                 created_us: *created_us,
             };
             if let Some(i) = s.insert(&key) {
-                s.slots[i].uses += (*count).max(0) as u64;
-                s.slots[i].last_used_us = s.slots[i].last_used_us.max(*at_us);
-                s.mark(i, slots::USES);
+                s.add_uses(i, (*count).max(0) as u64, *at_us);
             }
         }
         for (id, created_us, ..) in &batch.meters {
@@ -342,132 +340,157 @@ fn write(batch: &Batch) -> Written {
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
                 let (uses, meters) = update_rows_in_place(client, batch);
-                // Counters of keys the set-based statement does not write (a key whose creating
-                // transaction has not committed yet) stay dirty.
-                let mut unwritten: Vec<(String, i64)> =
-                    meters.iter().map(|m| (m.0.clone(), m.1)).collect();
-                let batch = Batch {
-                    up_to: batch.up_to,
-                    uses,
-                    meters,
-                };
-                // Uses of keys that have a row already: one UPDATE, no ON CONFLICT arbiter
-                // checks (perf: most of the writer's time per row with many distinct keys).
-                let mut uses = batch.uses.clone();
-                if !uses.is_empty() {
-                    let ids: Vec<&str> = uses.iter().map(|u| u.0.as_str()).collect();
-                    let created = times(uses.iter().map(|u| Some(u.1)));
-                    let counts: Vec<i64> = uses.iter().map(|u| u.2).collect();
-                    let last = times(uses.iter().map(|u| Some(u.3)));
-                    let updated = plans::update(
-                        client,
-                        "UPDATE apikeys.meters m
-                            SET request_count = m.request_count OPERATOR(pg_catalog.+) u.n,
-                                last_used_at = GREATEST(m.last_used_at, u.t)
-                           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
-                                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
-                                           pg_catalog.unnest($3::pg_catalog.int8[]),
-                                           pg_catalog.unnest($4::pg_catalog.timestamptz[])) u(id, c, n, t)
-                          WHERE m.key_id OPERATOR(pg_catalog.=) u.id
-                            AND m.key_created_at OPERATOR(pg_catalog.=) u.c
-                         RETURNING m.key_id, m.key_created_at",
-                        None,
-                        &[ids.into(), created.into(), counts.into(), last.into()],
-                    );
-                    let done: std::collections::HashSet<(String, i64)> = updated
-                        .filter_map(|row| {
-                            let id = row.get::<String>(1).ok().flatten()?;
-                            let at = row.get::<TimestampWithTimeZone>(2).ok().flatten()?;
-                            Some((id, crate::verify::epoch_us(at)))
-                        })
-                        .collect();
-                    uses.retain(|u| !done.contains(&(u.0.clone(), u.1)));
-                }
-                if !uses.is_empty() {
-                    let ids: Vec<&str> = uses.iter().map(|u| u.0.as_str()).collect();
-                    let created = times(uses.iter().map(|u| Some(u.1)));
-                    let counts: Vec<i64> = uses.iter().map(|u| u.2).collect();
-                    let last = times(uses.iter().map(|u| Some(u.3)));
-                    plans::update(
-                        client,
-                        "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, request_count, last_used_at)
-                         SELECT u.id, u.c, 0, u.n, u.t
-                           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
-                                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
-                                           pg_catalog.unnest($3::pg_catalog.int8[]),
-                                           pg_catalog.unnest($4::pg_catalog.timestamptz[])) u(id, c, n, t)
-                           JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
-                                              AND k.created_at OPERATOR(pg_catalog.=) u.c
-                         ON CONFLICT (key_id) DO UPDATE SET
-                            request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
-                                                 THEN m.request_count OPERATOR(pg_catalog.+) excluded.request_count
-                                                 ELSE excluded.request_count END,
-                            last_used_at = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
-                                                THEN GREATEST(m.last_used_at, excluded.last_used_at)
-                                                ELSE excluded.last_used_at END,
-                            meter_version = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
-                                                 THEN m.meter_version ELSE 0 END,
-                            key_created_at = excluded.key_created_at",
-                        None,
-                        &[ids.into(), created.into(), counts.into(), last.into()],
-                    );
-                }
-                if !batch.meters.is_empty() {
-                    let m = &batch.meters;
-                    let ids: Vec<&str> = m.iter().map(|r| r.0.as_str()).collect();
-                    let created = times(m.iter().map(|r| Some(r.1)));
-                    let versions: Vec<i64> = m.iter().map(|r| r.2).collect();
-                    let remaining: Vec<Option<i64>> = m.iter().map(|r| r.3.remaining).collect();
-                    let refilled = times(m.iter().map(|r| r.4));
-                    let starts = times(m.iter().map(|r| r.3.window_start_us));
-                    let counts: Vec<i64> = m.iter().map(|r| r.3.window_count).collect();
-                    let previous: Vec<i64> = m.iter().map(|r| r.3.window_previous).collect();
-                    let table = plans::update(
-                        client,
-                        "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
-                                last_refill_at, window_start, window_count, window_previous, request_count)
-                         SELECT u.id, u.c, u.v, u.r, u.lr, u.ws, u.wc, u.wp, 0
-                           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
-                                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
-                                           pg_catalog.unnest($3::pg_catalog.int8[]),
-                                           pg_catalog.unnest($4::pg_catalog.int8[]),
-                                           pg_catalog.unnest($5::pg_catalog.timestamptz[]),
-                                           pg_catalog.unnest($6::pg_catalog.timestamptz[]),
-                                           pg_catalog.unnest($7::pg_catalog.int8[]),
-                                           pg_catalog.unnest($8::pg_catalog.int8[])) u(id, c, v, r, lr, ws, wc, wp)
-                           JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
-                                              AND k.created_at OPERATOR(pg_catalog.=) u.c
-                         ON CONFLICT (key_id) DO UPDATE SET
-                            meter_version = excluded.meter_version, remaining = excluded.remaining,
-                            last_refill_at = excluded.last_refill_at, window_start = excluded.window_start,
-                            window_count = excluded.window_count, window_previous = excluded.window_previous,
-                            request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
-                                                 THEN m.request_count ELSE 0 END,
-                            key_created_at = excluded.key_created_at
-                          WHERE m.meter_version OPERATOR(pg_catalog.<=) excluded.meter_version
-                             OR m.key_created_at OPERATOR(pg_catalog.<>) excluded.key_created_at
-                         RETURNING m.key_id",
-                        None,
-                        &[
-                            ids.into(),
-                            created.into(),
-                            versions.into(),
-                            remaining.into(),
-                            refilled.into(),
-                            starts.into(),
-                            counts.into(),
-                            previous.into(),
-                        ],
-                    );
-                    let written_ids: Vec<String> = table
-                        .filter_map(|row| row.get::<String>(1).ok().flatten())
-                        .collect();
-                    unwritten.retain(|(id, _)| !written_ids.contains(id));
-                }
-                Written::Done(unwritten)
+                let uses = add_to_existing_rows(client, uses);
+                insert_uses(client, &uses);
+                Written::Done(set_counters(client, &meters))
             })
         })
     })
+}
+
+/// The arrays a statement about uses takes: ids, creation times, counts, last uses.
+#[allow(clippy::type_complexity)]
+fn use_columns(
+    uses: &[Use],
+) -> (
+    Vec<&str>,
+    Vec<Option<TimestampWithTimeZone>>,
+    Vec<i64>,
+    Vec<Option<TimestampWithTimeZone>>,
+) {
+    (
+        uses.iter().map(|u| u.0.as_str()).collect(),
+        times(uses.iter().map(|u| Some(u.1))),
+        uses.iter().map(|u| u.2).collect(),
+        times(uses.iter().map(|u| Some(u.3))),
+    )
+}
+
+/// Adds uses to the keys' rows that exist, with one UPDATE (no ON CONFLICT arbiter checks: perf,
+/// most of the writer's time per row with many distinct keys); returns the uses of keys without
+/// a row yet.
+fn add_to_existing_rows(client: &mut pgrx::spi::SpiClient<'_>, mut uses: Vec<Use>) -> Vec<Use> {
+    if uses.is_empty() {
+        return uses;
+    }
+    let (ids, created, counts, last) = use_columns(&uses);
+    let updated = plans::update(
+        client,
+        "UPDATE apikeys.meters m
+            SET request_count = m.request_count OPERATOR(pg_catalog.+) u.n,
+                last_used_at = GREATEST(m.last_used_at, u.t)
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($3::pg_catalog.int8[]),
+                           pg_catalog.unnest($4::pg_catalog.timestamptz[])) u(id, c, n, t)
+          WHERE m.key_id OPERATOR(pg_catalog.=) u.id
+            AND m.key_created_at OPERATOR(pg_catalog.=) u.c
+         RETURNING m.key_id, m.key_created_at",
+        None,
+        &[ids.into(), created.into(), counts.into(), last.into()],
+    );
+    let done: std::collections::HashSet<(String, i64)> = updated
+        .filter_map(|row| {
+            let id = row.get::<String>(1).ok().flatten()?;
+            let at = row.get::<TimestampWithTimeZone>(2).ok().flatten()?;
+            Some((id, crate::verify::epoch_us(at)))
+        })
+        .collect();
+    uses.retain(|u| !done.contains(&(u.0.clone(), u.1)));
+    uses
+}
+
+/// Gives keys that still exist (created at that time) their first row with these uses, or
+/// replaces the row a deleted key of the same id left.
+fn insert_uses(client: &mut pgrx::spi::SpiClient<'_>, uses: &[Use]) {
+    if uses.is_empty() {
+        return;
+    }
+    let (ids, created, counts, last) = use_columns(uses);
+    plans::update(
+        client,
+        "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, request_count, last_used_at)
+         SELECT u.id, u.c, 0, u.n, u.t
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($3::pg_catalog.int8[]),
+                           pg_catalog.unnest($4::pg_catalog.timestamptz[])) u(id, c, n, t)
+           JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
+                              AND k.created_at OPERATOR(pg_catalog.=) u.c
+         ON CONFLICT (key_id) DO UPDATE SET
+            request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                 THEN m.request_count OPERATOR(pg_catalog.+) excluded.request_count
+                                 ELSE excluded.request_count END,
+            last_used_at = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                THEN GREATEST(m.last_used_at, excluded.last_used_at)
+                                ELSE excluded.last_used_at END,
+            meter_version = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                 THEN m.meter_version ELSE 0 END,
+            key_created_at = excluded.key_created_at",
+        None,
+        &[ids.into(), created.into(), counts.into(), last.into()],
+    );
+}
+
+/// Sets the counters of keys that still exist (never with an older meter_version); returns the
+/// keys (id, created_at µs) whose counters were not written (a key whose creating transaction
+/// has not committed yet): they stay dirty.
+fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(String, i64)> {
+    if m.is_empty() {
+        return Vec::new();
+    }
+    let ids: Vec<&str> = m.iter().map(|r| r.0.as_str()).collect();
+    let created = times(m.iter().map(|r| Some(r.1)));
+    let versions: Vec<i64> = m.iter().map(|r| r.2).collect();
+    let remaining: Vec<Option<i64>> = m.iter().map(|r| r.3.remaining).collect();
+    let refilled = times(m.iter().map(|r| r.4));
+    let starts = times(m.iter().map(|r| r.3.window_start_us));
+    let counts: Vec<i64> = m.iter().map(|r| r.3.window_count).collect();
+    let previous: Vec<i64> = m.iter().map(|r| r.3.window_previous).collect();
+    let table = plans::update(
+        client,
+        "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
+                last_refill_at, window_start, window_count, window_previous, request_count)
+         SELECT u.id, u.c, u.v, u.r, u.lr, u.ws, u.wc, u.wp, 0
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($3::pg_catalog.int8[]),
+                           pg_catalog.unnest($4::pg_catalog.int8[]),
+                           pg_catalog.unnest($5::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($6::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($7::pg_catalog.int8[]),
+                           pg_catalog.unnest($8::pg_catalog.int8[])) u(id, c, v, r, lr, ws, wc, wp)
+           JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
+                              AND k.created_at OPERATOR(pg_catalog.=) u.c
+         ON CONFLICT (key_id) DO UPDATE SET
+            meter_version = excluded.meter_version, remaining = excluded.remaining,
+            last_refill_at = excluded.last_refill_at, window_start = excluded.window_start,
+            window_count = excluded.window_count, window_previous = excluded.window_previous,
+            request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
+                                 THEN m.request_count ELSE 0 END,
+            key_created_at = excluded.key_created_at
+          WHERE m.meter_version OPERATOR(pg_catalog.<=) excluded.meter_version
+             OR m.key_created_at OPERATOR(pg_catalog.<>) excluded.key_created_at
+         RETURNING m.key_id",
+        None,
+        &[
+            ids.into(),
+            created.into(),
+            versions.into(),
+            remaining.into(),
+            refilled.into(),
+            starts.into(),
+            counts.into(),
+            previous.into(),
+        ],
+    );
+    let written: std::collections::HashSet<String> = table
+        .filter_map(|row| row.get::<String>(1).ok().flatten())
+        .collect();
+    m.iter()
+        .filter(|r| !written.contains(&r.0))
+        .map(|r| (r.0.clone(), r.1))
+        .collect()
 }
 
 /// Batches of at most this many keys update their rows one by one.
