@@ -609,17 +609,24 @@ pub fn meter(
                 e.next_refill_us = next_refill.map_or(i64::MAX, |(_, next)| next);
             }
             e.set_counters(&charge.after);
+            // A spend the quota written ahead covers is durable already; the writer is asked for
+            // the next write when half that cover is used, so that callers rarely wait.
+            let covered = charge.spent > 0 && e.covers(charge.after.remaining);
+            let running_low = covered && e.unused_ahead() * 2 < e.ahead;
+            if charge.spent > 0 {
+                e.spends = e.spends.saturating_add(1);
+            }
             if charge.verdict == metering::Verdict::Allowed && permitted {
                 s.add_uses(i, 1, now_us);
             }
             let mut wait_for = None;
             if changed {
                 let seq = s.counters_changed(index, i);
-                if charge.spent > 0 || charge.refilled {
+                if (charge.spent > 0 || charge.refilled) && !covered {
                     wait_for = Some(seq);
                 }
             }
-            if wait_for.is_some() || (changed && s.database(index).writer_pid == 0) {
+            if wait_for.is_some() || running_low || (changed && s.database(index).writer_pid == 0) {
                 s.wake_writer(index);
             }
             Step::Done(Metered { charge }, wait_for)
@@ -652,8 +659,9 @@ pub fn meter(
                     }
                     let i = s.insert(&key)?;
                     let e = &mut s.slots[i];
-                    if !e.metered || e.version < stored.version {
-                        install(e, &stored);
+                    if (!e.metered || e.version < stored.version) && install(e, &stored) {
+                        s.counters_changed(index, i);
+                        s.wake_writer(index);
                     }
                     Some(true)
                 })
@@ -699,7 +707,9 @@ fn wait_for_room(index: usize, deadline: &mut Option<std::time::Instant>) {
     pgrx::check_for_interrupts!();
 }
 
-fn install(e: &mut Entry, stored: &Stored) {
+/// Installs the counters loaded from the rows; true when the entry keeps counts the rows do not
+/// hold (quota written ahead and not used, a refill clock), which must be written.
+fn install(e: &mut Entry, stored: &Stored) -> bool {
     // A new meter_version (a management change of the quota or its refill) keeps what the entry
     // counted that management did not set again: the window always, the quota left unless
     // `remaining` was set, the refill clock unless the refill was.
@@ -723,8 +733,16 @@ fn install(e: &mut Entry, stored: &Stored) {
     e.set_counters(&counters);
     e.last_refill_us = refill.0.unwrap_or(i64::MIN);
     e.next_refill_us = refill.1.unwrap_or(i64::MAX);
-    // What was loaded is what is stored: nothing to write.
+    e.set_written(
+        stored.counters.remaining,
+        stored.version,
+        stored.last_refill_us,
+        0,
+    );
+    e.spends = 0;
+    // What was loaded is what is stored: nothing to write, unless counts were kept.
     e.flushed_seq = e.dirty_seq;
+    counters.remaining != stored.counters.remaining || refill.0 != stored.last_refill_us
 }
 
 /// Waits until the writer has committed everything up to `seq`. Should that not happen within
@@ -732,13 +750,19 @@ fn install(e: &mut Entry, stored: &Stored) {
 /// cancel), the spend is given back and the call fails: the caller gets an error, not VALID.
 fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
     let db = key.db;
-    // Some(true): written; Some(false): the database lost its slot (its writer cannot connect).
+    let left = charge.after.remaining;
+    // Some(true): written (this spend, or quota written ahead past it); Some(false): the
+    // database lost its slot (its writer cannot connect).
     let state = move |s: &mut Shared<'_>| {
         let d = &s.header.databases[index];
         if d.oid != db {
             Some(false)
+        } else if d.durable >= seq {
+            Some(true)
         } else {
-            (d.durable >= seq).then_some(true)
+            slots::find(s.slots, key)
+                .is_some_and(|i| s.slots[i].covers(left))
+                .then_some(true)
         }
     };
     if with_shared(false, state).flatten() == Some(true) {

@@ -52,6 +52,16 @@ pub struct Entry {
     pub dirty_seq: u64,
     pub flushed_seq: u64,
     pub last_access_us: i64,
+    /// The quota left as `apikeys.meters` holds it, committed, and the meter_version and last
+    /// refill it was written at: the writer writes quota ahead (`metering::write_ahead`), so a
+    /// spend that leaves at least this much is durable already. `ahead` is how much was
+    /// written ahead then.
+    written_remaining: i64,
+    written_version: i64,
+    written_refill_us: i64,
+    pub ahead: i64,
+    /// Quota spends since the writer last took the counters: the recent demand.
+    pub spends: u32,
 }
 
 pub const FREE: Entry = Entry {
@@ -75,6 +85,11 @@ pub const FREE: Entry = Entry {
     dirty_seq: 0,
     flushed_seq: 0,
     last_access_us: 0,
+    written_remaining: NONE,
+    written_version: NONE,
+    written_refill_us: NONE,
+    ahead: 0,
+    spends: 0,
 };
 
 fn opt(v: i64) -> Option<i64> {
@@ -116,9 +131,50 @@ impl Entry {
         opt(self.last_refill_us)
     }
 
-    /// Whether everything the entry holds is written: it can go without losing anything.
+    /// Records what `apikeys.meters` now holds (committed) for this key: `remaining` at
+    /// `version` and last refill `last_refill`, written `ahead` of the counters.
+    pub fn set_written(
+        &mut self,
+        remaining: Option<i64>,
+        version: i64,
+        last_refill: Option<i64>,
+        ahead: i64,
+    ) {
+        self.written_remaining = raw(remaining);
+        self.written_version = version;
+        self.written_refill_us = raw(last_refill);
+        self.ahead = ahead;
+    }
+
+    /// Whether what is written is of the counters the entry holds now (the same meter_version
+    /// and refill), with a quota.
+    fn written_current(&self) -> bool {
+        self.written_version == self.version
+            && self.written_refill_us == self.last_refill_us
+            && self.remaining != NONE
+            && self.written_remaining != NONE
+    }
+
+    /// Whether a spend that leaves `remaining` (of these counters) is durable already: the quota
+    /// written is not more than that.
+    pub fn covers(&self, remaining: Option<i64>) -> bool {
+        self.written_current() && remaining.is_some_and(|left| left >= self.written_remaining)
+    }
+
+    /// How much of what was written ahead no spend has used yet (0 when what is written is of
+    /// other counters).
+    pub fn unused_ahead(&self) -> i64 {
+        if self.written_current() {
+            self.remaining.saturating_sub(self.written_remaining).max(0)
+        } else {
+            0
+        }
+    }
+
+    /// Whether everything the entry holds is written, quota written ahead given back too: it can
+    /// go without losing anything.
     pub fn clean(&self) -> bool {
-        self.uses == 0 && self.flushed_seq >= self.dirty_seq
+        self.uses == 0 && self.flushed_seq >= self.dirty_seq && self.unused_ahead() == 0
     }
 }
 
@@ -283,6 +339,39 @@ pub fn remove(slots: &mut [Entry], used: &mut usize, dirty: &mut [Dirty<'_>; 2],
 mod unit {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn a_spend_is_covered_only_by_quota_written_for_the_same_counters() {
+        let mut e = FREE;
+        e.version = 3;
+        e.last_refill_us = 100;
+        e.set_counters(&Counters {
+            remaining: Some(50),
+            ..Counters::default()
+        });
+        assert!(!e.covers(Some(49)), "nothing written yet");
+        e.set_written(Some(40), 3, Some(100), 10);
+        assert!(e.covers(Some(49)) && e.covers(Some(40)));
+        assert!(!e.covers(Some(39)), "below what is written: must wait");
+        assert!(!e.covers(None));
+        assert_eq!(e.unused_ahead(), 10);
+        assert!(
+            !e.clean(),
+            "quota written ahead must be given back before the entry goes"
+        );
+        e.version = 4;
+        assert!(!e.covers(Some(49)), "another meter_version");
+        assert_eq!(e.unused_ahead(), 0);
+        e.version = 3;
+        e.last_refill_us = 200;
+        assert!(!e.covers(Some(49)), "refilled since");
+        e.last_refill_us = 100;
+        e.set_written(Some(50), 3, Some(100), 0);
+        assert_eq!(e.unused_ahead(), 0);
+        assert!(e.clean());
+        e.set_written(Some(40), 3, None, 10);
+        assert!(!e.covers(Some(45)), "written before the refill");
+    }
 
     #[test]
     fn entries_are_found_by_database_id_and_creation() {

@@ -11,7 +11,7 @@
 //! operator with its schema: no object a database owner or another role can create is used.
 
 use crate::engine::{self, with_shared};
-use crate::metering::Counters;
+use crate::metering::{self, Counters};
 use crate::plans;
 use crate::slots::{self, KeyRef};
 use crate::verify::from_epoch_us;
@@ -28,6 +28,8 @@ const IDLE_EXIT: Duration = Duration::from_secs(2);
 /// Uses of keys are written this often (sooner when the table fills up): each write is a row per
 /// key used since the last, so with many distinct keys less often is much less work.
 const USES_EVERY: Duration = Duration::from_secs(5);
+/// Quota written ahead of a key goes back after it has had no call for this long (µs).
+const GIVE_BACK_AFTER_US: i64 = 1_000_000;
 
 pub fn register_launcher() {
     BackgroundWorkerBuilder::new("pg_apikeys launcher")
@@ -141,9 +143,19 @@ fn forget_database(s: &mut engine::Shared<'_>, db: u32) {
 
 /// Uses of a key to add: id, created_at (µs), how many, the last (µs).
 type Use = (String, i64, i64, i64);
-/// Counters of a key to set: id, created_at (µs), meter_version, counters, last refill (µs),
-/// the sequence number they are current as of.
-type MeterRow = (String, i64, i64, Counters, Option<i64>, u64);
+/// Counters of a key to set, as they are to be written (the quota written ahead taken off).
+#[derive(Clone)]
+struct MeterRow {
+    id: String,
+    created_us: i64,
+    version: i64,
+    counters: Counters,
+    last_refill: Option<i64>,
+    /// The sequence number they are current as of.
+    seq: u64,
+    /// How much quota is written as spent ahead of the calls (`metering::write_ahead`).
+    ahead: i64,
+}
 
 /// A batch of what is to be written: uses to add and counters to set.
 #[derive(Default)]
@@ -157,7 +169,8 @@ struct Batch {
 /// key's uses, so that request_count keeps step with a quota), and, when `all_uses` (every few
 /// seconds, when the table fills up, at exit), the uses of every key. Only the dirty lists are
 /// visited, not the whole table.
-fn collect(index: usize, db: u32, all_uses: bool) -> Batch {
+fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
+    let now = now_us();
     with_shared(true, |s| {
         let all_uses = all_uses || s.header.used * 4 > s.header.capacity * 3;
         let d = &mut s.header.databases[index];
@@ -181,6 +194,19 @@ fn collect(index: usize, db: u32, all_uses: bool) -> Batch {
                     continue;
                 }
                 let e = &mut s.slots[i];
+                // Quota written ahead of a key whose spends stopped goes back once the key has
+                // rested a while (so that a pause between bursts does not make callers wait);
+                // until then the entry stays queued with nothing to write.
+                let resting = e.metered
+                    && e.dirty_seq <= e.flushed_seq
+                    && e.unused_ahead() > 0
+                    && e.spends == 0
+                    && now.saturating_sub(e.last_access_us) < GIVE_BACK_AFTER_US
+                    && !at_rest;
+                if resting {
+                    k += 1;
+                    continue;
+                }
                 if e.uses > 0 {
                     batch.uses.push((
                         e.id().to_owned(),
@@ -193,15 +219,20 @@ fn collect(index: usize, db: u32, all_uses: bool) -> Batch {
                         plain.push(i);
                     }
                 }
-                if e.metered && e.dirty_seq > e.flushed_seq {
-                    batch.meters.push((
-                        e.id().to_owned(),
-                        e.created_us,
-                        e.version,
-                        e.counters(),
-                        e.last_refill(),
-                        e.dirty_seq,
-                    ));
+                if e.metered && (e.dirty_seq > e.flushed_seq || e.unused_ahead() > 0) {
+                    let mut counters = e.counters();
+                    let ahead = metering::write_ahead(counters.remaining, e.spends, at_rest);
+                    counters.remaining = counters.remaining.map(|left| left - ahead);
+                    e.spends = 0;
+                    batch.meters.push(MeterRow {
+                        id: e.id().to_owned(),
+                        created_us: e.created_us,
+                        version: e.version,
+                        counters,
+                        last_refill: e.last_refill(),
+                        seq: e.dirty_seq,
+                        ahead,
+                    });
                 }
                 // Off both lists (its uses are taken too). The last queued slot of this list
                 // takes position k: look at k again.
@@ -241,22 +272,35 @@ const UNWRITTEN_TRIES: u8 = 60;
 /// recently used entries with nothing left to write go, whichever their database.
 fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) {
     with_shared(true, |s| {
-        for (id, created_us, _, _, _, seq) in &batch.meters {
+        for row in &batch.meters {
             let key = KeyRef {
                 db,
-                id,
-                created_us: *created_us,
+                id: &row.id,
+                created_us: row.created_us,
             };
             if let Some(i) = slots::find(s.slots, &key) {
-                let retry = unwritten.iter().any(|(u, c)| u == id && c == created_us)
-                    && s.slots[i].unwritten < UNWRITTEN_TRIES;
+                let failed = unwritten
+                    .iter()
+                    .any(|(u, c)| *u == row.id && *c == row.created_us);
                 let e = &mut s.slots[i];
-                if retry {
+                if failed && e.unwritten < UNWRITTEN_TRIES {
                     e.unwritten += 1;
                     s.mark(i, slots::COUNTERS);
                 } else {
-                    e.flushed_seq = e.flushed_seq.max(*seq);
+                    e.flushed_seq = e.flushed_seq.max(row.seq);
                     e.unwritten = 0;
+                    if !failed && e.version == row.version && e.last_refill() == row.last_refill {
+                        e.set_written(
+                            row.counters.remaining,
+                            row.version,
+                            row.last_refill,
+                            row.ahead,
+                        );
+                    }
+                    // Quota written ahead goes back when the key rests: keep it queued.
+                    if e.unused_ahead() > 0 {
+                        s.mark(i, slots::COUNTERS);
+                    }
                 }
             }
         }
@@ -308,11 +352,11 @@ fn put_back(db: u32, batch: &Batch) {
                 s.add_uses(i, (*count).max(0) as u64, *at_us);
             }
         }
-        for (id, created_us, ..) in &batch.meters {
+        for row in &batch.meters {
             let key = KeyRef {
                 db,
-                id,
-                created_us: *created_us,
+                id: &row.id,
+                created_us: row.created_us,
             };
             if let Some(i) = slots::find(s.slots, &key) {
                 s.mark(i, slots::COUNTERS);
@@ -439,14 +483,14 @@ fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(S
     if m.is_empty() {
         return Vec::new();
     }
-    let ids: Vec<&str> = m.iter().map(|r| r.0.as_str()).collect();
-    let created = times(m.iter().map(|r| Some(r.1)));
-    let versions: Vec<i64> = m.iter().map(|r| r.2).collect();
-    let remaining: Vec<Option<i64>> = m.iter().map(|r| r.3.remaining).collect();
-    let refilled = times(m.iter().map(|r| r.4));
-    let starts = times(m.iter().map(|r| r.3.window_start_us));
-    let counts: Vec<i64> = m.iter().map(|r| r.3.window_count).collect();
-    let previous: Vec<i64> = m.iter().map(|r| r.3.window_previous).collect();
+    let ids: Vec<&str> = m.iter().map(|r| r.id.as_str()).collect();
+    let created = times(m.iter().map(|r| Some(r.created_us)));
+    let versions: Vec<i64> = m.iter().map(|r| r.version).collect();
+    let remaining: Vec<Option<i64>> = m.iter().map(|r| r.counters.remaining).collect();
+    let refilled = times(m.iter().map(|r| r.last_refill));
+    let starts = times(m.iter().map(|r| r.counters.window_start_us));
+    let counts: Vec<i64> = m.iter().map(|r| r.counters.window_count).collect();
+    let previous: Vec<i64> = m.iter().map(|r| r.counters.window_previous).collect();
     let table = plans::update(
         client,
         "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
@@ -488,8 +532,8 @@ fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(S
         .filter_map(|row| row.get::<String>(1).ok().flatten())
         .collect();
     m.iter()
-        .filter(|r| !written.contains(&r.0))
-        .map(|r| (r.0.clone(), r.1))
+        .filter(|r| !written.contains(&r.id))
+        .map(|r| (r.id.clone(), r.created_us))
         .collect()
 }
 
@@ -510,7 +554,7 @@ fn update_rows_in_place(
         .uses
         .iter()
         .map(|u| (u.0.as_str(), u.1))
-        .chain(batch.meters.iter().map(|m| (m.0.as_str(), m.1)))
+        .chain(batch.meters.iter().map(|m| (m.id.as_str(), m.created_us)))
         .collect();
     keys.sort_unstable();
     keys.dedup();
@@ -520,8 +564,11 @@ fn update_rows_in_place(
     let (mut uses_left, mut meters_left) = (Vec::new(), Vec::new());
     for (id, created_us) in keys {
         let used = batch.uses.iter().find(|u| u.0 == id && u.1 == created_us);
-        let meter = batch.meters.iter().find(|m| m.0 == id && m.1 == created_us);
-        let counters = meter.map(|m| m.3).unwrap_or_default();
+        let meter = batch
+            .meters
+            .iter()
+            .find(|m| m.id == id && m.created_us == created_us);
+        let counters = meter.map(|m| m.counters).unwrap_or_default();
         let updated = plans::update(
             client,
             "UPDATE apikeys.meters m SET
@@ -544,9 +591,9 @@ fn update_rows_in_place(
                 used.map_or(0, |u| u.2).into(),
                 used.map(|u| from_epoch_us(u.3)).into(),
                 meter.is_some().into(),
-                meter.map_or(0, |m| m.2).into(),
+                meter.map_or(0, |m| m.version).into(),
                 counters.remaining.into(),
-                meter.and_then(|m| m.4).map(from_epoch_us).into(),
+                meter.and_then(|m| m.last_refill).map(from_epoch_us).into(),
                 counters.window_start_us.map(from_epoch_us).into(),
                 counters.window_count.into(),
                 counters.window_previous.into(),
@@ -571,8 +618,8 @@ enum Written {
 
 /// One round: collect, write, complete. A failed write puts the uses back and re-raises (the
 /// writer exits, the launcher starts another).
-fn flush(index: usize, db: u32, all_uses: bool) -> bool {
-    let batch = collect(index, db, all_uses);
+fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
+    let batch = collect(index, db, all_uses, at_rest);
     if batch.uses.is_empty() && batch.meters.is_empty() {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
@@ -771,10 +818,14 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
         if all_uses {
             last_uses = Instant::now();
         }
-        if flush(index, db, all_uses) {
+        if flush(index, db, all_uses, !running) {
             last_work = Instant::now();
         }
         uses_queued = with_shared(false, |s| s.header.dirty_len[slots::USES]).unwrap_or(0);
+        // The writer's commits and WAL show in pg_stat_database and pg_stat_wal like any
+        // backend's (reported at most once a second; the rest at exit).
+        // SAFETY: outside any transaction, in a backend connected to its database.
+        unsafe { pg_sys::pgstat_report_stat(false) };
         if !running {
             debug1!("pg_apikeys writer: database {db}: stopping (SIGTERM)");
             break;
@@ -784,7 +835,7 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
             // start while this one still writes: work arriving after the last flush makes the
             // callers ask the launcher for a new writer once this one is gone.
             // What is left is written now; anything arriving later goes to the next writer.
-            flush(index, db, true);
+            flush(index, db, true, true);
             debug1!("pg_apikeys writer: database {db}: idle, leaving");
             break;
         }
