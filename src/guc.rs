@@ -21,7 +21,7 @@ pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 pub static TOKEN_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TOKEN_CACHE_MEMORY: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
-pub static SHARED_KEYS: GucSetting<i32> = GucSetting::<i32>::new(65_536);
+pub static SHARED_KEYS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -128,7 +128,7 @@ pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_int_guc(
             c"apikeys.shared_keys",
-            c"Keys the metering engine holds in shared memory at once (about 260 bytes each).",
+            c"Keys the metering engine holds in shared memory at once (about 290 bytes each).",
             c"Every database's keys in use share it. Keys with limits stay while used; keys without limits leave at each write, about every second.",
             &SHARED_KEYS,
             1024,

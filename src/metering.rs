@@ -202,19 +202,20 @@ pub fn charge(c: &Counters, limits: &Limits, now_us: i64, cost: i64, permitted: 
 /// The most quota the writer records as spent ahead of the calls that will spend it. PostgreSQL's
 /// sequences do the same (they log 32 values ahead): a crash then loses up to this much of a
 /// hot key's quota that no call used, and in return most spends need no commit of their own.
-pub const WRITE_AHEAD_MAX: i64 = 32;
+pub const WRITE_AHEAD_MAX: u8 = 32;
 
 /// How much of the quota left to write as already spent: four times the spends since the last
 /// write (so that callers are covered until the next write, which they ask for when half the
-/// cover is used), at most WRITE_AHEAD_MAX and never more than is left; nothing for a key whose
-/// spends stopped, and nothing when `at_rest` (the writer leaves or the server stops), so that a
-/// clean shutdown loses nothing.
-pub fn write_ahead(remaining: Option<i64>, spends: u32, at_rest: bool) -> i64 {
+/// cover is used), at most WRITE_AHEAD_MAX and at most an eighth of what is left (a small quota
+/// is not written ahead at all: each of its spends is committed); nothing for a key whose spends
+/// stopped, and nothing when `at_rest` (the writer leaves or the server stops), so that a clean
+/// shutdown loses nothing.
+pub fn write_ahead(remaining: Option<i64>, spends: u32, at_rest: bool) -> u8 {
     match remaining {
-        Some(left) if !at_rest => i64::from(spends)
-            .saturating_mul(4)
-            .min(WRITE_AHEAD_MAX)
-            .min(left.max(0)),
+        Some(left) if !at_rest => {
+            let wanted = i64::from(spends.saturating_mul(4)).min(i64::from(WRITE_AHEAD_MAX));
+            u8::try_from(wanted.min(left.max(0) / 8)).unwrap_or(0)
+        }
         _ => 0,
     }
 }
@@ -235,7 +236,16 @@ mod unit {
         assert_eq!(write_ahead(Some(1000), 1, false), 4);
         assert_eq!(write_ahead(Some(1000), 5, false), 20);
         assert_eq!(write_ahead(Some(1000), 1_000_000, false), WRITE_AHEAD_MAX);
-        assert_eq!(write_ahead(Some(3), 100, false), 3, "never below zero");
+        assert_eq!(
+            write_ahead(Some(80), 100, false),
+            10,
+            "an eighth of what is left"
+        );
+        assert_eq!(
+            write_ahead(Some(7), 100, false),
+            0,
+            "a small quota: every spend commits"
+        );
         assert_eq!(write_ahead(Some(0), 100, false), 0);
         assert_eq!(write_ahead(Some(-5), 100, false), 0);
         assert_eq!(

