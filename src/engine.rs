@@ -73,6 +73,7 @@ static mut HEADER: *mut Header = std::ptr::null_mut();
 static mut SLOTS: *mut Entry = std::ptr::null_mut();
 static mut DIRTY: *mut u32 = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+#[cfg(not(feature = "pg14"))]
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 const NAME: &std::ffi::CStr = c"pg_apikeys metering";
@@ -92,15 +93,22 @@ pub fn init() {
     // SAFETY: _PG_init runs in the postmaster before any other process exists, so nothing
     // reads the hook variables while they are chained.
     unsafe {
-        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
+        #[cfg(not(feature = "pg14"))]
+        {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+        }
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
     }
+    // PostgreSQL 14 has no shmem_request_hook: shared memory is requested from _PG_init itself.
+    #[cfg(feature = "pg14")]
+    request_shared_memory();
     crate::writer::register_launcher();
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
+#[cfg(not(feature = "pg14"))]
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_request() {
     // SAFETY: called by the postmaster while shared memory may still be requested; the
@@ -109,6 +117,15 @@ unsafe extern "C-unwind" fn shmem_request() {
         if let Some(previous) = PREV_SHMEM_REQUEST {
             previous();
         }
+    }
+    request_shared_memory();
+}
+
+/// Asks for the table and its lock; only while shared memory may still be requested (the
+/// request hook, or _PG_init of a preloaded library on PostgreSQL 14).
+fn request_shared_memory() {
+    // SAFETY: called only in the postmaster at the point above, before shared memory is sized.
+    unsafe {
         pg_sys::RequestAddinShmemSpace(shared_size(guc::shared_keys()));
         pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
     }

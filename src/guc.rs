@@ -145,9 +145,18 @@ pub fn init() {
             GucFlags::default(),
         );
     }
-    // `SET apikeys.<typo>` then fails instead of creating a setting nothing reads.
+    // `SET apikeys.<typo>` then fails instead of creating a setting nothing reads (PostgreSQL 15
+    // and later; 14 can only warn about placeholders that exist already).
     // SAFETY: called from _PG_init after our settings are defined, as PostgreSQL expects.
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"apikeys".as_ptr()) };
+    #[cfg(not(feature = "pg14"))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"apikeys".as_ptr())
+    };
+    // SAFETY: as above.
+    #[cfg(feature = "pg14")]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(c"apikeys".as_ptr())
+    };
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {

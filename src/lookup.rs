@@ -402,11 +402,13 @@ unsafe fn probe(
     // SAFETY: the caller's contract; the index is opened and locked for the scan, which is
     // ended and closed before returning; each TID is read before the next index_getnext_tid.
     unsafe {
-        let desc = (*rel).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        // pgrx reads the attribute the way each major lays it out (18 moved it).
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
         // The index compares with its column's collation (id is text in the default collation);
         // ScanKeyInit would say "C", which orders differently.
-        let collation = attrs[column as usize - 1].attcollation;
+        let collation = desc
+            .get(column as usize - 1)
+            .map_or(pg_sys::InvalidOid, |a| a.attcollation);
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
         pg_sys::ScanKeyEntryInitialize(
             &mut key,
@@ -419,7 +421,11 @@ unsafe fn probe(
             argument,
         );
         let irel = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        #[cfg(not(feature = "pg18"))]
         let scan = pg_sys::index_beginscan(rel, irel, snapshot, 1, 0);
+        // PostgreSQL 18 takes the scan's instrumentation (none: no EXPLAIN ANALYZE runs here).
+        #[cfg(feature = "pg18")]
+        let scan = pg_sys::index_beginscan(rel, irel, snapshot, std::ptr::null_mut(), 1, 0);
         pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let mut found = None;
         // Entries of dead versions stay in a unique index until vacuum: the visible one wins.

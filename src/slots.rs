@@ -62,6 +62,10 @@ pub struct Entry {
     written_remaining: i64,
     written_version: i64,
     written_refill_us: i64,
+    /// The quota left a write in flight (collected, not committed yet) is writing: once it
+    /// commits it is what a crash goes back to, so until then a spend must leave at least this
+    /// much too to be covered, whichever counters it was collected from.
+    pending_remaining: i64,
 }
 
 pub const FREE: Entry = Entry {
@@ -90,6 +94,7 @@ pub const FREE: Entry = Entry {
     written_remaining: NONE,
     written_version: NONE,
     written_refill_us: NONE,
+    pending_remaining: NONE,
 };
 
 fn opt(v: i64) -> Option<i64> {
@@ -155,10 +160,19 @@ impl Entry {
             && self.written_remaining != NONE
     }
 
+    /// Records that a write of `remaining` is in flight (None: none is).
+    pub fn set_pending(&mut self, remaining: Option<i64>) {
+        self.pending_remaining = raw(remaining);
+    }
+
     /// Whether a spend that leaves `remaining` (of these counters) is durable already: the quota
-    /// written is not more than that.
+    /// written is not more than that, nor is the quota a write in flight is about to commit.
     pub fn covers(&self, remaining: Option<i64>) -> bool {
-        self.written_current() && remaining.is_some_and(|left| left >= self.written_remaining)
+        self.written_current()
+            && remaining.is_some_and(|left| {
+                left >= self.written_remaining
+                    && (self.pending_remaining == NONE || left >= self.pending_remaining)
+            })
     }
 
     /// How much of what was written ahead no spend has used yet (0 when what is written is of
@@ -174,7 +188,10 @@ impl Entry {
     /// Whether everything the entry holds is written, quota written ahead given back too: it can
     /// go without losing anything.
     pub fn clean(&self) -> bool {
-        self.uses == 0 && self.flushed_seq >= self.dirty_seq && self.unused_ahead() == 0
+        self.uses == 0
+            && self.flushed_seq >= self.dirty_seq
+            && self.unused_ahead() == 0
+            && self.pending_remaining == NONE
     }
 }
 
@@ -371,6 +388,12 @@ mod unit {
         assert!(e.clean());
         e.set_written(Some(40), 3, None, 10);
         assert!(!e.covers(Some(45)), "written before the refill");
+        // A write in flight will commit 45: until it does, only spends leaving 45 are covered.
+        e.set_written(Some(40), 3, Some(100), 10);
+        e.set_pending(Some(45));
+        assert!(!e.covers(Some(44)) && e.covers(Some(45)));
+        e.set_pending(None);
+        assert!(e.covers(Some(44)));
     }
 
     #[test]
@@ -535,10 +558,10 @@ mod unit {
     }
 
     #[test]
-    fn an_entry_and_its_list_places_take_at_most_288_bytes() {
+    fn an_entry_and_its_list_places_take_at_most_296_bytes() {
         // apikeys.shared_keys' description and README quote it.
         assert!(
-            std::mem::size_of::<Entry>() + 8 <= 288,
+            std::mem::size_of::<Entry>() + 8 <= 296,
             "{}",
             std::mem::size_of::<Entry>()
         );

@@ -224,6 +224,7 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                     let ahead = metering::write_ahead(counters.remaining, e.spends, at_rest);
                     counters.remaining = counters.remaining.map(|left| left - i64::from(ahead));
                     e.spends = 0;
+                    e.set_pending(counters.remaining);
                     batch.meters.push(MeterRow {
                         id: e.id().to_owned(),
                         created_us: e.created_us,
@@ -283,24 +284,37 @@ fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) 
                     .iter()
                     .any(|(u, c)| *u == row.id && *c == row.created_us);
                 let e = &mut s.slots[i];
+                e.set_pending(None);
+                let current = e.version == row.version && e.last_refill() == row.last_refill;
                 if failed && e.unwritten < UNWRITTEN_TRIES {
                     e.unwritten += 1;
                     s.mark(i, slots::COUNTERS);
-                } else {
+                } else if failed {
+                    // Never written (the key was deleted, or its creation rolled back): nothing
+                    // of it is stored, nothing is left to give back.
                     e.flushed_seq = e.flushed_seq.max(row.seq);
                     e.unwritten = 0;
-                    if !failed && e.version == row.version && e.last_refill() == row.last_refill {
-                        e.set_written(
-                            row.counters.remaining,
-                            row.version,
-                            row.last_refill,
-                            row.ahead,
-                        );
-                    }
+                    let (version, refill) = (e.version, e.last_refill());
+                    e.set_written(None, version, refill, 0);
+                } else if current {
+                    e.flushed_seq = e.flushed_seq.max(row.seq);
+                    e.unwritten = 0;
+                    e.set_written(
+                        row.counters.remaining,
+                        row.version,
+                        row.last_refill,
+                        row.ahead,
+                    );
                     // Quota written ahead goes back when the key rests: keep it queued.
                     if e.unused_ahead() > 0 {
                         s.mark(i, slots::COUNTERS);
                     }
+                } else {
+                    // The entry moved on (reloaded at a new meter_version, or refilled) while
+                    // this row was written: the row no longer holds what the entry recorded as
+                    // written, so write the entry's counters again.
+                    e.unwritten = 0;
+                    s.counters_changed(index, i);
                 }
             }
         }
@@ -359,6 +373,9 @@ fn put_back(db: u32, batch: &Batch) {
                 created_us: row.created_us,
             };
             if let Some(i) = slots::find(s.slots, &key) {
+                // Not committed: the rows keep what they held (the floor written before still
+                // stands; a rolled-back write is none).
+                s.slots[i].set_pending(None);
                 s.mark(i, slots::COUNTERS);
             }
         }

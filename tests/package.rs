@@ -12,7 +12,6 @@ use common::extversion;
 
 const DIR: &str = "/tmp/pg_apikeys_package";
 const PORT: &str = "55437";
-const PACKAGE: &str = "postgresql-15-pg-apikeys";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Runs a command that must succeed; its standard output.
@@ -29,8 +28,14 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The PostgreSQL major the package is for (make test-package PG_MAJOR=NN; 15 by default).
+fn major() -> String {
+    std::env::var("PG_MAJOR").unwrap_or_else(|_| "15".into())
+}
+
 fn pg_config(what: &str) -> String {
-    let bin = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let bin =
+        std::env::var("PG_BIN").unwrap_or_else(|_| format!("/usr/lib/postgresql/{}/bin", major()));
     run(&format!("{bin}/pg_config"), &[what]).trim().to_owned()
 }
 
@@ -54,12 +59,28 @@ fn upgrade_scripts() -> Vec<String> {
 fn the_debian_package_installs_works_and_removes_cleanly() {
     let deb = std::env::var("PG_APIKEYS_DEB")
         .expect("PG_APIKEYS_DEB must name the .deb (make test-package sets it)");
+    let major = major();
+    let package = format!("postgresql-{major}-pg-apikeys");
+    let package = package.as_str();
     let arch = run("dpkg", &["--print-architecture"]).trim().to_owned();
     assert!(
-        deb.ends_with(&format!("/{PACKAGE}_{VERSION}_{arch}.deb")),
+        deb.ends_with(&format!("/{package}_{VERSION}_{arch}.deb")),
         "{deb}"
     );
-    let (lib, share) = (pg_config("--pkglibdir"), pg_config("--sharedir"));
+    // Debian's layout for every major (for 15 it is also what pg_config says; the other majors'
+    // servers, unpacked by scripts/setup.sh, read the same directories).
+    let (lib, share) = (
+        format!("/usr/lib/postgresql/{major}/lib"),
+        format!("/usr/share/postgresql/{major}"),
+    );
+    assert_eq!(
+        std::fs::canonicalize(&lib).unwrap(),
+        std::fs::canonicalize(pg_config("--pkglibdir")).unwrap()
+    );
+    assert_eq!(
+        std::fs::canonicalize(&share).unwrap(),
+        std::fs::canonicalize(pg_config("--sharedir")).unwrap()
+    );
 
     // Contents: the library, the control file, the install script of this version, every
     // upgrade script, and the documentation. Nothing else.
@@ -78,9 +99,9 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
         format!("{lib}/pg_apikeys.so"),
         format!("{share}/extension/pg_apikeys.control"),
         format!("{share}/extension/pg_apikeys--{VERSION}.sql"),
-        format!("/usr/share/doc/{PACKAGE}/README.md"),
-        format!("/usr/share/doc/{PACKAGE}/CHANGELOG.md"),
-        format!("/usr/share/doc/{PACKAGE}/copyright"),
+        format!("/usr/share/doc/{package}/README.md"),
+        format!("/usr/share/doc/{package}/CHANGELOG.md"),
+        format!("/usr/share/doc/{package}/copyright"),
     ]
     .into();
     for script in upgrade_scripts() {
@@ -93,7 +114,7 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
     );
     assert_eq!(
         fields,
-        format!("Package: {PACKAGE}\nVersion: {VERSION}\nArchitecture: {arch}\nDepends: postgresql-15, libc6, libgcc-s1\n")
+        format!("Package: {package}\nVersion: {VERSION}\nArchitecture: {arch}\nDepends: postgresql-{major}, libc6, libgcc-s1\n")
     );
     // The library needs nothing that postgresql-15's own dependencies do not bring.
     let unpacked = std::env::temp_dir().join("pg_apikeys_deb");
@@ -144,10 +165,16 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
             }
         }
     }
-    run("dpkg", &["-i", &deb]);
-    let status = run("dpkg-query", &["-W", "-f", "${Status} ${Version}", PACKAGE]);
+    // Only 15's server is a Debian package here; the other majors' servers were unpacked by
+    // scripts/setup.sh, so dpkg cannot see that postgresql-NN is present.
+    if major == "15" {
+        run("dpkg", &["-i", &deb]);
+    } else {
+        run("dpkg", &["-i", "--force-depends", &deb]);
+    }
+    let status = run("dpkg-query", &["-W", "-f", "${Status} ${Version}", package]);
     assert_eq!(status, format!("install ok installed {VERSION}"));
-    assert!(run("dpkg", &["-L", PACKAGE]).contains(&format!("{lib}/pg_apikeys.so")));
+    assert!(run("dpkg", &["-L", package]).contains(&format!("{lib}/pg_apikeys.so")));
 
     cluster(&["stop", DIR, PORT]);
     let _ = std::fs::remove_dir_all(DIR);
@@ -202,9 +229,9 @@ fn the_debian_package_installs_works_and_removes_cleanly() {
     cluster(&["stop", DIR, PORT]);
     std::fs::remove_dir_all(DIR).unwrap();
 
-    run("dpkg", &["-r", PACKAGE]);
+    run("dpkg", &["-r", package]);
     let status = Command::new("dpkg-query")
-        .args(["-W", "-f", "${Status}", PACKAGE])
+        .args(["-W", "-f", "${Status}", package])
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
