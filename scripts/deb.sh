@@ -9,6 +9,15 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 
 cp -a "$tree"/. "$root"/
+# Debian's layout whatever the build's pg_config says: the library in /usr/lib/postgresql/NN/lib,
+# the control and SQL files in /usr/share/postgresql/NN/extension (a relocatable server, as
+# scripts/setup.sh unpacks for majors other than 15, keeps them in its own share directory).
+sharedir=$(/usr/lib/postgresql/"$pg_major"/bin/pg_config --sharedir)
+if [ "$sharedir" != /usr/share/postgresql/"$pg_major" ] && [ -d "$root$sharedir" ]; then
+  mkdir -p "$root"/usr/share/postgresql/"$pg_major"
+  mv "$root$sharedir"/extension "$root"/usr/share/postgresql/"$pg_major"/
+  find "$root" -depth -type d -empty -delete
+fi
 # Debug symbols are for developers' builds; the package ships the library stripped, as Debian does.
 find "$root" -name '*.so' -exec strip --strip-unneeded {} +
 doc=$root/usr/share/doc/$name

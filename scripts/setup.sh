@@ -3,7 +3,6 @@
 set -euo pipefail
 PG_MAJOR=${PG_MAJOR:-15}
 PGRX_VERSION=0.18.0
-PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # shellcheck source=majors.sh
