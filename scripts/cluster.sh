@@ -8,6 +8,15 @@ PG_MAJOR=${PG_MAJOR:-15}
 BIN=/usr/lib/postgresql/$PG_MAJOR/bin
 cmd=$1 dir=$2 port=$3; shift 3
 as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres "$@"; fi; }
+# A major unpacked by scripts/setup.sh (not Debian's package): its libpqwalreceiver looks for
+# libpq where it was built, and would load Debian's older one (which refuses the connection
+# options its own pg_basebackup writes), so point the server at the libpq it came with.
+if [ -f "$BIN/../.pg_apikeys-binaries" ]; then
+  as_pg() {
+    if [ "$(id -un)" = postgres ]; then LD_LIBRARY_PATH="$BIN/../lib" "$@"
+    else sudo -u postgres env LD_LIBRARY_PATH="$BIN/../lib" "$@"; fi
+  }
+fi
 case "$cmd" in
   start)
     if [ ! -f "$dir/PG_VERSION" ]; then

@@ -561,11 +561,12 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         .get(0);
     let standby_url = std::env::var("PG_APIKEYS_STANDBY_URL")
         .expect("PG_APIKEYS_STANDBY_URL must name a hot standby of the test server (make test-integration sets it)");
-    let mut standby =
-        Client::connect(&format!("{standby_url} dbname={DB}"), NoTls).expect("connect to standby");
+    // Wait in database postgres: the test database itself may not have reached the standby yet.
+    let mut replica = Client::connect(&format!("{standby_url} dbname=postgres"), NoTls)
+        .expect("connect to standby");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let caught_up: bool = standby
+        let caught_up: bool = replica
             .query_one(
                 "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
                 &[&lsn],
@@ -581,6 +582,8 @@ fn plain_keys_verify_on_a_hot_standby_and_metered_keys_refuse_clearly() {
         );
         thread::sleep(Duration::from_millis(50));
     }
+    let mut standby =
+        Client::connect(&format!("{standby_url} dbname={DB}"), NoTls).expect("connect to standby");
     let in_recovery: bool = standby
         .query_one("SELECT pg_is_in_recovery()", &[])
         .unwrap()

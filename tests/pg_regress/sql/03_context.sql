@@ -77,7 +77,6 @@ BEGIN;
 SELECT set_config('request.jwt.claims', '{"sub": "acme", "key_id": "acme-app"}', true) IS NOT NULL AS set,
        set_config('app.tenant', 'acme', true) IS NOT NULL AS set_too;
 SELECT apikeys.current_key_id(), apikeys.current_owner(), count(*) FROM orders;
-SET LOCAL apikeys.key_id = 'acme-app';  -- the apikeys.* namespace is reserved
 ROLLBACK;
 
 -- reset() ends the context early; a rolled-back savepoint restores it.
