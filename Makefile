@@ -41,10 +41,13 @@ install: setup
 	$(CARGO) pgrx install $(INSTALL_FLAGS) --pg-config $(PG_CONFIG)
 
 # A Debian package of the release build (cargo pgrx package + dpkg-deb), in target/.
+# PACKAGE_FLAGS=--debug packages the unoptimised build instead (make test-all, to test the
+# packaging of every major without an optimised build of each).
 DEB = target/postgresql-$(PG_MAJOR)-pg-apikeys_$(VERSION)_$(shell dpkg --print-architecture).deb
+PACKAGE_FLAGS ?=
 package: setup
 	rm -rf target/package
-	$(CARGO) pgrx package --pg-config $(PG_CONFIG) --out-dir target/package
+	$(CARGO) pgrx package $(PACKAGE_FLAGS) --pg-config $(PG_CONFIG) --out-dir target/package
 	scripts/deb.sh target/package target $(VERSION) $(PG_MAJOR)
 
 # A walkthrough of the main job in a scratch cluster.
@@ -57,9 +60,9 @@ demo: install
 test: setup test-unit test-regress test-integration test-package
 	@echo "make test: all layers passed"
 
-# Every supported major, one after the other: the full suite on FULL_MAJORS, the #[pg_test]s and
-# pg_regress on the others (all five in full do not fit CI's hour on 2 cores; README says so).
-# Majors other than 15 build their installed library unoptimised (INSTALL_FLAGS=) to save time.
+# Every supported major, one after the other: the full suite on FULL_MAJORS, the #[pg_test]s,
+# pg_regress and the package on the others (all five in full do not fit CI's hour on 2 cores;
+# README says so). Majors other than 15 build and package their library unoptimised, to save time.
 ALL_MAJORS  ?= 14 15 16 17 18
 FULL_MAJORS ?= 15 17
 test-all:
@@ -67,13 +70,13 @@ test-all:
 	@for m in $(ALL_MAJORS); do \
 	  case " $(FULL_MAJORS) " in \
 	    *" $$m "*) targets="test-unit test-regress test-integration test-package" ;; \
-	    *) targets="test-unit test-regress" ;; \
+	    *) targets="test-unit test-regress test-package" ;; \
 	  esac; \
-	  flags=; [ $$m = 15 ] && flags=--release; \
+	  flags=; pflags=--debug; [ $$m = 15 ] && flags=--release && pflags=; \
 	  start=$$(date +%s); \
 	  echo "make test-all: PostgreSQL $$m: $$targets"; \
 	  $(MAKE) --no-print-directory PG_MAJOR=$$m PG_CONFIG=/usr/lib/postgresql/$$m/bin/pg_config \
-	    INSTALL_FLAGS=$$flags clean-clusters $$targets || exit 1; \
+	    INSTALL_FLAGS=$$flags PACKAGE_FLAGS=$$pflags clean-clusters $$targets || exit 1; \
 	  echo "make test-all: PostgreSQL $$m passed in $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "make test-all: every major passed"
