@@ -194,16 +194,17 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                     continue;
                 }
                 let e = &mut s.slots[i];
-                // Quota written ahead of a key whose spends stopped goes back once the key has
-                // rested a while (so that a pause between bursts does not make callers wait);
-                // until then the entry stays queued with nothing to write.
-                let resting = e.metered
-                    && e.dirty_seq <= e.flushed_seq
-                    && e.unused_ahead() > 0
-                    && e.spends == 0
-                    && now.saturating_sub(e.last_access_us) < GIVE_BACK_AFTER_US
-                    && !at_rest;
-                if resting {
+                // A key in use with quota written ahead waits, queued, until half its cover is
+                // used (its callers then ask for the write; every spend so far is covered, so
+                // none waits for this one) — otherwise a writer woken for anything would commit
+                // it at every round, a flush per spend or two. What no call used goes back once
+                // the key has rested a while (a pause between bursts does not make callers wait).
+                let active = now.saturating_sub(e.last_access_us) < GIVE_BACK_AFTER_US;
+                let ample = e.ahead > 0 && e.unused_ahead() * 2 >= i64::from(e.ahead);
+                let resting = e.dirty_seq <= e.flushed_seq && e.spends == 0;
+                let hold =
+                    e.metered && !at_rest && active && e.unused_ahead() > 0 && (ample || resting);
+                if hold {
                     k += 1;
                     continue;
                 }

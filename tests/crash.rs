@@ -49,6 +49,37 @@ fn server_pids() -> Vec<String> {
     pids
 }
 
+/// WAL flushes so far by every process of the cluster, the writer's included: a backend reports
+/// its statistics when it goes idle (at once when told to), the writer when it leaves (a few
+/// seconds after the last call), so wait for that.
+fn wal_syncs(admin: &mut Client, client: &mut Client) -> i64 {
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let writers: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_apikeys writer'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if writers == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer did not leave");
+    }
+    admin
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .unwrap();
+    admin
+        .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+        .unwrap()
+        .get(0)
+}
+
 /// What one connection saw before the crash.
 #[derive(Default, Debug)]
 struct Seen {
@@ -348,20 +379,6 @@ fn verifications_cause_no_wal_flushes() {
     let verify = client
         .prepare("SELECT code FROM apikeys.verify_key($1)")
         .unwrap();
-    let wal_syncs = |admin: &mut Client, client: &mut Client| -> i64 {
-        // A backend reports its WAL statistics when it goes idle, if told to do it at once.
-        client
-            .batch_execute("SELECT pg_stat_force_next_flush()")
-            .unwrap();
-        thread::sleep(Duration::from_millis(1500));
-        admin
-            .batch_execute("SELECT pg_stat_clear_snapshot()")
-            .unwrap();
-        admin
-            .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
-            .unwrap()
-            .get(0)
-    };
     for key in &keys {
         let code: String = client.query_one(&verify, &[key]).unwrap().get(0);
         assert_eq!(code, "VALID");
@@ -515,35 +532,6 @@ fn a_hot_quota_key_shares_commits_and_loses_nothing_at_a_clean_shutdown() {
     let verify = client
         .prepare("SELECT code FROM apikeys.verify_key($1)")
         .unwrap();
-    // Every process's WAL flushes, the writer's included: it reports its statistics when it
-    // leaves (a few seconds after the last call), so wait for that.
-    let wal_syncs = |admin: &mut Client, client: &mut Client| -> i64 {
-        client
-            .batch_execute("SELECT pg_stat_force_next_flush()")
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            thread::sleep(Duration::from_millis(500));
-            let writers: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_apikeys writer'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            if writers == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the writer did not leave");
-        }
-        admin
-            .batch_execute("SELECT pg_stat_clear_snapshot()")
-            .unwrap();
-        admin
-            .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
-            .unwrap()
-            .get(0)
-    };
     let before = wal_syncs(&mut admin, &mut client);
     const SPENDS: i64 = 3000;
     for _ in 0..SPENDS {
