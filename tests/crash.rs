@@ -52,10 +52,22 @@ fn server_pids() -> Vec<String> {
 /// WAL flushes so far by every process of the cluster, the writer's included: a backend reports
 /// its statistics when it goes idle (at once when told to), the writer when it leaves (a few
 /// seconds after the last call), so wait for that.
+/// PostgreSQL 14 has no pg_stat_force_next_flush() (a backend reports at most every 500 ms, when
+/// idle: a second statement after that reports the first), and 18 moved the WAL fsync count from
+/// pg_stat_wal to pg_stat_io.
 fn wal_syncs(admin: &mut Client, client: &mut Client) -> i64 {
-    client
-        .batch_execute("SELECT pg_stat_force_next_flush()")
-        .unwrap();
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .unwrap()
+        .get(0);
+    if version >= 150000 {
+        client
+            .batch_execute("SELECT pg_stat_force_next_flush()")
+            .unwrap();
+    } else {
+        thread::sleep(Duration::from_millis(600));
+        client.batch_execute("SELECT 1").unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         thread::sleep(Duration::from_millis(500));
@@ -71,13 +83,19 @@ fn wal_syncs(admin: &mut Client, client: &mut Client) -> i64 {
         }
         assert!(Instant::now() < deadline, "the writer did not leave");
     }
+    if version < 150000 {
+        // The statistics collector receives reports asynchronously.
+        thread::sleep(Duration::from_millis(600));
+    }
     admin
         .batch_execute("SELECT pg_stat_clear_snapshot()")
         .unwrap();
-    admin
-        .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
-        .unwrap()
-        .get(0)
+    let count = if version >= 180000 {
+        "SELECT sum(fsyncs)::bigint FROM pg_stat_io WHERE object = 'wal'"
+    } else {
+        "SELECT wal_sync FROM pg_stat_wal"
+    };
+    admin.query_one(count, &[]).unwrap().get(0)
 }
 
 /// What one connection saw before the crash.
