@@ -98,6 +98,24 @@ fn wal_syncs(admin: &mut Client, client: &mut Client) -> i64 {
     admin.query_one(count, &[]).unwrap().get(0)
 }
 
+/// A durable cluster of its own (fsync and synchronous_commit on) at `dir` on `port`, with a
+/// database `app` holding the extension: a client of database postgres, and app's URL.
+fn durable_cluster(dir: &str, port: &str) -> (Client, String) {
+    cluster(&["stop", dir, port]);
+    let _ = std::fs::remove_dir_all(dir);
+    let started = cluster(&["start", dir, port, "fsync = on", "synchronous_commit = on"]);
+    assert!(started.status.success(), "{started:?}");
+    let url = format!("host=127.0.0.1 port={port} user=postgres");
+    let mut admin = Client::connect(&format!("{url} dbname=postgres"), NoTls).unwrap();
+    admin.batch_execute("CREATE DATABASE app").unwrap();
+    let app = format!("{url} dbname=app");
+    Client::connect(&app, NoTls)
+        .unwrap()
+        .batch_execute("CREATE EXTENSION pg_apikeys")
+        .unwrap();
+    (admin, app)
+}
+
 /// What one connection saw before the crash.
 #[derive(Default, Debug)]
 struct Seen {
@@ -374,16 +392,10 @@ fn nothing_acknowledged_is_lost_and_nothing_is_spent_twice_after_sigkill() {
 fn verifications_cause_no_wal_flushes() {
     const DIR: &str = "/tmp/pg_apikeys_wal";
     const PORT: &str = "55439";
-    cluster(&["stop", DIR, PORT]);
-    let _ = std::fs::remove_dir_all(DIR);
-    let started = cluster(&["start", DIR, PORT, "fsync = on", "synchronous_commit = on"]);
-    assert!(started.status.success(), "{started:?}");
-    let url = format!("host=127.0.0.1 port={PORT} user=postgres");
-    let mut admin = Client::connect(&format!("{url} dbname=postgres"), NoTls).unwrap();
-    admin.batch_execute("CREATE DATABASE app").unwrap();
-    let mut client = Client::connect(&format!("{url} dbname=app"), NoTls).unwrap();
+    let (mut admin, app) = durable_cluster(DIR, PORT);
+    let mut client = Client::connect(&app, NoTls).unwrap();
     client
-        .batch_execute("CREATE EXTENSION pg_apikeys; CREATE TABLE counter (n bigint); INSERT INTO counter VALUES (0)")
+        .batch_execute("CREATE TABLE counter (n bigint); INSERT INTO counter VALUES (0)")
         .unwrap();
     let keys: Vec<String> = client
         .query(
@@ -528,16 +540,8 @@ fn a_hot_quota_key_shares_commits_and_loses_nothing_at_a_clean_shutdown() {
     const DIR: &str = "/tmp/pg_apikeys_ahead";
     const PORT: &str = "55443";
     const START: i64 = 1_000_000;
-    cluster(&["stop", DIR, PORT]);
-    let _ = std::fs::remove_dir_all(DIR);
-    let started = cluster(&["start", DIR, PORT, "fsync = on", "synchronous_commit = on"]);
-    assert!(started.status.success(), "{started:?}");
-    let url = format!("host=127.0.0.1 port={PORT} user=postgres");
-    let mut admin = Client::connect(&format!("{url} dbname=postgres"), NoTls).unwrap();
-    admin.batch_execute("CREATE DATABASE app").unwrap();
-    let app = format!("{url} dbname=app");
+    let (mut admin, app) = durable_cluster(DIR, PORT);
     let mut client = Client::connect(&app, NoTls).unwrap();
-    client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
     let (id, key): (String, String) = {
         let row = client
             .query_one(
