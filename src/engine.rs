@@ -629,7 +629,7 @@ pub fn meter(
             // A spend the quota written ahead covers is durable already; the writer is asked for
             // the next write when half that cover is used, so that callers rarely wait.
             let covered = charge.spent > 0 && e.covers(charge.after.remaining);
-            let running_low = covered && e.unused_ahead() * 2 < i64::from(e.ahead);
+            let running_low = covered && e.cover_running_low();
             if charge.spent > 0 {
                 e.spends = e.spends.saturating_add(1);
             }

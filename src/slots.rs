@@ -185,6 +185,12 @@ impl Entry {
         }
     }
 
+    /// Whether less than half of what was last written ahead is left unused: the callers then ask
+    /// for the next write, and until then the writer leaves the key alone.
+    pub fn cover_running_low(&self) -> bool {
+        self.unused_ahead() * 2 < i64::from(self.ahead)
+    }
+
     /// Whether everything the entry holds is written, quota written ahead given back too: it can
     /// go without losing anything.
     pub fn clean(&self) -> bool {
@@ -372,6 +378,10 @@ mod unit {
         assert!(!e.covers(Some(39)), "below what is written: must wait");
         assert!(!e.covers(None));
         assert_eq!(e.unused_ahead(), 10);
+        assert!(!e.cover_running_low(), "all 10 written ahead are unused");
+        e.set_written(Some(40), 3, Some(100), 21);
+        assert!(e.cover_running_low(), "10 of 21 left: less than half");
+        e.set_written(Some(40), 3, Some(100), 10);
         assert!(
             !e.clean(),
             "quota written ahead must be given back before the entry goes"

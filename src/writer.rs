@@ -200,7 +200,7 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                 // it at every round, a flush per spend or two. What no call used goes back once
                 // the key has rested a while (a pause between bursts does not make callers wait).
                 let active = now.saturating_sub(e.last_access_us) < GIVE_BACK_AFTER_US;
-                let ample = e.ahead > 0 && e.unused_ahead() * 2 >= i64::from(e.ahead);
+                let ample = e.ahead > 0 && !e.cover_running_low();
                 let resting = e.dirty_seq <= e.flushed_seq && e.spends == 0;
                 let hold =
                     e.metered && !at_rest && active && e.unused_ahead() > 0 && (ample || resting);
