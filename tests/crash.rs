@@ -4,6 +4,8 @@
 //! every backend killed with SIGKILL mid-flight and the server restarted through crash recovery.
 //! `make test-integration` runs it; it needs sudo (the cluster runs as user postgres).
 
+mod common;
+use common::create;
 use postgres::{Client, NoTls};
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -483,15 +485,7 @@ fn without_preloading_every_key_still_verifies_and_quotas_stay_exact() {
     assert_eq!(said.len(), 1, "one WARNING per session: {said:?}");
     assert!(said[0].contains("shared_preload_libraries"), "{said:?}");
 
-    let (id, quota): (String, String) = {
-        let row = client
-            .query_one(
-                "SELECT id, key FROM apikeys.create_api_key(remaining => 30)",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let (id, quota) = create(&mut client, "remaining => 30");
     let callers: Vec<_> = (0..4)
         .map(|_| {
             let (url, quota) = (url.clone(), quota.clone());
@@ -542,15 +536,7 @@ fn a_hot_quota_key_shares_commits_and_loses_nothing_at_a_clean_shutdown() {
     const START: i64 = 1_000_000;
     let (mut admin, app) = durable_cluster(DIR, PORT);
     let mut client = Client::connect(&app, NoTls).unwrap();
-    let (id, key): (String, String) = {
-        let row = client
-            .query_one(
-                "SELECT id, key FROM apikeys.create_api_key(remaining => $1)",
-                &[&START],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
+    let (id, key) = create(&mut client, &format!("remaining => {START}"));
     let verify = client
         .prepare("SELECT code FROM apikeys.verify_key($1)")
         .unwrap();
