@@ -32,6 +32,74 @@ pub fn check_interval(months: i32, days: i32, micros: i64, allow_zero: bool) -> 
     Ok(())
 }
 
+/// An interval as PostgreSQL stores it. Pure code takes this rather than pgrx's `Interval`, whose
+/// comparisons call into the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    pub months: i32,
+    pub days: i32,
+    pub micros: i64,
+}
+
+impl Span {
+    pub fn micros(micros: i64) -> Span {
+        Span {
+            micros,
+            ..Span::default()
+        }
+    }
+
+    pub fn check(self, allow_zero: bool) -> Result<(), String> {
+        check_interval(self.months, self.days, self.micros, allow_zero)
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&show(self.months, self.days, self.micros))
+    }
+}
+
+/// An interval as PostgreSQL shows it (IntervalStyle `postgres`, the default): `1 year 2 mons`,
+/// `3 days 04:05:06.5`, `-00:00:01`, `00:00:00`. Pure, so messages about a refused interval can
+/// be built (and unit-tested) without calling interval_out.
+pub fn show(months: i32, days: i32, micros: i64) -> String {
+    let plural = |n: i64, one: &str| {
+        if n == 1 || n == -1 {
+            format!("{n} {one}")
+        } else {
+            format!("{n} {one}s")
+        }
+    };
+    let mut parts = Vec::new();
+    let (years, months) = (i64::from(months) / 12, i64::from(months) % 12);
+    if years != 0 {
+        parts.push(plural(years, "year"));
+    }
+    if months != 0 {
+        parts.push(plural(months, "mon"));
+    }
+    if days != 0 {
+        parts.push(plural(i64::from(days), "day"));
+    }
+    if micros != 0 || parts.is_empty() {
+        let sign = if micros < 0 { "-" } else { "" };
+        let total = micros.unsigned_abs();
+        let (secs, frac) = (total / 1_000_000, total % 1_000_000);
+        let mut time = format!(
+            "{sign}{:02}:{:02}:{:02}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        );
+        if frac != 0 {
+            time.push_str(format!(".{frac:06}").trim_end_matches('0'));
+        }
+        parts.push(time);
+    }
+    parts.join(" ")
+}
+
 /// A token lifetime in milliseconds: positive and at most `max_ms`.
 pub fn check_ms(ms: i64, max_ms: i64) -> Result<i64, Refused> {
     if ms <= 0 {
@@ -84,6 +152,20 @@ mod unit {
         assert!(check_interval(i32::MAX, i32::MAX, i64::MAX, false).is_err());
         assert_eq!(check_interval(0, 360_000, 0, false), Ok(()));
         assert!(check_interval(0, 360_000, DAY, false).is_err());
+    }
+
+    #[test]
+    fn intervals_are_shown_as_postgresql_shows_them() {
+        assert_eq!(show(0, 0, 0), "00:00:00");
+        assert_eq!(show(14, 1, 0), "1 year 2 mons 1 day");
+        assert_eq!(show(1, -29, 0), "1 mon -29 days");
+        assert_eq!(show(0, 0, -1_000_000), "-00:00:01");
+        assert_eq!(
+            show(0, 3, 4 * 3_600_000_000 + 5 * 60_000_000 + 6_500_000),
+            "3 days 04:05:06.5"
+        );
+        assert_eq!(show(0, 0, 100 * 3_600_000_000), "100:00:00");
+        assert_eq!(show(-24, 0, 0), "-2 years");
     }
 
     #[test]

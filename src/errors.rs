@@ -71,3 +71,14 @@ pub fn internal_error(problem: impl Display) -> ! {
         None,
     )
 }
+
+/// The value of a checked argument, or 22023 naming it.
+pub fn checked<T>(result: crate::settings::Checked<T>) -> T {
+    result.unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("argument \"{}\" {}", e.arg, e.problem),
+            e.hint,
+        )
+    })
+}

@@ -2,264 +2,143 @@
 //! SECURITY DEFINER with a fixed search_path (the tables are closed to PUBLIC), is not executable
 //! by PUBLIC, and writes an audit row for each change.
 
+use crate::durations::Span;
 use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
 use crate::jsonb::{self, Jsonb};
 use crate::plans;
 use crate::schema::{API_KEY_FROM, API_KEY_ROW};
-use crate::{audit, durations, guc, key_format, metering, permissions, verify};
+use crate::settings::{self, Args, Expiry, Settings, StoredLimits, Update};
+use crate::{audit, guc, key_format, metering, verify};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::json;
 
-const MAX_ID_CHARS: usize = 128;
-const MAX_NAME_CHARS: usize = 200;
-const MAX_DESCRIPTION_CHARS: usize = 2000;
-const MAX_JSON_BYTES: usize = 64 * 1024;
-
 type ApiKey = pgrx::composite_type!('static, "apikeys.api_key");
 
-// ---- argument checks (pure, shared by create and update) ----
+// ---- the edges of the argument checks (`settings` has the rules) ----
 
-fn check_text(arg: &str, value: Option<String>, max: usize) -> Option<String> {
-    if let Some(v) = &value {
-        let n = v.chars().count();
-        if n > max {
-            invalid_argument(arg, format!("must be at most {max} characters, got {n}"));
-        }
-    }
+pub(crate) fn check_duration(arg: &'static str, value: Interval, allow_zero: bool) -> Interval {
+    errors::checked(settings::duration(arg, span(value), allow_zero));
     value
 }
 
-fn check_id(id: &str) -> &str {
-    let ok = (1..=MAX_ID_CHARS).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
-    if !ok {
-        invalid_argument(
-            "id",
-            format!(
-                "must be 1 to {MAX_ID_CHARS} characters of [A-Za-z0-9_.:-], got \"{}\"",
-                errors::shown(id)
-            ),
-        );
-    }
-    id
-}
-
-fn check_json_size(arg: &str, value: &serde_json::Value) {
-    let n = value.to_string().len();
-    if n > MAX_JSON_BYTES {
-        invalid_argument(
-            arg,
-            format!("must be at most {MAX_JSON_BYTES} bytes of JSON, got {n}"),
-        );
+pub(crate) fn span(i: Interval) -> Span {
+    Span {
+        months: i.months(),
+        days: i.days(),
+        micros: i.micros(),
     }
 }
 
-fn check_permissions(value: Option<Jsonb>) -> Option<serde_json::Value> {
-    let value = jsonb::argument("permissions", value)?;
-    check_json_size("permissions", &value);
-    match permissions::parse(&value) {
-        Ok(perms) => Some(permissions::to_json(&perms)),
-        Err(problem) => invalid_argument_hint(
-            "permissions",
-            problem,
-            r#"Example: {"orders": ["read", "write"], "reports": ["*"]}"#,
+/// A checked span (no negative part) as an interval.
+pub(crate) fn interval(s: Span) -> Interval {
+    errors::internal(Interval::new(s.months, s.days, s.micros))
+}
+
+/// Arguments for SQL's `COALESCE($at, clock_timestamp() + $in)`; both NULL means never.
+fn expiry_sql(e: Expiry) -> (Option<TimestampWithTimeZone>, Option<Interval>) {
+    match e {
+        Expiry::Never => (None, None),
+        Expiry::At(t) => (
+            Some(errors::internal(TimestampWithTimeZone::try_from(t))),
+            None,
         ),
+        Expiry::In(i) => (None, Some(interval(i))),
     }
 }
 
-/// Metadata is stored as given: whatever jsonb PostgreSQL accepts, within the size bound.
-fn check_metadata(value: Option<Jsonb>) -> Option<Jsonb> {
-    let value = value?;
-    if value.len() > MAX_JSON_BYTES {
-        invalid_argument(
-            "metadata",
-            format!(
-                "must be at most {MAX_JSON_BYTES} bytes of JSON, got {}",
-                value.len()
-            ),
-        );
-    }
-    Some(value)
-}
-
-pub(crate) fn check_duration(arg: &str, value: Interval, allow_zero: bool) -> Interval {
-    durations::check_interval(value.months(), value.days(), value.micros(), allow_zero)
-        .unwrap_or_else(|problem| invalid_argument(arg, format!("{problem}, got \"{value}\"")));
-    value
-}
-
-fn check_positive(arg: &str, value: Option<Interval>) -> Option<Interval> {
-    value.map(|v| check_duration(arg, v, false))
-}
-
-fn check_non_negative<T: PartialOrd + Default + Copy + std::fmt::Display>(
-    arg: &str,
-    value: Option<T>,
-) -> Option<T> {
-    if let Some(v) = value.filter(|v| *v < T::default()) {
-        invalid_argument(arg, format!("must not be negative, got {v}"));
-    }
-    value
-}
-
-fn check_role(client: &SpiClient<'_>, role: Option<String>) -> Option<String> {
-    let role = check_text("role", role, 63)?;
+/// A role argument names an existing database role.
+fn check_role_exists(client: &SpiClient<'_>, role: &str) {
     let exists = plans::select(
         client,
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
         None,
-        &[role.as_str().into()],
+        &[role.into()],
     )
     .first()
     .get_one::<bool>();
     if errors::internal(exists) != Some(true) {
         invalid_argument_hint(
             "role",
-            format!("names no database role: \"{}\"", errors::shown(&role)),
+            format!("names no database role: \"{}\"", errors::shown(role)),
             "Create the role first.",
         );
     }
-    Some(role)
 }
 
-fn check_prefix(arg: &str, prefix: &str) {
-    if !key_format::is_valid_prefix(prefix) {
-        invalid_argument(
-            arg,
-            format!(
-                "must be 1 to 16 characters of [a-z0-9], got \"{}\"",
-                errors::shown(prefix)
-            ),
-        );
-    }
-}
-
-/// Both or neither of two arguments that only make sense together.
-fn check_pair<A, B>(a: (&str, &Option<A>), b: (&str, &Option<B>)) {
-    if a.1.is_some() != b.1.is_some() {
-        let (given, missing) = if a.1.is_some() {
-            (a.0, b.0)
-        } else {
-            (b.0, a.0)
-        };
-        invalid_argument(missing, format!("must be given together with \"{given}\""));
-    }
-}
-
-/// A key's expiry as the caller asked for it.
-#[derive(Clone, Copy)]
-enum Expiry {
-    Never,
-    At(TimestampWithTimeZone),
-    In(Interval),
-}
-
-impl Expiry {
-    /// From the two exclusive arguments; None when neither was given.
-    fn from_args(
-        expires_in: Option<Interval>,
-        expires_at: Option<TimestampWithTimeZone>,
-    ) -> Option<Expiry> {
-        match (check_positive("expires_in", expires_in), expires_at) {
-            (Some(_), Some(_)) => {
-                invalid_argument("expires_at", "cannot be combined with \"expires_in\"")
-            }
-            (Some(i), None) => Some(Expiry::In(i)),
-            (None, Some(t)) if t.is_infinity() => Some(Expiry::Never),
-            (None, Some(t)) => Some(Expiry::At(t)),
-            (None, None) => None,
-        }
-    }
-
-    /// From GUC apikeys.default_key_ttl.
-    fn default() -> Expiry {
-        let Some(text) = guc::default_key_ttl() else {
-            return Expiry::Never;
-        };
-        let ttl = text.parse::<Interval>().unwrap_or_else(|_| {
+/// The expiry GUC apikeys.default_key_ttl gives a key created without one.
+fn default_expiry() -> Expiry {
+    let ttl = guc::default_key_ttl().map(|text| {
+        text.parse::<Interval>().unwrap_or_else(|_| {
             invalid_argument(
                 "apikeys.default_key_ttl",
                 format!("must be an interval, got \"{}\"", errors::shown(&text)),
             )
-        });
-        Expiry::In(check_positive("apikeys.default_key_ttl", Some(ttl)).unwrap_or(ttl))
-    }
+        })
+    });
+    errors::checked(Expiry::from_default(ttl.map(span)))
+}
 
-    /// Arguments for SQL's `COALESCE($at, clock_timestamp() + $in)`; both NULL means never.
-    fn sql_args(self) -> (Option<TimestampWithTimeZone>, Option<Interval>) {
-        match self {
-            Expiry::Never => (None, None),
-            Expiry::At(t) => (Some(t), None),
-            Expiry::In(i) => (None, Some(i)),
+/// The key string, prefix and start of a new key: generated, or imported from `secret`.
+fn new_key(prefix: Option<String>, secret: Option<&str>) -> (String, String, String) {
+    let prefix_given = prefix.is_some();
+    let prefix = match prefix {
+        Some(p) => {
+            errors::checked(settings::prefix("prefix", &p));
+            p
         }
+        None => {
+            let p = guc::default_prefix();
+            errors::checked(settings::prefix("apikeys.default_prefix", &p));
+            p
+        }
+    };
+    match secret {
+        None => {
+            let (key, start) = key_format::generate(&prefix);
+            (key, prefix, start)
+        }
+        Some(secret) => errors::checked(settings::imported(secret, prefix, prefix_given)),
     }
 }
 
-/// The arguments create_api_key and update_api_key share, each checked on its own. Pairs
-/// (refill, rate limit) are checked by the caller: update_api_key checks them after merging
-/// with the stored key.
-struct Settings {
+/// The shared arguments of create_api_key and update_api_key, with jsonb decoded.
+#[allow(clippy::too_many_arguments)]
+fn args(
     name: Option<String>,
     owner: Option<String>,
+    permissions: Option<Jsonb>,
+    expires_in: Option<Interval>,
+    expires_at: Option<TimestampWithTimeZone>,
+    role: Option<String>,
     description: Option<String>,
-    permissions: Option<serde_json::Value>,
     metadata: Option<Jsonb>,
-    expiry: Option<Expiry>,
     remaining: Option<i64>,
     refill_amount: Option<i64>,
     refill_interval: Option<Interval>,
     rate_limit_max: Option<i32>,
     rate_limit_window: Option<Interval>,
-}
-
-impl Settings {
-    #[allow(clippy::too_many_arguments)]
-    fn checked(
-        name: Option<String>,
-        owner: Option<String>,
-        description: Option<String>,
-        permissions: Option<Jsonb>,
-        metadata: Option<Jsonb>,
-        expires_in: Option<Interval>,
-        expires_at: Option<TimestampWithTimeZone>,
-        remaining: Option<i64>,
-        refill_amount: Option<i64>,
-        refill_interval: Option<Interval>,
-        rate_limit_max: Option<i32>,
-        rate_limit_window: Option<Interval>,
-    ) -> Settings {
-        if let Some(m) = rate_limit_max.filter(|m| *m <= 0) {
-            invalid_argument(
-                "rate_limit_max",
-                format!("must be greater than zero, got {m}"),
-            );
-        }
-        Settings {
-            name: check_text("name", name, MAX_NAME_CHARS),
-            owner: check_text("owner", owner, MAX_NAME_CHARS),
-            description: check_text("description", description, MAX_DESCRIPTION_CHARS),
-            permissions: check_permissions(permissions),
-            metadata: check_metadata(metadata),
-            expiry: Expiry::from_args(expires_in, expires_at),
-            remaining: check_non_negative("remaining", remaining),
-            refill_amount: check_non_negative("refill_amount", refill_amount),
-            refill_interval: check_positive("refill_interval", refill_interval),
-            rate_limit_max,
-            rate_limit_window: check_positive("rate_limit_window", rate_limit_window),
-        }
-    }
-
-    fn refill_given(&self) -> bool {
-        self.refill_amount.is_some() || self.refill_interval.is_some()
-    }
-
-    fn rate_limit_given(&self) -> bool {
-        self.rate_limit_max.is_some() || self.rate_limit_window.is_some()
+    rate_limit_algorithm: Option<String>,
+    enabled: Option<bool>,
+) -> Args {
+    Args {
+        name,
+        owner,
+        description,
+        permissions: jsonb::argument("permissions", permissions),
+        metadata,
+        expires_in: expires_in.map(span),
+        expires_at: expires_at.map(TimestampWithTimeZone::into_inner),
+        role,
+        remaining,
+        refill_amount,
+        refill_interval: refill_interval.map(span),
+        rate_limit_max,
+        rate_limit_window: rate_limit_window.map(span),
+        rate_limit_algorithm,
+        enabled,
     }
 }
 
@@ -331,98 +210,69 @@ fn create_api_key(
         name!(created_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let s = Settings::checked(
+    let s = errors::checked(Settings::for_create(args(
         name,
         owner,
-        description,
         permissions,
-        metadata,
         expires_in,
         expires_at,
+        role,
+        description,
+        metadata,
         remaining,
         refill_amount,
         refill_interval,
         rate_limit_max,
         rate_limit_window,
-    );
-    check_pair(
-        ("refill_amount", &s.refill_amount),
-        ("refill_interval", &s.refill_interval),
-    );
-    check_pair(
-        ("rate_limit_max", &s.rate_limit_max),
-        ("rate_limit_window", &s.rate_limit_window),
-    );
-    let algorithm = check_algorithm(rate_limit_algorithm).unwrap_or(metering::Algorithm::Sliding);
-    let expiry = s.expiry.unwrap_or_else(Expiry::default);
-    // A refilling quota starts full unless told otherwise.
-    let remaining = s.remaining.or(s.refill_amount);
-    let imported = secret.is_some();
-
-    let prefix_given = prefix.is_some();
-    let prefix = match prefix {
-        Some(p) => {
-            check_prefix("prefix", &p);
-            p
-        }
-        None => {
-            let p = guc::default_prefix();
-            check_prefix("apikeys.default_prefix", &p);
-            p
-        }
-    };
-    let (key, prefix, start) = match secret.as_deref() {
-        None => {
-            let (key, start) = key_format::generate(&prefix);
-            (key, prefix, start)
-        }
-        Some(secret) => match key_format::classify(secret) {
-            key_format::Shape::Ours(parsed) => {
-                if prefix_given && parsed.prefix != prefix {
-                    invalid_argument(
-                        "prefix",
-                        format!(
-                            "does not match the prefix of \"secret\" (\"{}\")",
-                            parsed.prefix
-                        ),
-                    );
-                }
-                (secret.to_owned(), parsed.prefix.to_owned(), parsed.start())
-            }
-            // A token would be ambiguous wherever a credential may be a key or a token.
-            key_format::Shape::Foreign if crate::claims::looks_like_token(secret) => {
-                invalid_argument_hint(
-                    "secret",
-                    "has the shape of a JWT; an API key must not",
-                    "Import the API key itself, not a token minted from it.",
-                )
-            }
-            // Imported from another system: looked up by hash, shown by its first characters.
-            key_format::Shape::Foreign => {
-                (secret.to_owned(), prefix, key_format::foreign_start(secret))
-            }
-            key_format::Shape::Invalid => invalid_argument_hint(
-                "secret",
-                format!(
-                    "must be a pg_apikeys key or {}–{} printable ASCII characters without spaces",
-                    key_format::MIN_FOREIGN_CHARS,
-                    key_format::MAX_FOREIGN_CHARS
-                ),
-                "A string shaped like a pg_apikeys key must carry a valid checksum.",
-            ),
-        },
-    };
-    let hash = key_format::hash(&key);
+        rate_limit_algorithm,
+        enabled,
+    )));
     let id_given = id.is_some();
     let id = match id {
-        Some(id) => check_id(&id).to_owned(),
+        Some(id) => errors::checked(settings::id(&id)).to_owned(),
         None => format!("key_{}", key_format::random_id(16)),
     };
+    let (key, prefix, start) = new_key(prefix, secret.as_deref());
+    let new = NewKey {
+        id: &id,
+        id_given,
+        imported: secret.is_some(),
+        key: &key,
+        prefix: &prefix,
+        start: &start,
+        master: master.unwrap_or(false),
+    };
+    let (name, owner) = (s.name.clone(), s.owner.clone());
+    let (expires_at, created_at) = insert_key(&new, s);
+    TableIterator::once((id, key, start, prefix, name, owner, expires_at, created_at))
+}
 
-    let row = Spi::connect_mut(|client| {
-        let role = check_role(client, role);
+/// What a new key is besides its settings.
+struct NewKey<'a> {
+    id: &'a str,
+    id_given: bool,
+    imported: bool,
+    key: &'a str,
+    prefix: &'a str,
+    start: &'a str,
+    master: bool,
+}
+
+/// Inserts a checked key (and its audit row); returns its expiry and creation time.
+fn insert_key(
+    new: &NewKey<'_>,
+    s: Settings,
+) -> (Option<TimestampWithTimeZone>, Option<TimestampWithTimeZone>) {
+    let expiry = s.expiry.unwrap_or_else(default_expiry);
+    let algorithm = s.algorithm.unwrap_or(metering::Algorithm::Sliding);
+    let hash = key_format::hash(new.key);
+    let id = new.id;
+    Spi::connect_mut(|client| {
+        if let Some(role) = &s.role {
+            check_role_exists(client, role);
+        }
         // Generated keys cannot collide; an imported one may already be registered.
-        if imported {
+        if new.imported {
             let taken = plans::select(
                 client,
                 "SELECT 1 FROM apikeys.keys WHERE hash = $1 OR previous_hash = $1",
@@ -437,38 +287,39 @@ fn create_api_key(
                 );
             }
         }
-        let (expires_at, expires_in) = expiry.sql_args();
+        let (expires_at, expires_in) = expiry_sql(expiry);
         let actor = audit::actor();
-        let details = json!({"name": s.name, "owner": s.owner, "prefix": prefix, "master": master.unwrap_or(false)});
+        let details =
+            json!({"name": s.name, "owner": s.owner, "prefix": new.prefix, "master": new.master});
         let args: Vec<DatumWithOid> = vec![
-            id.as_str().into(),
+            id.into(),
             hash.as_slice().into(),
-            prefix.as_str().into(),
-            start.as_str().into(),
+            new.prefix.into(),
+            new.start.into(),
             s.name.clone().into(),
             s.owner.clone().into(),
             s.description.into(),
             JsonB(s.permissions.unwrap_or_else(|| json!({}))).into(),
             s.metadata.into(),
-            role.into(),
-            master.unwrap_or(false).into(),
-            enabled.unwrap_or(true).into(),
+            s.role.into(),
+            new.master.into(),
+            s.enabled.unwrap_or(true).into(),
             expires_at.into(),
             expires_in.into(),
-            remaining.into(),
+            s.remaining.into(),
             s.refill_amount.into(),
-            s.refill_interval.into(),
+            s.refill_interval.map(interval).into(),
             s.rate_limit_max.into(),
-            s.rate_limit_window.into(),
+            s.rate_limit_window.map(interval).into(),
             actor.into(),
             JsonB(details).into(),
             algorithm.as_str().into(),
         ];
-        let table = plans::update(client, &insert_sql(id_given), None, &args);
+        let table = plans::update(client, &insert_sql(new.id_given), None, &args);
         if table.is_empty() {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
-                format!("API key \"{}\" already exists", errors::shown(&id)),
+                format!("API key \"{}\" already exists", errors::shown(id)),
                 Some("Choose another id, or leave id NULL to generate one."),
             );
         }
@@ -477,25 +328,7 @@ fn create_api_key(
                 .first()
                 .get_two::<TimestampWithTimeZone, TimestampWithTimeZone>(),
         )
-    });
-    let (expires_at, created_at) = row;
-    TableIterator::once((
-        id, key, start, prefix, s.name, s.owner, expires_at, created_at,
-    ))
-}
-
-/// `rate_limit_algorithm`: 'sliding' or 'fixed' (NULL: not given).
-fn check_algorithm(name: Option<String>) -> Option<metering::Algorithm> {
-    let name = name?;
-    Some(metering::Algorithm::parse(&name).unwrap_or_else(|| {
-        invalid_argument(
-            "rate_limit_algorithm",
-            format!(
-                "must be 'sliding' or 'fixed', got \"{}\"",
-                errors::shown(&name)
-            ),
-        )
-    }))
+    })
 }
 
 fn required_id(id: Option<String>) -> String {
@@ -589,24 +422,6 @@ fn list_api_keys(
     SetOfIterator::new(rows.into_iter().map(with_live))
 }
 
-/// Fields `update_api_key(clear => ...)` resets, under the name each is cleared by.
-fn canonical_clear_name(field: &str) -> Option<&'static str> {
-    Some(match field {
-        "name" => "name",
-        "owner" => "owner",
-        "description" => "description",
-        "permissions" => "permissions",
-        "metadata" => "metadata",
-        "role" => "role",
-        "expires_at" | "expires_in" => "expires_at",
-        "remaining" => "remaining",
-        "refill" | "refill_amount" | "refill_interval" => "refill",
-        "rate_limit" | "rate_limit_max" | "rate_limit_window" => "rate_limit",
-        "enabled" => "enabled",
-        _ => return None,
-    })
-}
-
 /// A dynamic `SET` list: only the columns a call changes are written.
 struct Assignments<'a> {
     sql: Vec<String>,
@@ -669,58 +484,32 @@ fn update_api_key(
     rate_limit_algorithm: default!(Option<String>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = required_id(id);
-    let algorithm = check_algorithm(rate_limit_algorithm);
-    let mut cleared: Vec<&'static str> = Vec::new();
-    for field in clear.unwrap_or_default().into_iter().flatten() {
-        let Some(canonical) = canonical_clear_name(&field) else {
-            invalid_argument_hint(
-                "clear",
-                format!("names an unknown field \"{field}\""),
-                "Fields: name, owner, description, permissions, metadata, role, expires_at, \
-                 remaining, refill, rate_limit, enabled.",
-            )
-        };
-        if !cleared.contains(&canonical) {
-            cleared.push(canonical);
-        }
-    }
-    let s = Settings::checked(
-        name,
-        owner,
-        description,
-        permissions,
-        metadata,
-        expires_in,
-        expires_at,
-        remaining,
-        refill_amount,
-        refill_interval,
-        rate_limit_max,
-        rate_limit_window,
-    );
-    let given = [
-        ("name", s.name.is_some()),
-        ("owner", s.owner.is_some()),
-        ("description", s.description.is_some()),
-        ("permissions", s.permissions.is_some()),
-        ("metadata", s.metadata.is_some()),
-        ("role", role.is_some()),
-        ("expires_at", s.expiry.is_some()),
-        ("remaining", s.remaining.is_some()),
-        ("refill", s.refill_given()),
-        ("rate_limit", s.rate_limit_given()),
-        ("enabled", enabled.is_some()),
-    ];
-    for (field, is_given) in given {
-        if is_given && cleared.contains(&field) {
-            invalid_argument(
-                "clear",
-                format!("names \"{field}\", which is also given a new value"),
-            );
-        }
-    }
+    let update = errors::checked(Update::check(
+        args(
+            name,
+            owner,
+            permissions,
+            expires_in,
+            expires_at,
+            role,
+            description,
+            metadata,
+            remaining,
+            refill_amount,
+            refill_interval,
+            rate_limit_max,
+            rate_limit_window,
+            rate_limit_algorithm,
+            enabled,
+        ),
+        clear.unwrap_or_default().into_iter().flatten().collect(),
+    ));
+    update_key(&id, update).map(with_live)
+}
 
-    let row = Spi::connect_mut(|client| {
+/// Applies a checked update to key `id` (merged with its stored limits and live quota).
+fn update_key(id: &str, update: Update) -> Option<Row> {
+    Spi::connect_mut(|client| {
         // The quota as it stands: counted use (apikeys.meters, shared memory) included.
         let current = plans::update(
             client,
@@ -731,10 +520,10 @@ fn update_api_key(
                  ON m.key_id = k.id AND m.key_created_at = k.created_at
               WHERE k.id = $1 FOR UPDATE OF k",
             None,
-            &[id.as_str().into()],
+            &[id.into()],
         );
         if current.is_empty() {
-            key_not_found(&id);
+            key_not_found(id);
         }
         let cur = current.first();
         let (cur_amount, cur_interval, cur_max, cur_window, stored_remaining, set_at, created) =
@@ -752,56 +541,48 @@ fn update_api_key(
                     cur.get::<TimestampWithTimeZone>(7)?,
                 ))
             })());
-        let live = crate::engine::live(&id, created.map_or(0, verify::epoch_us), set_at);
+        let live = crate::engine::live(id, created.map_or(0, verify::epoch_us), set_at);
         let cur_remaining = match live.and_then(|l| l.remaining) {
             Some(remaining) => remaining,
             None => stored_remaining,
         };
-        let keep = |field: &str| !cleared.contains(&field);
-        let final_amount = s.refill_amount.or(cur_amount).filter(|_| keep("refill"));
-        let final_interval = s
-            .refill_interval
-            .or(cur_interval)
-            .filter(|_| keep("refill"));
-        check_pair(
-            ("refill_amount", &final_amount),
-            ("refill_interval", &final_interval),
-        );
-        let final_max = s.rate_limit_max.or(cur_max).filter(|_| keep("rate_limit"));
-        let final_window = s
-            .rate_limit_window
-            .or(cur_window)
-            .filter(|_| keep("rate_limit"));
-        check_pair(
-            ("rate_limit_max", &final_max),
-            ("rate_limit_window", &final_window),
-        );
-        let role = check_role(client, role);
+        let merged = errors::checked(update.merge(&StoredLimits {
+            refill_amount: cur_amount,
+            refill_interval: cur_interval.map(span),
+            rate_limit_max: cur_max,
+            rate_limit_window: cur_window.map(span),
+            remaining: cur_remaining,
+        }));
+        let s = update.settings;
+        let cleared = update.cleared;
+        if let Some(role) = &s.role {
+            check_role_exists(client, role);
+        }
         let (refill_given, rate_limit_given) = (s.refill_given(), s.rate_limit_given());
 
         let mut set = Assignments {
             sql: vec![],
-            args: vec![id.as_str().into()],
+            args: vec![id.into()],
             changed: vec![],
         };
         let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 7] = [
             ("name", s.name.map(Into::into), "NULL"),
             ("owner", s.owner.map(Into::into), "NULL"),
             ("description", s.description.map(Into::into), "NULL"),
-            ("role", role.map(Into::into), "NULL"),
+            ("role", s.role.map(Into::into), "NULL"),
             (
                 "permissions",
                 s.permissions.map(|p| JsonB(p).into()),
                 "'{}'",
             ),
             ("metadata", s.metadata.map(Into::into), "NULL"),
-            ("enabled", enabled.map(Into::into), "true"),
+            ("enabled", s.enabled.map(Into::into), "true"),
         ];
         for (field, value, default_sql) in plain_fields {
             set.assign(field, value, cleared.contains(&field), default_sql);
         }
         if let Some(expiry) = s.expiry {
-            let (at, within) = expiry.sql_args();
+            let (at, within) = expiry_sql(expiry);
             set.set(
                 "expires_at",
                 "expires_at = COALESCE($?, clock_timestamp() + $?)",
@@ -810,12 +591,7 @@ fn update_api_key(
         } else if cleared.contains(&"expires_at") {
             set.set("expires_at", "expires_at = NULL", vec![]);
         }
-        // As in create_api_key, a refilling key always has a quota: it starts (or is cleared) full.
-        let final_remaining = s
-            .remaining
-            .or(cur_remaining)
-            .filter(|_| keep("remaining"))
-            .or(final_amount);
+        let final_remaining = merged.remaining;
         // A quota set (or a refill configured) is a new meter_version, which the next
         // verification loads. What management sets starts from its value; what it does not set
         // (the quota left when only the refill changes) goes on from what use left it at, spends
@@ -834,11 +610,15 @@ fn update_api_key(
         }
         // A newly configured refill starts its clock now.
         if refill_given {
-            set.set("refill", "refill_amount = $?", vec![final_amount.into()]);
+            set.set(
+                "refill",
+                "refill_amount = $?",
+                vec![merged.refill_amount.into()],
+            );
             set.set(
                 "refill",
                 "refill_interval = $?",
-                vec![final_interval.into()],
+                vec![merged.refill_interval.map(interval).into()],
             );
             set.set("refill", "last_refill_at = clock_timestamp()", vec![]);
         } else if cleared.contains(&"refill") {
@@ -849,11 +629,15 @@ fn update_api_key(
             );
         }
         if rate_limit_given {
-            set.set("rate_limit", "rate_limit_max = $?", vec![final_max.into()]);
+            set.set(
+                "rate_limit",
+                "rate_limit_max = $?",
+                vec![merged.rate_limit_max.into()],
+            );
             set.set(
                 "rate_limit",
                 "rate_limit_window = $?",
-                vec![final_window.into()],
+                vec![merged.rate_limit_window.map(interval).into()],
             );
         } else if cleared.contains(&"rate_limit") {
             set.set(
@@ -862,7 +646,7 @@ fn update_api_key(
                 vec![],
             );
         }
-        if let Some(algorithm) = algorithm {
+        if let Some(algorithm) = s.algorithm {
             set.set(
                 "rate_limit_algorithm",
                 "rate_limit_algorithm = $?",
@@ -881,15 +665,14 @@ fn update_api_key(
             None,
             &set.args,
         ));
-        audit::record(client, "update", Some(&id), json!({ "changed": changed }));
+        audit::record(client, "update", Some(id), json!({ "changed": changed }));
         first_row(plans::update(
             client,
             &api_key_sql("WHERE k.id = $1"),
             None,
-            &[id.as_str().into()],
+            &[id.into()],
         ))
-    });
-    row.map(with_live)
+    })
 }
 
 /// Revokes a key for good: verify_key says REVOKED from now on. True if this call revoked it,

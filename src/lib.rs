@@ -21,6 +21,7 @@ pub mod permissions;
 mod plans;
 mod scan;
 mod schema;
+pub mod settings;
 mod signing;
 pub mod slots;
 mod test_support;
