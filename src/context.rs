@@ -128,7 +128,7 @@ pub fn init() {
 
 /// Verifies an API key or a token (told apart by shape) and, only when VALID, makes it the
 /// transaction's context. Charged like one verification (cost 1).
-fn try_authenticate(credential: Option<&str>, required: &permissions::Permissions) -> Verification {
+fn try_authenticate(credential: Option<&str>, required: &permissions::Query) -> Verification {
     let v = match credential {
         Some(c) if claims::looks_like_token(c) => tokens::verify_token_str(Some(c), required, 1),
         other => verify::verify(other, required, 1),
@@ -209,7 +209,7 @@ fn authenticate_headers(
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let headers = jsonb::argument("headers", headers).unwrap_or(Value::Null);
     match credential_from_headers(&headers) {
-        Ok(Some(credential)) => try_authenticate(Some(credential), &Default::default()),
+        Ok(Some(credential)) => try_authenticate(Some(credential), &permissions::Query::nothing()),
         Ok(None) | Err(()) => Verification::not_found(),
     }
     .into_row()

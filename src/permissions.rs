@@ -133,6 +133,98 @@ pub fn intersect(a: &Permissions, b: &Permissions) -> Permissions {
     out
 }
 
+/// What a verification requires (SPEC §7): a permissions document (every listed action of every
+/// listed resource), or a combinator `{"any": [q, …]}` / `{"all": [q, …]}` of such queries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Query {
+    Has(Permissions),
+    Any(Vec<Query>),
+    All(Vec<Query>),
+}
+
+/// Combinator levels a query may nest.
+pub const MAX_QUERY_DEPTH: usize = 16;
+
+impl Query {
+    /// The query NULL stands for: nothing is required.
+    pub fn nothing() -> Query {
+        Query::Has(Permissions::new())
+    }
+
+    pub fn requires_nothing(&self) -> bool {
+        matches!(self, Query::Has(p) if p.is_empty())
+    }
+
+    /// Parses a query. An object whose single key is `any` or `all` with an array of objects is
+    /// a combinator; anything else is a permissions document (so `{"any": ["read"]}` requires
+    /// action `read` of a resource named `any`). An empty combinator, or one nested deeper than
+    /// MAX_QUERY_DEPTH, is refused; so is a query with more than MAX_ENTRIES names in all.
+    pub fn parse(value: &Value) -> Result<Query, String> {
+        let mut names = 0;
+        Query::parse_at(value, 0, &mut names)
+    }
+
+    fn parse_at(value: &Value, depth: usize, names: &mut usize) -> Result<Query, String> {
+        if let Some((which, items)) = combinator(value) {
+            if depth >= MAX_QUERY_DEPTH {
+                return Err(format!(
+                    "must nest \"any\"/\"all\" at most {MAX_QUERY_DEPTH} levels deep"
+                ));
+            }
+            if items.is_empty() {
+                return Err(format!("must list at least one query in \"{which}\""));
+            }
+            let parts = items
+                .iter()
+                .map(|item| Query::parse_at(item, depth + 1, names))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(if which == "any" {
+                Query::Any(parts)
+            } else {
+                Query::All(parts)
+            });
+        }
+        let perms = parse(value)?;
+        *names += perms.iter().map(|(_, acts)| 1 + acts.len()).sum::<usize>();
+        if *names > MAX_ENTRIES {
+            return Err(format!(
+                "must have at most {MAX_ENTRIES} resources and actions"
+            ));
+        }
+        Ok(Query::Has(perms))
+    }
+
+    /// Does `granted` satisfy the query?
+    pub fn satisfied_by(&self, granted: &Permissions) -> bool {
+        match self {
+            Query::Has(required) => covers(granted, required),
+            Query::Any(parts) => parts.iter().any(|q| q.satisfied_by(granted)),
+            Query::All(parts) => parts.iter().all(|q| q.satisfied_by(granted)),
+        }
+    }
+}
+
+/// `("any" | "all", items)` when `value` has the combinator shape: one key, an array value whose
+/// items are all objects (an empty array counts, to be refused).
+fn combinator(value: &Value) -> Option<(&'static str, &Vec<Value>)> {
+    let Value::Object(map) = value else {
+        return None;
+    };
+    if map.len() != 1 {
+        return None;
+    }
+    let (key, items) = map.iter().next()?;
+    let which = match key.as_str() {
+        "any" => "any",
+        "all" => "all",
+        _ => return None,
+    };
+    match items {
+        Value::Array(items) if items.iter().all(Value::is_object) => Some((which, items)),
+        _ => None,
+    }
+}
+
 /// The common part of two names where `"*"` means every name.
 fn meet<'a>(a: &'a str, b: &'a str) -> Option<&'a str> {
     match (a, b) {
@@ -246,6 +338,71 @@ mod unit {
         let all = p(json!({"*": ["*"]}));
         assert_eq!(intersect(&all, &token), token);
         assert_eq!(intersect(&all, &all), all);
+    }
+
+    fn q(v: Value) -> Query {
+        Query::parse(&v).expect("valid query")
+    }
+
+    #[test]
+    fn any_and_all_combine_permission_documents() {
+        let reader = p(json!({"orders": ["read"]}));
+        let admin = p(json!({"admin": ["*"], "orders": ["read"]}));
+        let query = q(
+            json!({"all": [{"orders": ["read"]}, {"any": [{"admin": ["*"]}, {"orders": ["write"]}]}]}),
+        );
+        assert!(!query.satisfied_by(&reader));
+        assert!(query.satisfied_by(&admin));
+        assert!(query.satisfied_by(&p(json!({"orders": ["read", "write"]}))));
+        assert!(q(json!({"any": [{"x": ["y"]}, {"orders": ["read"]}]})).satisfied_by(&reader));
+        assert!(!q(json!({"all": [{"x": ["y"]}, {"orders": ["read"]}]})).satisfied_by(&reader));
+        // Not the combinator shape: a permissions document naming a resource "any".
+        assert_eq!(
+            q(json!({"any": ["read"]})),
+            Query::Has(p(json!({"any": ["read"]})))
+        );
+        // Two keys are no combinator, and a document's actions are strings.
+        assert!(Query::parse(&json!({"any": [{"a": ["b"]}], "all": [{"a": ["b"]}]})).is_err());
+        assert!(q(json!({})).requires_nothing());
+        assert!(!q(json!({"any": [{}]})).requires_nothing());
+    }
+
+    #[test]
+    fn malformed_queries_are_refused() {
+        assert!(Query::parse(&json!({"any": []})).is_err());
+        assert!(Query::parse(&json!({"all": [{"orders": "read"}]})).is_err());
+        assert!(Query::parse(&json!({"any": [{"orders": ["read"]}, "x"]})).is_err());
+        assert!(Query::parse(&json!(["orders"])).is_err());
+        let nested = |levels: usize| {
+            let mut v = json!({"orders": ["read"]});
+            for _ in 0..levels {
+                v = json!({"any": [v]});
+            }
+            v
+        };
+        assert!(Query::parse(&nested(16)).is_ok());
+        let err = Query::parse(&nested(17)).unwrap_err();
+        assert!(err.contains("at most 16 levels"), "{err}");
+        // The size bound counts every document of the query.
+        let wide: Vec<Value> = (0..600).map(|i| json!({format!("r{i}"): ["a"]})).collect();
+        assert!(Query::parse(&json!({"any": wide})).is_err());
+    }
+
+    proptest::proptest! {
+        /// `any` is some part, `all` is every part, and a plain document is itself.
+        #[test]
+        fn combinators_mean_or_and_and(
+            granted in proptest::collection::btree_map("[ab*]", proptest::collection::vec("[xy*]", 0..3), 0..4),
+            parts in proptest::collection::vec(
+                proptest::collection::btree_map("[abc]", proptest::collection::vec("[xyz]", 1..3), 1..3), 1..4),
+        ) {
+            let docs: Vec<Value> = parts.iter().map(to_json).collect();
+            let each: Vec<bool> = parts.iter().map(|r| covers(&granted, r)).collect();
+            let any = q(json!({"any": docs.clone()}));
+            let all = q(json!({"all": docs}));
+            proptest::prop_assert_eq!(any.satisfied_by(&granted), each.iter().any(|b| *b));
+            proptest::prop_assert_eq!(all.satisfied_by(&granted), each.iter().all(|b| *b));
+        }
     }
 
     #[test]

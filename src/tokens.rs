@@ -50,7 +50,7 @@ fn minting_key(key: Option<&str>) -> Verification {
             Some("Mint with the API key the token came from."),
         );
     }
-    let minter = verify::verify(Some(key), &permissions::Permissions::new(), 1);
+    let minter = verify::verify(Some(key), &permissions::Query::nothing(), 1);
     if minter.code != Code::Valid {
         let which = minter
             .key_id
@@ -311,7 +311,7 @@ fn signed_claims(
 
 pub fn verify_token_str(
     token: Option<&str>,
-    required: &permissions::Permissions,
+    required: &permissions::Query,
     cost: i64,
 ) -> Verification {
     match token.and_then(checked) {

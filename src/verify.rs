@@ -376,7 +376,7 @@ fn read_only() -> bool {
 }
 
 /// Verifies a key string: see the module comment for the order of checks.
-pub fn verify(key: Option<&str>, required: &permissions::Permissions, cost: i64) -> Verification {
+pub fn verify(key: Option<&str>, required: &permissions::Query, cost: i64) -> Verification {
     // Typos and impossible strings never reach the table.
     match key.filter(|k| key_format::classify(k) != key_format::Shape::Invalid) {
         Some(key) => judge(Lookup::Secret(key), required, cost, None),
@@ -408,7 +408,7 @@ pub fn peek(id: &str) -> Verification {
 /// permissions bind too. Only a VALID result consumes `cost`.
 pub fn judge(
     lookup: Lookup<'_>,
-    required: &permissions::Permissions,
+    required: &permissions::Query,
     cost: i64,
     token: Option<&Token>,
 ) -> Verification {
@@ -496,13 +496,12 @@ pub fn judge(
 
 /// Whether the key grants everything `required` names; a token must grant it too, so a key
 /// whose permissions shrank after minting does not lend its tokens the old ones.
-fn permitted(state: &KeyState, required: &permissions::Permissions, token: Option<&Token>) -> bool {
-    if required.is_empty() {
+fn permitted(state: &KeyState, required: &permissions::Query, token: Option<&Token>) -> bool {
+    if required.requires_nothing() {
         return true;
     }
     let granted = permissions::parse(&state.permissions.value()).unwrap_or_default();
-    permissions::covers(&granted, required)
-        && token.is_none_or(|t| permissions::covers(&t.permissions, required))
+    required.satisfied_by(&granted) && token.is_none_or(|t| required.satisfied_by(&t.permissions))
 }
 
 /// Whether the key row still accepts the presented hash (it may have been rotated meanwhile).
@@ -514,7 +513,7 @@ fn lookup_matches(state: &KeyState, hash: &[u8]) -> bool {
 /// A key that lost its limits while the verification waited for the change.
 fn judge_again_unlimited(
     state: KeyState,
-    required: &permissions::Permissions,
+    required: &permissions::Query,
     token: Option<&Token>,
 ) -> Verification {
     let code = if permitted(&state, required, token) {
@@ -640,7 +639,7 @@ fn meter_with_row_lock(
     state: &KeyState,
     hash: Option<&[u8]>,
     cost: i64,
-    required: &permissions::Permissions,
+    required: &permissions::Query,
     token: Option<&Token>,
 ) -> Verification {
     if read_only() {
@@ -752,11 +751,12 @@ fn meter_with_row_lock(
     })
 }
 
-/// Parses `required` for verify_key and friends: NULL means nothing is required.
-pub fn required_permissions(required: Option<Jsonb>) -> permissions::Permissions {
+/// Parses `required` for verify_key and friends (a permissions document or an `any`/`all`
+/// query): NULL means nothing is required.
+pub fn required_permissions(required: Option<Jsonb>) -> permissions::Query {
     match jsonb::argument("required", required) {
-        None => permissions::Permissions::new(),
-        Some(value) => permissions::parse(&value)
+        None => permissions::Query::nothing(),
+        Some(value) => permissions::Query::parse(&value)
             .unwrap_or_else(|problem| invalid_argument("required", problem)),
     }
 }
@@ -1056,6 +1056,43 @@ mod tests {
         assert_eq!(
             code(&none, "'{\"orders\": [\"read\"]}'"),
             "INSUFFICIENT_PERMISSIONS"
+        );
+    }
+
+    #[pg_test]
+    fn any_and_all_queries_in_required() {
+        let (_, key) = create(r#"permissions => '{"orders": ["read"], "reports": ["*"]}'"#);
+        let needs_admin_or_write = r#"'{"all": [{"orders": ["read"]}, {"any": [{"admin": ["*"]}, {"orders": ["write"]}]}]}'"#;
+        assert_eq!(code(&key, needs_admin_or_write), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            code(
+                &key,
+                r#"'{"any": [{"admin": ["*"]}, {"reports": ["export"]}]}'"#
+            ),
+            "VALID"
+        );
+        let (_, writer) = create(r#"permissions => '{"orders": ["read", "write"]}'"#);
+        assert_eq!(code(&writer, needs_admin_or_write), "VALID");
+        // Not a combinator: a resource named "any".
+        assert_eq!(
+            code(&key, r#"'{"any": ["read"]}'"#),
+            "INSUFFICIENT_PERMISSIONS"
+        );
+        let mut deep = r#"{"orders": ["read"]}"#.to_owned();
+        for _ in 0..16 {
+            deep = format!(r#"{{"any": [{deep}]}}"#);
+        }
+        assert_eq!(code(&key, &format!("'{deep}'")), "VALID");
+        let k = pgrx::spi::quote_literal(&key);
+        assert_error(
+            &format!(r#"SELECT apikeys.verify_key({k}, '{{"any": [{deep}]}}')"#),
+            "22023",
+            "at most 16 levels",
+        );
+        assert_error(
+            &format!(r#"SELECT apikeys.verify_key({k}, '{{"all": []}}')"#),
+            "22023",
+            "\"required\"",
         );
     }
 
