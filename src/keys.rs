@@ -122,6 +122,7 @@ fn args(
     rate_limit_window: Option<Interval>,
     rate_limit_algorithm: Option<String>,
     enabled: Option<bool>,
+    roles: Option<Vec<Option<String>>>,
 ) -> Args {
     Args {
         name,
@@ -139,6 +140,7 @@ fn args(
         rate_limit_window: rate_limit_window.map(span),
         rate_limit_algorithm,
         enabled,
+        roles,
     }
 }
 
@@ -158,10 +160,12 @@ fn insert_sql(id_given: bool) -> String {
             INSERT INTO apikeys.keys (id, hash, prefix, start, name, owner, description,
                 permissions, metadata, role, master, enabled, expires_at, remaining,
                 refill_amount, refill_interval, last_refill_at, rate_limit_max,
-                rate_limit_window, created_by, updated_by, rate_limit_algorithm)
+                rate_limit_window, created_by, updated_by, rate_limit_algorithm, roles,
+                effective_permissions)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                 COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
-                CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22)
+                CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22,
+                $23, $24)
             {on_conflict}
             RETURNING id, expires_at, created_at
         ), audit AS (
@@ -197,6 +201,7 @@ fn create_api_key(
     rate_limit_window: default!(Option<Interval>, "NULL"),
     enabled: default!(Option<bool>, true),
     rate_limit_algorithm: default!(Option<String>, "NULL"),
+    roles: default!(Option<Vec<Option<String>>>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -226,6 +231,7 @@ fn create_api_key(
         rate_limit_window,
         rate_limit_algorithm,
         enabled,
+        roles,
     )));
     let id_given = id.is_some();
     let id = match id {
@@ -288,6 +294,9 @@ fn insert_key(
             }
         }
         let (expires_at, expires_in) = expiry_sql(expiry);
+        let own = s.permissions.unwrap_or_else(|| json!({}));
+        let roles = s.roles.unwrap_or_default();
+        let effective = crate::roles::effective(client, &own, &roles);
         let actor = audit::actor();
         let details =
             json!({"name": s.name, "owner": s.owner, "prefix": new.prefix, "master": new.master});
@@ -299,7 +308,7 @@ fn insert_key(
             s.name.clone().into(),
             s.owner.clone().into(),
             s.description.into(),
-            JsonB(s.permissions.unwrap_or_else(|| json!({}))).into(),
+            JsonB(own).into(),
             s.metadata.into(),
             s.role.into(),
             new.master.into(),
@@ -314,6 +323,8 @@ fn insert_key(
             actor.into(),
             JsonB(details).into(),
             algorithm.as_str().into(),
+            roles.into(),
+            effective.map(JsonB).into(),
         ];
         let table = plans::update(client, &insert_sql(new.id_given), None, &args);
         if table.is_empty() {
@@ -482,6 +493,7 @@ fn update_api_key(
     enabled: default!(Option<bool>, "NULL"),
     clear: default!(Option<Vec<Option<String>>>, "NULL"),
     rate_limit_algorithm: default!(Option<String>, "NULL"),
+    roles: default!(Option<Vec<Option<String>>>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = required_id(id);
     let update = errors::checked(Update::check(
@@ -501,6 +513,7 @@ fn update_api_key(
             rate_limit_window,
             rate_limit_algorithm,
             enabled,
+            roles,
         ),
         clear.unwrap_or_default().into_iter().flatten().collect(),
     ));
@@ -515,7 +528,7 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
             client,
             "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window,
                     CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END,
-                    k.remaining_version, k.created_at, k.refill_version
+                    k.remaining_version, k.created_at, k.refill_version, k.permissions, k.roles
                FROM apikeys.keys k LEFT JOIN apikeys.meters m
                  ON m.key_id = k.id AND m.key_created_at = k.created_at
               WHERE k.id = $1 FOR UPDATE OF k",
@@ -559,13 +572,33 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
             check_role_exists(client, role);
         }
         let (refill_given, rate_limit_given) = (s.refill_given(), s.rate_limit_given());
+        // Effective permissions follow a change of the key's own permissions or of its roles.
+        let perms_changed = s.permissions.is_some() || cleared.contains(&"permissions");
+        let roles_changed = s.roles.is_some() || cleared.contains(&"roles");
+        let effective = (perms_changed || roles_changed).then(|| {
+            let own = match &s.permissions {
+                Some(p) => p.clone(),
+                None if cleared.contains(&"permissions") => json!({}),
+                None => errors::internal(cur.get::<JsonB>(9)).map_or_else(|| json!({}), |p| p.0),
+            };
+            let roles: Vec<String> = match &s.roles {
+                Some(r) => r.clone(),
+                None if cleared.contains(&"roles") => vec![],
+                None => errors::internal(cur.get::<Vec<Option<String>>>(10))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            };
+            crate::roles::effective(client, &own, &roles)
+        });
 
         let mut set = Assignments {
             sql: vec![],
             args: vec![id.into()],
             changed: vec![],
         };
-        let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 7] = [
+        let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 8] = [
             ("name", s.name.map(Into::into), "NULL"),
             ("owner", s.owner.map(Into::into), "NULL"),
             ("description", s.description.map(Into::into), "NULL"),
@@ -577,9 +610,21 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
             ),
             ("metadata", s.metadata.map(Into::into), "NULL"),
             ("enabled", s.enabled.map(Into::into), "true"),
+            ("roles", s.roles.map(Into::into), "'{}'"),
         ];
         for (field, value, default_sql) in plain_fields {
             set.assign(field, value, cleared.contains(&field), default_sql);
+        }
+        if let Some(effective) = effective {
+            set.set(
+                if perms_changed {
+                    "permissions"
+                } else {
+                    "roles"
+                },
+                "effective_permissions = $?",
+                vec![effective.map(JsonB).into()],
+            );
         }
         if let Some(expiry) = s.expiry {
             let (at, within) = expiry_sql(expiry);
@@ -1396,7 +1441,7 @@ mod tests {
         );
         assert_eq!(
             dumped.as_deref(),
-            Some("audit_log,audit_log_id_seq,keys,meters,signing_keys")
+            Some("audit_log,audit_log_id_seq,keys,meters,roles,signing_keys")
         );
     }
 }

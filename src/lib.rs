@@ -19,6 +19,7 @@ pub mod metering;
 mod owner;
 pub mod permissions;
 mod plans;
+mod roles;
 mod scan;
 mod schema;
 pub mod settings;

@@ -60,8 +60,8 @@ pub struct KeyRow {
     pub updater: Option<pg_sys::TransactionId>,
 }
 
-const N: usize = 21;
-/// COLUMNS from here on came with 0.6.0.
+const N: usize = 22;
+/// COLUMNS from here on came with 0.6.0 (and later).
 const FIRST_ADDED_IN_0_6: usize = 16;
 const COLUMNS: [&CStr; N] = [
     c"id",
@@ -85,6 +85,7 @@ const COLUMNS: [&CStr; N] = [
     c"refill_interval",
     c"rate_limit_window",
     c"rate_limit_algorithm",
+    c"effective_permissions",
 ];
 const ID: usize = 0;
 const HASH: usize = 1;
@@ -461,7 +462,10 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         previous_valid_until: get(at(3)),
         name: get(at(4)),
         owner: get(at(5)),
-        permissions: get(at(6)).unwrap_or_else(|| Jsonb::encode(&Value::Null)),
+        // A key with roles has its own permissions and theirs (kept current by management).
+        permissions: get(at(21))
+            .or_else(|| get(at(6)))
+            .unwrap_or_else(|| Jsonb::encode(&Value::Null)),
         metadata: get(at(7)),
         role: get(at(8)),
         master: get(at(9)).unwrap_or(false),

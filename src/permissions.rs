@@ -101,6 +101,20 @@ pub fn covers(granted: &Permissions, required: &Permissions) -> bool {
         .all(|(res, acts)| acts.iter().all(|act| allows(granted, res, act)))
 }
 
+/// What either document grants: a key's own permissions with those of its roles.
+pub fn union(a: &Permissions, b: &Permissions) -> Permissions {
+    let mut out = a.clone();
+    for (resource, actions) in b {
+        let list = out.entry(resource.clone()).or_default();
+        for action in actions {
+            if !list.contains(action) {
+                list.push(action.clone());
+            }
+        }
+    }
+    out
+}
+
 /// What both documents grant: a token may carry no more than its key grants *now*, so the
 /// context of a token is the intersection of the two. Exact: `covers(&intersect(a, b), r)`
 /// equals `covers(a, r) && covers(b, r)` for every `r` (a grant is a union of
@@ -323,6 +337,23 @@ mod unit {
             proptest::prop_assert!(covers(&perms, &perms));
             proptest::prop_assert!(covers(&everything, &perms));
             proptest::prop_assert!(covers(&perms, &Permissions::new()));
+        }
+    }
+
+    proptest::proptest! {
+        /// A union grants exactly what one of its parts grants.
+        #[test]
+        fn union_is_exact(
+            a in proptest::collection::btree_map("[ab*]", proptest::collection::vec("[xy*]", 0..3), 0..4),
+            b in proptest::collection::btree_map("[ab*]", proptest::collection::vec("[xy*]", 0..3), 0..4),
+            res in "[abc]",
+            act in "[xyz]",
+        ) {
+            let either = union(&a, &b);
+            proptest::prop_assert_eq!(
+                allows(&either, &res, &act),
+                allows(&a, &res, &act) || allows(&b, &res, &act)
+            );
         }
     }
 

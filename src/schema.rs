@@ -71,11 +71,26 @@ CREATE TABLE apikeys.keys (
     created_by           text NOT NULL,
     updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_by           text NOT NULL,
+    roles                text[] NOT NULL DEFAULT '{}',  -- apikeys.roles whose permissions the key has too
+    -- permissions ∪ the roles' permissions, kept current by every change of either (NULL: the
+    -- key has no roles, permissions alone): what verification reads, in the same row probe
+    effective_permissions jsonb,
     CHECK ((refill_amount IS NULL) = (refill_interval IS NULL)),
     CHECK ((rate_limit_max IS NULL) = (rate_limit_window IS NULL))
 );
 CREATE INDEX keys_owner_idx ON apikeys.keys (owner);
 CREATE INDEX keys_expires_at_idx ON apikeys.keys (expires_at) WHERE expires_at IS NOT NULL;
+-- The keys a role change reaches.
+CREATE INDEX keys_roles_idx ON apikeys.keys USING gin (roles);
+
+-- Named sets of permissions (SPEC §7): a key with roles has its own permissions and theirs.
+CREATE TABLE apikeys.roles (
+    name        text PRIMARY KEY,
+    permissions jsonb NOT NULL DEFAULT '{}',
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
 
 -- What use changes, apart from the keys the lookups read on every call: written by the metering
 -- engine's writer in batches (or, without shared_preload_libraries, by each verification).
@@ -123,6 +138,7 @@ CREATE INDEX signing_keys_live_idx ON apikeys.signing_keys (created_at) WHERE re
 
 SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.meters', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.roles', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
@@ -136,7 +152,7 @@ CREATE TYPE apikeys.api_key AS (
     rate_limit_max integer, rate_limit_window interval,
     request_count bigint, last_used_at timestamptz,
     created_at timestamptz, created_by text, updated_at timestamptz, updated_by text,
-    rate_limit_algorithm text
+    rate_limit_algorithm text, roles text[]
 );
 
 -- The result of every verification.
@@ -188,7 +204,8 @@ pub const API_KEY_ROW: &str =
      k.refill_amount, k.refill_interval, \
      CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END, \
      k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
-     k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm)::apikeys.api_key";
+     k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm, \
+     k.roles)::apikeys.api_key";
 
 /// The rows `API_KEY_ROW` reads.
 pub const API_KEY_FROM: &str = "apikeys.keys k LEFT JOIN apikeys.meters m \
@@ -220,6 +237,10 @@ mod tests {
         ("export_signing_key", "SELECT apikeys.export_signing_key('{kid}')", [false, true, true]),
         ("list_signing_keys", "SELECT count(*) FROM apikeys.list_signing_keys()", [false, true, true]),
         ("purge_signing_keys", "SELECT apikeys.purge_signing_keys()", [false, true, true]),
+        ("create_role", "SELECT apikeys.create_role('matrix_' || md5(random()::text))", [false, true, true]),
+        ("update_role", "SELECT apikeys.update_role('matrix_role', description => 'x')", [false, true, true]),
+        ("delete_role", "SELECT apikeys.delete_role(c.name) FROM apikeys.create_role('matrix_' || md5(random()::text)) c", [false, true, true]),
+        ("list_roles", "SELECT count(*) FROM apikeys.list_roles()", [false, true, true]),
         ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
         ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
         ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),
@@ -277,7 +298,9 @@ mod tests {
                 apikeys.update_api_key, apikeys.revoke_api_key, apikeys.delete_api_key,
                 apikeys.rotate_api_key, apikeys.delete_expired_api_keys, apikeys.rotate_signing_key,
                 apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys,
-                apikeys.purge_signing_keys TO matrix_admin");
+                apikeys.purge_signing_keys, apikeys.create_role, apikeys.update_role,
+                apikeys.delete_role, apikeys.list_roles TO matrix_admin");
+        run("SELECT apikeys.create_role('matrix_role')");
         assert_eq!(
             one::<bool>("SELECT extowner = current_user::regrole FROM pg_extension WHERE extname = 'pg_apikeys'"),
             Some(true)
@@ -321,7 +344,13 @@ mod tests {
         }
 
         // Tables: no one but the owner reads or writes them, not even a key administrator.
-        for (table, column) in [("keys", "id"), ("audit_log", "id"), ("signing_keys", "kid")] {
+        for (table, column) in [
+            ("keys", "id"),
+            ("audit_log", "id"),
+            ("signing_keys", "kid"),
+            ("meters", "key_id"),
+            ("roles", "name"),
+        ] {
             for (privilege, statement) in TABLE_PRIVILEGES {
                 for role in ["public", "matrix_public", "matrix_admin"] {
                     let has = one::<bool>(&format!(

@@ -58,13 +58,19 @@ pub fn text(arg: &'static str, value: Option<String>, max: usize) -> Checked<Opt
 
 /// A caller-chosen key id.
 pub fn id(id: &str) -> Checked<&str> {
+    name_like("id", id)
+}
+
+/// Ids, role names and other names that appear in URLs and logs: 1 to 128 characters of
+/// `[A-Za-z0-9_.:-]`.
+pub fn name_like<'a>(arg: &'static str, id: &'a str) -> Checked<&'a str> {
     let ok = (1..=MAX_ID_CHARS).contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
     if !ok {
         return Err(ArgError::new(
-            "id",
+            arg,
             format!(
                 "must be 1 to {MAX_ID_CHARS} characters of [A-Za-z0-9_.:-], got \"{}\"",
                 crate::errors::shown(id)
@@ -93,6 +99,31 @@ pub fn permissions(value: Option<Value>) -> Checked<Option<Value>> {
         Err(problem) => Err(ArgError::new("permissions", problem)
             .hint(r#"Example: {"orders": ["read", "write"], "reports": ["*"]}"#)),
     }
+}
+
+/// The most roles a key may have.
+pub const MAX_ROLES: usize = 32;
+
+/// A key's roles: names of apikeys.roles, each once, at most MAX_ROLES.
+pub fn roles(value: Option<Vec<Option<String>>>) -> Checked<Option<Vec<String>>> {
+    let Some(value) = value else { return Ok(None) };
+    let mut out: Vec<String> = Vec::new();
+    for name in value {
+        let Some(name) = name else {
+            return Err(ArgError::new("roles", "must not contain NULL"));
+        };
+        name_like("roles", &name)?;
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    if out.len() > MAX_ROLES {
+        return Err(ArgError::new(
+            "roles",
+            format!("must name at most {MAX_ROLES} roles, got {}", out.len()),
+        ));
+    }
+    Ok(Some(out))
 }
 
 /// Metadata is stored as given: whatever jsonb PostgreSQL accepts, within the size bound.
@@ -221,6 +252,7 @@ pub struct Args {
     pub rate_limit_window: Option<Span>,
     pub rate_limit_algorithm: Option<String>,
     pub enabled: Option<bool>,
+    pub roles: Option<Vec<Option<String>>>,
 }
 
 /// `Args`, each checked on its own. Pairs (refill, rate limit) are checked by `for_create`, or
@@ -241,6 +273,7 @@ pub struct Settings {
     pub rate_limit_window: Option<Span>,
     pub algorithm: Option<metering::Algorithm>,
     pub enabled: Option<bool>,
+    pub roles: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -266,6 +299,7 @@ impl Settings {
             rate_limit_window: positive("rate_limit_window", a.rate_limit_window)?,
             algorithm: algorithm(a.rate_limit_algorithm)?,
             enabled: a.enabled,
+            roles: roles(a.roles)?,
         })
     }
 
@@ -294,7 +328,7 @@ impl Settings {
     }
 
     /// Which fields (under their `clear` names) this call gives a value.
-    fn given(&self) -> [(&'static str, bool); 11] {
+    fn given(&self) -> [(&'static str, bool); 12] {
         [
             ("name", self.name.is_some()),
             ("owner", self.owner.is_some()),
@@ -307,6 +341,7 @@ impl Settings {
             ("refill", self.refill_given()),
             ("rate_limit", self.rate_limit_given()),
             ("enabled", self.enabled.is_some()),
+            ("roles", self.roles.is_some()),
         ]
     }
 }
@@ -325,6 +360,7 @@ fn clear_name(field: &str) -> Option<&'static str> {
         "refill" | "refill_amount" | "refill_interval" => "refill",
         "rate_limit" | "rate_limit_max" | "rate_limit_window" => "rate_limit",
         "enabled" => "enabled",
+        "roles" => "roles",
         _ => return None,
     })
 }
@@ -359,7 +395,7 @@ impl Update {
                 )
                 .hint(
                     "Fields: name, owner, description, permissions, metadata, role, expires_at, \
-                     remaining, refill, rate_limit, enabled.",
+                     remaining, refill, rate_limit, enabled, roles.",
                 ));
             };
             if !cleared.contains(&canonical) {
@@ -745,6 +781,24 @@ mod unit {
             (m.remaining, m.refill_amount, m.refill_interval),
             (None, None, None)
         );
+    }
+
+    #[test]
+    fn roles_are_names_each_listed_once() {
+        let some = |names: &[&str]| Some(names.iter().map(|n| Some(n.to_string())).collect());
+        assert_eq!(
+            roles(some(&["admin", "reader", "admin"])),
+            Ok(Some(vec!["admin".into(), "reader".into()]))
+        );
+        assert_eq!(roles(Some(vec![])), Ok(Some(vec![])));
+        assert_eq!(refused(roles(Some(vec![None]))).0, "roles");
+        assert_eq!(refused(roles(some(&["no spaces"]))).0, "roles");
+        let many: Vec<String> = (0..33).map(|i| format!("r{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(refused(roles(some(&many))).1.contains("at most 32"));
+        assert!(Update::check(Args::default(), vec!["roles".into()])
+            .unwrap()
+            .clears("roles"));
     }
 
     #[test]
