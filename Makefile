@@ -122,7 +122,7 @@ test-integration: install venv node
 	PG_APIKEYS_TEST_URL="host=127.0.0.1 port=$(TEST_PORT) user=postgres" \
 	  PG_APIKEYS_STANDBY_URL="host=127.0.0.1 port=$(STANDBY_PORT) user=postgres" PG_BIN=$$($(PG_CONFIG) --bindir) \
 	  PG_APIKEYS_PYTHON=$(CURDIR)/$(VENV)/bin/python \
-	  $(CARGO) test --features integration --test integration --test context --test security --test crash --test examples -- --test-threads=1; rc=$$?; \
+	  $(CARGO) test --features integration --test integration --test context --test security --test crash --test limits --test examples -- --test-threads=1; rc=$$?; \
 	  scripts/cluster.sh stop $(STANDBY_DIR) $(STANDBY_PORT); scripts/cluster.sh stop $(TEST_DIR) $(TEST_PORT); exit $$rc
 
 # Installs the package with dpkg (replacing what make install put there), uses it in a scratch

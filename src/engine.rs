@@ -527,6 +527,8 @@ pub struct Stored {
     pub counters: Counters,
     pub last_refill_us: Option<i64>,
     pub next_refill_us: Option<i64>,
+    /// `apikeys.keys.credits`, which `counters.remaining` includes.
+    pub credits: i64,
 }
 
 /// What a metered verification learns from the engine.
@@ -739,7 +741,12 @@ fn install(e: &mut Entry, stored: &Stored) -> bool {
         counters.window_count = before.window_count;
         counters.window_previous = before.window_previous;
         if e.version >= stored.remaining_version {
-            counters.remaining = before.remaining;
+            // The quota as counted here, plus what update_credits changed since (a decrement
+            // that spends raced past leaves nothing, not less).
+            let credited = stored.credits.saturating_sub(e.credits);
+            counters.remaining = before
+                .remaining
+                .map(|left| left.saturating_add(credited).max(0));
         }
         if e.version >= stored.refill_version {
             refill = (e.last_refill(), Some(e.next_refill_us));
@@ -747,6 +754,7 @@ fn install(e: &mut Entry, stored: &Stored) -> bool {
     }
     e.metered = true;
     e.version = stored.version;
+    e.credits = stored.credits;
     e.set_counters(&counters);
     e.last_refill_us = refill.0.unwrap_or(i64::MIN);
     e.next_refill_us = refill.1.unwrap_or(i64::MAX);
@@ -854,10 +862,22 @@ fn give_back(index: usize, key: &KeyRef<'_>, spent: i64, at: Option<(i64, i64)>)
 /// left and the last refill when they are still current (counted at a meter_version not older
 /// than the one management last set them at).
 pub struct Live {
+    /// `apikeys.keys.credits` that `remaining` includes.
+    pub credits: i64,
     pub uses: u64,
     pub last_used_us: Option<i64>,
     pub remaining: Option<Option<i64>>,
     pub last_refill_us: Option<Option<i64>>,
+}
+
+impl Live {
+    /// The quota left, with the credits of `apikeys.keys.credits` (`key_credits`) the entry has
+    /// not taken in yet; None when the entry's count is not current.
+    pub fn remaining_with(&self, key_credits: i64) -> Option<Option<i64>> {
+        let credited = key_credits.saturating_sub(self.credits);
+        self.remaining
+            .map(|r| r.map(|left| left.saturating_add(credited).max(0)))
+    }
 }
 
 /// `set_at`: the key's remaining_version and refill_version.
@@ -868,6 +888,7 @@ pub fn live(id: &str, created_us: i64, set_at: (i64, i64)) -> Option<Live> {
         let e = &s.slots[i];
         let (remaining_version, refill_version) = set_at;
         Some(Live {
+            credits: e.credits,
             uses: e.uses,
             last_used_us: (e.uses > 0).then_some(e.last_used_us),
             remaining: (e.metered && e.version >= remaining_version)

@@ -348,7 +348,13 @@ fn required_id(id: Option<String>) -> String {
 
 /// A row of `api_key_sql`: the key, when it was created, and the meter_versions at which
 /// management last set its quota and its refill.
-type Row = (ApiKey, i64, (i64, i64));
+struct Row {
+    key: ApiKey,
+    created_us: i64,
+    set_at: (i64, i64),
+    /// `keys.credits`: update_credits since the quota was last set.
+    credits: i64,
+}
 
 fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
     let key = errors::internal(row.get::<ApiKey>(1))?;
@@ -356,14 +362,21 @@ fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
         errors::internal(row.get::<TimestampWithTimeZone>(2)).map_or(0, verify::epoch_us);
     let remaining_version = errors::internal(row.get::<i64>(3)).unwrap_or(0);
     let refill_version = errors::internal(row.get::<i64>(4)).unwrap_or(0);
-    Some((key, created_us, (remaining_version, refill_version)))
+    let credits = errors::internal(row.get::<i64>(5)).unwrap_or(0);
+    Some(Row {
+        key,
+        created_us,
+        set_at: (remaining_version, refill_version),
+        credits,
+    })
 }
 
 /// The key with what shared memory holds beyond its rows: uses not written yet, and the quota
 /// as it is now. Called outside SPI: the tuple is rebuilt in the caller's memory context.
-fn with_live((key, created_us, set_at): Row) -> ApiKey {
+fn with_live(row: Row) -> ApiKey {
+    let key = row.key;
     let id = errors::internal(key.get_by_name::<String>("id")).unwrap_or_default();
-    let Some(live) = crate::engine::live(&id, created_us, set_at) else {
+    let Some(live) = crate::engine::live(&id, row.created_us, row.set_at) else {
         return key;
     };
     let mut key = key;
@@ -374,7 +387,7 @@ fn with_live((key, created_us, set_at): Row) -> ApiKey {
         let at = verify::from_epoch_us(at);
         errors::internal(key.set_by_name("last_used_at", written.map_or(at, |w| w.max(at))));
     }
-    if let Some(remaining) = live.remaining {
+    if let Some(remaining) = live.remaining_with(row.credits) {
         errors::internal(key.set_by_name("remaining", remaining));
     }
     if let Some(last_refill) = live.last_refill_us {
@@ -386,7 +399,7 @@ fn with_live((key, created_us, set_at): Row) -> ApiKey {
 /// The columns `read_row` reads, for keys `filter` selects (a WHERE clause over `k`).
 fn api_key_sql(filter: &str) -> String {
     format!(
-        "SELECT {API_KEY_ROW}, k.created_at, k.remaining_version, k.refill_version \
+        "SELECT {API_KEY_ROW}, k.created_at, k.remaining_version, k.refill_version, k.credits \
          FROM {API_KEY_FROM} {filter}"
     )
 }
@@ -526,12 +539,15 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
         // The quota as it stands: counted use (apikeys.meters, shared memory) included.
         let current = plans::update(
             client,
-            "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window,
-                    CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END,
-                    k.remaining_version, k.created_at, k.refill_version, k.permissions, k.roles
+            concat!(
+                "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window, ",
+                crate::remaining_sql!(),
+                ", k.remaining_version, k.created_at, k.refill_version, k.permissions, k.roles,
+                    k.credits
                FROM apikeys.keys k LEFT JOIN apikeys.meters m
                  ON m.key_id = k.id AND m.key_created_at = k.created_at
-              WHERE k.id = $1 FOR UPDATE OF k",
+              WHERE k.id = $1 FOR UPDATE OF k"
+            ),
             None,
             &[id.into()],
         );
@@ -555,10 +571,10 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
                 ))
             })());
         let live = crate::engine::live(id, created.map_or(0, verify::epoch_us), set_at);
-        let cur_remaining = match live.and_then(|l| l.remaining) {
-            Some(remaining) => remaining,
-            None => stored_remaining,
-        };
+        let key_credits = errors::internal(cur.get::<i64>(11)).unwrap_or(0);
+        let cur_remaining = live
+            .and_then(|l| l.remaining_with(key_credits))
+            .unwrap_or(stored_remaining);
         let merged = errors::checked(update.merge(&StoredLimits {
             refill_amount: cur_amount,
             refill_interval: cur_interval.map(span),
@@ -649,6 +665,8 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
         if remaining_set {
             set.set("remaining", "remaining = $?", vec![final_remaining.into()]);
             set.set("remaining", "remaining_version = meter_version + 1", vec![]);
+            // A set quota is what is left from now on: earlier credits are in it.
+            set.set("remaining", "credits = 0", vec![]);
         }
         if refill_set {
             set.set("refill", "refill_version = meter_version + 1", vec![]);

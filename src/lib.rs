@@ -7,6 +7,7 @@ mod audit;
 mod catalog;
 pub mod claims;
 mod context;
+pub mod credits;
 pub mod durations;
 mod engine;
 mod errors;

@@ -75,6 +75,9 @@ CREATE TABLE apikeys.keys (
     -- permissions ∪ the roles' permissions, kept current by every change of either (NULL: the
     -- key has no roles, permissions alone): what verification reads, in the same row probe
     effective_permissions jsonb,
+    -- credits added (or taken) by update_credits since remaining was last set: the quota left
+    -- is what was counted plus the credits added since (apikeys.meters.credits)
+    credits              bigint NOT NULL DEFAULT 0,
     CHECK ((refill_amount IS NULL) = (refill_interval IS NULL)),
     CHECK ((rate_limit_max IS NULL) = (rate_limit_window IS NULL))
 );
@@ -106,7 +109,8 @@ CREATE TABLE apikeys.meters (
     window_count    bigint NOT NULL DEFAULT 0,
     window_previous bigint NOT NULL DEFAULT 0, -- the previous sliding bucket's count
     request_count   bigint NOT NULL DEFAULT 0,
-    last_used_at    timestamptz
+    last_used_at    timestamptz,
+    credits         bigint NOT NULL DEFAULT 0  -- keys.credits that remaining includes
 ) WITH (fillfactor = 50);  -- room on each page for HOT updates: the writer updates every row often
 
 -- Every management action, with the database role that performed it.
@@ -194,18 +198,33 @@ GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
     finalize
 );
 
+/// The quota left as the rows hold it, over `API_KEY_FROM` (`k`, `m`): what use counted
+/// (`apikeys.meters`, while written at or after the version management last set `remaining`
+/// at, else the key's own) plus the credits added since, never below 0 (`(x + |x|) / 2` keeps
+/// NULL, unlimited, NULL).
+#[macro_export]
+macro_rules! remaining_sql {
+    () => {
+        "((CASE WHEN m.meter_version >= k.remaining_version \
+              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END) \
+          + abs(CASE WHEN m.meter_version >= k.remaining_version \
+              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END)) / 2"
+    };
+}
+
 /// Columns of `apikeys.api_key`, in order, as expressions over `API_KEY_FROM`: a key's row
 /// with what use has changed (as of the metering engine's last write; `keys::live` adds what
 /// shared memory holds beyond it).
-pub const API_KEY_ROW: &str =
+pub const API_KEY_ROW: &str = concat!(
     "ROW(k.id, k.name, k.owner, k.prefix, k.start, k.description, k.permissions, k.metadata, \
-     k.role, k.master, k.enabled, k.expires_at, k.revoked_at, \
-     CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END, \
-     k.refill_amount, k.refill_interval, \
+     k.role, k.master, k.enabled, k.expires_at, k.revoked_at, ",
+    remaining_sql!(),
+    ", k.refill_amount, k.refill_interval, \
      CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END, \
      k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
      k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm, \
-     k.roles)::apikeys.api_key";
+     k.roles)::apikeys.api_key"
+);
 
 /// The rows `API_KEY_ROW` reads.
 pub const API_KEY_FROM: &str = "apikeys.keys k LEFT JOIN apikeys.meters m \
@@ -241,6 +260,7 @@ mod tests {
         ("update_role", "SELECT apikeys.update_role('matrix_role', description => 'x')", [false, true, true]),
         ("delete_role", "SELECT apikeys.delete_role(c.name) FROM apikeys.create_role('matrix_' || md5(random()::text)) c", [false, true, true]),
         ("list_roles", "SELECT count(*) FROM apikeys.list_roles()", [false, true, true]),
+        ("update_credits", "SELECT apikeys.update_credits('{id}', 'set', 5)", [false, true, true]),
         ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
         ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
         ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),
@@ -299,7 +319,7 @@ mod tests {
                 apikeys.rotate_api_key, apikeys.delete_expired_api_keys, apikeys.rotate_signing_key,
                 apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys,
                 apikeys.purge_signing_keys, apikeys.create_role, apikeys.update_role,
-                apikeys.delete_role, apikeys.list_roles TO matrix_admin");
+                apikeys.delete_role, apikeys.list_roles, apikeys.update_credits TO matrix_admin");
         run("SELECT apikeys.create_role('matrix_role')");
         assert_eq!(
             one::<bool>("SELECT extowner = current_user::regrole FROM pg_extension WHERE extname = 'pg_apikeys'"),

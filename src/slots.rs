@@ -66,6 +66,9 @@ pub struct Entry {
     /// commits it is what a crash goes back to, so until then a spend must leave at least this
     /// much too to be covered, whichever counters it was collected from.
     pending_remaining: i64,
+    /// `apikeys.keys.credits` (update_credits since the quota was last set) that `remaining`
+    /// includes: a credit reaches the entry as a new meter_version, and adds what it changed.
+    pub credits: i64,
 }
 
 pub const FREE: Entry = Entry {
@@ -95,6 +98,7 @@ pub const FREE: Entry = Entry {
     written_version: NONE,
     written_refill_us: NONE,
     pending_remaining: NONE,
+    credits: 0,
 };
 
 fn opt(v: i64) -> Option<i64> {
@@ -568,10 +572,10 @@ mod unit {
     }
 
     #[test]
-    fn an_entry_and_its_list_places_take_at_most_296_bytes() {
+    fn an_entry_and_its_list_places_take_at_most_304_bytes() {
         // apikeys.shared_keys' description and README quote it.
         assert!(
-            std::mem::size_of::<Entry>() + 8 <= 296,
+            std::mem::size_of::<Entry>() + 8 <= 304,
             "{}",
             std::mem::size_of::<Entry>()
         );

@@ -553,15 +553,18 @@ impl Charged {
 /// The rows' counters: the quota left is `apikeys.meters`' when written at or after the version
 /// management last set `remaining` at, else the key's own; the same for the last refill; the
 /// window belongs to the key either way. The meter row's writes never go back in meter_version.
-const STORED_SQL: &str = "SELECT k.meter_version, k.remaining_version, k.refill_version,
-        CASE WHEN m.meter_version >= k.remaining_version THEN m.remaining ELSE k.remaining END,
+const STORED_SQL: &str = concat!(
+    "SELECT k.meter_version, k.remaining_version, k.refill_version, ",
+    crate::remaining_sql!(),
+    ",
         CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END,
         CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END
             + k.refill_interval,
-        m.window_start, COALESCE(m.window_count, 0), COALESCE(m.window_previous, 0)
+        m.window_start, COALESCE(m.window_count, 0), COALESCE(m.window_previous, 0), k.credits
    FROM apikeys.keys k LEFT JOIN apikeys.meters m
      ON m.key_id = k.id AND m.key_created_at = k.created_at
-  WHERE k.id = $1 AND k.created_at = $2";
+  WHERE k.id = $1 AND k.created_at = $2"
+);
 
 fn stored_from(row: &SpiHeapTupleData<'_>) -> SpiResult<crate::engine::Stored> {
     let ts = |t: Option<TimestampWithTimeZone>| t.map(epoch_us);
@@ -577,6 +580,7 @@ fn stored_from(row: &SpiHeapTupleData<'_>) -> SpiResult<crate::engine::Stored> {
         },
         last_refill_us: ts(row.get(5)?),
         next_refill_us: ts(row.get(6)?),
+        credits: row.get(10)?.unwrap_or(0),
     })
 }
 
@@ -718,10 +722,12 @@ fn meter_with_row_lock(
                 plans::update(
                     client,
                     "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
-                            last_refill_at, window_start, window_count, window_previous, request_count, last_used_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $9 > 0 THEN $10 END)
+                            last_refill_at, window_start, window_count, window_previous, request_count, last_used_at,
+                            credits)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $9 > 0 THEN $10 END, $11)
                      ON CONFLICT (key_id) DO UPDATE SET
                         meter_version = excluded.meter_version, remaining = excluded.remaining,
+                        credits = excluded.credits,
                         last_refill_at = excluded.last_refill_at, window_start = excluded.window_start,
                         window_count = excluded.window_count, window_previous = excluded.window_previous,
                         request_count = CASE WHEN m.key_created_at = excluded.key_created_at
@@ -743,6 +749,7 @@ fn meter_with_row_lock(
                         charge.after.window_previous.into(),
                         i64::from(valid).into(),
                         fresh.now.into(),
+                        stored.credits.into(),
                     ],
                 );
             }

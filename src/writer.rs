@@ -155,6 +155,8 @@ struct MeterRow {
     seq: u64,
     /// How much quota is written as spent ahead of the calls (`metering::write_ahead`).
     ahead: u8,
+    /// `apikeys.keys.credits` that `counters.remaining` includes.
+    credits: i64,
 }
 
 /// A batch of what is to be written: uses to add and counters to set.
@@ -234,6 +236,7 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                         last_refill: e.last_refill(),
                         seq: e.dirty_seq,
                         ahead,
+                        credits: e.credits,
                     });
                 }
                 // Off both lists (its uses are taken too). The last queued slot of this list
@@ -509,11 +512,12 @@ fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(S
     let starts = times(m.iter().map(|r| r.counters.window_start_us));
     let counts: Vec<i64> = m.iter().map(|r| r.counters.window_count).collect();
     let previous: Vec<i64> = m.iter().map(|r| r.counters.window_previous).collect();
+    let credits: Vec<i64> = m.iter().map(|r| r.credits).collect();
     let table = plans::update(
         client,
         "INSERT INTO apikeys.meters AS m (key_id, key_created_at, meter_version, remaining,
-                last_refill_at, window_start, window_count, window_previous, request_count)
-         SELECT u.id, u.c, u.v, u.r, u.lr, u.ws, u.wc, u.wp, 0
+                last_refill_at, window_start, window_count, window_previous, request_count, credits)
+         SELECT u.id, u.c, u.v, u.r, u.lr, u.ws, u.wc, u.wp, 0, u.cr
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
                            pg_catalog.unnest($2::pg_catalog.timestamptz[]),
                            pg_catalog.unnest($3::pg_catalog.int8[]),
@@ -521,13 +525,15 @@ fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(S
                            pg_catalog.unnest($5::pg_catalog.timestamptz[]),
                            pg_catalog.unnest($6::pg_catalog.timestamptz[]),
                            pg_catalog.unnest($7::pg_catalog.int8[]),
-                           pg_catalog.unnest($8::pg_catalog.int8[])) u(id, c, v, r, lr, ws, wc, wp)
+                           pg_catalog.unnest($8::pg_catalog.int8[]),
+                           pg_catalog.unnest($9::pg_catalog.int8[])) u(id, c, v, r, lr, ws, wc, wp, cr)
            JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) u.id
                               AND k.created_at OPERATOR(pg_catalog.=) u.c
          ON CONFLICT (key_id) DO UPDATE SET
             meter_version = excluded.meter_version, remaining = excluded.remaining,
             last_refill_at = excluded.last_refill_at, window_start = excluded.window_start,
             window_count = excluded.window_count, window_previous = excluded.window_previous,
+            credits = excluded.credits,
             request_count = CASE WHEN m.key_created_at OPERATOR(pg_catalog.=) excluded.key_created_at
                                  THEN m.request_count ELSE 0 END,
             key_created_at = excluded.key_created_at
@@ -544,6 +550,7 @@ fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(S
             starts.into(),
             counts.into(),
             previous.into(),
+            credits.into(),
         ],
     );
     let written: std::collections::HashSet<String> = table
@@ -597,7 +604,8 @@ fn update_rows_in_place(
                 last_refill_at = CASE WHEN $5 THEN $8 ELSE m.last_refill_at END,
                 window_start = CASE WHEN $5 THEN $9 ELSE m.window_start END,
                 window_count = CASE WHEN $5 THEN $10 ELSE m.window_count END,
-                window_previous = CASE WHEN $5 THEN $11 ELSE m.window_previous END
+                window_previous = CASE WHEN $5 THEN $11 ELSE m.window_previous END,
+                credits = CASE WHEN $5 THEN $12 ELSE m.credits END
               WHERE m.key_id OPERATOR(pg_catalog.=) $1
                 AND m.key_created_at OPERATOR(pg_catalog.=) $2
                 AND (NOT $5 OR m.meter_version OPERATOR(pg_catalog.<=) $6)
@@ -615,6 +623,7 @@ fn update_rows_in_place(
                 counters.window_start_us.map(from_epoch_us).into(),
                 counters.window_count.into(),
                 counters.window_previous.into(),
+                meter.map_or(0, |m| m.credits).into(),
             ],
         );
         if updated.is_empty() {

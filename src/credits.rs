@@ -1,0 +1,329 @@
+//! Credits (SPEC §7): `update_credits` sets, adds to or takes from a key's quota atomically,
+//! while verifications keep spending it in shared memory. A `set` is a new quota (like
+//! `update_api_key(remaining => …)`); an increment or decrement is added to `keys.credits` and
+//! bumps the key's meter_version without setting `remaining`: the engine then adds what the
+//! credits changed to the quota it counted (`engine::install`), so no spend made meanwhile is
+//! lost and no credit is applied twice, and the rows hold it the same way (`remaining_sql!`).
+
+use crate::errors::{self, key_not_found};
+use crate::settings::{ArgError, Checked};
+use crate::{audit, plans, verify};
+use pgrx::prelude::*;
+use serde_json::json;
+
+/// What `update_credits` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// A new quota; None: unlimited.
+    Set(Option<i64>),
+    Increment(i64),
+    Decrement(i64),
+}
+
+impl Operation {
+    pub fn parse(operation: Option<&str>, amount: Option<i64>) -> Checked<Operation> {
+        let operation = operation.ok_or_else(|| {
+            ArgError::new(
+                "operation",
+                "must be 'set', 'increment' or 'decrement', got NULL",
+            )
+        })?;
+        let amount_needed = |op: fn(i64) -> Operation| match amount {
+            Some(n) if n >= 0 => Ok(op(n)),
+            Some(n) => Err(ArgError::new(
+                "amount",
+                format!("must not be negative, got {n}"),
+            )),
+            None => Err(ArgError::new(
+                "amount",
+                format!("must not be NULL for '{operation}'"),
+            )),
+        };
+        match operation {
+            "set" => match amount {
+                Some(n) if n < 0 => Err(ArgError::new(
+                    "amount",
+                    format!("must not be negative, got {n}"),
+                )),
+                _ => Ok(Operation::Set(amount)),
+            },
+            "increment" => amount_needed(Operation::Increment),
+            "decrement" => amount_needed(Operation::Decrement),
+            other => Err(ArgError::new(
+                "operation",
+                format!(
+                    "must be 'set', 'increment' or 'decrement', got \"{}\"",
+                    errors::shown(other)
+                ),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Set(_) => "set",
+            Operation::Increment(_) => "increment",
+            Operation::Decrement(_) => "decrement",
+        }
+    }
+
+    /// The quota after the operation, given the quota left now (None: unlimited).
+    pub fn apply(self, current: Option<i64>) -> Checked<Option<i64>> {
+        let no_quota = || {
+            ArgError::new(
+                "operation",
+                format!(
+                    "'{}' needs a key with a quota; this one is unlimited",
+                    self.name()
+                ),
+            )
+            .hint("Set a quota first: update_credits(id, 'set', amount).")
+        };
+        match self {
+            Operation::Set(amount) => Ok(amount),
+            Operation::Increment(n) => {
+                let left = current.ok_or_else(no_quota)?;
+                Ok(Some(left.checked_add(n).ok_or_else(|| {
+                    ArgError::new("amount", "would make the quota overflow a bigint")
+                })?))
+            }
+            Operation::Decrement(n) => {
+                let left = current.ok_or_else(no_quota)?;
+                if n > left {
+                    return Err(ArgError::new(
+                        "amount",
+                        format!("would take the quota below 0: {left} left, {n} to take"),
+                    ));
+                }
+                Ok(Some(left - n))
+            }
+        }
+    }
+}
+
+/// Sets, increments or decrements a key's quota (`remaining`) atomically and returns the new
+/// quota (NULL: unlimited). `set` with a NULL amount makes the key unlimited (its refill goes
+/// too); `increment`/`decrement` need a key with a quota, and a decrement below 0 is refused.
+/// Spends made by concurrent verifications are never lost.
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn update_credits(
+    id: Option<String>,
+    operation: Option<String>,
+    amount: Option<i64>,
+) -> Option<i64> {
+    let id = id.unwrap_or_else(|| errors::invalid_argument("id", "must not be NULL"));
+    let op = errors::checked(Operation::parse(operation.as_deref(), amount));
+    Spi::connect_mut(|client| {
+        let current = plans::update(
+            client,
+            concat!(
+                "SELECT ",
+                crate::remaining_sql!(),
+                ", k.created_at, k.remaining_version, k.refill_version, k.credits
+                   FROM apikeys.keys k LEFT JOIN apikeys.meters m
+                     ON m.key_id = k.id AND m.key_created_at = k.created_at
+                  WHERE k.id = $1 FOR UPDATE OF k"
+            ),
+            None,
+            &[id.as_str().into()],
+        );
+        if current.is_empty() {
+            key_not_found(&id);
+        }
+        let row = current.first();
+        let stored = errors::internal(row.get::<i64>(1));
+        let created_us =
+            errors::internal(row.get::<TimestampWithTimeZone>(2)).map_or(0, verify::epoch_us);
+        let set_at = (
+            errors::internal(row.get::<i64>(3)).unwrap_or(0),
+            errors::internal(row.get::<i64>(4)).unwrap_or(0),
+        );
+        let credits = errors::internal(row.get::<i64>(5)).unwrap_or(0);
+        let now = crate::engine::live(&id, created_us, set_at)
+            .and_then(|l| l.remaining_with(credits))
+            .unwrap_or(stored);
+        let after = errors::checked(op.apply(now));
+        let actor = audit::actor();
+        match op {
+            Operation::Set(amount) => plans::update(
+                client,
+                "UPDATE apikeys.keys SET remaining = $2, credits = 0,
+                        meter_version = meter_version + 1, remaining_version = meter_version + 1,
+                        refill_amount = CASE WHEN $2 IS NULL THEN NULL ELSE refill_amount END,
+                        refill_interval = CASE WHEN $2 IS NULL THEN NULL ELSE refill_interval END,
+                        last_refill_at = CASE WHEN $2 IS NULL THEN NULL ELSE last_refill_at END,
+                        refill_version = CASE WHEN $2 IS NULL THEN meter_version + 1
+                                              ELSE refill_version END,
+                        updated_at = clock_timestamp(), updated_by = $3
+                  WHERE id = $1",
+                None,
+                &[id.as_str().into(), amount.into(), actor.into()],
+            ),
+            Operation::Increment(n) | Operation::Decrement(n) => {
+                let delta = if matches!(op, Operation::Increment(_)) {
+                    n
+                } else {
+                    -n
+                };
+                plans::update(
+                    client,
+                    "UPDATE apikeys.keys SET credits = credits + $2,
+                            meter_version = meter_version + 1,
+                            updated_at = clock_timestamp(), updated_by = $3
+                      WHERE id = $1",
+                    None,
+                    &[id.as_str().into(), delta.into(), actor.into()],
+                )
+            }
+        };
+        audit::record(
+            client,
+            "update_credits",
+            Some(&id),
+            json!({"operation": op.name(), "amount": amount, "remaining": after}),
+        );
+        after
+    })
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn operations_and_their_arguments() {
+        assert_eq!(
+            Operation::parse(Some("set"), Some(5)),
+            Ok(Operation::Set(Some(5)))
+        );
+        assert_eq!(
+            Operation::parse(Some("set"), None),
+            Ok(Operation::Set(None))
+        );
+        assert_eq!(
+            Operation::parse(Some("increment"), Some(3)),
+            Ok(Operation::Increment(3))
+        );
+        assert_eq!(
+            Operation::parse(Some("decrement"), Some(0)),
+            Ok(Operation::Decrement(0))
+        );
+        for (op, amount, arg) in [
+            (Some("add"), Some(1), "operation"),
+            (None, Some(1), "operation"),
+            (Some("increment"), None, "amount"),
+            (Some("decrement"), Some(-1), "amount"),
+            (Some("set"), Some(-1), "amount"),
+        ] {
+            assert_eq!(
+                Operation::parse(op, amount).unwrap_err().arg,
+                arg,
+                "{op:?} {amount:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn credits_change_a_quota_and_never_take_it_below_zero() {
+        assert_eq!(Operation::Increment(3).apply(Some(2)), Ok(Some(5)));
+        assert_eq!(Operation::Decrement(2).apply(Some(2)), Ok(Some(0)));
+        assert_eq!(
+            Operation::Decrement(3).apply(Some(2)).unwrap_err().arg,
+            "amount"
+        );
+        assert_eq!(
+            Operation::Increment(1).apply(None).unwrap_err().arg,
+            "operation"
+        );
+        assert_eq!(
+            Operation::Decrement(1).apply(None).unwrap_err().arg,
+            "operation"
+        );
+        assert_eq!(Operation::Set(None).apply(Some(7)), Ok(None));
+        assert_eq!(Operation::Set(Some(9)).apply(None), Ok(Some(9)));
+        assert!(Operation::Increment(i64::MAX).apply(Some(1)).is_err());
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    fn credits(id: &str, op: &str, amount: &str) -> Option<i64> {
+        one::<i64>(&format!(
+            "SELECT apikeys.update_credits('{id}', '{op}', {amount})"
+        ))
+    }
+
+    #[pg_test]
+    fn credits_add_to_what_use_left() {
+        let (id, key) = create("remaining => 3");
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(2));
+        assert_eq!(credits(&id, "increment", "10"), Some(12));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(11));
+        assert_eq!(credits(&id, "decrement", "5"), Some(6));
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
+            )),
+            Some(6)
+        );
+        assert_eq!(credits(&id, "set", "1"), Some(1));
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(code(&key, ""), "USAGE_EXCEEDED");
+        assert_eq!(credits(&id, "increment", "2"), Some(2));
+        assert_eq!(code(&key, "cost => 2"), "VALID");
+        assert_eq!(credits(&id, "set", "NULL"), None);
+        assert_eq!(field::<i64>(&key, "", "remaining"), None);
+        assert_eq!(code(&key, "cost => 1000"), "VALID");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT string_agg(details->>'operation', ',' ORDER BY id) FROM apikeys.audit_log
+                  WHERE key_id = '{id}' AND action = 'update_credits'"
+            ))
+            .as_deref(),
+            Some("increment,decrement,set,increment,set")
+        );
+    }
+
+    #[pg_test]
+    fn credits_refuse_what_cannot_be_done() {
+        let (id, _) = create("");
+        assert_error(
+            &format!("SELECT apikeys.update_credits('{id}', 'increment', 1)"),
+            "22023",
+            "needs a key with a quota",
+        );
+        let (id, _) = create("remaining => 2");
+        assert_error(
+            &format!("SELECT apikeys.update_credits('{id}', 'decrement', 3)"),
+            "22023",
+            "below 0",
+        );
+        assert_error(
+            &format!("SELECT apikeys.update_credits('{id}', 'double', 3)"),
+            "22023",
+            "\"operation\"",
+        );
+        assert_error(
+            "SELECT apikeys.update_credits('nope', 'set', 3)",
+            "P0002",
+            "nope",
+        );
+        assert_eq!(credits(&id, "increment", "0"), Some(2));
+    }
+
+    #[pg_test]
+    fn a_refill_replaces_credits_and_update_api_key_sets_over_them() {
+        let (id, key) = create("refill_amount => 5, refill_interval => '1 hour'");
+        assert_eq!(credits(&id, "increment", "5"), Some(10));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', remaining => 4)"
+        ));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(3));
+        assert_eq!(credits(&id, "increment", "1"), Some(4));
+    }
+}

@@ -1,0 +1,64 @@
+//! SPEC §7 under concurrency, against a real server (`make test-integration`): credits racing
+//! with spends, identities' shared limits, named and standalone rate limits.
+
+use std::thread;
+use std::time::Duration;
+
+mod common;
+use common::*;
+
+fn valid(counts: &std::collections::BTreeMap<String, usize>) -> i64 {
+    counts.get("VALID").copied().unwrap_or(0) as i64
+}
+
+/// update_credits('increment') from two sessions while eight others spend: every credit and
+/// every spend counts, exactly once.
+#[test]
+fn credits_racing_with_spends_are_never_lost() {
+    let mut client = connect();
+    let (id, key) = create(&mut client, "remaining => 100");
+    let adders: Vec<_> = (0..2)
+        .map(|_| {
+            let id = id.clone();
+            thread::spawn(move || {
+                let mut c = connect();
+                for _ in 0..5 {
+                    c.execute("SELECT apikeys.update_credits($1, 'increment', 10)", &[&id])
+                        .unwrap();
+                    thread::sleep(Duration::from_millis(3));
+                }
+            })
+        })
+        .collect();
+    let counts = hammer(&key, 8, 40);
+    for a in adders {
+        a.join().unwrap();
+    }
+    let left = remaining(&mut client, &id);
+    assert_eq!(
+        valid(&counts) + left,
+        100 + 2 * 5 * 10,
+        "{counts:?}, {left} left"
+    );
+    // What is left is spent exactly, then nothing more.
+    let counts = hammer(&key, 4, left as usize);
+    assert_eq!(valid(&counts), left, "{counts:?}");
+    assert_eq!(remaining(&mut client, &id), 0);
+}
+
+/// A credit rolled back with its transaction was never given.
+#[test]
+fn a_rolled_back_credit_is_no_credit() {
+    let mut client = connect();
+    let (id, key) = create(&mut client, "remaining => 2");
+    let mut tx = client.transaction().unwrap();
+    tx.execute(
+        "SELECT apikeys.update_credits($1, 'increment', 100)",
+        &[&id],
+    )
+    .unwrap();
+    tx.rollback().unwrap();
+    let counts = hammer(&key, 2, 5);
+    assert_eq!(valid(&counts), 2, "{counts:?}");
+    assert_eq!(remaining(&mut client, &id), 0);
+}
