@@ -100,6 +100,44 @@ pub fn show(months: i32, days: i32, micros: i64) -> String {
     parts.join(" ")
 }
 
+/// Reads what `show` wrote back (only that form: it is how the extension stores durations it
+/// read once with PostgreSQL's own parser).
+pub fn parse_shown(text: &str) -> Option<Span> {
+    let mut span = Span::default();
+    let mut words = text.split(' ').peekable();
+    while let Some(word) = words.next() {
+        if word.contains(':') {
+            let (sign, clock) = match word.strip_prefix('-') {
+                Some(rest) => (-1i64, rest),
+                None => (1, word),
+            };
+            let mut parts = clock.splitn(3, ':');
+            let hours: i64 = parts.next()?.parse().ok()?;
+            let minutes: i64 = parts.next()?.parse().ok()?;
+            let seconds = parts.next()?;
+            let (whole, frac) = seconds.split_once('.').unwrap_or((seconds, ""));
+            let whole: i64 = whole.parse().ok()?;
+            if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let frac: i64 = format!("{frac:0<6}").parse().ok()?;
+            let micros = ((hours * 60 + minutes) * 60 + whole)
+                .checked_mul(1_000_000)?
+                .checked_add(frac)?;
+            span.micros = sign * micros;
+            continue;
+        }
+        let n: i64 = word.parse().ok()?;
+        match words.next()? {
+            "year" | "years" => span.months += i32::try_from(n.checked_mul(12)?).ok()?,
+            "mon" | "mons" => span.months += i32::try_from(n).ok()?,
+            "day" | "days" => span.days += i32::try_from(n).ok()?,
+            _ => return None,
+        }
+    }
+    Some(span)
+}
+
 /// A token lifetime in milliseconds: positive and at most `max_ms`.
 pub fn check_ms(ms: i64, max_ms: i64) -> Result<i64, Refused> {
     if ms <= 0 {
@@ -166,6 +204,34 @@ mod unit {
         );
         assert_eq!(show(0, 0, 100 * 3_600_000_000), "100:00:00");
         assert_eq!(show(-24, 0, 0), "-2 years");
+    }
+
+    #[test]
+    fn shown_intervals_read_back() {
+        assert_eq!(parse_shown("00:00:00"), Some(Span::default()));
+        assert_eq!(
+            parse_shown("1 year 2 mons 1 day"),
+            Some(Span {
+                months: 14,
+                days: 1,
+                micros: 0
+            })
+        );
+        assert_eq!(
+            parse_shown("3 days 04:05:06.5").map(|s| s.micros),
+            Some(14_706_500_000)
+        );
+        assert_eq!(parse_shown("-00:00:01").map(|s| s.micros), Some(-1_000_000));
+        for bad in ["", "1 fortnight", "1:2", "x days", "00:00:01.1234567"] {
+            assert_eq!(parse_shown(bad), None, "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn what_is_shown_reads_back(months in -24_000i32..24_000, days in -400_000i32..400_000, micros in -(1i64 << 50)..(1i64 << 50)) {
+            prop_assert_eq!(parse_shown(&show(months, days, micros)), Some(Span { months, days, micros }));
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod guc;
 mod jsonb;
 pub mod key_format;
 mod keys;
+pub mod limits;
 mod lookup;
 pub mod metering;
 mod owner;
