@@ -128,10 +128,10 @@ pub fn init() {
 
 /// Verifies an API key or a token (told apart by shape) and, only when VALID, makes it the
 /// transaction's context. Charged like one verification (cost 1).
-fn try_authenticate(credential: Option<&str>, required: &permissions::Query) -> Verification {
+fn try_authenticate(credential: Option<&str>, request: &verify::Request) -> Verification {
     let v = match credential {
-        Some(c) if claims::looks_like_token(c) => tokens::verify_token_str(Some(c), required, 1),
-        other => verify::verify(other, required, 1),
+        Some(c) if claims::looks_like_token(c) => tokens::verify_token_str(Some(c), request),
+        other => verify::verify(other, request),
     };
     if v.code == Code::Valid {
         set(Some(Context::of(&v)));
@@ -177,9 +177,10 @@ fn credential_from_headers(headers: &Value) -> Result<Option<&str>, ()> {
 fn authenticate(
     credential: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
+    ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    let required = verify::required_permissions(required);
-    let v = try_authenticate(credential, &required);
+    let request = verify::Request::from_args(required, Some(1), ratelimits);
+    let v = try_authenticate(credential, &request);
     if v.code != Code::Valid {
         let key = v
             .key_id
@@ -209,7 +210,7 @@ fn authenticate_headers(
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let headers = jsonb::argument("headers", headers).unwrap_or(Value::Null);
     match credential_from_headers(&headers) {
-        Ok(Some(credential)) => try_authenticate(Some(credential), &permissions::Query::nothing()),
+        Ok(Some(credential)) => try_authenticate(Some(credential), &verify::Request::plain(1)),
         Ok(None) | Err(()) => Verification::not_found(),
     }
     .into_row()

@@ -138,6 +138,47 @@ pub fn parse_shown(text: &str) -> Option<Span> {
     Some(span)
 }
 
+/// `epoch_us` (microseconds since 1970-01-01 UTC) as ISO 8601 in UTC:
+/// `2026-11-30T23:45:01.250000Z`.
+pub fn iso8601(epoch_us: i64) -> String {
+    let days = epoch_us.div_euclid(86_400_000_000);
+    let rest = epoch_us.rem_euclid(86_400_000_000);
+    let (y, m, d) = civil_from_days(days);
+    let secs = rest / 1_000_000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        rest % 1_000_000
+    )
+}
+
+/// The proleptic Gregorian date of a day count from 1970-01-01 (H. Hinnant's algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The day count from 1970-01-01 of a proleptic Gregorian date (inverse of `civil_from_days`).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// A token lifetime in milliseconds: positive and at most `max_ms`.
 pub fn check_ms(ms: i64, max_ms: i64) -> Result<i64, Refused> {
     if ms <= 0 {
@@ -204,6 +245,26 @@ mod unit {
         );
         assert_eq!(show(0, 0, 100 * 3_600_000_000), "100:00:00");
         assert_eq!(show(-24, 0, 0), "-2 years");
+    }
+
+    #[test]
+    fn timestamps_are_written_in_iso_8601() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            iso8601(1_796_083_501_250_000),
+            "2026-12-01T00:05:01.250000Z"
+        );
+        assert_eq!(iso8601(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(iso8601(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    proptest! {
+        #[test]
+        fn civil_dates_and_day_counts_agree(days in -1_000_000i64..1_000_000) {
+            let (y, m, d) = civil_from_days(days);
+            prop_assert!((1..=12).contains(&m) && (1..=31).contains(&d));
+            prop_assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]

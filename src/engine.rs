@@ -531,9 +531,102 @@ pub struct Stored {
     pub credits: i64,
 }
 
+/// A rate-limit window kept in shared memory only (a named limit of a key, or a standalone
+/// limit): its entry, its limit and what this call takes from it. A server restart reopens it.
+#[derive(Clone, Debug)]
+pub struct Window {
+    /// `window_id` of what it limits.
+    pub id: String,
+    pub created_us: i64,
+    pub rate: metering::Rate,
+    pub cost: i64,
+}
+
+/// The id of the window entry of `parts` (e.g. key id and limit name): byte 1 (no key id has it)
+/// and the SHA-256 of the parts, so that any name fits the table's 128-byte ids.
+pub fn window_id(kind: u8, parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update([kind]);
+    for part in parts {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut id = String::with_capacity(65);
+    id.push(char::from(slots::WINDOW_TAG));
+    for b in digest {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+/// A window after a call: what is left of it, when its bucket (or fixed window) ends, and
+/// whether it refused the call.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowState {
+    pub remaining: i64,
+    pub reset_us: Option<i64>,
+    pub exceeded: bool,
+}
+
 /// What a metered verification learns from the engine.
 pub struct Metered {
     pub charge: Charge,
+    /// The call's windows, in the order given; when one refused, `charge` took nothing.
+    pub windows: Vec<WindowState>,
+    /// What the key's own counters alone decided.
+    pub own: metering::Verdict,
+}
+
+/// Finds (or makes) the entries of `windows`; None when the table has no room for one.
+fn window_slots(s: &mut Shared<'_>, db: u32, windows: &[Window]) -> Option<Vec<usize>> {
+    windows
+        .iter()
+        .map(|w| {
+            s.insert(&KeyRef {
+                db,
+                id: &w.id,
+                created_us: w.created_us,
+            })
+        })
+        .collect()
+}
+
+/// Judges `windows` (entries `at`) at `now_us`, charging them when `take`; returns their states
+/// and whether every one allows the call.
+fn judge_windows(
+    s: &mut Shared<'_>,
+    windows: &[Window],
+    at: &[usize],
+    now_us: i64,
+    take: bool,
+) -> (Vec<WindowState>, bool) {
+    let mut states = Vec::with_capacity(windows.len());
+    let mut all = true;
+    for (w, &i) in windows.iter().zip(at) {
+        let e = &mut s.slots[i];
+        let limits = metering::Limits {
+            rate: Some(w.rate),
+            ..metering::Limits::default()
+        };
+        let charge = metering::charge(&e.counters(), &limits, now_us, w.cost, take);
+        let exceeded = charge.verdict != metering::Verdict::Allowed;
+        all &= !exceeded;
+        if take {
+            e.set_counters(&charge.after);
+            e.last_access_us = now_us;
+            // A sliding window counts the previous bucket: two windows after this call.
+            let needed = now_us.saturating_add(w.rate.window_us.saturating_mul(2));
+            e.set_window_needed_until(e.window_needed_until().max(needed).min(i64::MAX - 1));
+        }
+        states.push(WindowState {
+            remaining: charge.rate_remaining.unwrap_or(0),
+            reset_us: charge.reset_us,
+            exceeded,
+        });
+    }
+    (states, all)
 }
 
 /// Why the engine cannot meter this key: the caller falls back to row locks.
@@ -566,6 +659,11 @@ pub struct Call<'a> {
     pub now_us: i64,
     pub cost: i64,
     pub permitted: bool,
+    /// What the call takes from the key's own window, when not `cost`.
+    pub rate_cost: Option<i64>,
+    /// Windows the call also applies: all of them and the key's counters allow it, or nothing
+    /// is taken from any.
+    pub windows: &'a [Window],
 }
 
 /// Charges a metered key in shared memory: loads it on first use (`load`, which reads the
@@ -583,6 +681,8 @@ pub fn meter(
         now_us,
         cost,
         permitted,
+        rate_cost,
+        windows,
     } = *call;
     let Some(index) = database_index() else {
         return Err(Unavailable::NoEngine);
@@ -602,6 +702,7 @@ pub fn meter(
             Stale,
             Load,
             Refill,
+            NoRoom,
             Done(Metered, Option<u64>),
         }
         let step = with_shared(true, |s| {
@@ -611,7 +712,7 @@ pub fn meter(
             let Some(i) = slots::find(s.slots, &key) else {
                 return Step::Load;
             };
-            let e = &mut s.slots[i];
+            let e = &s.slots[i];
             if !e.metered || e.version < version {
                 return Step::Load;
             }
@@ -619,8 +720,28 @@ pub fn meter(
             if due && next_refill.is_none() {
                 return Step::Refill;
             }
-            let limits = config.limits(due);
-            let charge = metering::charge(&e.counters(), &limits, now_us, cost, permitted);
+            // Inserting entries never moves others: `i` stays the key's slot.
+            let Some(at) = window_slots(s, db, windows) else {
+                return Step::NoRoom;
+            };
+            let limits = metering::Limits {
+                rate_cost,
+                ..config.limits(due)
+            };
+            // Every limit is judged before any is charged: a call one of them refuses takes
+            // nothing from the others.
+            let (_, windows_allow) = judge_windows(s, windows, &at, now_us, false);
+            let key_allows = metering::charge(&s.slots[i].counters(), &limits, now_us, cost, false)
+                .verdict
+                == metering::Verdict::Allowed;
+            let take = permitted && windows_allow && key_allows;
+            let (window_states, _) = judge_windows(s, windows, &at, now_us, take);
+            let e = &mut s.slots[i];
+            let mut charge = metering::charge(&e.counters(), &limits, now_us, cost, take);
+            let own = charge.verdict;
+            if key_allows && !windows_allow {
+                charge.verdict = metering::Verdict::RateLimited;
+            }
             e.last_access_us = now_us;
             let changed = charge.after != e.counters() || charge.refilled;
             if charge.refilled {
@@ -648,7 +769,14 @@ pub fn meter(
             if wait_for.is_some() || running_low || (changed && s.database(index).writer_pid == 0) {
                 s.wake_writer(index);
             }
-            Step::Done(Metered { charge }, wait_for)
+            Step::Done(
+                Metered {
+                    charge,
+                    windows: window_states,
+                    own,
+                },
+                wait_for,
+            )
         });
         match step {
             None => return Err(Unavailable::NoEngine),
@@ -656,6 +784,7 @@ pub fn meter(
                 DATABASE.with(|d| d.set(None));
                 index = database_index().ok_or(Unavailable::NoEngine)?;
             }
+            Some(Step::NoRoom) => wait_for_room(index, &mut room_deadline),
             Some(Step::Refill) => {
                 let next = config
                     .refill_interval

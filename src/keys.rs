@@ -123,6 +123,7 @@ fn args(
     rate_limit_algorithm: Option<String>,
     enabled: Option<bool>,
     roles: Option<Vec<Option<String>>>,
+    ratelimits: Option<Jsonb>,
 ) -> Args {
     Args {
         name,
@@ -141,7 +142,16 @@ fn args(
         rate_limit_algorithm,
         enabled,
         roles,
+        ratelimits: jsonb::argument("ratelimits", ratelimits)
+            .map(|v| crate::limits::parse_config(&v, pg_duration)),
     }
+}
+
+/// A duration as PostgreSQL reads interval text (any IntervalStyle input).
+pub(crate) fn pg_duration(text: &str) -> Result<Span, String> {
+    text.parse::<Interval>()
+        .map(span)
+        .map_err(|_| format!("is not an interval: \"{}\"", errors::shown(text)))
 }
 
 // ---- SQL functions ----
@@ -161,11 +171,11 @@ fn insert_sql(id_given: bool) -> String {
                 permissions, metadata, role, master, enabled, expires_at, remaining,
                 refill_amount, refill_interval, last_refill_at, rate_limit_max,
                 rate_limit_window, created_by, updated_by, rate_limit_algorithm, roles,
-                effective_permissions)
+                effective_permissions, ratelimits)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                 COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
                 CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22,
-                $23, $24)
+                $23, $24, $25)
             {on_conflict}
             RETURNING id, expires_at, created_at
         ), audit AS (
@@ -202,6 +212,7 @@ fn create_api_key(
     enabled: default!(Option<bool>, true),
     rate_limit_algorithm: default!(Option<String>, "NULL"),
     roles: default!(Option<Vec<Option<String>>>, "NULL"),
+    ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -232,6 +243,7 @@ fn create_api_key(
         rate_limit_algorithm,
         enabled,
         roles,
+        ratelimits,
     )));
     let id_given = id.is_some();
     let id = match id {
@@ -325,6 +337,10 @@ fn insert_key(
             algorithm.as_str().into(),
             roles.into(),
             effective.map(JsonB).into(),
+            s.ratelimits
+                .filter(|l| !l.is_empty())
+                .map(|l| JsonB(crate::limits::to_json(&l)))
+                .into(),
         ];
         let table = plans::update(client, &insert_sql(new.id_given), None, &args);
         if table.is_empty() {
@@ -507,6 +523,7 @@ fn update_api_key(
     clear: default!(Option<Vec<Option<String>>>, "NULL"),
     rate_limit_algorithm: default!(Option<String>, "NULL"),
     roles: default!(Option<Vec<Option<String>>>, "NULL"),
+    ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = required_id(id);
     let update = errors::checked(Update::check(
@@ -527,6 +544,7 @@ fn update_api_key(
             rate_limit_algorithm,
             enabled,
             roles,
+            ratelimits,
         ),
         clear.unwrap_or_default().into_iter().flatten().collect(),
     ));
@@ -614,7 +632,7 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
             args: vec![id.into()],
             changed: vec![],
         };
-        let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 8] = [
+        let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 9] = [
             ("name", s.name.map(Into::into), "NULL"),
             ("owner", s.owner.map(Into::into), "NULL"),
             ("description", s.description.map(Into::into), "NULL"),
@@ -627,6 +645,15 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
             ("metadata", s.metadata.map(Into::into), "NULL"),
             ("enabled", s.enabled.map(Into::into), "true"),
             ("roles", s.roles.map(Into::into), "'{}'"),
+            (
+                "ratelimits",
+                s.ratelimits.map(|l| {
+                    (!l.is_empty())
+                        .then(|| JsonB(crate::limits::to_json(&l)))
+                        .into()
+                }),
+                "NULL",
+            ),
         ];
         for (field, value, default_sql) in plain_fields {
             set.assign(field, value, cleared.contains(&field), default_sql);

@@ -55,12 +55,14 @@ pub struct KeyRow {
     pub refill_interval: Option<pgrx::datum::Interval>,
     pub rate_limit_window: Option<pgrx::datum::Interval>,
     pub rate_limit_algorithm: Option<String>,
+    /// Named rate limits (SPEC §7), as stored; None for a key without.
+    pub ratelimits: Option<Jsonb>,
     /// A transaction still in progress that updated or deleted this version (a management
     /// change not committed yet), other than the caller's own.
     pub updater: Option<pg_sys::TransactionId>,
 }
 
-const N: usize = 22;
+const N: usize = 23;
 /// COLUMNS from here on came with 0.6.0 (and later).
 const FIRST_ADDED_IN_0_6: usize = 16;
 const COLUMNS: [&CStr; N] = [
@@ -86,6 +88,7 @@ const COLUMNS: [&CStr; N] = [
     c"rate_limit_window",
     c"rate_limit_algorithm",
     c"effective_permissions",
+    c"ratelimits",
 ];
 const ID: usize = 0;
 const HASH: usize = 1;
@@ -480,6 +483,7 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         refill_interval: get(at(18)),
         rate_limit_window: get(at(19)),
         rate_limit_algorithm: get(at(20)),
+        ratelimits: get(at(22)),
         updater: None,
     }
 }

@@ -64,6 +64,8 @@ pub struct Limits {
     pub refill_amount: Option<i64>,
     pub refill_due: bool,
     pub rate: Option<Rate>,
+    /// What the call takes from the window when not the call's cost (a named limit's cost).
+    pub rate_cost: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,13 +135,14 @@ pub fn charge(c: &Counters, limits: &Limits, now_us: i64, cost: i64, permitted: 
     let window = limits
         .rate
         .map(|rate| (rate, current_window(c, &rate, now_us)));
+    let rate_cost = limits.rate_cost.unwrap_or(cost);
     let over_quota = remaining.is_some_and(|r| r < cost);
     let over_rate = window.is_some_and(|(rate, (start, count, previous))| match rate.algorithm {
-        Algorithm::Fixed => count.saturating_add(cost) > rate.max,
+        Algorithm::Fixed => count.saturating_add(rate_cost) > rate.max,
         Algorithm::Sliding => {
             let elapsed = now_us - start.unwrap_or(now_us);
             sliding_estimate(
-                count.saturating_add(cost),
+                count.saturating_add(rate_cost),
                 previous,
                 rate.window_us.max(1),
                 elapsed,
@@ -162,14 +165,19 @@ pub fn charge(c: &Counters, limits: &Limits, now_us: i64, cost: i64, permitted: 
         remaining: remaining.map(|r| r - taken),
         ..*c
     };
+    let window_taken = if verdict == Verdict::Allowed && permitted {
+        rate_cost
+    } else {
+        0
+    };
     let (mut rate_remaining, mut reset_us) = (None, None);
     if let Some((rate, (start, count, previous))) = window {
         let window = rate.window_us.max(1);
-        let count = count + taken;
+        let count = count + window_taken;
         match rate.algorithm {
             Algorithm::Fixed => {
                 // A window opens with the first call that takes something from it.
-                let start = start.or((taken > 0).then_some(now_us));
+                let start = start.or((window_taken > 0).then_some(now_us));
                 rate_remaining = Some((rate.max - count).max(0));
                 reset_us = start.map(|s| s.saturating_add(window));
                 if start.is_some() {

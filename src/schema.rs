@@ -78,6 +78,8 @@ CREATE TABLE apikeys.keys (
     -- credits added (or taken) by update_credits since remaining was last set: the quota left
     -- is what was counted plus the credits added since (apikeys.meters.credits)
     credits              bigint NOT NULL DEFAULT 0,
+    -- named rate limits (SPEC §7): [{"name", "limit", "duration", "auto_apply"}], NULL: none
+    ratelimits           jsonb,
     CHECK ((refill_amount IS NULL) = (refill_interval IS NULL)),
     CHECK ((rate_limit_max IS NULL) = (rate_limit_window IS NULL))
 );
@@ -156,7 +158,7 @@ CREATE TYPE apikeys.api_key AS (
     rate_limit_max integer, rate_limit_window interval,
     request_count bigint, last_used_at timestamptz,
     created_at timestamptz, created_by text, updated_at timestamptz, updated_by text,
-    rate_limit_algorithm text, roles text[]
+    rate_limit_algorithm text, roles text[], ratelimits jsonb
 );
 
 -- The result of every verification.
@@ -164,7 +166,11 @@ CREATE TYPE apikeys.verification AS (
     valid boolean, code text, key_id text, owner text, name text, role text,
     permissions jsonb, metadata jsonb, expires_at timestamptz,
     remaining bigint, rate_limit_remaining bigint, rate_limit_reset timestamptz,
-    claims jsonb
+    claims jsonb,
+    -- one object per rate limit applied: name, level, limit, remaining, reset_at, exceeded
+    ratelimits jsonb,
+    limited_by text,           -- key or identity: which level refused (USAGE_EXCEEDED, RATE_LIMITED)
+    identity_remaining bigint  -- the quota left of the key's identity
 );
 "#,
     name = "data_model",
@@ -178,13 +184,13 @@ REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
 GRANT USAGE ON SCHEMA apikeys TO PUBLIC;
-GRANT EXECUTE ON FUNCTION apikeys.verify_key(text, jsonb, integer) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.verify_key(text, jsonb, integer, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer, jsonb) TO PUBLIC;
 -- Minting needs a valid API key, which is its own authorization.
 GRANT EXECUTE ON FUNCTION apikeys.mint_token(text, bigint, text, jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.jwks() TO PUBLIC;
 -- The request context: authenticating needs a valid credential, reading it needs nothing.
-GRANT EXECUTE ON FUNCTION apikeys.authenticate(text, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.authenticate(text, jsonb, jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.authenticate_headers(jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.authenticate_request() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.current_key_id() TO PUBLIC;
@@ -223,7 +229,7 @@ pub const API_KEY_ROW: &str = concat!(
      CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END, \
      k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
      k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm, \
-     k.roles)::apikeys.api_key"
+     k.roles, k.ratelimits)::apikeys.api_key"
 );
 
 /// The rows `API_KEY_ROW` reads.

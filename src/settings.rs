@@ -5,6 +5,7 @@
 
 use crate::durations::Span;
 use crate::jsonb::Jsonb;
+use crate::limits::NamedLimit;
 use crate::{key_format, metering, permissions};
 use serde_json::Value;
 
@@ -253,6 +254,9 @@ pub struct Args {
     pub rate_limit_algorithm: Option<String>,
     pub enabled: Option<bool>,
     pub roles: Option<Vec<Option<String>>>,
+    /// Named rate limits, already read (`limits::parse_config` needs PostgreSQL's interval
+    /// parser): Err says why they were refused.
+    pub ratelimits: Option<Result<Vec<NamedLimit>, String>>,
 }
 
 /// `Args`, each checked on its own. Pairs (refill, rate limit) are checked by `for_create`, or
@@ -274,6 +278,7 @@ pub struct Settings {
     pub algorithm: Option<metering::Algorithm>,
     pub enabled: Option<bool>,
     pub roles: Option<Vec<String>>,
+    pub ratelimits: Option<Vec<NamedLimit>>,
 }
 
 impl Settings {
@@ -300,6 +305,14 @@ impl Settings {
             algorithm: algorithm(a.rate_limit_algorithm)?,
             enabled: a.enabled,
             roles: roles(a.roles)?,
+            ratelimits: a
+                .ratelimits
+                .transpose()
+                .map_err(|problem| {
+                    ArgError::new("ratelimits", problem).hint(
+                        r#"Example: [{"name": "requests", "limit": 100, "duration": "1 minute", "auto_apply": true}]"#,
+                    )
+                })?,
         })
     }
 
@@ -328,7 +341,7 @@ impl Settings {
     }
 
     /// Which fields (under their `clear` names) this call gives a value.
-    fn given(&self) -> [(&'static str, bool); 12] {
+    fn given(&self) -> [(&'static str, bool); 13] {
         [
             ("name", self.name.is_some()),
             ("owner", self.owner.is_some()),
@@ -342,6 +355,7 @@ impl Settings {
             ("rate_limit", self.rate_limit_given()),
             ("enabled", self.enabled.is_some()),
             ("roles", self.roles.is_some()),
+            ("ratelimits", self.ratelimits.is_some()),
         ]
     }
 }
@@ -361,6 +375,7 @@ fn clear_name(field: &str) -> Option<&'static str> {
         "rate_limit" | "rate_limit_max" | "rate_limit_window" => "rate_limit",
         "enabled" => "enabled",
         "roles" => "roles",
+        "ratelimits" => "ratelimits",
         _ => return None,
     })
 }
@@ -395,7 +410,7 @@ impl Update {
                 )
                 .hint(
                     "Fields: name, owner, description, permissions, metadata, role, expires_at, \
-                     remaining, refill, rate_limit, enabled, roles.",
+                     remaining, refill, rate_limit, enabled, roles, ratelimits.",
                 ));
             };
             if !cleared.contains(&canonical) {

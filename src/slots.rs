@@ -7,6 +7,8 @@ use crate::metering::Counters;
 
 /// Key ids take at most 128 characters of [A-Za-z0-9_.:-] (keys.rs), so every id fits.
 pub const ID_BYTES: usize = 128;
+/// The first byte of a window entry's id (`Entry::is_window`).
+pub const WINDOW_TAG: u8 = 1;
 /// `Option<i64>` in shared memory: this value means None.
 const NONE: i64 = i64::MIN;
 
@@ -134,6 +136,22 @@ impl Entry {
         self.window_start_us = raw(c.window_start_us);
         self.window_count = c.window_count;
         self.window_previous = c.window_previous;
+    }
+
+    /// Whether this entry holds only a rate-limit window (a named or standalone limit, see
+    /// `engine::Window`), not a key's counters: such ids start with byte 1, which no key id has.
+    pub fn is_window(&self) -> bool {
+        self.id_len > 0 && self.id[0] == WINDOW_TAG
+    }
+
+    /// For a window entry: until when its counts matter (an eviction before would reopen the
+    /// window). Kept in `next_refill_us`, which only a key's quota uses.
+    pub fn window_needed_until(&self) -> i64 {
+        self.next_refill_us
+    }
+
+    pub fn set_window_needed_until(&mut self, until_us: i64) {
+        self.next_refill_us = until_us;
     }
 
     pub fn last_refill(&self) -> Option<i64> {

@@ -50,7 +50,7 @@ fn minting_key(key: Option<&str>) -> Verification {
             Some("Mint with the API key the token came from."),
         );
     }
-    let minter = verify::verify(Some(key), &permissions::Query::nothing(), 1);
+    let minter = verify::verify(Some(key), &verify::Request::plain(1));
     if minter.code != Code::Valid {
         let which = minter
             .key_id
@@ -309,13 +309,9 @@ fn signed_claims(
     Some((kid, alg, token))
 }
 
-pub fn verify_token_str(
-    token: Option<&str>,
-    required: &permissions::Query,
-    cost: i64,
-) -> Verification {
+pub fn verify_token_str(token: Option<&str>, request: &verify::Request) -> Verification {
     match token.and_then(checked) {
-        Some(token) => verify::judge(Lookup::Id(&token.key_id), required, cost, Some(&token)),
+        Some(token) => verify::judge(Lookup::Id(&token.key_id), request, Some(&token)),
         None => Verification::not_found(),
     }
 }
@@ -347,9 +343,13 @@ fn verify_token(
     token: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
+    ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    let required = verify::required_permissions(required);
-    verify_token_str(token, &required, verify::checked_cost(cost)).into_row()
+    verify_token_str(
+        token,
+        &verify::Request::from_args(required, cost, ratelimits),
+    )
+    .into_row()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -70,6 +70,10 @@ pub struct Verification {
     pub rate_limit_remaining: Option<i64>,
     pub rate_limit_reset: Option<TimestampWithTimeZone>,
     pub claims: Option<Jsonb>,
+    /// One object per rate limit the call applied (SPEC §7), and which level refused it.
+    pub ratelimits: Vec<serde_json::Value>,
+    pub limited_by: Option<&'static str>,
+    pub identity_remaining: Option<i64>,
     /// Not in the SQL result: what minting needs to know about the key it judged.
     pub master: bool,
     pub now: Option<TimestampWithTimeZone>,
@@ -91,6 +95,9 @@ impl Verification {
             rate_limit_remaining: None,
             rate_limit_reset: None,
             claims: None,
+            ratelimits: Vec::new(),
+            limited_by: None,
+            identity_remaining: None,
             master: false,
             now: None,
             created_us: 0,
@@ -114,13 +121,70 @@ impl Verification {
             self.rate_limit_remaining.into_datum(),
             self.rate_limit_reset.into_datum(),
             self.claims.map(|c| c.datum()),
+            Some(ratelimits_jsonb(self.ratelimits).datum()),
+            self.limited_by.into_datum(),
+            self.identity_remaining.into_datum(),
         ];
         let tupdesc = pgrx::PgTupleDesc::for_composite_type_by_oid(verification_type())
             .unwrap_or_else(|| {
                 errors::internal(Err("apikeys.verification is not a composite type"))
             });
+        // Before ALTER EXTENSION … UPDATE the type has only the attributes of its version.
+        let natts = tupdesc.len();
         // SAFETY: the datums are, in order, of the types of apikeys.verification's attributes.
-        errors::internal(unsafe { PgHeapTuple::from_datums(tupdesc, datums) })
+        errors::internal(unsafe {
+            PgHeapTuple::from_datums(tupdesc, datums.into_iter().take(natts))
+        })
+    }
+}
+
+thread_local! {
+    /// `[]` as jsonb, encoded once: most verifications apply no named limit.
+    static NO_LIMITS: Jsonb = Jsonb::encode(&serde_json::json!([]));
+}
+
+fn ratelimits_jsonb(limits: Vec<serde_json::Value>) -> Jsonb {
+    if limits.is_empty() {
+        NO_LIMITS.with(Jsonb::clone)
+    } else {
+        Jsonb::encode(&serde_json::Value::Array(limits))
+    }
+}
+
+/// What a verification asks for: the permissions it requires, its cost, and the named rate
+/// limits it applies (with their costs).
+pub struct Request {
+    pub required: permissions::Query,
+    pub cost: i64,
+    pub ratelimits: Vec<(String, i64)>,
+}
+
+impl Request {
+    /// Nothing required, cost `cost`, no named limit.
+    pub fn plain(cost: i64) -> Request {
+        Request {
+            required: permissions::Query::nothing(),
+            cost,
+            ratelimits: Vec::new(),
+        }
+    }
+
+    /// From the SQL arguments; 22023 naming a bad one.
+    pub fn from_args(
+        required: Option<Jsonb>,
+        cost: Option<i32>,
+        ratelimits: Option<Jsonb>,
+    ) -> Request {
+        let ratelimits = match jsonb::argument("ratelimits", ratelimits) {
+            None => Vec::new(),
+            Some(value) => crate::limits::parse_selection(&value)
+                .unwrap_or_else(|problem| invalid_argument("ratelimits", problem)),
+        };
+        Request {
+            required: required_permissions(required),
+            cost: checked_cost(cost),
+            ratelimits,
+        }
     }
 }
 
@@ -175,6 +239,8 @@ struct KeyState {
     now: TimestampWithTimeZone,
     /// Tells this key from a later one created with the same id after it was deleted.
     created_us: i64,
+    /// Its named rate limits (SPEC §7).
+    named: Vec<crate::limits::NamedLimit>,
 }
 
 /// A key's limits as its row says now (a management change applies from the next call).
@@ -213,6 +279,7 @@ impl Config {
             refill_amount: self.refill_amount,
             refill_due: refill_due && self.refill_amount.is_some(),
             rate: self.rate,
+            rate_cost: None,
         }
     }
 }
@@ -251,11 +318,56 @@ impl KeyState {
             updater: row.updater,
             now,
             created_us: row.created_at.map_or(0, epoch_us),
+            named: row
+                .ratelimits
+                .map(|r| crate::limits::from_stored(&r.value()))
+                .unwrap_or_default(),
         }
     }
 
-    fn limited(&self) -> bool {
-        self.config.quota || self.config.rate.is_some()
+    fn limited(&self, windows: &[crate::engine::Window]) -> bool {
+        self.config.quota || self.config.rate.is_some() || !windows.is_empty()
+    }
+
+    /// The limits `request` applies to this key: its `default` limit (in its own counters) at
+    /// the cost it takes, and the windows of its named limits. 22023 for a name it lacks.
+    fn applied(&self, request: &Request) -> (Option<i64>, Vec<crate::limits::Applied>) {
+        let algorithm = self
+            .config
+            .rate
+            .map_or(metering::Algorithm::Sliding, |r| r.algorithm);
+        let applied = crate::limits::select(
+            &self.named,
+            &[],
+            self.config.rate,
+            (algorithm, algorithm),
+            &request.ratelimits,
+            request.cost,
+        )
+        .unwrap_or_else(|problem| invalid_argument("ratelimits", problem));
+        let default_cost = applied
+            .iter()
+            .find(|a| a.name == crate::limits::DEFAULT && a.level == crate::limits::Level::Key)
+            .map(|a| a.cost)
+            .filter(|c| *c != request.cost);
+        let named = applied
+            .into_iter()
+            .filter(|a| !(a.name == crate::limits::DEFAULT && a.level == crate::limits::Level::Key))
+            .collect();
+        (default_cost, named)
+    }
+
+    /// The shared-memory windows of `applied` limits of this key.
+    fn windows(&self, applied: &[crate::limits::Applied]) -> Vec<crate::engine::Window> {
+        applied
+            .iter()
+            .map(|a| crate::engine::Window {
+                id: crate::engine::window_id(b'k', &[&self.id, &a.name]),
+                created_us: self.created_us,
+                rate: a.rate,
+                cost: a.cost,
+            })
+            .collect()
     }
 
     /// The checks that need no counters, in the SPEC's order.
@@ -317,6 +429,9 @@ impl KeyState {
             rate_limit_remaining: None,
             rate_limit_reset: None,
             claims: token.map(|t| t.claims.clone()),
+            ratelimits: Vec::new(),
+            limited_by: None,
+            identity_remaining: None,
             master: self.master,
             now: Some(self.now),
             created_us: self.created_us,
@@ -376,10 +491,10 @@ fn read_only() -> bool {
 }
 
 /// Verifies a key string: see the module comment for the order of checks.
-pub fn verify(key: Option<&str>, required: &permissions::Query, cost: i64) -> Verification {
+pub fn verify(key: Option<&str>, request: &Request) -> Verification {
     // Typos and impossible strings never reach the table.
     match key.filter(|k| key_format::classify(k) != key_format::Shape::Invalid) {
-        Some(key) => judge(Lookup::Secret(key), required, cost, None),
+        Some(key) => judge(Lookup::Secret(key), request, None),
         None => Verification::not_found(),
     }
 }
@@ -406,12 +521,8 @@ pub fn peek(id: &str) -> Verification {
 
 /// Looks the key up and runs every check on it; with `token`, the token's expiry and
 /// permissions bind too. Only a VALID result consumes `cost`.
-pub fn judge(
-    lookup: Lookup<'_>,
-    required: &permissions::Query,
-    cost: i64,
-    token: Option<&Token>,
-) -> Verification {
+pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Verification {
+    let (required, cost) = (&request.required, request.cost);
     let (hash, id) = match lookup {
         Lookup::Secret(key) => (Some(key_format::hash(key)), None),
         Lookup::Id(id) => (None, Some(id)),
@@ -432,7 +543,9 @@ pub fn judge(
     if let Some(code) = state.status_code() {
         return state.verification(code, token);
     }
-    if !state.limited() {
+    let (mut default_cost, applied) = state.applied(request);
+    let mut windows = state.windows(&applied);
+    if !state.limited(&windows) {
         let code = if permitted(&state, required, token) {
             Code::Valid
         } else {
@@ -463,7 +576,10 @@ pub fn judge(
         if let Some(code) = state.status_code() {
             return state.verification(code, token);
         }
-        if !state.limited() {
+        (default_cost, _) = state.applied(request);
+        let (_, applied) = state.applied(request);
+        windows = state.windows(&applied);
+        if !state.limited(&windows) {
             return judge_again_unlimited(state, required, token);
         }
     }
@@ -482,16 +598,34 @@ pub fn judge(
         );
     }
     let permitted = permitted(&state, required, token);
+    let applied = state.applied(request).1;
     if crate::engine::available() {
-        match meter_in_shared_memory(&state, cost, permitted) {
-            Ok(Some(charged)) => return charged.result(&state, permitted, token),
+        let call = Metering {
+            cost,
+            default_cost,
+            permitted,
+            windows: &windows,
+            applied: &applied,
+        };
+        match meter_in_shared_memory(&state, &call) {
+            Ok(Some(charged)) => return charged.result(&state, &call, token),
             Ok(None) => return Verification::not_found(),
             Err(crate::engine::Unavailable::NoEngine) => {}
         }
     } else {
         crate::engine::warn_not_preloaded();
     }
-    meter_with_row_lock(&state, hash, cost, required, token)
+    if !windows.is_empty() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "API key \"{}\" applies named rate limits, which need the metering engine",
+                state.id
+            ),
+            Some("Add pg_apikeys to shared_preload_libraries (and restart)."),
+        );
+    }
+    meter_with_row_lock(&state, hash, cost, default_cost, required, token)
 }
 
 /// Whether the key grants everything `required` names; a token must grant it too, so a key
@@ -529,23 +663,75 @@ fn recovering() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
 }
 
-/// What metering decided, with the quota's last refill after it.
+/// One metered call: its cost (and the default window's, when named at another), whether the
+/// key grants what it requires, and its named limits with their windows.
+struct Metering<'a> {
+    cost: i64,
+    default_cost: Option<i64>,
+    permitted: bool,
+    windows: &'a [crate::engine::Window],
+    applied: &'a [crate::limits::Applied],
+}
+
+/// What metering decided: the key's own counters, and the windows of its named limits.
 struct Charged {
     charge: Charge,
+    /// What the key's own counters alone decided (quota, default window).
+    own: Verdict,
+    windows: Vec<crate::engine::WindowState>,
+}
+
+fn iso(us: i64) -> String {
+    crate::durations::iso8601(us)
 }
 
 impl Charged {
-    fn result(&self, state: &KeyState, permitted: bool, token: Option<&Token>) -> Verification {
+    fn result(&self, state: &KeyState, call: &Metering<'_>, token: Option<&Token>) -> Verification {
         let code = match self.charge.verdict {
             Verdict::UsageExceeded => Code::UsageExceeded,
             Verdict::RateLimited => Code::RateLimited,
-            Verdict::Allowed if !permitted => Code::InsufficientPermissions,
+            Verdict::Allowed if !call.permitted => Code::InsufficientPermissions,
             Verdict::Allowed => Code::Valid,
         };
         let mut result = state.verification(code, token);
         result.remaining = self.charge.after.remaining;
         result.rate_limit_remaining = self.charge.rate_remaining;
         result.rate_limit_reset = self.charge.reset_us.map(from_epoch_us);
+        if let Some(rate) = state.config.rate {
+            let default = crate::limits::Applied {
+                name: crate::limits::DEFAULT.to_owned(),
+                level: crate::limits::Level::Key,
+                rate,
+                cost: call.default_cost.unwrap_or(call.cost),
+            };
+            result.ratelimits.push(crate::limits::report(
+                &default,
+                self.charge.rate_remaining.unwrap_or(0),
+                self.charge.reset_us.map(iso),
+                self.own == Verdict::RateLimited,
+            ));
+        }
+        for (applied, w) in call.applied.iter().zip(&self.windows) {
+            result.ratelimits.push(crate::limits::report(
+                applied,
+                w.remaining,
+                w.reset_us.map(iso),
+                w.exceeded,
+            ));
+        }
+        result.limited_by = match code {
+            Code::UsageExceeded => Some("key"),
+            Code::RateLimited => {
+                let by_key = self.own == Verdict::RateLimited
+                    || call
+                        .applied
+                        .iter()
+                        .zip(&self.windows)
+                        .any(|(a, w)| w.exceeded && a.level == crate::limits::Level::Key);
+                Some(if by_key { "key" } else { "identity" })
+            }
+            _ => None,
+        };
         result
     }
 }
@@ -621,19 +807,24 @@ fn load_with_active_snapshot(state: &KeyState) -> Option<crate::engine::Stored> 
 
 fn meter_in_shared_memory(
     state: &KeyState,
-    cost: i64,
-    permitted: bool,
+    m: &Metering<'_>,
 ) -> Result<Option<Charged>, crate::engine::Unavailable> {
     let call = crate::engine::Call {
         id: &state.id,
         created_us: state.created_us,
         version: state.meter_version,
         now_us: epoch_us(state.now),
-        cost,
-        permitted,
+        cost: m.cost,
+        permitted: m.permitted,
+        rate_cost: m.default_cost,
+        windows: m.windows,
     };
     let metered = crate::engine::meter(&call, &state.config, || load(state))?;
-    Ok(metered.map(|m| Charged { charge: m.charge }))
+    Ok(metered.map(|m| Charged {
+        charge: m.charge,
+        own: m.own,
+        windows: m.windows,
+    }))
 }
 
 /// Without the engine (not preloaded, or its table refused the key): the key's row is locked for
@@ -643,6 +834,7 @@ fn meter_with_row_lock(
     state: &KeyState,
     hash: Option<&[u8]>,
     cost: i64,
+    default_cost: Option<i64>,
     required: &permissions::Query,
     token: Option<&Token>,
 ) -> Verification {
@@ -705,13 +897,11 @@ fn meter_with_row_lock(
             let permitted = permitted(&fresh, required, token);
             let now_us = epoch_us(fresh.now);
             let due = stored.next_refill_us.is_some_and(|next| next <= now_us);
-            let charge = metering::charge(
-                &stored.counters,
-                &fresh.config.limits(due),
-                now_us,
-                cost,
-                permitted,
-            );
+            let limits = metering::Limits {
+                rate_cost: default_cost,
+                ..fresh.config.limits(due)
+            };
+            let charge = metering::charge(&stored.counters, &limits, now_us, cost, permitted);
             let last_refill = if charge.refilled {
                 Some(now_us)
             } else {
@@ -753,7 +943,20 @@ fn meter_with_row_lock(
                     ],
                 );
             }
-            Charged { charge }.result(&fresh, permitted, token)
+            let own = charge.verdict;
+            let call = Metering {
+                cost,
+                default_cost,
+                permitted,
+                windows: &[],
+                applied: &[],
+            };
+            Charged {
+                charge,
+                own,
+                windows: Vec::new(),
+            }
+            .result(&fresh, &call, token)
         })
     })
 }
@@ -785,9 +988,9 @@ fn verify_key(
     key: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
+    ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    let required = required_permissions(required);
-    verify(key, &required, checked_cost(cost)).into_row()
+    verify(key, &Request::from_args(required, cost, ratelimits)).into_row()
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -1203,6 +1406,147 @@ mod tests {
             "SELECT apikeys.update_api_key('{id}', clear => ARRAY['rate_limit'])"
         ));
         assert_eq!(field::<i64>(&key, "", "remaining"), Some(5));
+    }
+
+    const LIMITS: &str = r#"ratelimits => '[{"name": "requests", "limit": 2, "duration": "1 hour", "auto_apply": true}, {"name": "tokens", "limit": 100, "duration": "1 hour"}]'"#;
+
+    /// One verification, as `code|limited_by|ratelimits` (each limit `name:level:remaining:exceeded`).
+    fn limited(key: &str, extra: &str) -> String {
+        let k = pgrx::spi::quote_literal(key);
+        one::<String>(&format!(
+            "SELECT v.code || '|' || coalesce(v.limited_by, '-') || '|' || coalesce((
+                      SELECT string_agg(l->>'name' || ':' || (l->>'level') || ':' || (l->>'remaining') || ':' || (l->>'exceeded'), ',')
+                        FROM jsonb_array_elements(v.ratelimits) l), '')
+               FROM apikeys.verify_key({k}{extra}) v"
+        ))
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn named_limits_apply_automatically_or_when_named_at_their_cost() {
+        let (_, key) = create(LIMITS);
+        assert_eq!(limited(&key, ""), "VALID|-|requests:key:1:false");
+        assert_eq!(
+            limited(
+                &key,
+                r#", ratelimits => '[{"name": "tokens", "cost": 60}]'"#
+            ),
+            "VALID|-|requests:key:0:false,tokens:key:40:false"
+        );
+        // Both limits are judged before either is charged: tokens alone would allow this call.
+        assert_eq!(
+            limited(
+                &key,
+                r#", ratelimits => '[{"name": "tokens", "cost": 10}]'"#
+            ),
+            "RATE_LIMITED|key|requests:key:0:true,tokens:key:40:false"
+        );
+        // Named at cost 0, the auto-applied limit takes nothing: tokens decides.
+        assert_eq!(
+            limited(
+                &key,
+                r#", ratelimits => '[{"name": "requests", "cost": 0}, {"name": "tokens", "cost": 50}]'"#
+            ),
+            "RATE_LIMITED|key|requests:key:0:false,tokens:key:40:true"
+        );
+        assert_eq!(
+            limited(
+                &key,
+                r#", ratelimits => '[{"name": "requests", "cost": 0}, {"name": "tokens", "cost": 40}]'"#
+            ),
+            "VALID|-|requests:key:0:false,tokens:key:0:false"
+        );
+        let (_, plain) = create("");
+        assert_eq!(limited(&plain, ""), "VALID|-|");
+        assert_eq!(
+            field::<String>(&plain, "", "ratelimits::text").as_deref(),
+            Some("[]")
+        );
+        assert_eq!(
+            field::<bool>(
+                &key,
+                r#"ratelimits => '[{"name": "requests", "cost": 0}]'"#,
+                "(ratelimits->0->>'reset_at')::timestamptz > now()"
+            ),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn a_limit_that_refuses_leaves_the_quota_and_the_other_limits_untouched() {
+        let (id, key) = create(&format!(
+            "remaining => 3, rate_limit_max => 10, rate_limit_window => '1 hour', {LIMITS}"
+        ));
+        assert_eq!(
+            limited(
+                &key,
+                r#", ratelimits => '[{"name": "tokens", "cost": 101}]'"#
+            ),
+            "RATE_LIMITED|key|default:key:10:false,requests:key:2:false,tokens:key:100:true"
+        );
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM apikeys.get_api_key('{id}')"
+            )),
+            Some(3)
+        );
+        // The quota refuses first (USAGE_EXCEEDED): no window is charged.
+        assert_eq!(
+            limited(
+                &key,
+                r#", cost => 4, ratelimits => '[{"name": "tokens", "cost": 1}]'"#
+            ),
+            "USAGE_EXCEEDED|key|default:key:10:false,requests:key:2:false,tokens:key:100:false"
+        );
+        // The default limit takes the call's cost unless named.
+        assert_eq!(
+            limited(&key, ", cost => 2"),
+            "VALID|-|default:key:8:false,requests:key:1:false"
+        );
+        assert_eq!(
+            limited(
+                &key,
+                r#", ratelimits => '[{"name": "default", "cost": 5}]'"#
+            ),
+            "VALID|-|default:key:3:false,requests:key:0:false"
+        );
+    }
+
+    #[pg_test]
+    fn named_limits_are_checked_and_cleared() {
+        let (id, key) = create(LIMITS);
+        let k = pgrx::spi::quote_literal(&key);
+        assert_error(
+            &format!(r#"SELECT apikeys.verify_key({k}, ratelimits => '[{{"name": "nope"}}]')"#),
+            "22023",
+            "\"nope\"",
+        );
+        assert_error(
+            &format!(r#"SELECT apikeys.verify_key({k}, ratelimits => '{{"name": "tokens"}}')"#),
+            "22023",
+            "\"ratelimits\"",
+        );
+        assert_error(
+            r#"SELECT apikeys.create_api_key(ratelimits => '[{"name": "a", "limit": 1, "duration": "soon"}]')"#,
+            "22023",
+            "is not an interval",
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT ratelimits->1->>'duration' FROM apikeys.get_api_key('{id}')"
+            ))
+            .as_deref(),
+            Some("01:00:00")
+        );
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY['ratelimits'])"
+        ));
+        assert_eq!(limited(&key, ""), "VALID|-|");
+        run(&format!(
+            r#"SELECT apikeys.update_api_key('{id}', ratelimits => '[{{"name": "burst", "limit": 1, "duration": "1 minute", "auto_apply": true}}]')"#
+        ));
+        assert_eq!(limited(&key, ""), "VALID|-|burst:key:0:false");
+        assert_eq!(limited(&key, ""), "RATE_LIMITED|key|burst:key:0:true");
     }
 
     #[pg_test]

@@ -325,10 +325,13 @@ fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) 
         let d = &mut s.header.databases[index];
         d.durable = d.durable.max(batch.up_to);
         if s.header.used * 4 > s.header.capacity * 3 {
+            let now = now_us();
+            // A window still open stays: evicting it would reopen it.
             let mut clean: Vec<(i64, u32, String, i64)> = s
                 .slots
                 .iter()
                 .filter(|e| e.db != 0 && e.clean())
+                .filter(|e| !(e.is_window() && e.window_needed_until() > now))
                 .map(|e| (e.last_access_us, e.db, e.id().to_owned(), e.created_us))
                 .collect();
             clean.sort();
