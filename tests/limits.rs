@@ -62,3 +62,29 @@ fn a_rolled_back_credit_is_no_credit() {
     assert_eq!(valid(&counts), 2, "{counts:?}");
     assert_eq!(remaining(&mut client, &id), 0);
 }
+
+/// A named limit chosen per call lets exactly its limit through, whatever the concurrency, and
+/// an auto-applied one limits calls that do not name it.
+#[test]
+fn named_limits_are_exact_under_concurrency() {
+    let mut client = connect();
+    let (_, key) = create(
+        &mut client,
+        r#"ratelimits => '[{"name": "tokens", "limit": 60, "duration": "1 hour"},
+                           {"name": "calls", "limit": 1000, "duration": "1 hour", "auto_apply": true}]'"#,
+    );
+    let counts = hammer_with(
+        r#"SELECT code FROM apikeys.verify_key($1, ratelimits => '[{"name": "tokens", "cost": 3}]')"#,
+        &key,
+        8,
+        25,
+    );
+    assert_eq!(valid(&counts), 20, "{counts:?}");
+    assert_eq!(counts.get("RATE_LIMITED").copied(), Some(180), "{counts:?}");
+    let (_, auto) = create(
+        &mut client,
+        r#"ratelimits => '[{"name": "calls", "limit": 37, "duration": "1 hour", "auto_apply": true}]'"#,
+    );
+    let counts = hammer(&auto, 8, 10);
+    assert_eq!(valid(&counts), 37, "{counts:?}");
+}
