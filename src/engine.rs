@@ -570,6 +570,32 @@ pub struct WindowState {
     pub exceeded: bool,
 }
 
+/// Takes `w.cost` from window `w` at `now_us` if it allows that (else nothing): a standalone
+/// rate limit, no key involved.
+pub fn ratelimit(w: &Window, now_us: i64) -> Result<WindowState, Unavailable> {
+    let mut room_deadline = None;
+    loop {
+        let index = database_index().ok_or(Unavailable::NoEngine)?;
+        let db = my_database();
+        let step = with_shared(true, |s| {
+            if s.header.databases[index].oid != db {
+                return Err(false);
+            }
+            let at = window_slots(s, db, std::slice::from_ref(w)).ok_or(true)?;
+            let (states, _) = judge_windows(s, std::slice::from_ref(w), &at, now_us, true);
+            Ok(states[0])
+        })
+        .ok_or(Unavailable::NoEngine)?;
+        match step {
+            Ok(state) => return Ok(state),
+            // The table is full of entries not written yet: the writer makes room.
+            Err(true) => wait_for_room(index, &mut room_deadline),
+            // The launcher gave this database's slot up: claim one again.
+            Err(false) => DATABASE.with(|d| d.set(None)),
+        }
+    }
+}
+
 /// What a metered verification learns from the engine.
 pub struct Metered {
     pub charge: Charge,

@@ -1486,7 +1486,7 @@ mod tests {
         );
         assert_eq!(
             dumped.as_deref(),
-            Some("audit_log,audit_log_id_seq,keys,meters,roles,signing_keys")
+            Some("audit_log,audit_log_id_seq,keys,meters,ratelimit_overrides,roles,signing_keys")
         );
     }
 }

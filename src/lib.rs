@@ -21,6 +21,7 @@ pub mod metering;
 mod owner;
 pub mod permissions;
 mod plans;
+mod ratelimit;
 mod roles;
 mod scan;
 mod schema;

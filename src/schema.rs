@@ -115,6 +115,17 @@ CREATE TABLE apikeys.meters (
     credits         bigint NOT NULL DEFAULT 0  -- keys.credits that remaining includes
 ) WITH (fillfactor = 50);  -- room on each page for HOT updates: the writer updates every row often
 
+-- Limits that replace what apikeys.ratelimit callers give, per identifier (SPEC §7).
+CREATE TABLE apikeys.ratelimit_overrides (
+    namespace  text NOT NULL,
+    identifier text NOT NULL,
+    "limit"    integer NOT NULL CHECK ("limit" > 0),
+    duration   interval NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (namespace, identifier)
+);
+
 -- Every management action, with the database role that performed it.
 CREATE TABLE apikeys.audit_log (
     id      bigserial PRIMARY KEY,
@@ -145,6 +156,7 @@ CREATE INDEX signing_keys_live_idx ON apikeys.signing_keys (created_at) WHERE re
 SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.roles', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.ratelimit_overrides', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
@@ -267,6 +279,9 @@ mod tests {
         ("delete_role", "SELECT apikeys.delete_role(c.name) FROM apikeys.create_role('matrix_' || md5(random()::text)) c", [false, true, true]),
         ("list_roles", "SELECT count(*) FROM apikeys.list_roles()", [false, true, true]),
         ("update_credits", "SELECT apikeys.update_credits('{id}', 'set', 5)", [false, true, true]),
+        ("ratelimit", "SELECT apikeys.ratelimit('matrix', '{id}', 5, '1 minute')", [false, true, true]),
+        ("set_ratelimit_override", "SELECT apikeys.set_ratelimit_override('matrix', '{id}', 5, '1 minute')", [false, true, true]),
+        ("delete_ratelimit_override", "SELECT apikeys.delete_ratelimit_override('matrix', '{id}')", [false, true, true]),
         ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
         ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
         ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),
@@ -325,7 +340,10 @@ mod tests {
                 apikeys.rotate_api_key, apikeys.delete_expired_api_keys, apikeys.rotate_signing_key,
                 apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys,
                 apikeys.purge_signing_keys, apikeys.create_role, apikeys.update_role,
-                apikeys.delete_role, apikeys.list_roles, apikeys.update_credits TO matrix_admin");
+                apikeys.delete_role, apikeys.list_roles, apikeys.update_credits,
+                apikeys.set_ratelimit_override, apikeys.delete_ratelimit_override TO matrix_admin");
+        // What an application that rate-limits by IP is granted.
+        run("GRANT EXECUTE ON FUNCTION apikeys.ratelimit TO matrix_admin");
         run("SELECT apikeys.create_role('matrix_role')");
         assert_eq!(
             one::<bool>("SELECT extowner = current_user::regrole FROM pg_extension WHERE extname = 'pg_apikeys'"),
@@ -376,6 +394,7 @@ mod tests {
             ("signing_keys", "kid"),
             ("meters", "key_id"),
             ("roles", "name"),
+            ("ratelimit_overrides", "namespace"),
         ] {
             for (privilege, statement) in TABLE_PRIVILEGES {
                 for role in ["public", "matrix_public", "matrix_admin"] {

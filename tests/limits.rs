@@ -88,3 +88,34 @@ fn named_limits_are_exact_under_concurrency() {
     let counts = hammer(&auto, 8, 10);
     assert_eq!(valid(&counts), 37, "{counts:?}");
 }
+
+/// apikeys.ratelimit on one identifier from eight sessions lets exactly the limit through, in
+/// READ ONLY transactions too; an override replaces the callers' limit.
+#[test]
+fn a_standalone_limit_is_exact_under_concurrency() {
+    let mut client = connect();
+    let ip = format!("203.0.113.{}", std::process::id() % 250);
+    let counts = hammer_in_sessions(
+        "SET default_transaction_read_only = on",
+        "SELECT CASE WHEN success THEN 'VALID' ELSE 'RATE_LIMITED' END
+           FROM apikeys.ratelimit('it-login', $1, 45, '1 hour')",
+        &ip,
+        8,
+        10,
+    );
+    assert_eq!(valid(&counts), 45, "{counts:?}");
+    client
+        .execute(
+            "SELECT apikeys.set_ratelimit_override('it-login', $1, 50, '1 hour')",
+            &[&ip],
+        )
+        .unwrap();
+    let counts = hammer_with(
+        "SELECT CASE WHEN success THEN 'VALID' ELSE 'RATE_LIMITED' END
+           FROM apikeys.ratelimit('it-login', $1, 1000, '1 hour')",
+        &ip,
+        4,
+        5,
+    );
+    assert_eq!(valid(&counts), 5, "{counts:?}");
+}
