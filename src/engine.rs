@@ -596,15 +596,6 @@ pub fn ratelimit(w: &Window, now_us: i64) -> Result<WindowState, Unavailable> {
     }
 }
 
-/// What a metered verification learns from the engine.
-pub struct Metered {
-    pub charge: Charge,
-    /// The call's windows, in the order given; when one refused, `charge` took nothing.
-    pub windows: Vec<WindowState>,
-    /// What the key's own counters alone decided.
-    pub own: metering::Verdict,
-}
-
 /// Finds (or makes) the entries of `windows`; None when the table has no room for one.
 fn window_slots(s: &mut Shared<'_>, db: u32, windows: &[Window]) -> Option<Vec<usize>> {
     windows
@@ -676,58 +667,75 @@ pub fn add_interval(at_us: i64, interval: pgrx::datum::Interval) -> i64 {
     crate::verify::epoch_us(sum)
 }
 
-/// One metered call: which key (and the meter_version its row has), when, for how much, and
-/// whether the key grants what the call requires.
-pub struct Call<'a> {
+/// One set of counters a call charges: a key's, or its identity's (SPEC §7: a tenant's keys
+/// share its quota). `load` reads them from their rows (on first use, or at a new meter_version).
+pub struct Counted<'a> {
     pub id: &'a str,
     pub created_us: i64,
     pub version: i64,
-    pub now_us: i64,
+    pub config: &'a Config,
     pub cost: i64,
-    pub permitted: bool,
-    /// What the call takes from the key's own window, when not `cost`.
+    /// What the call takes from the counters' own window, when not `cost`.
     pub rate_cost: Option<i64>,
-    /// Windows the call also applies: all of them and the key's counters allow it, or nothing
-    /// is taken from any.
+    pub load: &'a dyn Fn() -> Option<Stored>,
+}
+
+/// One metered call: the counters it charges (the key's first), when, whether the key grants
+/// what the call requires, and the windows of named limits it also applies. All of them allow
+/// the call, or nothing is taken from any.
+pub struct Call<'a> {
+    pub counted: &'a [Counted<'a>],
+    pub now_us: i64,
+    pub permitted: bool,
     pub windows: &'a [Window],
 }
 
-/// Charges a metered key in shared memory: loads it on first use (`load`, which reads the
-/// rows), applies refill, quota and window, and for a quota spend waits until the writer has
-/// committed it.
-pub fn meter(
-    call: &Call<'_>,
-    config: &Config,
-    load: impl Fn() -> Option<Stored>,
-) -> Result<Option<Metered>, Unavailable> {
+/// What a metered call decided.
+pub struct Metered {
+    /// Per counted set, in the order given: what it decided alone, and what the call left.
+    pub charges: Vec<Charge>,
+    /// The call's windows, in the order given.
+    pub windows: Vec<WindowState>,
+    /// Whether every counter and window allowed the call (it took its cost from each when
+    /// `permitted` too).
+    pub allowed: bool,
+}
+
+/// Charges a call in shared memory: loads counters on first use (`Counted::load`, which reads
+/// the rows), applies refills, quotas and windows, and for a quota spend waits until the writer
+/// has committed it.
+pub fn meter(call: &Call<'_>) -> Result<Option<Metered>, Unavailable> {
     let Call {
-        id,
-        created_us,
-        version,
+        counted,
         now_us,
-        cost,
         permitted,
-        rate_cost,
         windows,
     } = *call;
-    let Some(index) = database_index() else {
+    let Some(mut index) = database_index() else {
         return Err(Unavailable::NoEngine);
     };
     let db = my_database();
-    let key = KeyRef { db, id, created_us };
-    if id.len() > slots::ID_BYTES {
+    if counted.iter().any(|c| c.id.len() > slots::ID_BYTES) {
         return Err(Unavailable::NoEngine);
     }
-    let mut next_refill: Option<(i64, i64)> = None; // (for last_refill = now, the next due)
+    let refs: Vec<KeyRef<'_>> = counted
+        .iter()
+        .map(|c| KeyRef {
+            db,
+            id: c.id,
+            created_us: c.created_us,
+        })
+        .collect();
+    // Per counted set, once a refill is due: the next one after it (computed outside the lock).
+    let mut next_refill: Vec<Option<i64>> = vec![None; counted.len()];
     let mut room_deadline = None;
     let mut loads = 0;
-    let mut index = index;
     loop {
         let evictions = with_shared(false, |s| s.header.evictions).unwrap_or(0);
         enum Step {
             Stale,
-            Load,
-            Refill,
+            Load(usize),
+            Refill(usize),
             NoRoom,
             Done(Metered, Option<u64>),
         }
@@ -735,71 +743,95 @@ pub fn meter(
             if s.header.databases[index].oid != db {
                 return Step::Stale;
             }
-            let Some(i) = slots::find(s.slots, &key) else {
-                return Step::Load;
-            };
-            let e = &s.slots[i];
-            if !e.metered || e.version < version {
-                return Step::Load;
+            let mut at = Vec::with_capacity(counted.len());
+            let mut dues = Vec::with_capacity(counted.len());
+            for (k, c) in counted.iter().enumerate() {
+                let Some(i) = slots::find(s.slots, &refs[k]) else {
+                    return Step::Load(k);
+                };
+                let e = &s.slots[i];
+                if !e.metered || e.version < c.version {
+                    return Step::Load(k);
+                }
+                let due = c.config.refill_amount.is_some() && e.next_refill_us <= now_us;
+                if due && next_refill[k].is_none() {
+                    return Step::Refill(k);
+                }
+                at.push(i);
+                dues.push(due);
             }
-            let due = config.refill_amount.is_some() && e.next_refill_us <= now_us;
-            if due && next_refill.is_none() {
-                return Step::Refill;
-            }
-            // Inserting entries never moves others: `i` stays the key's slot.
-            let Some(at) = window_slots(s, db, windows) else {
+            // Inserting entries never moves others: the slots found above stay.
+            let Some(window_at) = window_slots(s, db, windows) else {
                 return Step::NoRoom;
             };
-            let limits = metering::Limits {
-                rate_cost,
-                ..config.limits(due)
-            };
+            let limits: Vec<metering::Limits> = counted
+                .iter()
+                .zip(&dues)
+                .map(|(c, due)| metering::Limits {
+                    rate_cost: c.rate_cost,
+                    ..c.config.limits(*due)
+                })
+                .collect();
             // Every limit is judged before any is charged: a call one of them refuses takes
             // nothing from the others.
-            let (_, windows_allow) = judge_windows(s, windows, &at, now_us, false);
-            let key_allows = metering::charge(&s.slots[i].counters(), &limits, now_us, cost, false)
+            let (_, windows_allow) = judge_windows(s, windows, &window_at, now_us, false);
+            let counters_allow = counted.iter().enumerate().all(|(k, c)| {
+                metering::charge(
+                    &s.slots[at[k]].counters(),
+                    &limits[k],
+                    now_us,
+                    c.cost,
+                    false,
+                )
                 .verdict
-                == metering::Verdict::Allowed;
-            let take = permitted && windows_allow && key_allows;
-            let (window_states, _) = judge_windows(s, windows, &at, now_us, take);
-            let e = &mut s.slots[i];
-            let mut charge = metering::charge(&e.counters(), &limits, now_us, cost, take);
-            let own = charge.verdict;
-            if key_allows && !windows_allow {
-                charge.verdict = metering::Verdict::RateLimited;
-            }
-            e.last_access_us = now_us;
-            let changed = charge.after != e.counters() || charge.refilled;
-            if charge.refilled {
-                e.last_refill_us = now_us;
-                e.next_refill_us = next_refill.map_or(i64::MAX, |(_, next)| next);
-            }
-            e.set_counters(&charge.after);
-            // A spend the quota written ahead covers is durable already; the writer is asked for
-            // the next write when half that cover is used, so that callers rarely wait.
-            let covered = charge.spent > 0 && e.covers(charge.after.remaining);
-            let running_low = covered && e.cover_running_low();
-            if charge.spent > 0 {
-                e.spends = e.spends.saturating_add(1);
-            }
-            if charge.verdict == metering::Verdict::Allowed && permitted {
-                s.add_uses(i, 1, now_us);
-            }
-            let mut wait_for = None;
-            if changed {
-                let seq = s.counters_changed(index, i);
-                if (charge.spent > 0 || charge.refilled) && !covered {
-                    wait_for = Some(seq);
+                    == metering::Verdict::Allowed
+            });
+            let allowed = windows_allow && counters_allow;
+            let take = permitted && allowed;
+            let (window_states, _) = judge_windows(s, windows, &window_at, now_us, take);
+            let mut charges = Vec::with_capacity(counted.len());
+            let mut wait_for: Option<u64> = None;
+            let mut wake = false;
+            for (k, c) in counted.iter().enumerate() {
+                let i = at[k];
+                let e = &mut s.slots[i];
+                let charge = metering::charge(&e.counters(), &limits[k], now_us, c.cost, take);
+                e.last_access_us = now_us;
+                let changed = charge.after != e.counters() || charge.refilled;
+                if charge.refilled {
+                    e.last_refill_us = now_us;
+                    e.next_refill_us = next_refill[k].unwrap_or(i64::MAX);
                 }
+                e.set_counters(&charge.after);
+                // A spend the quota written ahead covers is durable already; the writer is
+                // asked for the next write when half that cover is used, so that callers
+                // rarely wait.
+                let covered = charge.spent > 0 && e.covers(charge.after.remaining);
+                wake |= covered && e.cover_running_low();
+                if charge.spent > 0 {
+                    e.spends = e.spends.saturating_add(1);
+                }
+                // Uses are the key's (the first counted set).
+                if k == 0 && take {
+                    s.add_uses(i, 1, now_us);
+                }
+                if changed {
+                    let seq = s.counters_changed(index, i);
+                    if (charge.spent > 0 || charge.refilled) && !covered {
+                        wait_for = Some(wait_for.map_or(seq, |w| w.max(seq)));
+                    }
+                    wake |= s.database(index).writer_pid == 0;
+                }
+                charges.push(charge);
             }
-            if wait_for.is_some() || running_low || (changed && s.database(index).writer_pid == 0) {
+            if wait_for.is_some() || wake {
                 s.wake_writer(index);
             }
             Step::Done(
                 Metered {
-                    charge,
+                    charges,
                     windows: window_states,
-                    own,
+                    allowed,
                 },
                 wait_for,
             )
@@ -811,27 +843,26 @@ pub fn meter(
                 index = database_index().ok_or(Unavailable::NoEngine)?;
             }
             Some(Step::NoRoom) => wait_for_room(index, &mut room_deadline),
-            Some(Step::Refill) => {
-                let next = config
-                    .refill_interval
-                    .map_or(i64::MAX, |interval| add_interval(now_us, interval));
-                next_refill = Some((now_us, next));
+            Some(Step::Refill(k)) => {
+                next_refill[k] = Some(counted[k].config.next_refill_after(now_us));
             }
-            Some(Step::Load) => {
+            Some(Step::Load(k)) => {
                 loads += 1;
                 if loads > 1000 {
                     errors::internal_error(format!(
-                        "the counters of API key \"{id}\" did not load"
+                        "the counters of \"{}\" did not load",
+                        errors::shown(counted[k].id)
                     ));
                 }
-                let Some(stored) = load() else {
+                let Some(stored) = (counted[k].load)() else {
                     return Ok(None);
                 };
+                let key = &refs[k];
                 let installed = with_shared(true, |s| {
                     if s.header.evictions != evictions {
                         return Some(false);
                     }
-                    let i = s.insert(&key)?;
+                    let i = s.insert(key)?;
                     let e = &mut s.slots[i];
                     if (!e.metered || e.version < stored.version) && install(e, &stored) {
                         s.counters_changed(index, i);
@@ -854,7 +885,9 @@ pub fn meter(
             }
             Some(Step::Done(metered, wait_for)) => {
                 if let Some(seq) = wait_for {
-                    wait_durable(index, seq, &key, &metered.charge);
+                    let spent: Vec<(KeyRef<'_>, &Charge)> =
+                        refs.iter().copied().zip(&metered.charges).collect();
+                    wait_durable(index, seq, &spent);
                 }
                 return Ok(Some(metered));
             }
@@ -927,32 +960,46 @@ fn install(e: &mut Entry, stored: &Stored) -> bool {
 
 /// Waits until the writer has committed everything up to `seq`. Should that not happen within
 /// DURABLE_WAIT (no writer could start), or should the wait be interrupted (statement_timeout, a
-/// cancel), the spend is given back and the call fails: the caller gets an error, not VALID.
-fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
-    let db = key.db;
-    let left = charge.after.remaining;
-    // Some(true): written (this spend, or quota written ahead past it); Some(false): the
+/// cancel), the spends are given back and the call fails: the caller gets an error, not VALID.
+fn wait_durable(index: usize, seq: u64, spent: &[(KeyRef<'_>, &Charge)]) {
+    let db = spent.first().map_or(0, |(key, _)| key.db);
+    // Some(true): written (these spends, or quota written ahead past them); Some(false): the
     // database lost its slot (its writer cannot connect).
-    let state = move |s: &mut Shared<'_>| {
+    let state = |s: &mut Shared<'_>| {
         let d = &s.header.databases[index];
         if d.oid != db {
             Some(false)
         } else if d.durable >= seq {
             Some(true)
         } else {
-            slots::find(s.slots, key)
-                .is_some_and(|i| s.slots[i].covers(left))
+            spent
+                .iter()
+                .all(|(key, charge)| {
+                    charge.spent == 0
+                        || slots::find(s.slots, key)
+                            .is_some_and(|i| s.slots[i].covers(charge.after.remaining))
+                })
                 .then_some(true)
         }
     };
     if with_shared(false, state).flatten() == Some(true) {
         return;
     }
-    // What the spend changed, to give it back only to the counters it was taken from.
-    let at = with_shared(false, |s| {
-        slots::find(s.slots, key).map(|i| (s.slots[i].version, s.slots[i].last_refill_us))
-    })
-    .flatten();
+    // What each spend changed, to give it back only to the counters it was taken from.
+    let at: Vec<Option<(i64, i64)>> = spent
+        .iter()
+        .map(|(key, _)| {
+            with_shared(false, |s| {
+                slots::find(s.slots, key).map(|i| (s.slots[i].version, s.slots[i].last_refill_us))
+            })
+            .flatten()
+        })
+        .collect();
+    let give_all_back = || {
+        for ((key, charge), at) in spent.iter().zip(&at) {
+            give_back(index, key, charge.spent, *at);
+        }
+    };
     let cv = flushed_cv(index);
     let written = PgTryBuilder::new(|| {
         let deadline = std::time::Instant::now() + DURABLE_WAIT;
@@ -978,17 +1025,18 @@ fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
         written
     })
     .catch_others(|error| {
-        give_back(index, key, charge.spent, at);
+        give_all_back();
         error.rethrow()
     })
     .execute();
     if written {
         return;
     }
-    give_back(index, key, charge.spent, at);
+    give_all_back();
+    let which = spent.first().map_or("", |(key, _)| key.id);
     errors::raise(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-        format!("the quota spend on API key \"{}\" could not be written within {} s: no pg_apikeys writer runs for this database", key.id, DURABLE_WAIT.as_secs()),
+        format!("the quota spend on API key \"{}\" could not be written within {} s: no pg_apikeys writer runs for this database", errors::shown(which), DURABLE_WAIT.as_secs()),
         Some("Check the server log for pg_apikeys writer errors and max_worker_processes."),
     )
 }
@@ -996,6 +1044,9 @@ fn wait_durable(index: usize, seq: u64, key: &KeyRef<'_>, charge: &Charge) {
 /// Gives `spent` back to the key's quota, if the counters are still those it was taken from
 /// (same meter_version, no refill since).
 fn give_back(index: usize, key: &KeyRef<'_>, spent: i64, at: Option<(i64, i64)>) {
+    if spent == 0 {
+        return;
+    }
     with_shared(true, |s| {
         let Some(i) = slots::find(s.slots, key) else {
             return;

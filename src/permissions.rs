@@ -199,7 +199,7 @@ impl Query {
             });
         }
         let perms = parse(value)?;
-        *names += perms.iter().map(|(_, acts)| 1 + acts.len()).sum::<usize>();
+        *names += perms.values().map(|acts| 1 + acts.len()).sum::<usize>();
         if *names > MAX_ENTRIES {
             return Err(format!(
                 "must have at most {MAX_ENTRIES} resources and actions"

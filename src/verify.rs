@@ -274,6 +274,13 @@ impl Config {
         }
     }
 
+    /// When a refill that is due now is followed by the next one.
+    pub fn next_refill_after(&self, now_us: i64) -> i64 {
+        self.refill_interval.map_or(i64::MAX, |interval| {
+            crate::engine::add_interval(now_us, interval)
+        })
+    }
+
     pub fn limits(&self, refill_due: bool) -> metering::Limits {
         metering::Limits {
             refill_amount: self.refill_amount,
@@ -673,12 +680,43 @@ struct Metering<'a> {
     applied: &'a [crate::limits::Applied],
 }
 
-/// What metering decided: the key's own counters, and the windows of its named limits.
+/// What metering decided: the key's own counters, its identity's, and the windows of named
+/// limits.
 struct Charged {
+    /// The key's counters after the call, with the call's verdict.
     charge: Charge,
     /// What the key's own counters alone decided (quota, default window).
     own: Verdict,
+    /// The identity's counters after the call, when it has a quota.
+    identity: Option<Charge>,
     windows: Vec<crate::engine::WindowState>,
+}
+
+impl Charged {
+    /// From the engine's answer for [key] or [key, identity].
+    fn of(m: crate::engine::Metered, with_identity: bool) -> Charged {
+        let mut charges = m.charges.into_iter();
+        let mut charge = charges
+            .next()
+            .unwrap_or_else(|| errors::internal_error("no charge"));
+        let identity = if with_identity { charges.next() } else { None };
+        let own = charge.verdict;
+        let identity_own = identity.map_or(Verdict::Allowed, |c| c.verdict);
+        charge.verdict = if own == Verdict::UsageExceeded || identity_own == Verdict::UsageExceeded
+        {
+            Verdict::UsageExceeded
+        } else if !m.allowed {
+            Verdict::RateLimited
+        } else {
+            Verdict::Allowed
+        };
+        Charged {
+            charge,
+            own,
+            identity,
+            windows: m.windows,
+        }
+    }
 }
 
 fn iso(us: i64) -> String {
@@ -719,8 +757,10 @@ impl Charged {
                 w.exceeded,
             ));
         }
+        result.identity_remaining = self.identity.and_then(|c| c.after.remaining);
         result.limited_by = match code {
-            Code::UsageExceeded => Some("key"),
+            Code::UsageExceeded if self.own == Verdict::UsageExceeded => Some("key"),
+            Code::UsageExceeded => Some("identity"),
             Code::RateLimited => {
                 let by_key = self.own == Verdict::RateLimited
                     || call
@@ -809,22 +849,24 @@ fn meter_in_shared_memory(
     state: &KeyState,
     m: &Metering<'_>,
 ) -> Result<Option<Charged>, crate::engine::Unavailable> {
-    let call = crate::engine::Call {
+    let load_key = || load(state);
+    let counted = [crate::engine::Counted {
         id: &state.id,
         created_us: state.created_us,
         version: state.meter_version,
-        now_us: epoch_us(state.now),
+        config: &state.config,
         cost: m.cost,
-        permitted: m.permitted,
         rate_cost: m.default_cost,
+        load: &load_key,
+    }];
+    let call = crate::engine::Call {
+        counted: &counted,
+        now_us: epoch_us(state.now),
+        permitted: m.permitted,
         windows: m.windows,
     };
-    let metered = crate::engine::meter(&call, &state.config, || load(state))?;
-    Ok(metered.map(|m| Charged {
-        charge: m.charge,
-        own: m.own,
-        windows: m.windows,
-    }))
+    let metered = crate::engine::meter(&call)?;
+    Ok(metered.map(|m| Charged::of(m, false)))
 }
 
 /// Without the engine (not preloaded, or its table refused the key): the key's row is locked for
@@ -954,6 +996,7 @@ fn meter_with_row_lock(
             Charged {
                 charge,
                 own,
+                identity: None,
                 windows: Vec::new(),
             }
             .result(&fresh, &call, token)

@@ -182,6 +182,17 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.purge_signing_keys(retired_before => $1::text::interval)",
             "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', $1, true)) s",
             "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', jsonb_build_object('authorization', $1::text)::text, true)) s",
+            "SELECT apikeys.create_role($1)",
+            "SELECT apikeys.update_role($1, description => $1)",
+            "SELECT apikeys.delete_role($1)",
+            "SELECT apikeys.create_api_key(roles => ARRAY[$1])",
+            "SELECT apikeys.update_credits($1, 'increment', 1)",
+            "SELECT apikeys.update_credits('x', $1, 1)",
+            "SELECT apikeys.ratelimit($1, $1, 1, '1 s')",
+            "SELECT apikeys.set_ratelimit_override($1, $1, 1, '1 s')",
+            "SELECT apikeys.delete_ratelimit_override($1, $1)",
+            "SELECT apikeys.verify_key('sk_x', ratelimits => jsonb_build_array(jsonb_build_object('name', $1::text)))",
+            "SELECT apikeys.create_api_key(ratelimits => jsonb_build_array(jsonb_build_object('name', $1::text, 'limit', 1, 'duration', $1::text)))",
         ] {
             called.insert(function_of(sql));
             // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
@@ -323,6 +334,7 @@ fn hostile_input_never_crashes_a_backend() {
     for sql in [
         "SELECT apikeys.jwks()::text",
         "SELECT count(*)::text FROM apikeys.list_signing_keys()",
+        "SELECT count(*)::text FROM apikeys.list_roles()",
         "SELECT apikeys.current_key_id()",
         "SELECT apikeys.current_owner()",
         "SELECT apikeys.current_permissions()::text",
