@@ -124,7 +124,7 @@ mod tests {
         // name in the other schema, accepting anything, is never called.
         run("CREATE FUNCTION apikeys.authenticate_headers(jsonb) RETURNS apikeys_moved.verification
              LANGUAGE sql AS $$ SELECT ROW(true, 'VALID', 'fake', NULL, NULL, NULL, '{}', NULL, NULL,
-                                           NULL, NULL, NULL, NULL, '[]', NULL, NULL)::apikeys_moved.verification $$");
+                                           NULL, NULL, NULL, NULL, '[]', NULL, NULL, NULL)::apikeys_moved.verification $$");
         run("SELECT set_config('request.headers', '{\"x-api-key\": \"garbage\"}', true)");
         let err = error_of("SELECT apikeys_moved.authenticate_request()")
             .expect("authenticate_request used another schema's function");

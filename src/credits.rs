@@ -101,6 +101,56 @@ impl Operation {
     }
 }
 
+/// Applies `op` to the row of `table` (keys or identities) whose `column` is `value`, already
+/// locked by the caller: a set is a new quota at a new meter_version (unlimited: its refill
+/// goes too), an increment or decrement is added to `credits` at a new meter_version.
+pub fn apply(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    table: &'static str,
+    column: &'static str,
+    value: &str,
+    op: Operation,
+) {
+    let actor = audit::actor();
+    match op {
+        Operation::Set(amount) => plans::update(
+            client,
+            &format!(
+                "UPDATE apikeys.{table} SET remaining = $2, credits = 0,
+                        meter_version = meter_version + 1, remaining_version = meter_version + 1,
+                        refill_amount = CASE WHEN $2 IS NULL THEN NULL ELSE refill_amount END,
+                        refill_interval = CASE WHEN $2 IS NULL THEN NULL ELSE refill_interval END,
+                        refill_day = CASE WHEN $2 IS NULL THEN NULL ELSE refill_day END,
+                        last_refill_at = CASE WHEN $2 IS NULL THEN NULL ELSE last_refill_at END,
+                        refill_version = CASE WHEN $2 IS NULL THEN meter_version + 1
+                                              ELSE refill_version END,
+                        updated_at = clock_timestamp(), updated_by = $3
+                  WHERE {column} = $1"
+            ),
+            None,
+            &[value.into(), amount.into(), actor.into()],
+        ),
+        Operation::Increment(n) | Operation::Decrement(n) => {
+            let delta = if matches!(op, Operation::Increment(_)) {
+                n
+            } else {
+                -n
+            };
+            plans::update(
+                client,
+                &format!(
+                    "UPDATE apikeys.{table} SET credits = credits + $2,
+                            meter_version = meter_version + 1,
+                            updated_at = clock_timestamp(), updated_by = $3
+                      WHERE {column} = $1"
+                ),
+                None,
+                &[value.into(), delta.into(), actor.into()],
+            )
+        }
+    };
+}
+
 /// Sets, increments or decrements a key's quota (`remaining`) atomically and returns the new
 /// quota (NULL: unlimited). `set` with a NULL amount makes the key unlimited (its refill goes
 /// too); `increment`/`decrement` need a key with a quota, and a decrement below 0 is refused.
@@ -144,39 +194,7 @@ fn update_credits(
             .and_then(|l| l.remaining_with(credits))
             .unwrap_or(stored);
         let after = errors::checked(op.apply(now));
-        let actor = audit::actor();
-        match op {
-            Operation::Set(amount) => plans::update(
-                client,
-                "UPDATE apikeys.keys SET remaining = $2, credits = 0,
-                        meter_version = meter_version + 1, remaining_version = meter_version + 1,
-                        refill_amount = CASE WHEN $2 IS NULL THEN NULL ELSE refill_amount END,
-                        refill_interval = CASE WHEN $2 IS NULL THEN NULL ELSE refill_interval END,
-                        last_refill_at = CASE WHEN $2 IS NULL THEN NULL ELSE last_refill_at END,
-                        refill_version = CASE WHEN $2 IS NULL THEN meter_version + 1
-                                              ELSE refill_version END,
-                        updated_at = clock_timestamp(), updated_by = $3
-                  WHERE id = $1",
-                None,
-                &[id.as_str().into(), amount.into(), actor.into()],
-            ),
-            Operation::Increment(n) | Operation::Decrement(n) => {
-                let delta = if matches!(op, Operation::Increment(_)) {
-                    n
-                } else {
-                    -n
-                };
-                plans::update(
-                    client,
-                    "UPDATE apikeys.keys SET credits = credits + $2,
-                            meter_version = meter_version + 1,
-                            updated_at = clock_timestamp(), updated_by = $3
-                      WHERE id = $1",
-                    None,
-                    &[id.as_str().into(), delta.into(), actor.into()],
-                )
-            }
-        };
+        apply(client, "keys", "id", &id, op);
         audit::record(
             client,
             "update_credits",

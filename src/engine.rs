@@ -561,6 +561,18 @@ pub fn window_id(kind: u8, parts: &[&str]) -> String {
     id
 }
 
+/// The entry id of identity `id`'s quota: byte 2 (no key id has it) and the id.
+pub fn identity_entry(id: i64) -> String {
+    format!("{}{id}", char::from(slots::IDENTITY_TAG))
+}
+
+/// The identity id of an identity entry's id, None for any other entry.
+pub fn identity_of_entry(entry: &str) -> Option<i64> {
+    entry
+        .strip_prefix(char::from(slots::IDENTITY_TAG))
+        .and_then(|id| id.parse().ok())
+}
+
 /// A window after a call: what is left of it, when its bucket (or fixed window) ends, and
 /// whether it refused the call.
 #[derive(Clone, Copy, Debug)]
@@ -699,6 +711,8 @@ pub struct Metered {
     /// Whether every counter and window allowed the call (it took its cost from each when
     /// `permitted` too).
     pub allowed: bool,
+    /// Per counted set: when its quota refills next.
+    pub next_refill_us: Vec<Option<i64>>,
 }
 
 /// Charges a call in shared memory: loads counters on first use (`Counted::load`, which reads
@@ -790,6 +804,7 @@ pub fn meter(call: &Call<'_>) -> Result<Option<Metered>, Unavailable> {
             let take = permitted && allowed;
             let (window_states, _) = judge_windows(s, windows, &window_at, now_us, take);
             let mut charges = Vec::with_capacity(counted.len());
+            let mut next_refills = Vec::with_capacity(counted.len());
             let mut wait_for: Option<u64> = None;
             let mut wake = false;
             for (k, c) in counted.iter().enumerate() {
@@ -822,6 +837,8 @@ pub fn meter(call: &Call<'_>) -> Result<Option<Metered>, Unavailable> {
                     }
                     wake |= s.database(index).writer_pid == 0;
                 }
+                let next = s.slots[i].next_refill_us;
+                next_refills.push((next != i64::MAX).then_some(next));
                 charges.push(charge);
             }
             if wait_for.is_some() || wake {
@@ -832,6 +849,7 @@ pub fn meter(call: &Call<'_>) -> Result<Option<Metered>, Unavailable> {
                     charges,
                     windows: window_states,
                     allowed,
+                    next_refill_us: next_refills,
                 },
                 wait_for,
             )

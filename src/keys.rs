@@ -124,6 +124,8 @@ fn args(
     enabled: Option<bool>,
     roles: Option<Vec<Option<String>>>,
     ratelimits: Option<Jsonb>,
+    refill_day: Option<i32>,
+    refill_schedule: Option<String>,
 ) -> Args {
     Args {
         name,
@@ -144,6 +146,8 @@ fn args(
         roles,
         ratelimits: jsonb::argument("ratelimits", ratelimits)
             .map(|v| crate::limits::parse_config(&v, pg_duration)),
+        refill_day,
+        refill_schedule,
     }
 }
 
@@ -171,11 +175,11 @@ fn insert_sql(id_given: bool) -> String {
                 permissions, metadata, role, master, enabled, expires_at, remaining,
                 refill_amount, refill_interval, last_refill_at, rate_limit_max,
                 rate_limit_window, created_by, updated_by, rate_limit_algorithm, roles,
-                effective_permissions, ratelimits)
+                effective_permissions, ratelimits, refill_day, refill_schedule, identity_id)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                 COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
-                CASE WHEN $17 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22,
-                $23, $24, $25)
+                CASE WHEN $16 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22,
+                $23, $24, $25, $26, $27, $28)
             {on_conflict}
             RETURNING id, expires_at, created_at
         ), audit AS (
@@ -213,6 +217,8 @@ fn create_api_key(
     rate_limit_algorithm: default!(Option<String>, "NULL"),
     roles: default!(Option<Vec<Option<String>>>, "NULL"),
     ratelimits: default!(Option<Jsonb>, "NULL"),
+    refill_day: default!(Option<i32>, "NULL"),
+    refill_schedule: default!(Option<String>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -244,6 +250,8 @@ fn create_api_key(
         enabled,
         roles,
         ratelimits,
+        refill_day,
+        refill_schedule,
     )));
     let id_given = id.is_some();
     let id = match id {
@@ -306,9 +314,16 @@ fn insert_key(
             }
         }
         let (expires_at, expires_in) = expiry_sql(expiry);
+        let (refill_interval, refill_day, refill_schedule) =
+            s.schedule.map_or((None, None, "interval"), |r| r.columns());
         let own = s.permissions.unwrap_or_else(|| json!({}));
         let roles = s.roles.unwrap_or_default();
         let effective = crate::roles::effective(client, &own, &roles);
+        // The identity its owner names, under the owner's lock (see identities::lock_owner).
+        let identity_id = s.owner.as_deref().and_then(|owner| {
+            crate::identities::lock_owner(client, owner);
+            crate::identities::identity_of(client, owner)
+        });
         let actor = audit::actor();
         let details =
             json!({"name": s.name, "owner": s.owner, "prefix": new.prefix, "master": new.master});
@@ -329,7 +344,7 @@ fn insert_key(
             expires_in.into(),
             s.remaining.into(),
             s.refill_amount.into(),
-            s.refill_interval.map(interval).into(),
+            refill_interval.map(interval).into(),
             s.rate_limit_max.into(),
             s.rate_limit_window.map(interval).into(),
             actor.into(),
@@ -341,6 +356,9 @@ fn insert_key(
                 .filter(|l| !l.is_empty())
                 .map(|l| JsonB(crate::limits::to_json(&l)))
                 .into(),
+            refill_day.into(),
+            refill_schedule.into(),
+            identity_id.into(),
         ];
         let table = plans::update(client, &insert_sql(new.id_given), None, &args);
         if table.is_empty() {
@@ -390,11 +408,40 @@ fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
 /// The key with what shared memory holds beyond its rows: uses not written yet, and the quota
 /// as it is now. Called outside SPI: the tuple is rebuilt in the caller's memory context.
 fn with_live(row: Row) -> ApiKey {
-    let key = row.key;
+    let mut key = row.key;
     let id = errors::internal(key.get_by_name::<String>("id")).unwrap_or_default();
-    let Some(live) = crate::engine::live(&id, row.created_us, row.set_at) else {
-        return key;
+    if let Some(live) = crate::engine::live(&id, row.created_us, row.set_at) {
+        key = with_live_counts(key, &live, row.credits);
+    }
+    let next = next_refill(
+        errors::internal(key.get_by_name::<i64>("refill_amount")),
+        errors::internal(key.get_by_name::<TimestampWithTimeZone>("last_refill_at")),
+        errors::internal(key.get_by_name::<Interval>("refill_interval")),
+        errors::internal(key.get_by_name::<i32>("refill_day")),
+        errors::internal(key.get_by_name::<String>("refill_schedule")).as_deref(),
+    );
+    errors::internal(key.set_by_name("next_refill_at", next));
+    key
+}
+
+/// When a quota that last refilled at `last` refills next (None without refill).
+pub(crate) fn next_refill(
+    amount: Option<i64>,
+    last: Option<TimestampWithTimeZone>,
+    interval: Option<Interval>,
+    day: Option<i32>,
+    schedule: Option<&str>,
+) -> Option<TimestampWithTimeZone> {
+    amount?;
+    let last = verify::epoch_us(last?);
+    let next = match verify::calendar_of(interval, day, schedule) {
+        Some(calendar) => calendar.next_calendar(last)?,
+        None => crate::engine::add_interval(last, interval?),
     };
+    Some(verify::from_epoch_us(next))
+}
+
+fn with_live_counts(key: ApiKey, live: &crate::engine::Live, credits: i64) -> ApiKey {
     let mut key = key;
     let requests = errors::internal(key.get_by_name::<i64>("request_count")).unwrap_or(0);
     errors::internal(key.set_by_name("request_count", requests + live.uses as i64));
@@ -403,7 +450,7 @@ fn with_live(row: Row) -> ApiKey {
         let at = verify::from_epoch_us(at);
         errors::internal(key.set_by_name("last_used_at", written.map_or(at, |w| w.max(at))));
     }
-    if let Some(remaining) = live.remaining_with(row.credits) {
+    if let Some(remaining) = live.remaining_with(credits) {
         errors::internal(key.set_by_name("remaining", remaining));
     }
     if let Some(last_refill) = live.last_refill_us {
@@ -524,6 +571,8 @@ fn update_api_key(
     rate_limit_algorithm: default!(Option<String>, "NULL"),
     roles: default!(Option<Vec<Option<String>>>, "NULL"),
     ratelimits: default!(Option<Jsonb>, "NULL"),
+    refill_day: default!(Option<i32>, "NULL"),
+    refill_schedule: default!(Option<String>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = required_id(id);
     let update = errors::checked(Update::check(
@@ -545,6 +594,8 @@ fn update_api_key(
             enabled,
             roles,
             ratelimits,
+            refill_day,
+            refill_schedule,
         ),
         clear.unwrap_or_default().into_iter().flatten().collect(),
     ));
@@ -561,7 +612,7 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
                 "SELECT k.refill_amount, k.refill_interval, k.rate_limit_max, k.rate_limit_window, ",
                 crate::remaining_sql!(),
                 ", k.remaining_version, k.created_at, k.refill_version, k.permissions, k.roles,
-                    k.credits
+                    k.credits, k.refill_day, k.refill_schedule
                FROM apikeys.keys k LEFT JOIN apikeys.meters m
                  ON m.key_id = k.id AND m.key_created_at = k.created_at
               WHERE k.id = $1 FOR UPDATE OF k"
@@ -595,7 +646,11 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
             .unwrap_or(stored_remaining);
         let merged = errors::checked(update.merge(&StoredLimits {
             refill_amount: cur_amount,
-            refill_interval: cur_interval.map(span),
+            refill: crate::refills::Schedule::from_columns(
+                cur_interval.map(span),
+                errors::internal(cur.get::<i32>(12)),
+                &errors::internal(cur.get::<String>(13)).unwrap_or_default(),
+            ),
             rate_limit_max: cur_max,
             rate_limit_window: cur_window.map(span),
             remaining: cur_remaining,
@@ -634,7 +689,7 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
         };
         let plain_fields: [(&'static str, Option<DatumWithOid>, &str); 9] = [
             ("name", s.name.map(Into::into), "NULL"),
-            ("owner", s.owner.map(Into::into), "NULL"),
+            ("owner", s.owner.clone().map(Into::into), "NULL"),
             ("description", s.description.map(Into::into), "NULL"),
             ("role", s.role.map(Into::into), "NULL"),
             (
@@ -657,6 +712,14 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
         ];
         for (field, value, default_sql) in plain_fields {
             set.assign(field, value, cleared.contains(&field), default_sql);
+        }
+        // A new owner may name an identity (or none): the key follows it.
+        if let Some(owner) = &s.owner {
+            crate::identities::lock_owner(client, owner);
+            let identity = crate::identities::identity_of(client, owner);
+            set.set("owner", "identity_id = $?", vec![identity.into()]);
+        } else if cleared.contains(&"owner") {
+            set.set("owner", "identity_id = NULL", vec![]);
         }
         if let Some(effective) = effective {
             set.set(
@@ -705,16 +768,24 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
                 "refill_amount = $?",
                 vec![merged.refill_amount.into()],
             );
+            let (refill_interval, refill_day, refill_schedule) = merged
+                .refill
+                .map_or((None, None, "interval"), |r| r.columns());
             set.set(
                 "refill",
-                "refill_interval = $?",
-                vec![merged.refill_interval.map(interval).into()],
+                "refill_interval = $?, refill_day = $?, refill_schedule = $?",
+                vec![
+                    refill_interval.map(interval).into(),
+                    refill_day.into(),
+                    refill_schedule.into(),
+                ],
             );
             set.set("refill", "last_refill_at = clock_timestamp()", vec![]);
         } else if cleared.contains(&"refill") {
             set.set(
                 "refill",
-                "refill_amount = NULL, refill_interval = NULL, last_refill_at = NULL",
+                "refill_amount = NULL, refill_interval = NULL, refill_day = NULL, \
+                 refill_schedule = 'interval', last_refill_at = NULL",
                 vec![],
             );
         }
@@ -1486,7 +1557,7 @@ mod tests {
         );
         assert_eq!(
             dumped.as_deref(),
-            Some("audit_log,audit_log_id_seq,keys,meters,ratelimit_overrides,roles,signing_keys")
+            Some("audit_log,audit_log_id_seq,identities,identities_id_seq,identity_meters,keys,meters,ratelimit_overrides,roles,signing_keys")
         );
     }
 }

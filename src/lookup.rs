@@ -57,12 +57,16 @@ pub struct KeyRow {
     pub rate_limit_algorithm: Option<String>,
     /// Named rate limits (SPEC §7), as stored; None for a key without.
     pub ratelimits: Option<Jsonb>,
+    pub refill_day: Option<i32>,
+    pub refill_schedule: Option<String>,
+    /// The identity its owner names (SPEC §7), kept by management.
+    pub identity_id: Option<i64>,
     /// A transaction still in progress that updated or deleted this version (a management
     /// change not committed yet), other than the caller's own.
     pub updater: Option<pg_sys::TransactionId>,
 }
 
-const N: usize = 23;
+const N: usize = 26;
 /// COLUMNS from here on came with 0.6.0 (and later).
 const FIRST_ADDED_IN_0_6: usize = 16;
 const COLUMNS: [&CStr; N] = [
@@ -89,6 +93,9 @@ const COLUMNS: [&CStr; N] = [
     c"rate_limit_algorithm",
     c"effective_permissions",
     c"ratelimits",
+    c"refill_day",
+    c"refill_schedule",
+    c"identity_id",
 ];
 const ID: usize = 0;
 const HASH: usize = 1;
@@ -484,6 +491,9 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         rate_limit_window: get(at(19)),
         rate_limit_algorithm: get(at(20)),
         ratelimits: get(at(22)),
+        refill_day: get(at(23)),
+        refill_schedule: get(at(24)),
+        identity_id: get(at(25)),
         updater: None,
     }
 }

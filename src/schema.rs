@@ -57,6 +57,8 @@ CREATE TABLE apikeys.keys (
     remaining            bigint CHECK (remaining >= 0),          -- NULL: unlimited
     refill_amount        bigint CHECK (refill_amount >= 0),
     refill_interval      interval,
+    refill_day           integer CHECK (refill_day BETWEEN 1 AND 31),  -- monthly at 00:00 UTC
+    refill_schedule      text NOT NULL DEFAULT 'interval' CHECK (refill_schedule IN ('interval', 'calendar')),
     last_refill_at       timestamptz,
     rate_limit_max       integer CHECK (rate_limit_max > 0),
     rate_limit_window    interval,
@@ -80,13 +82,53 @@ CREATE TABLE apikeys.keys (
     credits              bigint NOT NULL DEFAULT 0,
     -- named rate limits (SPEC §7): [{"name", "limit", "duration", "auto_apply"}], NULL: none
     ratelimits           jsonb,
-    CHECK ((refill_amount IS NULL) = (refill_interval IS NULL)),
+    -- apikeys.identities.id of the identity owner names (NULL: none), kept by management
+    identity_id          bigint,
+    CHECK ((refill_amount IS NULL) = (refill_interval IS NULL AND refill_day IS NULL)),
     CHECK ((rate_limit_max IS NULL) = (rate_limit_window IS NULL))
 );
 CREATE INDEX keys_owner_idx ON apikeys.keys (owner);
 CREATE INDEX keys_expires_at_idx ON apikeys.keys (expires_at) WHERE expires_at IS NOT NULL;
 -- The keys a role change reaches.
 CREATE INDEX keys_roles_idx ON apikeys.keys USING gin (roles);
+
+-- A tenant, user or team whose keys (keys.owner = identities.owner) share its quota, its named
+-- rate limits and its metadata (SPEC §7). id is the metering engine's handle for it.
+CREATE TABLE apikeys.identities (
+    id                   bigserial NOT NULL UNIQUE,
+    owner                text PRIMARY KEY,
+    metadata             jsonb,
+    remaining            bigint CHECK (remaining >= 0),          -- NULL: unlimited
+    refill_amount        bigint CHECK (refill_amount >= 0),
+    refill_interval      interval,
+    refill_day           integer CHECK (refill_day BETWEEN 1 AND 31),
+    refill_schedule      text NOT NULL DEFAULT 'interval' CHECK (refill_schedule IN ('interval', 'calendar')),
+    last_refill_at       timestamptz,
+    ratelimits           jsonb,
+    rate_limit_algorithm text NOT NULL DEFAULT 'sliding' CHECK (rate_limit_algorithm IN ('sliding', 'fixed')),
+    -- as in apikeys.keys: update_identity_credits since the quota was last set, and the
+    -- versions at which management last changed the quota and its refill
+    credits              bigint NOT NULL DEFAULT 0,
+    meter_version        bigint NOT NULL DEFAULT 1,
+    remaining_version    bigint NOT NULL DEFAULT 1,
+    refill_version       bigint NOT NULL DEFAULT 1,
+    created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    created_by           text NOT NULL,
+    updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_by           text NOT NULL,
+    CHECK ((refill_amount IS NULL) = (refill_interval IS NULL AND refill_day IS NULL))
+);
+CREATE INDEX keys_identity_id_idx ON apikeys.keys (identity_id) WHERE identity_id IS NOT NULL;
+
+-- What use changed of an identity's quota: written by the metering engine's writer.
+CREATE TABLE apikeys.identity_meters (
+    identity_id         bigint PRIMARY KEY,
+    identity_created_at timestamptz NOT NULL,
+    meter_version       bigint NOT NULL,
+    remaining           bigint,
+    last_refill_at      timestamptz,
+    credits             bigint NOT NULL DEFAULT 0
+) WITH (fillfactor = 50);
 
 -- Named sets of permissions (SPEC §7): a key with roles has its own permissions and theirs.
 CREATE TABLE apikeys.roles (
@@ -157,6 +199,9 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.roles', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.ratelimit_overrides', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.identities', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.identities_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.identity_meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
@@ -170,7 +215,16 @@ CREATE TYPE apikeys.api_key AS (
     rate_limit_max integer, rate_limit_window interval,
     request_count bigint, last_used_at timestamptz,
     created_at timestamptz, created_by text, updated_at timestamptz, updated_by text,
-    rate_limit_algorithm text, roles text[], ratelimits jsonb
+    rate_limit_algorithm text, roles text[], ratelimits jsonb,
+    refill_day integer, refill_schedule text, next_refill_at timestamptz
+);
+
+-- What callers see of an identity.
+CREATE TYPE apikeys.identity AS (
+    owner text, metadata jsonb, remaining bigint, refill_amount bigint, refill_interval interval,
+    refill_day integer, refill_schedule text, last_refill_at timestamptz, next_refill_at timestamptz,
+    ratelimits jsonb, rate_limit_algorithm text, created_at timestamptz, created_by text,
+    updated_at timestamptz, updated_by text
 );
 
 -- The result of every verification.
@@ -182,7 +236,8 @@ CREATE TYPE apikeys.verification AS (
     -- one object per rate limit applied: name, level, limit, remaining, reset_at, exceeded
     ratelimits jsonb,
     limited_by text,           -- key or identity: which level refused (USAGE_EXCEEDED, RATE_LIMITED)
-    identity_remaining bigint  -- the quota left of the key's identity
+    identity_remaining bigint, -- the quota left of the key's identity
+    next_refill_at timestamptz -- when the key's quota refills next
 );
 "#,
     name = "data_model",
@@ -241,7 +296,7 @@ pub const API_KEY_ROW: &str = concat!(
      CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END, \
      k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
      k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm, \
-     k.roles, k.ratelimits)::apikeys.api_key"
+     k.roles, k.ratelimits, k.refill_day, k.refill_schedule, NULL::timestamptz)::apikeys.api_key"
 );
 
 /// The rows `API_KEY_ROW` reads.
@@ -282,6 +337,12 @@ mod tests {
         ("ratelimit", "SELECT apikeys.ratelimit('matrix', '{id}', 5, '1 minute')", [false, true, true]),
         ("set_ratelimit_override", "SELECT apikeys.set_ratelimit_override('matrix', '{id}', 5, '1 minute')", [false, true, true]),
         ("delete_ratelimit_override", "SELECT apikeys.delete_ratelimit_override('matrix', '{id}')", [false, true, true]),
+        ("create_identity", "SELECT apikeys.create_identity('{id}', remaining => 5)", [false, true, true]),
+        ("get_identity", "SELECT apikeys.get_identity('matrix_identity')", [false, true, true]),
+        ("list_identities", "SELECT count(*) FROM apikeys.list_identities()", [false, true, true]),
+        ("update_identity", "SELECT apikeys.update_identity('matrix_identity', metadata => '{}')", [false, true, true]),
+        ("delete_identity", "SELECT apikeys.delete_identity(c.owner) FROM apikeys.create_identity('matrix_' || md5(random()::text)) c", [false, true, true]),
+        ("update_identity_credits", "SELECT apikeys.update_identity_credits('matrix_identity', 'set', 5)", [false, true, true]),
         ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
         ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
         ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),
@@ -341,7 +402,11 @@ mod tests {
                 apikeys.retire_signing_key, apikeys.export_signing_key, apikeys.list_signing_keys,
                 apikeys.purge_signing_keys, apikeys.create_role, apikeys.update_role,
                 apikeys.delete_role, apikeys.list_roles, apikeys.update_credits,
-                apikeys.set_ratelimit_override, apikeys.delete_ratelimit_override TO matrix_admin");
+                apikeys.set_ratelimit_override, apikeys.delete_ratelimit_override,
+                apikeys.create_identity, apikeys.get_identity, apikeys.list_identities,
+                apikeys.update_identity, apikeys.delete_identity, apikeys.update_identity_credits
+                TO matrix_admin");
+        run("SELECT apikeys.create_identity('matrix_identity')");
         // What an application that rate-limits by IP is granted.
         run("GRANT EXECUTE ON FUNCTION apikeys.ratelimit TO matrix_admin");
         run("SELECT apikeys.create_role('matrix_role')");
@@ -395,6 +460,8 @@ mod tests {
             ("meters", "key_id"),
             ("roles", "name"),
             ("ratelimit_overrides", "namespace"),
+            ("identities", "owner"),
+            ("identity_meters", "identity_id"),
         ] {
             for (privilege, statement) in TABLE_PRIVILEGES {
                 for role in ["public", "matrix_public", "matrix_admin"] {
@@ -421,16 +488,19 @@ mod tests {
         }
         for role in ["public", "matrix_public", "matrix_admin"] {
             for privilege in ["USAGE", "SELECT", "UPDATE"] {
-                let has = one::<bool>(&format!(
-                    "SELECT has_sequence_privilege('{role}', 'apikeys.audit_log_id_seq', '{privilege}')"
-                ));
-                assert_eq!(has, Some(false), "{role} {privilege} sequence");
+                for sequence in ["audit_log_id_seq", "identities_id_seq"] {
+                    let has = one::<bool>(&format!(
+                        "SELECT has_sequence_privilege('{role}', 'apikeys.{sequence}', '{privilege}')"
+                    ));
+                    assert_eq!(has, Some(false), "{role} {privilege} {sequence}");
+                }
             }
             // Everyone may use the schema and its types; no one but the owner may add to it.
             let usage = one::<bool>(&format!(
                 "SELECT has_schema_privilege('{role}', 'apikeys', 'USAGE')
                     AND has_type_privilege('{role}', 'apikeys.verification', 'USAGE')
                     AND has_type_privilege('{role}', 'apikeys.api_key', 'USAGE')
+                    AND has_type_privilege('{role}', 'apikeys.identity', 'USAGE')
                     AND NOT has_schema_privilege('{role}', 'apikeys', 'CREATE')"
             ));
             assert_eq!(usage, Some(true), "{role} schema");

@@ -6,6 +6,7 @@
 use crate::durations::Span;
 use crate::jsonb::Jsonb;
 use crate::limits::NamedLimit;
+use crate::refills::Schedule;
 use crate::{key_format, metering, permissions};
 use serde_json::Value;
 
@@ -257,6 +258,8 @@ pub struct Args {
     /// Named rate limits, already read (`limits::parse_config` needs PostgreSQL's interval
     /// parser): Err says why they were refused.
     pub ratelimits: Option<Result<Vec<NamedLimit>, String>>,
+    pub refill_day: Option<i32>,
+    pub refill_schedule: Option<String>,
 }
 
 /// `Args`, each checked on its own. Pairs (refill, rate limit) are checked by `for_create`, or
@@ -279,6 +282,11 @@ pub struct Settings {
     pub enabled: Option<bool>,
     pub roles: Option<Vec<String>>,
     pub ratelimits: Option<Vec<NamedLimit>>,
+    pub refill_day: Option<i32>,
+    /// `refill_schedule`: Some(true) for 'calendar'.
+    pub calendar: Option<bool>,
+    /// For a new key: the refill its arguments make (`for_create`).
+    pub schedule: Option<Schedule>,
 }
 
 impl Settings {
@@ -313,6 +321,9 @@ impl Settings {
                         r#"Example: [{"name": "requests", "limit": 100, "duration": "1 minute", "auto_apply": true}]"#,
                     )
                 })?,
+            refill_day: a.refill_day,
+            calendar: crate::refills::calendar(a.refill_schedule.as_deref())?,
+            schedule: None,
         })
     }
 
@@ -320,9 +331,11 @@ impl Settings {
     /// unless told otherwise.
     pub fn for_create(a: Args) -> Checked<Settings> {
         let mut s = Settings::check(a)?;
-        pair(
-            ("refill_amount", &s.refill_amount),
-            ("refill_interval", &s.refill_interval),
+        s.schedule = crate::refills::schedule(
+            s.refill_amount,
+            s.refill_interval,
+            s.refill_day,
+            s.calendar.unwrap_or(false),
         )?;
         pair(
             ("rate_limit_max", &s.rate_limit_max),
@@ -333,7 +346,10 @@ impl Settings {
     }
 
     pub fn refill_given(&self) -> bool {
-        self.refill_amount.is_some() || self.refill_interval.is_some()
+        self.refill_amount.is_some()
+            || self.refill_interval.is_some()
+            || self.refill_day.is_some()
+            || self.calendar.is_some()
     }
 
     pub fn rate_limit_given(&self) -> bool {
@@ -371,7 +387,9 @@ fn clear_name(field: &str) -> Option<&'static str> {
         "role" => "role",
         "expires_at" | "expires_in" => "expires_at",
         "remaining" => "remaining",
-        "refill" | "refill_amount" | "refill_interval" => "refill",
+        "refill" | "refill_amount" | "refill_interval" | "refill_day" | "refill_schedule" => {
+            "refill"
+        }
         "rate_limit" | "rate_limit_max" | "rate_limit_window" => "rate_limit",
         "enabled" => "enabled",
         "roles" => "roles",
@@ -384,7 +402,7 @@ fn clear_name(field: &str) -> Option<&'static str> {
 #[derive(Default, Clone, Copy)]
 pub struct StoredLimits {
     pub refill_amount: Option<i64>,
-    pub refill_interval: Option<Span>,
+    pub refill: Option<Schedule>,
     pub rate_limit_max: Option<i32>,
     pub rate_limit_window: Option<Span>,
     pub remaining: Option<i64>,
@@ -438,15 +456,39 @@ impl Update {
     pub fn merge(&self, stored: &StoredLimits) -> Checked<StoredLimits> {
         let s = &self.settings;
         let keep = |field: &str| !self.clears(field);
+        // A refill given replaces the stored one's schedule: a day makes it monthly, an interval
+        // rolling (or daily with 'calendar'); the schedule alone applies to the stored interval.
+        let (stored_interval, stored_day, stored_calendar) = match stored.refill {
+            Some(Schedule::Every(span)) => (Some(span), None, false),
+            Some(Schedule::Daily) => (
+                Some(Span {
+                    days: 1,
+                    ..Span::default()
+                }),
+                None,
+                true,
+            ),
+            Some(Schedule::Monthly(d)) => (None, Some(d as i32), true),
+            None => (None, None, false),
+        };
+        let (interval, day) = if s.refill_day.is_some() || s.refill_interval.is_some() {
+            (s.refill_interval, s.refill_day)
+        } else {
+            (stored_interval, stored_day)
+        };
+        let calendar = s.calendar.unwrap_or(stored_calendar && day.is_none());
+        let amount = s
+            .refill_amount
+            .or(stored.refill_amount)
+            .filter(|_| keep("refill"));
+        let refill = if keep("refill") {
+            crate::refills::schedule(amount, interval, day, calendar)?
+        } else {
+            None
+        };
         let merged = StoredLimits {
-            refill_amount: s
-                .refill_amount
-                .or(stored.refill_amount)
-                .filter(|_| keep("refill")),
-            refill_interval: s
-                .refill_interval
-                .or(stored.refill_interval)
-                .filter(|_| keep("refill")),
+            refill_amount: amount,
+            refill,
             rate_limit_max: s
                 .rate_limit_max
                 .or(stored.rate_limit_max)
@@ -457,10 +499,6 @@ impl Update {
                 .filter(|_| keep("rate_limit")),
             remaining: None,
         };
-        pair(
-            ("refill_amount", &merged.refill_amount),
-            ("refill_interval", &merged.refill_interval),
-        )?;
         pair(
             ("rate_limit_max", &merged.rate_limit_max),
             ("rate_limit_window", &merged.rate_limit_window),
@@ -663,7 +701,7 @@ mod unit {
             (arg, problem.as_str()),
             (
                 "refill_interval",
-                "must be given together with \"refill_amount\""
+                "must be given together with \"refill_amount\" (or refill_day)"
             )
         );
         let (arg, _) = refused(Settings::for_create(Args {
@@ -764,7 +802,7 @@ mod unit {
     fn an_update_merges_with_the_stored_limits() {
         let stored = StoredLimits {
             refill_amount: Some(10),
-            refill_interval: Some(hours(24)),
+            refill: Some(Schedule::Every(hours(24))),
             rate_limit_max: Some(5),
             rate_limit_window: Some(hours(1)),
             remaining: Some(4),
@@ -792,10 +830,7 @@ mod unit {
         assert_eq!(u.merge(&stored).unwrap().remaining, Some(10));
         let u = Update::check(Args::default(), vec!["remaining".into(), "refill".into()]).unwrap();
         let m = u.merge(&stored).unwrap();
-        assert_eq!(
-            (m.remaining, m.refill_amount, m.refill_interval),
-            (None, None, None)
-        );
+        assert_eq!((m.remaining, m.refill_amount, m.refill), (None, None, None));
     }
 
     #[test]

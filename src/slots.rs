@@ -9,6 +9,9 @@ use crate::metering::Counters;
 pub const ID_BYTES: usize = 128;
 /// The first byte of a window entry's id (`Entry::is_window`).
 pub const WINDOW_TAG: u8 = 1;
+/// The first byte of an identity's entry id (`engine::identity_entry`): its quota, written to
+/// apikeys.identity_meters.
+pub const IDENTITY_TAG: u8 = 2;
 /// `Option<i64>` in shared memory: this value means None.
 const NONE: i64 = i64::MIN;
 

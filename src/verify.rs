@@ -74,6 +74,8 @@ pub struct Verification {
     pub ratelimits: Vec<serde_json::Value>,
     pub limited_by: Option<&'static str>,
     pub identity_remaining: Option<i64>,
+    /// When the key's quota refills next (None without refill).
+    pub next_refill_at: Option<TimestampWithTimeZone>,
     /// Not in the SQL result: what minting needs to know about the key it judged.
     pub master: bool,
     pub now: Option<TimestampWithTimeZone>,
@@ -98,6 +100,7 @@ impl Verification {
             ratelimits: Vec::new(),
             limited_by: None,
             identity_remaining: None,
+            next_refill_at: None,
             master: false,
             now: None,
             created_us: 0,
@@ -124,6 +127,7 @@ impl Verification {
             Some(ratelimits_jsonb(self.ratelimits).datum()),
             self.limited_by.into_datum(),
             self.identity_remaining.into_datum(),
+            self.next_refill_at.into_datum(),
         ];
         let tupdesc = pgrx::PgTupleDesc::for_composite_type_by_oid(verification_type())
             .unwrap_or_else(|| {
@@ -241,6 +245,9 @@ struct KeyState {
     created_us: i64,
     /// Its named rate limits (SPEC §7).
     named: Vec<crate::limits::NamedLimit>,
+    /// The identity its owner names, and that identity as read for this call (`with_identity`).
+    identity_id: Option<i64>,
+    identity: Option<crate::identities::IdentityState>,
 }
 
 /// A key's limits as its row says now (a management change applies from the next call).
@@ -249,6 +256,8 @@ pub struct Config {
     pub quota: bool,
     pub refill_amount: Option<i64>,
     pub refill_interval: Option<pgrx::datum::Interval>,
+    /// A calendar refill (daily or monthly at 00:00 UTC), instead of every refill_interval.
+    pub calendar: Option<crate::refills::Schedule>,
     pub rate: Option<metering::Rate>,
 }
 
@@ -270,12 +279,20 @@ impl Config {
             quota: row.remaining.is_some() || row.refill_amount.is_some(),
             refill_amount: row.refill_amount,
             refill_interval: row.refill_interval,
+            calendar: calendar_of(
+                row.refill_interval,
+                row.refill_day,
+                row.refill_schedule.as_deref(),
+            ),
             rate,
         }
     }
 
     /// When a refill that is due now is followed by the next one.
     pub fn next_refill_after(&self, now_us: i64) -> i64 {
+        if let Some(at) = self.calendar.and_then(|c| c.next_calendar(now_us)) {
+            return at;
+        }
         self.refill_interval.map_or(i64::MAX, |interval| {
             crate::engine::add_interval(now_us, interval)
         })
@@ -289,6 +306,20 @@ impl Config {
             rate_cost: None,
         }
     }
+}
+
+/// The calendar schedule of stored refill columns; None for a rolling interval (or none).
+pub fn calendar_of(
+    interval: Option<pgrx::datum::Interval>,
+    day: Option<i32>,
+    schedule: Option<&str>,
+) -> Option<crate::refills::Schedule> {
+    crate::refills::Schedule::from_columns(
+        interval.map(crate::keys::span),
+        day,
+        schedule.unwrap_or("interval"),
+    )
+    .filter(|s| !matches!(s, crate::refills::Schedule::Every(_)))
 }
 
 impl KeyState {
@@ -329,11 +360,27 @@ impl KeyState {
                 .ratelimits
                 .map(|r| crate::limits::from_stored(&r.value()))
                 .unwrap_or_default(),
+            identity_id: row.identity_id,
+            identity: None,
         }
     }
 
+    /// Reads the key's identity, if it has one (only keys whose owner names one pay for it).
+    fn with_identity(mut self) -> KeyState {
+        self.identity = self.identity_id.and_then(crate::identities::read_identity);
+        self
+    }
+
     fn limited(&self, windows: &[crate::engine::Window]) -> bool {
-        self.config.quota || self.config.rate.is_some() || !windows.is_empty()
+        self.config.quota
+            || self.config.rate.is_some()
+            || !windows.is_empty()
+            || self.identity_quota().is_some()
+    }
+
+    /// The identity, when it has a quota its keys share.
+    fn identity_quota(&self) -> Option<&crate::identities::IdentityState> {
+        self.identity.as_ref().filter(|i| i.config.quota)
     }
 
     /// The limits `request` applies to this key: its `default` limit (in its own counters) at
@@ -343,11 +390,15 @@ impl KeyState {
             .config
             .rate
             .map_or(metering::Algorithm::Sliding, |r| r.algorithm);
+        let (identity_named, identity_algorithm) = self
+            .identity
+            .as_ref()
+            .map_or((&[][..], algorithm), |i| (&i.named[..], i.algorithm));
         let applied = crate::limits::select(
             &self.named,
-            &[],
+            identity_named,
             self.config.rate,
-            (algorithm, algorithm),
+            (algorithm, identity_algorithm),
             &request.ratelimits,
             request.cost,
         )
@@ -368,11 +419,23 @@ impl KeyState {
     fn windows(&self, applied: &[crate::limits::Applied]) -> Vec<crate::engine::Window> {
         applied
             .iter()
-            .map(|a| crate::engine::Window {
-                id: crate::engine::window_id(b'k', &[&self.id, &a.name]),
-                created_us: self.created_us,
-                rate: a.rate,
-                cost: a.cost,
+            .map(|a| {
+                let (id, created_us) = match (a.level, &self.identity) {
+                    (crate::limits::Level::Identity, Some(i)) => (
+                        crate::engine::window_id(b'i', &[&i.id.to_string(), &a.name]),
+                        i.created_us,
+                    ),
+                    _ => (
+                        crate::engine::window_id(b'k', &[&self.id, &a.name]),
+                        self.created_us,
+                    ),
+                };
+                crate::engine::Window {
+                    id,
+                    created_us,
+                    rate: a.rate,
+                    cost: a.cost,
+                }
             })
             .collect()
     }
@@ -439,6 +502,7 @@ impl KeyState {
             ratelimits: Vec::new(),
             limited_by: None,
             identity_remaining: None,
+            next_refill_at: None,
             master: self.master,
             now: Some(self.now),
             created_us: self.created_us,
@@ -550,6 +614,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
     if let Some(code) = state.status_code() {
         return state.verification(code, token);
     }
+    let mut state = state.with_identity();
     let (mut default_cost, applied) = state.applied(request);
     let mut windows = state.windows(&applied);
     if !state.limited(&windows) {
@@ -578,7 +643,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         let Some(again) = again else {
             return Verification::not_found();
         };
-        state = again;
+        state = again.with_identity();
         state.bound_by(token);
         if let Some(code) = state.status_code() {
             return state.verification(code, token);
@@ -622,13 +687,10 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
     } else {
         crate::engine::warn_not_preloaded();
     }
-    if !windows.is_empty() {
+    if !windows.is_empty() || state.identity_quota().is_some() {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!(
-                "API key \"{}\" applies named rate limits, which need the metering engine",
-                state.id
-            ),
+            format!("API key \"{}\" applies named rate limits or its identity's quota, which need the metering engine", state.id),
             Some("Add pg_apikeys to shared_preload_libraries (and restart)."),
         );
     }
@@ -689,6 +751,8 @@ struct Charged {
     own: Verdict,
     /// The identity's counters after the call, when it has a quota.
     identity: Option<Charge>,
+    /// When the key's quota refills next.
+    next_refill_us: Option<i64>,
     windows: Vec<crate::engine::WindowState>,
 }
 
@@ -714,6 +778,7 @@ impl Charged {
             charge,
             own,
             identity,
+            next_refill_us: m.next_refill_us.first().copied().flatten(),
             windows: m.windows,
         }
     }
@@ -758,6 +823,10 @@ impl Charged {
             ));
         }
         result.identity_remaining = self.identity.and_then(|c| c.after.remaining);
+        result.next_refill_at = self
+            .next_refill_us
+            .filter(|at| *at != i64::MAX && state.config.refill_amount.is_some())
+            .map(from_epoch_us);
         result.limited_by = match code {
             Code::UsageExceeded if self.own == Verdict::UsageExceeded => Some("key"),
             Code::UsageExceeded => Some("identity"),
@@ -792,7 +861,7 @@ const STORED_SQL: &str = concat!(
   WHERE k.id = $1 AND k.created_at = $2"
 );
 
-fn stored_from(row: &SpiHeapTupleData<'_>) -> SpiResult<crate::engine::Stored> {
+pub fn stored_from(row: &SpiHeapTupleData<'_>) -> SpiResult<crate::engine::Stored> {
     let ts = |t: Option<TimestampWithTimeZone>| t.map(epoch_us);
     Ok(crate::engine::Stored {
         version: row.get(1)?.unwrap_or(0),
@@ -814,13 +883,29 @@ fn stored_from(row: &SpiHeapTupleData<'_>) -> SpiResult<crate::engine::Stored> {
 /// committed now: a REPEATABLE READ caller's older snapshot would miss spends the writer has
 /// committed since (and the entry holding them may have been evicted).
 fn load(state: &KeyState) -> Option<crate::engine::Stored> {
-    // SAFETY: the latest snapshot is pushed for the one read-only statement below and popped
-    // after it (an error pops it with the transaction's abort).
+    let stored = with_latest_snapshot(|| load_with_active_snapshot(state));
+    stored.map(|s| next_refill_by(&state.config, s))
+}
+
+/// The next refill as the schedule has it: after the last refill, by the calendar or by
+/// PostgreSQL's interval arithmetic (what the rows' SQL added).
+pub fn next_refill_by(config: &Config, mut stored: crate::engine::Stored) -> crate::engine::Stored {
+    if config.calendar.is_some() {
+        stored.next_refill_us = stored.last_refill_us.map(|l| config.next_refill_after(l));
+    }
+    stored
+}
+
+/// Runs `f` (a read-only statement) with the latest snapshot: a REPEATABLE READ caller's older
+/// one would miss spends the writer has committed since.
+pub fn with_latest_snapshot<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the latest snapshot is pushed for the read-only statement of `f` and popped after
+    // it (an error pops it with the transaction's abort).
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
-    let stored = load_with_active_snapshot(state);
+    let result = f();
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
-    stored
+    result
 }
 
 fn load_with_active_snapshot(state: &KeyState) -> Option<crate::engine::Stored> {
@@ -850,7 +935,7 @@ fn meter_in_shared_memory(
     m: &Metering<'_>,
 ) -> Result<Option<Charged>, crate::engine::Unavailable> {
     let load_key = || load(state);
-    let counted = [crate::engine::Counted {
+    let mut counted = vec![crate::engine::Counted {
         id: &state.id,
         created_us: state.created_us,
         version: state.meter_version,
@@ -859,6 +944,21 @@ fn meter_in_shared_memory(
         rate_cost: m.default_cost,
         load: &load_key,
     }];
+    // The identity's quota is spent with the key's, by the same cost.
+    let identity = state.identity_quota();
+    let entry = identity.map(|i| i.entry()).unwrap_or_default();
+    let load_identity = || identity.and_then(crate::identities::load_counters);
+    if let Some(i) = identity {
+        counted.push(crate::engine::Counted {
+            id: &entry,
+            created_us: i.created_us,
+            version: i.meter_version,
+            config: &i.config,
+            cost: m.cost,
+            rate_cost: None,
+            load: &load_identity,
+        });
+    }
     let call = crate::engine::Call {
         counted: &counted,
         now_us: epoch_us(state.now),
@@ -866,7 +966,7 @@ fn meter_in_shared_memory(
         windows: m.windows,
     };
     let metered = crate::engine::meter(&call)?;
-    Ok(metered.map(|m| Charged::of(m, false)))
+    Ok(metered.map(|m| Charged::of(m, identity.is_some())))
 }
 
 /// Without the engine (not preloaded, or its table refused the key): the key's row is locked for
@@ -923,7 +1023,7 @@ fn meter_with_row_lock(
             let Some(row) = errors::internal(counters.first().get_heap_tuple()) else {
                 return Verification::not_found();
             };
-            let stored = errors::internal(stored_from(&row));
+            let stored = next_refill_by(&state.config, errors::internal(stored_from(&row)));
             // The row as it is now, after any change this call waited for.
             let Some(fresh) = lookup::find_latest(lookup::By::Id(&state.id))
                 .map(|row| KeyState::from_lookup(row, hash, wall_clock()))
@@ -993,10 +1093,16 @@ fn meter_with_row_lock(
                 windows: &[],
                 applied: &[],
             };
+            let next_refill_us = if charge.refilled {
+                Some(fresh.config.next_refill_after(now_us))
+            } else {
+                stored.next_refill_us
+            };
             Charged {
                 charge,
                 own,
                 identity: None,
+                next_refill_us,
                 windows: Vec::new(),
             }
             .result(&fresh, &call, token)

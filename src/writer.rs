@@ -405,12 +405,29 @@ fn write(batch: &Batch) -> Written {
         if crate::catalog::relation_if_exists(c"meters").is_none() {
             return Written::NotYet;
         }
+        // Identities' quotas have rows of their own (apikeys.identity_meters).
+        let (identities, keys): (Vec<MeterRow>, Vec<MeterRow>) = batch
+            .meters
+            .iter()
+            .cloned()
+            .partition(|m| engine::identity_of_entry(&m.id).is_some());
+        let keys = Batch {
+            up_to: batch.up_to,
+            uses: batch.uses.clone(),
+            meters: keys,
+        };
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
-                let (uses, meters) = update_rows_in_place(client, batch);
+                let (uses, meters) = update_rows_in_place(client, &keys);
                 let uses = add_to_existing_rows(client, uses);
                 insert_uses(client, &uses);
-                Written::Done(set_counters(client, &meters))
+                let mut unwritten = set_counters(client, &meters);
+                if !identities.is_empty()
+                    && crate::catalog::relation_if_exists(c"identity_meters").is_some()
+                {
+                    unwritten.extend(set_identity_counters(client, &identities));
+                }
+                Written::Done(unwritten)
             })
         })
     })
@@ -561,6 +578,60 @@ fn set_counters(client: &mut pgrx::spi::SpiClient<'_>, m: &[MeterRow]) -> Vec<(S
         .collect();
     m.iter()
         .filter(|r| !written.contains(&r.id))
+        .map(|r| (r.id.clone(), r.created_us))
+        .collect()
+}
+
+/// Sets the quota counters of identities that still exist (never with an older meter_version);
+/// returns the entries (id, created_at µs) not written.
+fn set_identity_counters(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    m: &[MeterRow],
+) -> Vec<(String, i64)> {
+    let ids: Vec<i64> = m
+        .iter()
+        .map(|r| engine::identity_of_entry(&r.id).unwrap_or(0))
+        .collect();
+    let created = times(m.iter().map(|r| Some(r.created_us)));
+    let versions: Vec<i64> = m.iter().map(|r| r.version).collect();
+    let remaining: Vec<Option<i64>> = m.iter().map(|r| r.counters.remaining).collect();
+    let refilled = times(m.iter().map(|r| r.last_refill));
+    let credits: Vec<i64> = m.iter().map(|r| r.credits).collect();
+    let table = plans::update(
+        client,
+        "INSERT INTO apikeys.identity_meters AS m (identity_id, identity_created_at, meter_version,
+                remaining, last_refill_at, credits)
+         SELECT u.id, u.c, u.v, u.r, u.lr, u.cr
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
+                           pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($3::pg_catalog.int8[]),
+                           pg_catalog.unnest($4::pg_catalog.int8[]),
+                           pg_catalog.unnest($5::pg_catalog.timestamptz[]),
+                           pg_catalog.unnest($6::pg_catalog.int8[])) u(id, c, v, r, lr, cr)
+           JOIN apikeys.identities i ON i.id OPERATOR(pg_catalog.=) u.id
+                                    AND i.created_at OPERATOR(pg_catalog.=) u.c
+         ON CONFLICT (identity_id) DO UPDATE SET
+            meter_version = excluded.meter_version, remaining = excluded.remaining,
+            last_refill_at = excluded.last_refill_at, credits = excluded.credits,
+            identity_created_at = excluded.identity_created_at
+          WHERE m.meter_version OPERATOR(pg_catalog.<=) excluded.meter_version
+             OR m.identity_created_at OPERATOR(pg_catalog.<>) excluded.identity_created_at
+         RETURNING m.identity_id",
+        None,
+        &[
+            ids.into(),
+            created.into(),
+            versions.into(),
+            remaining.into(),
+            refilled.into(),
+            credits.into(),
+        ],
+    );
+    let written: std::collections::HashSet<i64> = table
+        .filter_map(|row| row.get::<i64>(1).ok().flatten())
+        .collect();
+    m.iter()
+        .filter(|r| !engine::identity_of_entry(&r.id).is_some_and(|id| written.contains(&id)))
         .map(|r| (r.id.clone(), r.created_us))
         .collect()
 }
