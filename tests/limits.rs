@@ -119,3 +119,80 @@ fn a_standalone_limit_is_exact_under_concurrency() {
     );
     assert_eq!(valid(&counts), 5, "{counts:?}");
 }
+
+/// Two keys of one owner, eight sessions: exactly the identity's quota succeeds in total, and
+/// the writer persists what is left.
+#[test]
+fn an_identitys_quota_is_exact_across_its_keys() {
+    let mut client = connect();
+    let owner = format!("tenant-{}", std::process::id());
+    client
+        .execute(
+            "SELECT apikeys.create_identity($1, remaining => 70)",
+            &[&owner],
+        )
+        .unwrap();
+    let (_, a) = create(&mut client, &format!("owner => '{owner}'"));
+    let (_, b) = create(&mut client, &format!("owner => '{owner}', remaining => 1000"));
+    let (a2, b2) = (a.clone(), b.clone());
+    let other = thread::spawn(move || hammer(&b2, 4, 30));
+    let counts = hammer(&a2, 4, 30);
+    let counts_b = other.join().unwrap();
+    assert_eq!(valid(&counts) + valid(&counts_b), 70, "{counts:?} {counts_b:?}");
+    let left: i64 = client
+        .query_one("SELECT remaining FROM apikeys.get_identity($1)", &[&owner])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    // Key b's own quota was spent only by its VALID calls.
+    let b_left: i64 = client
+        .query_one(
+            "SELECT remaining FROM apikeys.verify_key($1)",
+            &[&b],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(b_left, 1000 - valid(&counts_b));
+    // The writer commits the identity's quota (within its usual seconds).
+    let mut written = None;
+    for _ in 0..100 {
+        written = client
+            .query_opt(
+                "SELECT m.remaining FROM apikeys.identity_meters m
+                   JOIN apikeys.identities i ON i.id = m.identity_id WHERE i.owner = $1",
+                &[&owner],
+            )
+            .unwrap()
+            .and_then(|r| r.get::<_, Option<i64>>(0));
+        if written == Some(0) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(written, Some(0));
+}
+
+/// A refill due when many sessions call at once is applied once: exactly the refill amount
+/// succeeds.
+#[test]
+fn a_refill_due_at_once_is_won_exactly_once() {
+    let mut client = connect();
+    let (_, key) = create(
+        &mut client,
+        "remaining => 0, refill_amount => 25, refill_interval => '2 seconds'",
+    );
+    thread::sleep(Duration::from_millis(2100));
+    let counts = hammer(&key, 8, 5);
+    assert_eq!(valid(&counts), 25, "{counts:?}");
+    let owner = format!("refilled-{}", std::process::id());
+    client
+        .execute(
+            "SELECT apikeys.create_identity($1, remaining => 0, refill_amount => 30, refill_interval => '2 seconds')",
+            &[&owner],
+        )
+        .unwrap();
+    let (_, k) = create(&mut client, &format!("owner => '{owner}'"));
+    thread::sleep(Duration::from_millis(2100));
+    let counts = hammer(&k, 8, 5);
+    assert_eq!(valid(&counts), 30, "{counts:?}");
+}
