@@ -65,7 +65,8 @@ impl std::fmt::Display for Span {
 /// be built (and unit-tested) without calling interval_out.
 pub fn show(months: i32, days: i32, micros: i64) -> String {
     let plural = |n: i64, one: &str| {
-        if n == 1 || n == -1 {
+        // PostgreSQL's own rule: singular for exactly 1 ("-1 days").
+        if n == 1 {
             format!("{n} {one}")
         } else {
             format!("{n} {one}s")
@@ -245,6 +246,7 @@ mod unit {
         );
         assert_eq!(show(0, 0, 100 * 3_600_000_000), "100:00:00");
         assert_eq!(show(-24, 0, 0), "-2 years");
+        assert_eq!(show(0, -1, 0), "-1 days");
     }
 
     #[test]
