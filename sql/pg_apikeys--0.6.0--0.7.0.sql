@@ -189,7 +189,7 @@ CREATE FUNCTION apikeys."verify_key"(
 ) RETURNS apikeys.verification
 VOLATILE
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'verify_key_wrapper';
+AS 'MODULE_PATHNAME', 'verify_key_with_limits_wrapper';
 
 CREATE FUNCTION apikeys."verify_token"(
 	"token" TEXT,
@@ -199,7 +199,7 @@ CREATE FUNCTION apikeys."verify_token"(
 ) RETURNS apikeys.verification
 VOLATILE
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'verify_token_wrapper';
+AS 'MODULE_PATHNAME', 'verify_token_with_limits_wrapper';
 
 CREATE FUNCTION apikeys."authenticate"(
 	"credential" TEXT,
@@ -209,7 +209,7 @@ CREATE FUNCTION apikeys."authenticate"(
 VOLATILE SECURITY DEFINER
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'authenticate_wrapper';
+AS 'MODULE_PATHNAME', 'authenticate_with_limits_wrapper';
 
 CREATE FUNCTION apikeys."create_role"(
 	"name" TEXT,

@@ -90,6 +90,16 @@ pub fn relation_if_exists(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// Whether this database's SQL is the one this library meters with: the last column a release
+/// added to the metering tables is there (ALTER EXTENSION … UPDATE has run).
+pub fn metering_up_to_date() -> bool {
+    let Some(meters) = relation_if_exists(c"meters") else {
+        return false;
+    };
+    // SAFETY: a syscache lookup of an existing relation's attribute, in a transaction.
+    unsafe { pg_sys::get_attnum(meters, c"credits".as_ptr()) > 0 }
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {

@@ -172,14 +172,33 @@ fn credential_from_headers(headers: &Value) -> Result<Option<&str>, ()> {
 /// `has_permission()`) is set until the transaction ends and the verification is returned.
 /// `required` permissions must be granted. Charged like one verification. On failure raises
 /// 28000 with the verification code in the message, and sets nothing.
-#[pg_extern(security_definer, volatile)]
+#[pg_extern(security_definer, volatile, name = "authenticate")]
 #[search_path(pg_catalog, pg_temp)]
-fn authenticate(
+fn authenticate_with_limits(
     credential: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    let request = verify::Request::from_args(required, Some(1), ratelimits);
+    authenticated(
+        credential,
+        verify::Request::from_args(required, Some(1), ratelimits),
+    )
+}
+
+/// authenticate as 0.6 and earlier declared it, for a database not updated yet (no SQL).
+#[pg_extern(security_definer, volatile, sql = false)]
+fn authenticate(
+    credential: Option<&str>,
+    required: Option<Jsonb>,
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    authenticated(
+        credential,
+        verify::Request::from_args(required, Some(1), None),
+    )
+}
+
+/// The context set by `credential`, or 28000.
+fn authenticated(credential: Option<&str>, request: verify::Request) -> verify::VerificationRow {
     let v = try_authenticate(credential, &request);
     if v.code != Code::Valid {
         let key = v

@@ -338,8 +338,8 @@ fn mint_token(
 /// expiry to the millisecond, nbf, iss and aud, then the key behind it with every verify_key
 /// check, charging `cost` to its quota and rate limit. Never raises for a bad token. Runs with
 /// the caller's rights, like verify_key.
-#[pg_extern(volatile)]
-fn verify_token(
+#[pg_extern(volatile, name = "verify_token")]
+fn verify_token_with_limits(
     token: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
@@ -350,6 +350,16 @@ fn verify_token(
         &verify::Request::from_args(required, cost, ratelimits),
     )
     .into_row()
+}
+
+/// verify_token as 0.6 and earlier declared it, for a database not updated yet (no SQL).
+#[pg_extern(volatile, sql = false)]
+fn verify_token(
+    token: Option<&str>,
+    required: Option<Jsonb>,
+    cost: Option<i32>,
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    verify_token_str(token, &verify::Request::from_args(required, cost, None)).into_row()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -662,7 +662,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
             Some("Verify keys with a quota or rate limit on the primary: a standby cannot enforce them exactly."),
         );
     }
-    if crate::catalog::relation_if_exists(c"meters").is_none() {
+    if !crate::catalog::metering_up_to_date() {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("API key \"{}\" has a quota or rate limit, which this database's pg_apikeys SQL is too old to meter", state.id),
@@ -1132,14 +1132,25 @@ pub fn checked_cost(cost: Option<i32>) -> i64 {
 /// `required` lists permissions the key must grant; `cost` is taken from its quota and rate
 /// limit when (and only when) the result is VALID. Runs with the caller's rights: it reads the
 /// key's row without privileges (`lookup`) and writes as the table's owner (`owner::as_owner`).
-#[pg_extern(volatile)]
-fn verify_key(
+#[pg_extern(volatile, name = "verify_key")]
+fn verify_key_with_limits(
     key: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
     ratelimits: default!(Option<Jsonb>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     verify(key, &Request::from_args(required, cost, ratelimits)).into_row()
+}
+
+/// verify_key as 0.6 and earlier declared it (three arguments), for a database whose SQL has not
+/// been updated to this library yet (`ALTER EXTENSION pg_apikeys UPDATE`): no SQL of its own.
+#[pg_extern(volatile, sql = false)]
+fn verify_key(
+    key: Option<&str>,
+    required: Option<Jsonb>,
+    cost: Option<i32>,
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    verify(key, &Request::from_args(required, cost, None)).into_row()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

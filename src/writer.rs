@@ -402,7 +402,7 @@ fn write(batch: &Batch) -> Written {
         }
         // The library is newer than this database's SQL (ALTER EXTENSION … UPDATE not run yet):
         // keep the uses until it is.
-        if crate::catalog::relation_if_exists(c"meters").is_none() {
+        if !crate::catalog::metering_up_to_date() {
             return Written::NotYet;
         }
         // Identities' quotas have rows of their own (apikeys.identity_meters).

@@ -193,6 +193,12 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.delete_ratelimit_override($1, $1)",
             "SELECT apikeys.verify_key('sk_x', ratelimits => jsonb_build_array(jsonb_build_object('name', $1::text)))",
             "SELECT apikeys.create_api_key(ratelimits => jsonb_build_array(jsonb_build_object('name', $1::text, 'limit', 1, 'duration', $1::text)))",
+            "SELECT apikeys.create_identity($1, metadata => to_jsonb($1))",
+            "SELECT apikeys.get_identity($1)",
+            "SELECT apikeys.update_identity($1, remaining => 1)",
+            "SELECT apikeys.delete_identity($1)",
+            "SELECT apikeys.update_identity_credits($1, 'set', 1)",
+            "SELECT apikeys.update_identity('x', clear => ARRAY[$1])",
         ] {
             called.insert(function_of(sql));
             // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
@@ -335,6 +341,7 @@ fn hostile_input_never_crashes_a_backend() {
         "SELECT apikeys.jwks()::text",
         "SELECT count(*)::text FROM apikeys.list_signing_keys()",
         "SELECT count(*)::text FROM apikeys.list_roles()",
+        "SELECT count(*)::text FROM apikeys.list_identities()",
         "SELECT apikeys.current_key_id()",
         "SELECT apikeys.current_owner()",
         "SELECT apikeys.current_permissions()::text",
@@ -436,6 +443,26 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     client
         .query_one("SELECT apikeys.revoke_api_key($1)", &[&revoked_id])
         .unwrap();
+    // SPEC §7: an identity with a spent quota, a role, a standalone override, credits.
+    client
+        .batch_execute(
+            "SELECT apikeys.create_identity('dump-tenant', remaining => 4);
+             SELECT apikeys.create_role('dump-role', '{\"orders\": [\"read\"]}');
+             SELECT apikeys.set_ratelimit_override('dump-ns', 'x', 7, '1 hour');",
+        )
+        .unwrap();
+    let (_, tenant_key) = create(&mut client, "owner => 'dump-tenant'");
+    let (_, role_key) = create(&mut client, "roles => ARRAY['dump-role']");
+    let (credited_id, credited) = create(&mut client, "remaining => 1");
+    client
+        .query_one("SELECT apikeys.verify_key($1)", &[&tenant_key])
+        .unwrap();
+    client
+        .query_one(
+            "SELECT apikeys.update_credits($1, 'increment', 5)",
+            &[&credited_id],
+        )
+        .unwrap();
     let audit_rows: i64 = client
         .query_one("SELECT count(*) FROM apikeys.audit_log", &[])
         .unwrap()
@@ -487,6 +514,33 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     assert_eq!(token_code(&mut restored, &brief_token), "EXPIRED");
     assert_eq!(token_code(&mut restored, &retired_token), "NOT_FOUND");
     assert_eq!(code(&mut restored, &disabled), ("DISABLED".into(), None));
+    // The identity's quota goes on from what was spent; roles, overrides and credits came along.
+    let identity_left: Option<i64> = restored
+        .query_one(
+            "SELECT identity_remaining FROM apikeys.verify_key($1)",
+            &[&tenant_key],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(identity_left, Some(2));
+    let role_code: String = restored
+        .query_one(
+            "SELECT code FROM apikeys.verify_key($1, '{\"orders\": [\"read\"]}')",
+            &[&role_key],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(role_code, "VALID");
+    assert_eq!(code(&mut restored, &credited), ("VALID".into(), Some(5)));
+    let overridden: i32 = restored
+        .query_one(
+            "SELECT \"limit\" FROM apikeys.ratelimit('dump-ns', 'x', 1, '1 hour')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(overridden, 7);
+
     // The window and the refill period go on where they were: one call left, then none.
     assert_eq!(code(&mut restored, &windowed), ("VALID".into(), None));
     assert_eq!(
@@ -518,6 +572,18 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
         .unwrap()
         .get(0);
     assert!(distinct);
+    // The identities' sequence was restored: a new identity gets a new id.
+    restored
+        .batch_execute("SELECT apikeys.create_identity('after-restore')")
+        .unwrap();
+    let distinct_ids: bool = restored
+        .query_one(
+            "SELECT count(*) = count(DISTINCT id) FROM apikeys.identities",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(distinct_ids);
     // Privileges survive: PUBLIC still cannot read the tables.
     let public_can_read: bool = restored
         .query_one(
@@ -909,34 +975,77 @@ fn upgrades_from_every_released_version_match_a_fresh_install() {
         client
             .batch_execute(&format!("CREATE EXTENSION pg_apikeys VERSION '{old}'"))
             .unwrap();
-        // Rows as every released version's create_api_key and verify_key left them (the
-        // keys table is the same in all of them): a plain key used 5 times, a quota key, a key
-        // whose fixed window is full, a revoked key.
+        // Rows as every released version's create_api_key and verify_key left them: a plain key
+        // used 5 times, a quota key, a key whose fixed window is full, a revoked key. Up to 0.5
+        // use was counted in apikeys.keys; from 0.6 in apikeys.meters.
+        let has_meters: bool = client
+            .query_one("SELECT to_regclass('apikeys.meters') IS NOT NULL", &[])
+            .unwrap()
+            .get(0);
+        let (fixed_column, fixed_value) = if has_meters {
+            (", rate_limit_algorithm", ", 'fixed'")
+        } else {
+            ("", "")
+        };
         let legacy = |c: &mut Client, id: &str, columns: &str, values: &str| -> String {
             let key = format!("legacy-{id}-0123456789abcdefghijklmnop");
             c.execute(
                 &format!(
-                    "INSERT INTO apikeys.keys (id, hash, prefix, start, owner, created_by, updated_by{columns})
-                     VALUES ($1, sha256(convert_to($2, 'UTF8')), 'sk', 'legacy', 'before-upgrade', 'test', 'test'{values})"
+                    "INSERT INTO apikeys.keys (id, hash, prefix, start, owner, created_by, updated_by{fixed_column}{columns})
+                     VALUES ($1, sha256(convert_to($2, 'UTF8')), 'sk', 'legacy', 'before-upgrade', 'test', 'test'{fixed_value}{values})"
                 ),
                 &[&id, &key],
             )
             .unwrap();
             key
         };
-        let plain = legacy(
-            &mut client,
-            "plain",
-            ", request_count, last_used_at",
-            ", 5, now()",
-        );
+        let counted = |c: &mut Client, id: &str, columns: &str, values: &str| {
+            c.execute(
+                &format!(
+                    "INSERT INTO apikeys.meters (key_id, key_created_at, meter_version{columns})
+                     SELECT id, created_at, meter_version{values} FROM apikeys.keys WHERE id = $1"
+                ),
+                &[&id],
+            )
+            .unwrap();
+        };
+        let (plain, windowed) = if has_meters {
+            let plain = legacy(&mut client, "plain", "", "");
+            counted(
+                &mut client,
+                "plain",
+                ", request_count, last_used_at",
+                ", 5, now()",
+            );
+            let windowed = legacy(
+                &mut client,
+                "windowed",
+                ", rate_limit_max, rate_limit_window",
+                ", 2, '1 hour'",
+            );
+            counted(
+                &mut client,
+                "windowed",
+                ", window_start, window_count",
+                ", now(), 2",
+            );
+            (plain, windowed)
+        } else {
+            let plain = legacy(
+                &mut client,
+                "plain",
+                ", request_count, last_used_at",
+                ", 5, now()",
+            );
+            let windowed = legacy(
+                &mut client,
+                "windowed",
+                ", rate_limit_max, rate_limit_window, rate_window_start, rate_window_count",
+                ", 2, '1 hour', now(), 2",
+            );
+            (plain, windowed)
+        };
         let metered = legacy(&mut client, "metered", ", remaining", ", 3");
-        let windowed = legacy(
-            &mut client,
-            "windowed",
-            ", rate_limit_max, rate_limit_window, rate_window_start, rate_window_count",
-            ", 2, '1 hour', now(), 2",
-        );
         let revoked = legacy(&mut client, "revoked", ", revoked_at", ", now()");
         let has_tokens: bool = client
             .query_one("SELECT to_regproc('apikeys.mint_token') IS NOT NULL", &[])

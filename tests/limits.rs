@@ -133,12 +133,19 @@ fn an_identitys_quota_is_exact_across_its_keys() {
         )
         .unwrap();
     let (_, a) = create(&mut client, &format!("owner => '{owner}'"));
-    let (_, b) = create(&mut client, &format!("owner => '{owner}', remaining => 1000"));
+    let (_, b) = create(
+        &mut client,
+        &format!("owner => '{owner}', remaining => 1000"),
+    );
     let (a2, b2) = (a.clone(), b.clone());
     let other = thread::spawn(move || hammer(&b2, 4, 30));
     let counts = hammer(&a2, 4, 30);
     let counts_b = other.join().unwrap();
-    assert_eq!(valid(&counts) + valid(&counts_b), 70, "{counts:?} {counts_b:?}");
+    assert_eq!(
+        valid(&counts) + valid(&counts_b),
+        70,
+        "{counts:?} {counts_b:?}"
+    );
     let left: i64 = client
         .query_one("SELECT remaining FROM apikeys.get_identity($1)", &[&owner])
         .unwrap()
@@ -146,10 +153,7 @@ fn an_identitys_quota_is_exact_across_its_keys() {
     assert_eq!(left, 0);
     // Key b's own quota was spent only by its VALID calls.
     let b_left: i64 = client
-        .query_one(
-            "SELECT remaining FROM apikeys.verify_key($1)",
-            &[&b],
-        )
+        .query_one("SELECT remaining FROM apikeys.verify_key($1)", &[&b])
         .unwrap()
         .get(0);
     assert_eq!(b_left, 1000 - valid(&counts_b));

@@ -247,6 +247,12 @@ CREATE TYPE apikeys.verification AS (
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/context.rs:189
+-- pg_apikeys::context::authenticate
+-- Skipped due to `#[pgrx(sql = false)]`
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/context.rs:175
 -- pg_apikeys::context::authenticate
 CREATE  FUNCTION "authenticate"(
@@ -255,14 +261,14 @@ CREATE  FUNCTION "authenticate"(
 	"ratelimits" jsonb DEFAULT NULL /* Option < Jsonb > */
 ) RETURNS apikeys.verification /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
 > */
-VOLATILE SECURITY DEFINER
+VOLATILE SECURITY DEFINER 
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'authenticate_wrapper';
+AS 'MODULE_PATHNAME', 'authenticate_with_limits_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:206
+-- src/context.rs:225
 -- pg_apikeys::context::authenticate_headers
 CREATE  FUNCTION "authenticate_headers"(
 	"headers" jsonb /* Option < Jsonb > */
@@ -275,7 +281,7 @@ AS 'MODULE_PATHNAME', 'authenticate_headers_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:222
+-- src/context.rs:241
 -- requires:
 --   authenticate_headers
 
@@ -391,7 +397,7 @@ AS 'MODULE_PATHNAME', 'create_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:279
+-- src/context.rs:298
 -- pg_apikeys::context::current_claims
 CREATE  FUNCTION "current_claims"() RETURNS jsonb /* Option < JsonB > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -400,7 +406,7 @@ AS 'MODULE_PATHNAME', 'current_claims_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:259
+-- src/context.rs:278
 -- pg_apikeys::context::current_key_id
 CREATE  FUNCTION "current_key_id"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -409,7 +415,7 @@ AS 'MODULE_PATHNAME', 'current_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:265
+-- src/context.rs:284
 -- pg_apikeys::context::current_owner
 CREATE  FUNCTION "current_owner"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -418,7 +424,7 @@ AS 'MODULE_PATHNAME', 'current_owner_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:272
+-- src/context.rs:291
 -- pg_apikeys::context::current_permissions
 CREATE  FUNCTION "current_permissions"() RETURNS jsonb /* Option < JsonB > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -526,7 +532,7 @@ AS 'MODULE_PATHNAME', 'get_identity_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:286
+-- src/context.rs:305
 -- pg_apikeys::context::has_permission
 CREATE  FUNCTION "has_permission"(
 	"resource" TEXT, /* & str */
@@ -648,7 +654,7 @@ AS 'MODULE_PATHNAME', 'ratelimit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:293
+-- src/context.rs:312
 -- pg_apikeys::context::reset
 CREATE  FUNCTION "reset"() RETURNS void
 STRICT VOLATILE PARALLEL RESTRICTED
@@ -824,6 +830,12 @@ AS 'MODULE_PATHNAME', 'update_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/verify.rs:1147
+-- pg_apikeys::verify::verify_key
+-- Skipped due to `#[pgrx(sql = false)]`
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/verify.rs:1135
 -- pg_apikeys::verify::verify_key
 CREATE  FUNCTION "verify_key"(
@@ -833,9 +845,15 @@ CREATE  FUNCTION "verify_key"(
 	"ratelimits" jsonb DEFAULT NULL /* Option < Jsonb > */
 ) RETURNS apikeys.verification /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
 > */
-VOLATILE
+VOLATILE 
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'verify_key_wrapper';
+AS 'MODULE_PATHNAME', 'verify_key_with_limits_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/tokens.rs:356
+-- pg_apikeys::tokens::verify_token
+-- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -848,9 +866,9 @@ CREATE  FUNCTION "verify_token"(
 	"ratelimits" jsonb DEFAULT NULL /* Option < Jsonb > */
 ) RETURNS apikeys.verification /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
 > */
-VOLATILE
+VOLATILE 
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'verify_token_wrapper';
+AS 'MODULE_PATHNAME', 'verify_token_with_limits_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
