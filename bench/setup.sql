@@ -39,6 +39,15 @@ INSERT INTO bench.counters VALUES (1, 0);
 CREATE TABLE bench.hot_quota (i int PRIMARY KEY, key text NOT NULL);
 INSERT INTO bench.hot_quota
 SELECT 1, key FROM apikeys.create_api_key(remaining => 9000000000000000000);
+-- SPEC §7: 1000 tenants (identities) sharing two named rate limits (never reached), one applied
+-- to every call and one each call names at a cost, and 10 keys each; a random one per call.
+SELECT count(*) FROM (SELECT apikeys.create_identity('it' || g, metadata => '{"plan": "pro"}',
+    ratelimits => '[{"name": "requests", "limit": 2147483647, "duration": "1 hour", "auto_apply": true},
+                    {"name": "tokens", "limit": 2147483647, "duration": "1 hour"}]')
+  FROM generate_series(1, 1000) g) s;
+CREATE TABLE bench.identity_pool (i int PRIMARY KEY, key text NOT NULL);
+INSERT INTO bench.identity_pool
+SELECT g, (apikeys.create_api_key(owner => 'it' || (g % 1000 + 1))).key FROM generate_series(1, 10000) g;
 -- Keys with a rate limit (never reached) for PostgREST-style GETs, one per tenant t0..t99.
 CREATE TABLE bench.metered_pool (i int PRIMARY KEY, key text NOT NULL);
 INSERT INTO bench.metered_pool

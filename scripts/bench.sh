@@ -178,6 +178,10 @@ read -r q2 u2 r <<<"$(pair hot_quota counters 2)"
 drow "verify_key, one hot quota key (durable spends), 2 clients" "$q2" "one-row UPDATE" "$u2" tps "$r" ">=" 1.5
 read -r q8 u8 r <<<"$(pair hot_quota counters 8)"
 drow "verify_key, one hot quota key (durable spends), 8 clients" "$q8" "one-row UPDATE" "$u8" tps "$r" ">=" 3
+read -r i2 fi r <<<"$(pair identity_key lookup_floor_100k 2)"
+drow "verify_key, a key of an identity with two named limits (one auto-applied, one named at cost 10), 10000 keys of 1000 identities, 2 clients" "$i2" "index lookup" "$fi" tps "$r" ">=" 0.6
+read -r rl2 fr r <<<"$(pair ratelimit_hot lookup_floor_100k 2)"
+drow "apikeys.ratelimit, one hot identifier, 2 clients" "$rl2" "index lookup" "$fr" tps "$r" ">=" 0.7
 read -r g2 fg r <<<"$(pair postgrest_get lookup_floor_100k 2)"
 drow "PostgREST-style GET: BEGIN READ ONLY, authenticate_request() with a rate-limited key, COMMIT" "$g2" "index lookup" "$fg" tps "$r" "" ""
 read -r tv2 tf2 r <<<"$(HOST=127.0.0.1 pair verify_key_100k lookup_floor_100k 2)"
