@@ -141,5 +141,6 @@ clean-clusters:
 	scripts/cluster.sh stop /tmp/pg_apikeys_wal 55439; scripts/cluster.sh stop /tmp/pg_apikeys_nopreload 55442
 	scripts/cluster.sh stop /tmp/pg_apikeys_package 55437; scripts/cluster.sh stop /tmp/pg_apikeys_bench 55438
 	scripts/cluster.sh stop /tmp/pg_apikeys_bench_default 55440; scripts/cluster.sh stop /tmp/pg_apikeys_ahead 55443
-	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_wal /tmp/pg_apikeys_nopreload /tmp/pg_apikeys_package \
+	scripts/cluster.sh stop /tmp/pg_apikeys_windows 55444
+	rm -rf $(STANDBY_DIR) $(TEST_DIR) $(DEMO_DIR) /tmp/pg_apikeys_pgtest /tmp/pg_apikeys_crash /tmp/pg_apikeys_wal /tmp/pg_apikeys_nopreload /tmp/pg_apikeys_package /tmp/pg_apikeys_windows \
 	  /tmp/pg_apikeys_bench /tmp/pg_apikeys_bench_default /tmp/pg_apikeys_ahead

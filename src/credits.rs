@@ -335,6 +335,18 @@ mod tests {
     }
 
     #[pg_test]
+    fn quotas_near_the_bigint_limit_still_read_and_spend() {
+        let (id, key) = create("remaining => 9000000000000000000");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(credits(&id, "set", "9223372036854775807"), Some(i64::MAX));
+        assert_eq!(field::<i64>(&key, "", "remaining"), Some(i64::MAX - 1));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM apikeys.list_api_keys()").map(|n| n > 0),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
     fn a_refill_replaces_credits_and_update_api_key_sets_over_them() {
         let (id, key) = create("refill_amount => 5, refill_interval => '1 hour'");
         assert_eq!(credits(&id, "increment", "5"), Some(10));

@@ -65,6 +65,9 @@ pub struct Header {
     pub evictions: u64,
     /// Entries in the two dirty lists (`slots::Dirty`: counters, uses).
     pub dirty_len: [usize; 2],
+    /// Bumped when a transaction that changed identities commits: backends' caches of
+    /// identities (`identities::read_identity`) are good while it has not moved.
+    pub identity_generation: std::sync::atomic::AtomicU64,
     pub databases: [Database; DATABASES],
 }
 
@@ -416,6 +419,52 @@ fn warn_once(message: &str) {
     }
 }
 
+thread_local! {
+    /// This transaction changed identities: bump the generation when it commits.
+    static IDENTITIES_CHANGED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The identities' generation (see `Header::identity_generation`); None without the engine.
+pub fn identity_generation() -> Option<u64> {
+    if !available() {
+        return None;
+    }
+    // SAFETY: HEADER is set at start-up when the engine is available; the field is atomic.
+    Some(unsafe { (*HEADER).identity_generation.load(Ordering::Acquire) })
+}
+
+/// Called by every change of an identity: once this transaction commits, cached identities are
+/// read again.
+pub fn identities_changed() {
+    IDENTITIES_CHANGED.with(|c| c.set(true));
+}
+
+/// From _PG_init in every process.
+pub fn register_callbacks() {
+    // SAFETY: a plain function that lives as long as the library (never unloaded), registered
+    // once per process before any transaction of ours.
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        // After the commit is visible: a reader that saw the old generation and read the new
+        // rows, or the new generation and the new rows, is right either way.
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if IDENTITIES_CHANGED.with(|c| c.replace(false)) && available() {
+                // SAFETY: HEADER is set at start-up when the engine is available.
+                unsafe { (*HEADER).identity_generation.fetch_add(1, Ordering::AcqRel) };
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            IDENTITIES_CHANGED.with(|c| c.set(false));
+        }
+        _ => {}
+    }
+}
+
 /// Says once per backend that the engine is missing, and why that matters.
 pub fn warn_not_preloaded() {
     warn_once("pg_apikeys is not in shared_preload_libraries: uses of keys are not counted, and keys with a quota or rate limit are metered with row locks in the caller's transaction (not in READ ONLY transactions, undone by a rollback)");
@@ -645,10 +694,13 @@ fn judge_windows(
         if take {
             e.set_counters(&charge.after);
             e.last_access_us = now_us;
-            // A sliding window counts the previous bucket: two windows after this call.
-            let needed = now_us.saturating_add(w.rate.window_us.saturating_mul(2));
-            e.set_window_needed_until(e.window_needed_until().max(needed).min(i64::MAX - 1));
         }
+        // Counts matter until the window (for a sliding one, the bucket after it, which still
+        // weighs it) is over; a window nothing was taken from may go at once.
+        let needed = e.counters().window_start_us.map_or(0, |start| {
+            start.saturating_add(w.rate.window_us.saturating_mul(2))
+        });
+        e.set_window_needed_until(needed);
         states.push(WindowState {
             remaining: charge.rate_remaining.unwrap_or(0),
             reset_us: charge.reset_us,
@@ -658,9 +710,13 @@ fn judge_windows(
     (states, all)
 }
 
-/// Why the engine cannot meter this key: the caller falls back to row locks.
+/// Why the engine cannot meter this call.
 pub enum Unavailable {
+    /// No engine: the caller falls back to row locks.
     NoEngine,
+    /// A counted set other than the key's is gone: its row was deleted since the caller read it
+    /// (an identity deleted meanwhile). The caller meters without it.
+    Gone,
 }
 
 /// `timestamptz + interval`, PostgreSQL's own arithmetic (months and days in the session's
@@ -873,7 +929,11 @@ pub fn meter(call: &Call<'_>) -> Result<Option<Metered>, Unavailable> {
                     ));
                 }
                 let Some(stored) = (counted[k].load)() else {
-                    return Ok(None);
+                    return if k == 0 {
+                        Ok(None)
+                    } else {
+                        Err(Unavailable::Gone)
+                    };
                 };
                 let key = &refs[k];
                 let installed = with_shared(true, |s| {
@@ -953,6 +1013,9 @@ fn install(e: &mut Entry, stored: &Stored) -> bool {
             counters.remaining = before
                 .remaining
                 .map(|left| left.saturating_add(credited).max(0));
+            // A write in flight was collected before the credit: in the rows' terms (with the
+            // credits it records) it holds that much more.
+            e.shift_pending(credited);
         }
         if e.version >= stored.refill_version {
             refill = (e.last_refill(), Some(e.next_refill_us));
@@ -971,9 +1034,13 @@ fn install(e: &mut Entry, stored: &Stored) -> bool {
         0,
     );
     e.spends = 0;
-    // What was loaded is what is stored: nothing to write, unless counts were kept.
+    // What was loaded is what is stored: nothing to write, unless counts were kept, or credits
+    // are pending in the rows' sum (written now, the rows hold the quota as counted, a clamp at
+    // 0 included, and no longer depend on keys.credits).
     e.flushed_seq = e.dirty_seq;
-    counters.remaining != stored.counters.remaining || refill.0 != stored.last_refill_us
+    counters.remaining != stored.counters.remaining
+        || refill.0 != stored.last_refill_us
+        || (stored.credits != 0 && counters.remaining.is_some())
 }
 
 /// Waits until the writer has committed everything up to `seq`. Should that not happen within

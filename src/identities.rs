@@ -207,6 +207,7 @@ fn create_identity(
     let (refill_interval, refill_day, refill_schedule) =
         s.schedule.map_or((None, None, "interval"), |r| r.columns());
     let row = Spi::connect_mut(|client| {
+        changed();
         lock_owner(client, &owner);
         let actor = audit::actor();
         let args: Vec<DatumWithOid> = vec![
@@ -335,6 +336,7 @@ fn update_identity(
         clear,
     ));
     let row = Spi::connect_mut(|client| {
+        changed();
         let current = plans::update(
             client,
             concat!(
@@ -443,6 +445,7 @@ fn update_identity(
 fn delete_identity(owner: Option<String>) -> bool {
     let owner = required_owner(owner);
     Spi::connect_mut(|client| {
+        changed();
         lock_owner(client, &owner);
         let gone = plans::update(
             client,
@@ -475,6 +478,7 @@ fn update_identity_credits(
     let owner = required_owner(owner);
     let op = errors::checked(credits::Operation::parse(operation.as_deref(), amount));
     Spi::connect_mut(|client| {
+        changed();
         let current = plans::update(
             client,
             concat!(
@@ -517,6 +521,7 @@ fn update_identity_credits(
 }
 
 /// An identity as a verification of one of its keys needs it.
+#[derive(Clone)]
 pub struct IdentityState {
     pub id: i64,
     pub created_us: i64,
@@ -532,9 +537,52 @@ impl IdentityState {
     }
 }
 
-/// Identity `id` as the caller's snapshot sees it (None: deleted meanwhile), read as the tables'
-/// owner (verification runs with the caller's rights).
+thread_local! {
+    /// Identities read by this backend, with the generation they were read at.
+    static IDENTITIES: std::cell::RefCell<std::collections::HashMap<i64, (u64, Option<IdentityState>)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Every change of identities: this backend reads them again at once (its own transaction sees
+/// the change), the others once it commits.
+fn changed() {
+    IDENTITIES.with(|c| c.borrow_mut().clear());
+    engine::identities_changed();
+}
+
+/// Bounds a backend's cache of identities.
+const MAX_CACHED: usize = 10_000;
+
+/// Identity `id` (None: deleted). Read once per backend while no change of identities commits
+/// (`engine::identity_generation`: the generation is read before the row, so a change committed
+/// meanwhile is read again at the next call); without the engine, at every call.
 pub fn read_identity(id: i64) -> Option<IdentityState> {
+    let Some(generation) = engine::identity_generation() else {
+        return read_identity_row(id);
+    };
+    let cached = IDENTITIES.with(|c| {
+        c.borrow()
+            .get(&id)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, state)| state.clone())
+    });
+    if let Some(state) = cached {
+        return state;
+    }
+    let state = read_identity_row(id);
+    IDENTITIES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= MAX_CACHED {
+            c.clear();
+        }
+        c.insert(id, (generation, state.clone()));
+    });
+    state
+}
+
+/// Identity `id` as the caller's snapshot sees it, read as the tables' owner (verification
+/// runs with the caller's rights).
+fn read_identity_row(id: i64) -> Option<IdentityState> {
     crate::owner::as_owner(|| {
         Spi::connect(|client| {
             let table = plans::select(

@@ -273,15 +273,15 @@ GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
 
 /// The quota left as the rows hold it, over `API_KEY_FROM` (`k`, `m`): what use counted
 /// (`apikeys.meters`, while written at or after the version management last set `remaining`
-/// at, else the key's own) plus the credits added since, never below 0 (`(x + |x|) / 2` keeps
-/// NULL, unlimited, NULL).
+/// at, else the key's own) plus the credits added since, never below 0 (NULL, unlimited, stays
+/// NULL).
 #[macro_export]
 macro_rules! remaining_sql {
     () => {
-        "((CASE WHEN m.meter_version >= k.remaining_version \
-              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END) \
-          + abs(CASE WHEN m.meter_version >= k.remaining_version \
-              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END)) / 2"
+        "(CASE WHEN (CASE WHEN m.meter_version >= k.remaining_version \
+              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END) < 0 \
+          THEN 0 ELSE (CASE WHEN m.meter_version >= k.remaining_version \
+              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END) END)"
     };
 }
 

@@ -190,6 +190,13 @@ impl Entry {
         self.pending_remaining = raw(remaining);
     }
 
+    /// Moves the write in flight by `delta` (credits the entry took in since it was collected).
+    pub fn shift_pending(&mut self, delta: i64) {
+        if self.pending_remaining != NONE {
+            self.pending_remaining = self.pending_remaining.saturating_add(delta);
+        }
+    }
+
     /// Whether a spend that leaves `remaining` (of these counters) is durable already: the quota
     /// written is not more than that, nor is the quota a write in flight is about to commit.
     pub fn covers(&self, remaining: Option<i64>) -> bool {
@@ -590,6 +597,16 @@ mod unit {
             .expect("present");
             assert_eq!(slots[i].uses, *step);
         }
+    }
+
+    #[test]
+    fn a_credit_moves_a_write_in_flight_and_nothing_else() {
+        let mut e = FREE;
+        e.shift_pending(5);
+        assert_eq!(e.pending_remaining, NONE);
+        e.set_pending(Some(10));
+        e.shift_pending(-3);
+        assert_eq!(e.pending_remaining, 7);
     }
 
     #[test]

@@ -670,19 +670,24 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         );
     }
     let permitted = permitted(&state, required, token);
-    let applied = state.applied(request).1;
     if crate::engine::available() {
-        let call = Metering {
-            cost,
-            default_cost,
-            permitted,
-            windows: &windows,
-            applied: &applied,
-        };
-        match meter_in_shared_memory(&state, &call) {
-            Ok(Some(charged)) => return charged.result(&state, &call, token),
-            Ok(None) => return Verification::not_found(),
-            Err(crate::engine::Unavailable::NoEngine) => {}
+        loop {
+            let (default_cost, applied) = state.applied(request);
+            let windows = state.windows(&applied);
+            let call = Metering {
+                cost,
+                default_cost,
+                permitted,
+                windows: &windows,
+                applied: &applied,
+            };
+            match meter_in_shared_memory(&state, &call) {
+                Ok(Some(charged)) => return charged.result(&state, &call, token),
+                Ok(None) => return Verification::not_found(),
+                // The identity was deleted since it was read: the key no longer shares it.
+                Err(crate::engine::Unavailable::Gone) => state.identity = None,
+                Err(crate::engine::Unavailable::NoEngine) => break,
+            }
         }
     } else {
         crate::engine::warn_not_preloaded();

@@ -324,39 +324,45 @@ fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) 
         }
         let d = &mut s.header.databases[index];
         d.durable = d.durable.max(batch.up_to);
-        if s.header.used * 4 > s.header.capacity * 3 {
-            let now = now_us();
-            // A window still open stays: evicting it would reopen it.
-            let mut clean: Vec<(i64, u32, String, i64)> = s
-                .slots
-                .iter()
-                .filter(|e| e.db != 0 && e.clean())
-                .filter(|e| !(e.is_window() && e.window_needed_until() > now))
-                .map(|e| (e.last_access_us, e.db, e.id().to_owned(), e.created_us))
-                .collect();
-            clean.sort();
-            let mut evicted = false;
-            for (_, db, id, created_us) in clean {
-                if s.header.used * 2 <= s.header.capacity {
-                    break;
-                }
-                let key = KeyRef {
-                    db,
-                    id: &id,
-                    created_us,
-                };
-                if let Some(i) = slots::find(s.slots, &key) {
-                    s.remove(i);
-                    evicted = true;
-                }
-            }
-            if evicted {
-                s.header.evictions += 1;
-            }
-        }
+        evict_if_full(s);
     });
     // SAFETY: the condition variable lives in shared memory for the server's life.
     unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
+}
+
+/// When the table is three-quarters full, the least recently used entries with nothing left to
+/// write (and no open window) go, whichever their database, down to half full.
+fn evict_if_full(s: &mut engine::Shared<'_>) {
+    if s.header.used * 4 > s.header.capacity * 3 {
+        let now = now_us();
+        // A window still open stays: evicting it would reopen it.
+        let mut clean: Vec<(i64, u32, String, i64)> = s
+            .slots
+            .iter()
+            .filter(|e| e.db != 0 && e.clean())
+            .filter(|e| !(e.is_window() && e.window_needed_until() > now))
+            .map(|e| (e.last_access_us, e.db, e.id().to_owned(), e.created_us))
+            .collect();
+        clean.sort();
+        let mut evicted = false;
+        for (_, db, id, created_us) in clean {
+            if s.header.used * 2 <= s.header.capacity {
+                break;
+            }
+            let key = KeyRef {
+                db,
+                id: &id,
+                created_us,
+            };
+            if let Some(i) = slots::find(s.slots, &key) {
+                s.remove(i);
+                evicted = true;
+            }
+        }
+        if evicted {
+            s.header.evictions += 1;
+        }
+    }
 }
 
 /// Puts what a batch that could not be written holds back, for the next writer: its uses, and
@@ -725,6 +731,8 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
             d.durable = d.durable.max(batch.up_to);
+            // A table full of windows and written entries has nothing to write: make room.
+            evict_if_full(s);
         });
         // SAFETY: see completed().
         unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };

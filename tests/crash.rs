@@ -612,3 +612,38 @@ fn a_hot_quota_key_shares_commits_and_loses_nothing_at_a_clean_shutdown() {
     cluster(&["stop", DIR, PORT]);
     let _ = std::fs::remove_dir_all(DIR);
 }
+
+/// Windows (standalone or named limits) of more identifiers than the table holds never fill it
+/// for good: the writer evicts the windows that are over, and keeps those still open.
+#[test]
+fn windows_of_many_identifiers_leave_room_and_open_ones_stay() {
+    let (dir, port) = ("/tmp/pg_apikeys_windows", "55444");
+    cluster(&["stop", dir, port]);
+    let _ = std::fs::remove_dir_all(dir);
+    let started = cluster(&["start", dir, port, "apikeys.shared_keys = 1024"]);
+    assert!(started.status.success(), "{started:?}");
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let mut client = Client::connect(&url, NoTls).unwrap();
+    client.batch_execute("CREATE EXTENSION pg_apikeys").unwrap();
+    let take = |c: &mut Client, id: &str, limit: i32, duration: &str| -> bool {
+        c.query_one(
+            "SELECT success FROM apikeys.ratelimit('flood', $1, $2, $3::text::interval)",
+            &[&id, &limit, &duration],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert!(take(&mut client, "kept", 1, "1 hour"));
+    let started_at = Instant::now();
+    for i in 0..3000 {
+        assert!(
+            take(&mut client, &format!("ip-{i}"), 5, "1 second"),
+            "call {i}"
+        );
+    }
+    // Its window is still open: evicting it would have let this through.
+    assert!(!take(&mut client, "kept", 1, "1 hour"));
+    assert!(started_at.elapsed() < Duration::from_secs(60));
+    drop(client);
+    cluster(&["stop", dir, port]);
+}

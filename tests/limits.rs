@@ -1,6 +1,7 @@
 //! SPEC §7 under concurrency, against a real server (`make test-integration`): credits racing
 //! with spends, identities' shared limits, named and standalone rate limits.
 
+use postgres::Client;
 use std::thread;
 use std::time::Duration;
 
@@ -199,4 +200,47 @@ fn a_refill_due_at_once_is_won_exactly_once() {
     thread::sleep(Duration::from_millis(2100));
     let counts = hammer(&k, 8, 5);
     assert_eq!(valid(&counts), 30, "{counts:?}");
+}
+
+/// A change of an identity committed by one session reaches another session's next call (each
+/// backend caches identities until a change commits).
+#[test]
+fn an_identity_change_reaches_other_sessions_at_their_next_call() {
+    let mut admin = connect();
+    let mut caller = connect();
+    let owner = format!("cached-{}", std::process::id());
+    admin
+        .execute(
+            "SELECT apikeys.create_identity($1, remaining => 1)",
+            &[&owner],
+        )
+        .unwrap();
+    let (_, key) = create(&mut admin, &format!("owner => '{owner}'"));
+    let code = |c: &mut Client| -> String {
+        c.query_one("SELECT code FROM apikeys.verify_key($1)", &[&key])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(code(&mut caller), "VALID");
+    assert_eq!(code(&mut caller), "USAGE_EXCEEDED");
+    admin
+        .execute(
+            "SELECT apikeys.update_identity_credits($1, 'increment', 1)",
+            &[&owner],
+        )
+        .unwrap();
+    assert_eq!(code(&mut caller), "VALID");
+    admin
+        .execute(
+            r#"SELECT apikeys.update_identity($1, clear => ARRAY['remaining'],
+                   ratelimits => '[{"name": "calls", "limit": 1, "duration": "1 hour", "auto_apply": true}]')"#,
+            &[&owner],
+        )
+        .unwrap();
+    assert_eq!(code(&mut caller), "VALID");
+    assert_eq!(code(&mut caller), "RATE_LIMITED");
+    admin
+        .execute("SELECT apikeys.delete_identity($1)", &[&owner])
+        .unwrap();
+    assert_eq!(code(&mut caller), "VALID");
 }
