@@ -452,11 +452,11 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     match event {
         // After the commit is visible: a reader that saw the old generation and read the new
         // rows, or the new generation and the new rows, is right either way.
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if IDENTITIES_CHANGED.with(|c| c.replace(false)) && available() {
-                // SAFETY: HEADER is set at start-up when the engine is available.
-                unsafe { (*HEADER).identity_generation.fetch_add(1, Ordering::AcqRel) };
-            }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT
+            if IDENTITIES_CHANGED.with(|c| c.replace(false)) && available() =>
+        {
+            // SAFETY: HEADER is set at start-up when the engine is available.
+            unsafe { (*HEADER).identity_generation.fetch_add(1, Ordering::AcqRel) };
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             IDENTITIES_CHANGED.with(|c| c.set(false));
