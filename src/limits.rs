@@ -7,7 +7,7 @@
 
 use crate::durations::{self, Span};
 use crate::metering::{Algorithm, Rate};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// At most this many named limits per key or identity.
 pub const MAX_LIMITS: usize = 32;
@@ -281,21 +281,33 @@ pub fn select(
     Ok(out)
 }
 
-/// A limit's line in the verification result.
+/// A limit's line in the verification result:
+/// `{"name", "level", "limit", "remaining", "reset_at", "exceeded"}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub name: String,
+    pub level: Level,
+    pub limit: i64,
+    pub remaining: i64,
+    /// ISO 8601 (`durations::iso8601`); None when no window is open.
+    pub reset_at: Option<String>,
+    pub exceeded: bool,
+}
+
 pub fn report(
     applied: &Applied,
     remaining: i64,
     reset_at: Option<String>,
     exceeded: bool,
-) -> Value {
-    let mut o = Map::new();
-    o.insert("name".into(), json!(applied.name));
-    o.insert("level".into(), json!(applied.level.as_str()));
-    o.insert("limit".into(), json!(applied.rate.max));
-    o.insert("remaining".into(), json!(remaining));
-    o.insert("reset_at".into(), json!(reset_at));
-    o.insert("exceeded".into(), json!(exceeded));
-    Value::Object(o)
+) -> Report {
+    Report {
+        name: applied.name.clone(),
+        level: applied.level,
+        limit: applied.rate.max,
+        remaining,
+        reset_at,
+        exceeded,
+    }
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ pub struct Verification {
     pub rate_limit_reset: Option<TimestampWithTimeZone>,
     pub claims: Option<Jsonb>,
     /// One object per rate limit the call applied (SPEC §7), and which level refused it.
-    pub ratelimits: Vec<serde_json::Value>,
+    pub ratelimits: Vec<crate::limits::Report>,
     pub limited_by: Option<&'static str>,
     pub identity_remaining: Option<i64>,
     /// When the key's quota refills next (None without refill).
@@ -147,12 +147,28 @@ thread_local! {
     static NO_LIMITS: Jsonb = Jsonb::encode(&serde_json::json!([]));
 }
 
-fn ratelimits_jsonb(limits: Vec<serde_json::Value>) -> Jsonb {
+fn ratelimits_jsonb(limits: Vec<crate::limits::Report>) -> Jsonb {
+    use crate::jsonb::Scalar;
     if limits.is_empty() {
-        NO_LIMITS.with(Jsonb::clone)
-    } else {
-        Jsonb::encode(&serde_json::Value::Array(limits))
+        return NO_LIMITS.with(Jsonb::clone);
     }
+    let objects: Vec<Vec<(&str, Scalar<'_>)>> = limits
+        .iter()
+        .map(|r| {
+            vec![
+                ("name", Scalar::Str(&r.name)),
+                ("level", Scalar::Str(r.level.as_str())),
+                ("limit", Scalar::Int(r.limit)),
+                ("remaining", Scalar::Int(r.remaining)),
+                (
+                    "reset_at",
+                    r.reset_at.as_deref().map_or(Scalar::Null, Scalar::Str),
+                ),
+                ("exceeded", Scalar::Bool(r.exceeded)),
+            ]
+        })
+        .collect();
+    Jsonb::array_of_objects(&objects)
 }
 
 /// What a verification asks for: the permissions it requires, its cost, and the named rate
