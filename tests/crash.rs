@@ -246,6 +246,21 @@ fn nothing_acknowledged_is_lost_and_nothing_is_spent_twice_after_sigkill() {
         (autocommit_key.clone(), LARGE),
         (transaction_key.clone(), LARGE),
     ]);
+    // A key without a quota of its own whose identity's quota it spends (SPEC §7): the same
+    // guarantee for the identity's quota.
+    admin
+        .execute(
+            "SELECT apikeys.create_identity('crash-tenant', remaining => $1)",
+            &[&LARGE],
+        )
+        .unwrap();
+    let tenant_key: String = admin
+        .query_one(
+            "SELECT key FROM apikeys.create_api_key(owner => 'crash-tenant')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
 
     let created = Arc::new(AtomicUsize::new(0));
     let verified = Arc::new(AtomicUsize::new(0));
@@ -253,7 +268,7 @@ fn nothing_acknowledged_is_lost_and_nothing_is_spent_twice_after_sigkill() {
     for _ in 0..2 {
         let p = created.clone();
         workers.push(thread::spawn(move || creator(p)));
-        let keys = vec![small.clone(), autocommit_key.clone()];
+        let keys = vec![small.clone(), autocommit_key.clone(), tenant_key.clone()];
         let p = verified.clone();
         workers.push(thread::spawn(move || autocommit_verifier(keys, p)));
         let key = transaction_key.clone();
@@ -375,6 +390,26 @@ fn nothing_acknowledged_is_lost_and_nothing_is_spent_twice_after_sigkill() {
             "{valid} VALID <= {spent} spent <= {valid} + {in_doubt} cut off + {WRITE_AHEAD_MAX} written ahead"
         );
     }
+    // The identity's quota: every VALID of its key is spent, and at most the calls cut off and
+    // what was written ahead beyond them.
+    let identity_left: i64 = client
+        .query_one(
+            "SELECT remaining FROM apikeys.get_identity('crash-tenant')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let spent = (LARGE - identity_left) as usize;
+    let valid = seen.valid.get(&tenant_key).copied().unwrap_or(0);
+    let in_doubt = seen.in_doubt.get(&tenant_key).copied().unwrap_or(0);
+    assert!(
+        valid > 0,
+        "the identity's key was verified before the crash"
+    );
+    assert!(
+        valid <= spent && spent <= valid + in_doubt + WRITE_AHEAD_MAX,
+        "identity: {valid} VALID <= {spent} spent <= {valid} + {in_doubt} cut off + {WRITE_AHEAD_MAX} written ahead"
+    );
     // The small quota ran out before the crash: all of it spent, and never beyond.
     let left: i64 = client
         .query_one("SELECT remaining FROM apikeys.verify_key($1)", &[&small])
