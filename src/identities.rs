@@ -262,14 +262,16 @@ fn create_identity(
     row.map(with_live)
 }
 
-/// One identity (NULL if there is none), with its quota as it is now.
+/// One identity, with its quota as it is now; P0002 if there is none (SPEC §9: an unknown
+/// identity is P0002 in every function that takes one).
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, pg_temp)]
 fn get_identity(
     owner: Option<String>,
 ) -> Option<pgrx::composite_type!('static, "apikeys.identity")> {
     let owner = owner?;
-    Spi::connect_mut(|client| first_row(client, &owner)).map(with_live)
+    let row = Spi::connect_mut(|client| first_row(client, &owner));
+    Some(with_live(row.unwrap_or_else(|| identity_not_found(&owner))))
 }
 
 /// Every identity, by owner.
@@ -764,11 +766,8 @@ mod tests {
             "23505",
             "already exists",
         );
-        assert_error(
-            "SELECT apikeys.get_identity('nope') IS NULL AND apikeys.delete_identity('nope')",
-            "P0002",
-            "nope",
-        );
+        assert_error("SELECT apikeys.get_identity('nope')", "P0002", "nope");
+        assert_error("SELECT apikeys.delete_identity('nope')", "P0002", "nope");
         assert_error(
             "SELECT apikeys.update_identity('nope', remaining => 1)",
             "P0002",
