@@ -357,6 +357,15 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'update_identity_credits_wrapper';
 
+-- Verifications cache identities per backend: every change of the table invalidates them.
+CREATE FUNCTION apikeys."identities_changed"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'identities_changed_wrapper';
+CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
+REVOKE EXECUTE ON FUNCTION apikeys.identities_changed FROM PUBLIC;
+
 -- New and replaced functions are not PUBLIC's (the replaced ones get their grants back below).
 REVOKE EXECUTE ON FUNCTION apikeys.create_api_key FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION apikeys.update_api_key FROM PUBLIC;

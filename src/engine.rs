@@ -65,9 +65,6 @@ pub struct Header {
     pub evictions: u64,
     /// Entries in the two dirty lists (`slots::Dirty`: counters, uses).
     pub dirty_len: [usize; 2],
-    /// Bumped when a transaction that changed identities commits: backends' caches of
-    /// identities (`identities::read_identity`) are good while it has not moved.
-    pub identity_generation: std::sync::atomic::AtomicU64,
     pub databases: [Database; DATABASES],
 }
 
@@ -419,52 +416,6 @@ fn warn_once(message: &str) {
     }
 }
 
-thread_local! {
-    /// This transaction changed identities: bump the generation when it commits.
-    static IDENTITIES_CHANGED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// The identities' generation (see `Header::identity_generation`); None without the engine.
-pub fn identity_generation() -> Option<u64> {
-    if !available() {
-        return None;
-    }
-    // SAFETY: HEADER is set at start-up when the engine is available; the field is atomic.
-    Some(unsafe { (*HEADER).identity_generation.load(Ordering::Acquire) })
-}
-
-/// Called by every change of an identity: once this transaction commits, cached identities are
-/// read again.
-pub fn identities_changed() {
-    IDENTITIES_CHANGED.with(|c| c.set(true));
-}
-
-/// From _PG_init in every process.
-pub fn register_callbacks() {
-    // SAFETY: a plain function that lives as long as the library (never unloaded), registered
-    // once per process before any transaction of ours.
-    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    use pg_sys::XactEvent::*;
-    match event {
-        // After the commit is visible: a reader that saw the old generation and read the new
-        // rows, or the new generation and the new rows, is right either way.
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT
-            if IDENTITIES_CHANGED.with(|c| c.replace(false)) && available() =>
-        {
-            // SAFETY: HEADER is set at start-up when the engine is available.
-            unsafe { (*HEADER).identity_generation.fetch_add(1, Ordering::AcqRel) };
-        }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            IDENTITIES_CHANGED.with(|c| c.set(false));
-        }
-        _ => {}
-    }
-}
-
 /// Says once per backend that the engine is missing, and why that matters.
 pub fn warn_not_preloaded() {
     warn_once("pg_apikeys is not in shared_preload_libraries: uses of keys are not counted, and keys with a quota or rate limit are metered with row locks in the caller's transaction (not in READ ONLY transactions, undone by a rollback)");
@@ -665,11 +616,16 @@ fn window_slots(s: &mut Shared<'_>, db: u32, windows: &[Window]) -> Option<Vec<u
     windows
         .iter()
         .map(|w| {
-            s.insert(&KeyRef {
+            let i = s.insert(&KeyRef {
                 db,
                 id: &w.id,
                 created_us: w.created_us,
-            })
+            })?;
+            // A new entry counts nothing yet: evictable until a call takes from it.
+            if s.slots[i].window_needed_until() == i64::MAX {
+                s.slots[i].set_window_needed_until(0);
+            }
+            Some(i)
         })
         .collect()
 }
@@ -699,11 +655,11 @@ fn judge_windows(
             e.last_access_us = now_us;
         }
         // Counts matter until the window (for a sliding one, the bucket after it, which still
-        // weighs it) is over; a window nothing was taken from may go at once.
+        // weighs it) is over, whichever duration the calls gave.
         let needed = e.counters().window_start_us.map_or(0, |start| {
             start.saturating_add(w.rate.window_us.saturating_mul(2))
         });
-        e.set_window_needed_until(needed);
+        e.set_window_needed_until(e.window_needed_until().max(needed));
         states.push(WindowState {
             remaining: charge.rate_remaining.unwrap_or(0),
             reset_us: charge.reset_us,

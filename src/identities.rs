@@ -540,47 +540,94 @@ impl IdentityState {
 }
 
 thread_local! {
-    /// Identities read by this backend, with the generation they were read at.
-    static IDENTITIES: std::cell::RefCell<std::collections::HashMap<i64, (u64, Option<IdentityState>)>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-}
-
-/// Every change of identities: this backend reads them again at once (its own transaction sees
-/// the change), the others once it commits.
-fn changed() {
-    IDENTITIES.with(|c| c.borrow_mut().clear());
-    engine::identities_changed();
+    /// Identities this backend read: apikeys.identities' OID and, per identity id, the state.
+    static IDENTITIES: std::cell::RefCell<(pg_sys::Oid, std::collections::HashMap<i64, Option<IdentityState>>)> =
+        std::cell::RefCell::new((pg_sys::InvalidOid, std::collections::HashMap::new()));
+    /// Invalidations of apikeys.identities this backend received (see `read_identity`).
+    static INVALIDATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Bounds a backend's cache of identities.
 const MAX_CACHED: usize = 10_000;
 
-/// Identity `id` (None: deleted). Read once per backend while no change of identities commits
-/// (`engine::identity_generation`: the generation is read before the row, so a change committed
-/// meanwhile is read again at the next call); without the engine, at every call.
-pub fn read_identity(id: i64) -> Option<IdentityState> {
-    let Some(generation) = engine::identity_generation() else {
-        return read_identity_row(id);
-    };
-    let cached = IDENTITIES.with(|c| {
-        c.borrow()
-            .get(&id)
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, state)| state.clone())
+/// From _PG_init in every process.
+pub fn init() {
+    // SAFETY: registers a plain function that lives as long as the library (never unloaded),
+    // once per process before any transaction of ours.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0)) }
+}
+
+/// PostgreSQL's relcache invalidation of apikeys.identities (sent by the statement trigger
+/// `identities_changed` when a changing transaction commits, replayed on standbys, dropped on
+/// abort; applied in the changing transaction itself at its next command) or of everything.
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    IDENTITIES.with(|c| {
+        let mut c = c.borrow_mut();
+        if relid == pg_sys::InvalidOid || relid == c.0 {
+            c.1.clear();
+            INVALIDATIONS.with(|n| n.set(n.get().wrapping_add(1)));
+        }
     });
+}
+
+/// Trigger of apikeys.identities (every statement that changes it, management's or anyone's):
+/// verifications read identities again — every backend, standbys too, once the transaction
+/// commits, and this one at its next command; a rollback sends nothing.
+#[pg_trigger]
+fn identities_changed<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let relid = trigger.relid()?;
+    // SAFETY: queues a relcache invalidation of an existing relation in this transaction.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    Ok(None)
+}
+
+/// Identity `id` (None: deleted), read once per backend until apikeys.identities changes (see
+/// `identities_changed`). The row is read with the latest snapshot (an older one, a REPEATABLE
+/// READ transaction's, would cache a state that no later invalidation replaces), and cached
+/// only when no invalidation arrived while it was read (one that did may be of a change the
+/// snapshot missed).
+pub fn read_identity(id: i64) -> Option<IdentityState> {
+    if !engine::available() {
+        return read_identity_row(id);
+    }
+    let cached = IDENTITIES.with(|c| c.borrow().1.get(&id).cloned());
     if let Some(state) = cached {
         return state;
     }
-    let state = read_identity_row(id);
-    IDENTITIES.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() >= MAX_CACHED {
-            c.clear();
-        }
-        c.insert(id, (generation, state.clone()));
-    });
+    let before = INVALIDATIONS.with(std::cell::Cell::get);
+    let relid = crate::catalog::relation(c"identities");
+    let state = verify::with_latest_snapshot(|| read_identity_row(id));
+    if INVALIDATIONS.with(std::cell::Cell::get) == before {
+        IDENTITIES.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != relid || c.1.len() >= MAX_CACHED {
+                c.0 = relid;
+                c.1.clear();
+            }
+            c.1.insert(id, state.clone());
+        });
+    }
     state
 }
+
+/// Every change of identities: this backend reads them again at once (its own transaction sees
+/// the change; the trigger's invalidation also reaches it at its next command).
+fn changed() {
+    IDENTITIES.with(|c| c.borrow_mut().1.clear());
+}
+
+extension_sql!(
+    r#"
+-- Verifications cache identities per backend: every change of the table invalidates them.
+CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
+"#,
+    name = "identities_trigger",
+    requires = ["data_model", identities_changed]
+);
 
 /// Identity `id` as the caller's snapshot sees it, read as the tables' owner (verification
 /// runs with the caller's rights).

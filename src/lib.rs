@@ -41,7 +41,7 @@ mod writer;
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     context::init();
-    engine::register_callbacks();
+    identities::init();
     // SAFETY: a plain read of a postmaster global, set before _PG_init runs.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         engine::init();

@@ -273,15 +273,18 @@ GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
 
 /// The quota left as the rows hold it, over `API_KEY_FROM` (`k`, `m`): what use counted
 /// (`apikeys.meters`, while written at or after the version management last set `remaining`
-/// at, else the key's own) plus the credits added since, never below 0 (NULL, unlimited, stays
-/// NULL).
+/// at, else the key's own) plus the credits added since, in numeric (no overflow) and clamped to
+/// 0..=i64::MAX; NULL (unlimited) stays NULL (GREATEST would turn it into 0: hence the CASEs).
 #[macro_export]
 macro_rules! remaining_sql {
     () => {
-        "(CASE WHEN (CASE WHEN m.meter_version >= k.remaining_version \
-              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END) < 0 \
-          THEN 0 ELSE (CASE WHEN m.meter_version >= k.remaining_version \
-              THEN m.remaining + (k.credits - m.credits) ELSE k.remaining + k.credits END) END)"
+        "(CASE WHEN m.meter_version >= k.remaining_version \
+              THEN CASE WHEN m.remaining IS NOT NULL \
+                   THEN LEAST(GREATEST(m.remaining::numeric + k.credits - m.credits, 0), \
+                              9223372036854775807)::bigint END \
+              ELSE CASE WHEN k.remaining IS NOT NULL \
+                   THEN LEAST(GREATEST(k.remaining::numeric + k.credits, 0), \
+                              9223372036854775807)::bigint END END)"
     };
 }
 
@@ -343,6 +346,8 @@ mod tests {
         ("update_identity", "SELECT apikeys.update_identity('matrix_identity', metadata => '{}')", [false, true, true]),
         ("delete_identity", "SELECT apikeys.delete_identity(c.owner) FROM apikeys.create_identity('matrix_' || md5(random()::text)) c", [false, true, true]),
         ("update_identity_credits", "SELECT apikeys.update_identity_credits('matrix_identity', 'set', 5)", [false, true, true]),
+        // A trigger function: only the table's writes (the owner's) run it.
+        ("identities_changed", "UPDATE apikeys.identities SET metadata = metadata WHERE false", [false, false, true]),
         ("verify_key", "SELECT apikeys.verify_key('{key}')", [true, true, true]),
         ("verify_token", "SELECT apikeys.verify_token('{token}')", [true, true, true]),
         ("mint_token", "SELECT apikeys.mint_token('{key}', 1000)", [true, true, true]),

@@ -330,6 +330,12 @@ fn completed(index: usize, db: u32, batch: &Batch, unwritten: &[(String, i64)]) 
     unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };
 }
 
+thread_local! {
+    /// When this writer last looked for entries to evict with nothing to write.
+    static EVICTED_AT: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+const EVICT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// When the table is three-quarters full, the least recently used entries with nothing left to
 /// write (and no open window) go, whichever their database, down to half full.
 fn evict_if_full(s: &mut engine::Shared<'_>) {
@@ -731,8 +737,13 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
             d.durable = d.durable.max(batch.up_to);
-            // A table full of windows and written entries has nothing to write: make room.
-            evict_if_full(s);
+            // A table full of windows and written entries has nothing to write: make room (at
+            // most every 100 ms: waiting callers wake the writer every 10 ms, and a table full
+            // of open windows would be scanned at each wake-up).
+            if EVICTED_AT.with(|at| at.get().is_none_or(|t| t.elapsed() >= EVICT_EVERY)) {
+                EVICTED_AT.with(|at| at.set(Some(std::time::Instant::now())));
+                evict_if_full(s);
+            }
         });
         // SAFETY: see completed().
         unsafe { pg_sys::ConditionVariableBroadcast(engine::flushed_cv(index)) };

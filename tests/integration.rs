@@ -199,6 +199,7 @@ fn hostile_input_never_crashes_a_backend() {
             "SELECT apikeys.delete_identity($1)",
             "SELECT apikeys.update_identity_credits($1, 'set', 1)",
             "SELECT apikeys.update_identity('x', clear => ARRAY[$1])",
+            "SELECT apikeys.identities_changed() FROM (SELECT $1::text) s",
         ] {
             called.insert(function_of(sql));
             // Either it works or it is a clean SQL error with a SQLSTATE; never a lost connection.
@@ -881,6 +882,9 @@ SELECT 'member ' || pg_describe_object(classid, objid, objsubid)
    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_apikeys')
 UNION ALL
 SELECT 'config ' || cfg::regclass::text FROM pg_extension, unnest(extconfig) cfg WHERE extname = 'pg_apikeys'
+UNION ALL
+SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+ WHERE c.relnamespace = 'apikeys'::regnamespace AND NOT t.tgisinternal
 ORDER BY 1";
 
 fn catalog(client: &mut Client) -> Vec<String> {

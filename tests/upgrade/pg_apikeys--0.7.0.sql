@@ -457,7 +457,7 @@ AS 'MODULE_PATHNAME', 'delete_expired_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/identities.rs:441
+-- src/identities.rs:445
 -- pg_apikeys::identities::delete_identity
 CREATE  FUNCTION "delete_identity"(
 	"owner" TEXT /* Option < String > */
@@ -519,7 +519,7 @@ AS 'MODULE_PATHNAME', 'get_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/identities.rs:265
+-- src/identities.rs:267
 -- pg_apikeys::identities::get_identity
 CREATE  FUNCTION "get_identity"(
 	"owner" TEXT /* Option < String > */
@@ -567,7 +567,7 @@ AS 'MODULE_PATHNAME', 'list_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/identities.rs:275
+-- src/identities.rs:278
 -- pg_apikeys::identities::list_identities
 CREATE  FUNCTION "list_identities"() RETURNS SETOF apikeys.identity /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
 > */
@@ -779,7 +779,7 @@ AS 'MODULE_PATHNAME', 'update_credits_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/identities.rs:289
+-- src/identities.rs:292
 -- pg_apikeys::identities::update_identity
 CREATE  FUNCTION "update_identity"(
 	"owner" TEXT, /* Option < String > */
@@ -801,7 +801,7 @@ AS 'MODULE_PATHNAME', 'update_identity_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/identities.rs:468
+-- src/identities.rs:473
 -- pg_apikeys::identities::update_identity_credits
 CREATE  FUNCTION "update_identity_credits"(
 	"owner" TEXT, /* Option < String > */
@@ -830,13 +830,13 @@ AS 'MODULE_PATHNAME', 'update_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1147
+-- src/verify.rs:1168
 -- pg_apikeys::verify::verify_key
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1135
+-- src/verify.rs:1156
 -- pg_apikeys::verify::verify_key
 CREATE  FUNCTION "verify_key"(
 	"key" TEXT, /* Option < & str > */
@@ -869,6 +869,27 @@ CREATE  FUNCTION "verify_token"(
 VOLATILE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_token_with_limits_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/identities.rs:577
+-- pg_apikeys::identities::identities_changed
+CREATE FUNCTION "identities_changed"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'identities_changed_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/identities.rs:622
+-- requires:
+--   data_model
+--   identities_changed
+
+
+-- Verifications cache identities per backend: every change of the table invalidates them.
+CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
 /* </end connected objects> */
 
 /* <begin connected objects> */
