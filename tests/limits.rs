@@ -244,3 +244,67 @@ fn an_identity_change_reaches_other_sessions_at_their_next_call() {
         .unwrap();
     assert_eq!(code(&mut caller), "VALID");
 }
+
+/// A change of an identity rolled back is never seen, not even by the session that made it; a
+/// session in a REPEATABLE READ transaction sees a change committed meanwhile from its next
+/// transaction on.
+#[test]
+fn identity_changes_rolled_back_or_seen_from_an_old_snapshot_do_not_stick() {
+    let mut admin = connect();
+    let owner = format!("rolled-{}", std::process::id());
+    admin
+        .execute(
+            "SELECT apikeys.create_identity($1, remaining => 2)",
+            &[&owner],
+        )
+        .unwrap();
+    let (_, key) = create(&mut admin, &format!("owner => '{owner}'"));
+    let identity_left = |c: &mut Client| -> Option<i64> {
+        c.query_one(
+            "SELECT identity_remaining FROM apikeys.verify_key($1)",
+            &[&key],
+        )
+        .unwrap()
+        .get(0)
+    };
+    {
+        let mut tx = admin.transaction().unwrap();
+        tx.execute(
+            "SELECT apikeys.update_identity($1, clear => ARRAY['remaining'])",
+            &[&owner],
+        )
+        .unwrap();
+        let unlimited: Option<i64> = tx
+            .query_one(
+                "SELECT identity_remaining FROM apikeys.verify_key($1)",
+                &[&key],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(unlimited, None, "the transaction sees its own change");
+        tx.rollback().unwrap();
+    }
+    assert_eq!(identity_left(&mut admin), Some(1));
+    let mut reader = connect();
+    let mut tx = reader
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    let before: Option<i64> = tx
+        .query_one(
+            "SELECT identity_remaining FROM apikeys.verify_key($1)",
+            &[&key],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(before, Some(0));
+    admin
+        .execute(
+            "SELECT apikeys.update_identity($1, remaining => 100)",
+            &[&owner],
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(identity_left(&mut reader), Some(99));
+}
