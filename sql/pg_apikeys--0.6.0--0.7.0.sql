@@ -358,10 +358,8 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'update_identity_credits_wrapper';
 
 -- Verifications cache identities per backend: every change of the table invalidates them.
-CREATE FUNCTION apikeys."identities_changed"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', 'identities_changed_wrapper';
+CREATE FUNCTION apikeys.identities_changed() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'identities_changed';
 CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
     FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
 REVOKE EXECUTE ON FUNCTION apikeys.identities_changed FROM PUBLIC;

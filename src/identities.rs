@@ -573,15 +573,36 @@ unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys:
 
 /// Trigger of apikeys.identities (every statement that changes it, management's or anyone's):
 /// verifications read identities again — every backend, standbys too, once the transaction
-/// commits, and this one at its next command; a rollback sends nothing.
-#[pg_trigger]
-fn identities_changed<'a>(
-    trigger: &'a pgrx::PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    let relid = trigger.relid()?;
-    // SAFETY: queues a relcache invalidation of an existing relation in this transaction.
-    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
-    Ok(None)
+/// commits, and this one at its next command; a rollback sends nothing. Written by hand rather
+/// than with #[pg_trigger], whose wrapper fails with XX000 when called outside a trigger.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn identities_changed(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: PostgreSQL calls this with a valid fcinfo; `context` is a TriggerData node exactly
+    // when the trigger manager calls it (CALLED_AS_TRIGGER), whose relation is open.
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "apikeys.identities_changed() runs only as the trigger of apikeys.identities"
+                    .into(),
+                None,
+            );
+        }
+        let data = context.cast::<pg_sys::TriggerData>();
+        pg_sys::CacheInvalidateRelcacheByRelid((*(*data).tg_relation).rd_id);
+    }
+    pg_sys::Datum::from(0)
+}
+
+/// Version-1 calling convention of `identities_changed` (what PG_FUNCTION_INFO_V1 declares).
+#[no_mangle]
+pub extern "C" fn pg_finfo_identities_changed() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
 }
 
 /// Identity `id` (None: deleted), read once per backend until apikeys.identities changes (see
@@ -622,11 +643,13 @@ fn changed() {
 extension_sql!(
     r#"
 -- Verifications cache identities per backend: every change of the table invalidates them.
+CREATE FUNCTION apikeys.identities_changed() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'identities_changed';
 CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
     FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
 "#,
     name = "identities_trigger",
-    requires = ["data_model", identities_changed]
+    requires = ["data_model"]
 );
 
 /// Identity `id` as the caller's snapshot sees it, read as the tables' owner (verification

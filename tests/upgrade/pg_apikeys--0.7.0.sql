@@ -247,6 +247,19 @@ CREATE TYPE apikeys.verification AS (
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/identities.rs:643
+-- requires:
+--   data_model
+
+
+-- Verifications cache identities per backend: every change of the table invalidates them.
+CREATE FUNCTION apikeys.identities_changed() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'identities_changed';
+CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/context.rs:189
 -- pg_apikeys::context::authenticate
 -- Skipped due to `#[pgrx(sql = false)]`
@@ -869,27 +882,6 @@ CREATE  FUNCTION "verify_token"(
 VOLATILE 
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'verify_token_with_limits_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/identities.rs:577
--- pg_apikeys::identities::identities_changed
-CREATE FUNCTION "identities_changed"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', 'identities_changed_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/identities.rs:622
--- requires:
---   data_model
---   identities_changed
-
-
--- Verifications cache identities per backend: every change of the table invalidates them.
-CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.identities
-    FOR EACH STATEMENT EXECUTE FUNCTION apikeys.identities_changed();
 /* </end connected objects> */
 
 /* <begin connected objects> */
