@@ -164,43 +164,103 @@ fn update_credits(
 ) -> Option<i64> {
     let id = id.unwrap_or_else(|| errors::invalid_argument("id", "must not be NULL"));
     let op = errors::checked(Operation::parse(operation.as_deref(), amount));
-    Spi::connect_mut(|client| {
-        let current = plans::update(
-            client,
-            concat!(
+    update(Holder::Key, &id, op)
+}
+
+/// What holds a quota: a key, or an identity.
+#[derive(Clone, Copy)]
+pub enum Holder {
+    Key,
+    Identity,
+}
+
+impl Holder {
+    /// The row's quota (locked), when it was created, its remaining and refill versions, its
+    /// credits and its id, for the row named `$1`.
+    fn locked_sql(self) -> &'static str {
+        match self {
+            Holder::Key => concat!(
                 "SELECT ",
                 crate::remaining_sql!(),
-                ", k.created_at, k.remaining_version, k.refill_version, k.credits
+                ", k.created_at, k.remaining_version, k.refill_version, k.credits, k.id
                    FROM apikeys.keys k LEFT JOIN apikeys.meters m
                      ON m.key_id = k.id AND m.key_created_at = k.created_at
                   WHERE k.id = $1 FOR UPDATE OF k"
             ),
-            None,
-            &[id.as_str().into()],
-        );
-        if current.is_empty() {
-            key_not_found(&id);
+            Holder::Identity => concat!(
+                "SELECT ",
+                crate::remaining_sql!(),
+                ", k.created_at, k.remaining_version, k.refill_version, k.credits, k.id::text
+                   FROM apikeys.identities k LEFT JOIN apikeys.identity_meters m
+                     ON m.identity_id = k.id AND m.identity_created_at = k.created_at
+                  WHERE k.owner = $1 FOR UPDATE OF k"
+            ),
         }
-        let row = current.first();
-        let stored = errors::internal(row.get::<i64>(1));
-        let created_us =
-            errors::internal(row.get::<TimestampWithTimeZone>(2)).map_or(0, verify::epoch_us);
-        let set_at = (
-            errors::internal(row.get::<i64>(3)).unwrap_or(0),
-            errors::internal(row.get::<i64>(4)).unwrap_or(0),
-        );
-        let credits = errors::internal(row.get::<i64>(5)).unwrap_or(0);
-        let now = crate::engine::live(&id, created_us, set_at)
-            .and_then(|l| l.remaining_with(credits))
-            .unwrap_or(stored);
-        let after = errors::checked(op.apply(now));
-        apply(client, "keys", "id", &id, op);
-        audit::record(
-            client,
-            "update_credits",
-            Some(&id),
-            json!({"operation": op.name(), "amount": amount, "remaining": after}),
-        );
+    }
+}
+
+/// The quota of a locked row as it is now: what the rows hold, or what shared memory counted
+/// since (with the credits it has not taken in yet).
+pub struct Quota {
+    pub now: Option<i64>,
+}
+
+/// Reads the quota of `holder` named `name`, locked for the transaction; None if there is none.
+pub fn locked_quota(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    holder: Holder,
+    name: &str,
+) -> Option<Quota> {
+    let current = plans::update(client, holder.locked_sql(), None, &[name.into()]);
+    if current.is_empty() {
+        return None;
+    }
+    let row = current.first();
+    let stored = errors::internal(row.get::<i64>(1));
+    let created_us =
+        errors::internal(row.get::<TimestampWithTimeZone>(2)).map_or(0, verify::epoch_us);
+    let set_at = (
+        errors::internal(row.get::<i64>(3)).unwrap_or(0),
+        errors::internal(row.get::<i64>(4)).unwrap_or(0),
+    );
+    let credits = errors::internal(row.get::<i64>(5)).unwrap_or(0);
+    let id = errors::internal(row.get::<String>(6)).unwrap_or_default();
+    let entry = match holder {
+        Holder::Key => id,
+        Holder::Identity => crate::engine::identity_entry(id.parse().unwrap_or(0)),
+    };
+    let now = crate::engine::live(&entry, created_us, set_at)
+        .and_then(|l| l.remaining_with(credits))
+        .unwrap_or(stored);
+    Some(Quota { now })
+}
+
+/// `op` on the quota of `holder` named `name`: checked against the quota as it is now, applied
+/// to the row, audited; the new quota. P0002 for an unknown name.
+pub fn update(holder: Holder, name: &str, op: Operation) -> Option<i64> {
+    Spi::connect_mut(|client| {
+        let Some(quota) = locked_quota(client, holder, name) else {
+            match holder {
+                Holder::Key => key_not_found(name),
+                Holder::Identity => crate::identities::identity_not_found(name),
+            }
+        };
+        let after = errors::checked(op.apply(quota.now));
+        let (table, column, action) = match holder {
+            Holder::Key => ("keys", "id", "update_credits"),
+            Holder::Identity => ("identities", "owner", "update_identity_credits"),
+        };
+        apply(client, table, column, name, op);
+        let amount = match op {
+            Operation::Set(a) => a,
+            Operation::Increment(n) | Operation::Decrement(n) => Some(n),
+        };
+        let mut details = json!({"operation": op.name(), "amount": amount, "remaining": after});
+        if matches!(holder, Holder::Identity) {
+            details["owner"] = json!(name);
+        }
+        let key_id = matches!(holder, Holder::Key).then_some(name);
+        audit::record(client, action, key_id, details);
         after
     })
 }

@@ -45,7 +45,7 @@ pub fn identity_of(client: &mut SpiClient<'_>, owner: &str) -> Option<i64> {
     errors::internal(table.first().get::<i64>(1))
 }
 
-fn identity_not_found(owner: &str) -> ! {
+pub fn identity_not_found(owner: &str) -> ! {
     errors::raise(
         PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
         format!("identity \"{}\" does not exist", errors::shown(owner)),
@@ -479,47 +479,8 @@ fn update_identity_credits(
 ) -> Option<i64> {
     let owner = required_owner(owner);
     let op = errors::checked(credits::Operation::parse(operation.as_deref(), amount));
-    Spi::connect_mut(|client| {
-        changed();
-        let current = plans::update(
-            client,
-            concat!(
-                "SELECT ",
-                crate::remaining_sql!(),
-                ", k.id, k.created_at, k.remaining_version, k.refill_version, k.credits
-                   FROM apikeys.identities k LEFT JOIN apikeys.identity_meters m
-                     ON m.identity_id = k.id AND m.identity_created_at = k.created_at
-                  WHERE k.owner = $1 FOR UPDATE OF k"
-            ),
-            None,
-            &[owner.as_str().into()],
-        );
-        if current.is_empty() {
-            identity_not_found(&owner);
-        }
-        let row = current.first();
-        let stored = errors::internal(row.get::<i64>(1));
-        let id = errors::internal(row.get::<i64>(2)).unwrap_or(0);
-        let created_us =
-            errors::internal(row.get::<TimestampWithTimeZone>(3)).map_or(0, verify::epoch_us);
-        let set_at = (
-            errors::internal(row.get::<i64>(4)).unwrap_or(0),
-            errors::internal(row.get::<i64>(5)).unwrap_or(0),
-        );
-        let credits = errors::internal(row.get::<i64>(6)).unwrap_or(0);
-        let now = engine::live(&engine::identity_entry(id), created_us, set_at)
-            .and_then(|l| l.remaining_with(credits))
-            .unwrap_or(stored);
-        let after = errors::checked(op.apply(now));
-        credits::apply(client, "identities", "owner", &owner, op);
-        audit::record(
-            client,
-            "update_identity_credits",
-            None,
-            json!({"owner": owner, "operation": op.name(), "amount": amount, "remaining": after}),
-        );
-        after
-    })
+    changed();
+    credits::update(credits::Holder::Identity, &owner, op)
 }
 
 /// An identity as a verification of one of its keys needs it.
