@@ -118,15 +118,22 @@ impl Jsonb {
                 val: pg_sys::JsonbValue__bindgen_ty_1 {
                     string: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
                         len: i32::try_from(s.len()).unwrap_or(i32::MAX),
-                        val: s.as_ptr().cast_mut().cast(),
+                        // An empty string's Rust pointer is dangling: give a real one.
+                        val: if s.is_empty() {
+                            c"".as_ptr()
+                        } else {
+                            s.as_ptr().cast()
+                        }
+                        .cast_mut(),
                     },
                 },
             }
         }
-        // SAFETY: every JsonbValue pushed points at strings that outlive the build (`objects`,
-        // borrowed for the call) or at palloc'd numerics; pushJsonbValue copies the values into
-        // its parse state, JsonbValueToJsonb serializes them into a palloc'd varlena that
-        // copy_of copies out. Errors (out of memory) are raised as PostgreSQL errors.
+        // Every JsonbValue pushed points at strings that outlive the build (`objects`, borrowed
+        // for the call) or at palloc'd numerics; pushJsonbValue copies the values into its parse
+        // state, JsonbValueToJsonb serializes them into a palloc'd varlena that copy_of copies
+        // out. Errors (out of memory) are raised as PostgreSQL errors.
+        // SAFETY: the pointers pushed outlive the build (above); nothing is freed before copy_of.
         unsafe {
             let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
             pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_ARRAY, std::ptr::null_mut());
