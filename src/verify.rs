@@ -631,7 +631,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         return state.verification(code, token);
     }
     let mut state = state.with_identity();
-    let (mut default_cost, applied) = state.applied(request);
+    let (mut default_cost, mut applied) = state.applied(request);
     let mut windows = state.windows(&applied);
     if !state.limited(&windows) {
         let code = if permitted(&state, required, token) {
@@ -664,8 +664,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         if let Some(code) = state.status_code() {
             return state.verification(code, token);
         }
-        (default_cost, _) = state.applied(request);
-        let (_, applied) = state.applied(request);
+        (default_cost, applied) = state.applied(request);
         windows = state.windows(&applied);
         if !state.limited(&windows) {
             return judge_again_unlimited(state, required, token);
@@ -688,8 +687,6 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
     let permitted = permitted(&state, required, token);
     if crate::engine::available() {
         loop {
-            let (default_cost, applied) = state.applied(request);
-            let windows = state.windows(&applied);
             let call = Metering {
                 cost,
                 default_cost,
@@ -701,7 +698,11 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
                 Ok(Some(charged)) => return charged.result(&state, &call, token),
                 Ok(None) => return Verification::not_found(),
                 // The identity was deleted since it was read: the key no longer shares it.
-                Err(crate::engine::Unavailable::Gone) => state.identity = None,
+                Err(crate::engine::Unavailable::Gone) => {
+                    state.identity = None;
+                    (default_cost, applied) = state.applied(request);
+                    windows = state.windows(&applied);
+                }
                 Err(crate::engine::Unavailable::NoEngine) => break,
             }
         }
