@@ -101,16 +101,11 @@ impl Operation {
     }
 }
 
-/// Applies `op` to the row of `table` (keys or identities) whose `column` is `value`, already
-/// locked by the caller: a set is a new quota at a new meter_version (unlimited: its refill
-/// goes too), an increment or decrement is added to `credits` at a new meter_version.
-pub fn apply(
-    client: &mut pgrx::spi::SpiClient<'_>,
-    table: &'static str,
-    column: &'static str,
-    value: &str,
-    op: Operation,
-) {
+/// Applies `op` to the row of `holder` named `value`, already locked by the caller: a set is a
+/// new quota at a new meter_version (unlimited: its refill goes too), an increment or decrement
+/// is added to `credits` at a new meter_version.
+fn apply(client: &mut pgrx::spi::SpiClient<'_>, holder: Holder, value: &str, op: Operation) {
+    let (table, column) = holder.table();
     let actor = audit::actor();
     match op {
         Operation::Set(amount) => plans::update(
@@ -175,6 +170,14 @@ pub enum Holder {
 }
 
 impl Holder {
+    /// Its table, and the column that names a row of it.
+    fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Holder::Key => ("keys", "id"),
+            Holder::Identity => ("identities", "owner"),
+        }
+    }
+
     /// The row's quota (locked), when it was created, its remaining and refill versions, its
     /// credits and its id, for the row named `$1`.
     fn locked_sql(self) -> &'static str {
@@ -229,9 +232,7 @@ pub fn locked_quota(
         Holder::Key => id,
         Holder::Identity => crate::engine::identity_entry(id.parse().unwrap_or(0)),
     };
-    let now = crate::engine::live(&entry, created_us, set_at)
-        .and_then(|l| l.remaining_with(credits))
-        .unwrap_or(stored);
+    let now = crate::engine::remaining_now(&entry, created_us, set_at, credits, stored);
     Some(Quota { now })
 }
 
@@ -246,11 +247,11 @@ pub fn update(holder: Holder, name: &str, op: Operation) -> Option<i64> {
             }
         };
         let after = errors::checked(op.apply(quota.now));
-        let (table, column, action) = match holder {
-            Holder::Key => ("keys", "id", "update_credits"),
-            Holder::Identity => ("identities", "owner", "update_identity_credits"),
+        apply(client, holder, name, op);
+        let action = match holder {
+            Holder::Key => "update_credits",
+            Holder::Identity => "update_identity_credits",
         };
-        apply(client, table, column, name, op);
         let amount = match op {
             Operation::Set(a) => a,
             Operation::Increment(n) | Operation::Decrement(n) => Some(n),

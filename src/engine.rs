@@ -1130,6 +1130,21 @@ impl Live {
     }
 }
 
+/// The quota of the counters `entry` (created at `created_us`, set at `set_at`, with
+/// `credits` in their row) as it is now: what shared memory counted, credits not taken in yet
+/// included, or else `stored`, what the rows hold.
+pub fn remaining_now(
+    entry: &str,
+    created_us: i64,
+    set_at: (i64, i64),
+    credits: i64,
+    stored: Option<i64>,
+) -> Option<i64> {
+    live(entry, created_us, set_at)
+        .and_then(|l| l.remaining_with(credits))
+        .unwrap_or(stored)
+}
+
 /// `set_at`: the key's remaining_version and refill_version.
 pub fn live(id: &str, created_us: i64, set_at: (i64, i64)) -> Option<Live> {
     let db = my_database();

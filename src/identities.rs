@@ -365,9 +365,13 @@ fn update_identity(
             errors::internal(cur.get::<i64>(9)).unwrap_or(0),
         );
         let credits = errors::internal(cur.get::<i64>(10)).unwrap_or(0);
-        let cur_remaining = engine::live(&engine::identity_entry(id), created_us, set_at)
-            .and_then(|l| l.remaining_with(credits))
-            .unwrap_or(stored_remaining);
+        let cur_remaining = engine::remaining_now(
+            &engine::identity_entry(id),
+            created_us,
+            set_at,
+            credits,
+            stored_remaining,
+        );
         let merged = errors::checked(update.merge(&StoredLimits {
             refill_amount: errors::internal(cur.get::<i64>(1)),
             refill: crate::refills::Schedule::from_columns(

@@ -639,11 +639,14 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
                     cur.get::<TimestampWithTimeZone>(7)?,
                 ))
             })());
-        let live = crate::engine::live(id, created.map_or(0, verify::epoch_us), set_at);
         let key_credits = errors::internal(cur.get::<i64>(11)).unwrap_or(0);
-        let cur_remaining = live
-            .and_then(|l| l.remaining_with(key_credits))
-            .unwrap_or(stored_remaining);
+        let cur_remaining = crate::engine::remaining_now(
+            id,
+            created.map_or(0, verify::epoch_us),
+            set_at,
+            key_credits,
+            stored_remaining,
+        );
         let merged = errors::checked(update.merge(&StoredLimits {
             refill_amount: cur_amount,
             refill: crate::refills::Schedule::from_columns(
