@@ -140,25 +140,8 @@ fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
 /// refill) and when it refills next. Called outside SPI.
 fn with_live(row: Row) -> Identity {
     let mut identity = row.identity;
-    let entry = engine::identity_entry(row.id);
-    if let Some(live) = engine::live(&entry, row.created_us, row.set_at) {
-        if let Some(remaining) = live.remaining_with(row.credits) {
-            errors::internal(identity.set_by_name("remaining", remaining));
-        }
-        if let Some(last) = live.last_refill_us {
-            errors::internal(
-                identity.set_by_name("last_refill_at", last.map(verify::from_epoch_us)),
-            );
-        }
-    }
-    let next = crate::keys::next_refill(
-        errors::internal(identity.get_by_name::<i64>("refill_amount")),
-        errors::internal(identity.get_by_name::<TimestampWithTimeZone>("last_refill_at")),
-        errors::internal(identity.get_by_name::<Interval>("refill_interval")),
-        errors::internal(identity.get_by_name::<i32>("refill_day")),
-        errors::internal(identity.get_by_name::<String>("refill_schedule")).as_deref(),
-    );
-    errors::internal(identity.set_by_name("next_refill_at", next));
+    let live = engine::live(&engine::identity_entry(row.id), row.created_us, row.set_at);
+    crate::keys::with_live_quota(&mut identity, live.as_ref(), row.credits);
     identity
 }
 

@@ -410,18 +410,46 @@ fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
 fn with_live(row: Row) -> ApiKey {
     let mut key = row.key;
     let id = errors::internal(key.get_by_name::<String>("id")).unwrap_or_default();
-    if let Some(live) = crate::engine::live(&id, row.created_us, row.set_at) {
-        key = with_live_counts(key, &live, row.credits);
+    let live = crate::engine::live(&id, row.created_us, row.set_at);
+    if let Some(live) = &live {
+        let requests = errors::internal(key.get_by_name::<i64>("request_count")).unwrap_or(0);
+        errors::internal(key.set_by_name("request_count", requests + live.uses as i64));
+        if let Some(at) = live.last_used_us {
+            let written =
+                errors::internal(key.get_by_name::<TimestampWithTimeZone>("last_used_at"));
+            let at = verify::from_epoch_us(at);
+            errors::internal(key.set_by_name("last_used_at", written.map_or(at, |w| w.max(at))));
+        }
+    }
+    with_live_quota(&mut key, live.as_ref(), row.credits);
+    key
+}
+
+/// The quota columns of a key's or identity's row (`remaining`, `last_refill_at`,
+/// `next_refill_at`) with what shared memory holds beyond the rows (`live`).
+pub(crate) fn with_live_quota(
+    row: &mut PgHeapTuple<'static, pgrx::AllocatedByRust>,
+    live: Option<&crate::engine::Live>,
+    credits: i64,
+) {
+    if let Some(live) = live {
+        if let Some(remaining) = live.remaining_with(credits) {
+            errors::internal(row.set_by_name("remaining", remaining));
+        }
+        if let Some(last_refill) = live.last_refill_us {
+            errors::internal(
+                row.set_by_name("last_refill_at", last_refill.map(verify::from_epoch_us)),
+            );
+        }
     }
     let next = next_refill(
-        errors::internal(key.get_by_name::<i64>("refill_amount")),
-        errors::internal(key.get_by_name::<TimestampWithTimeZone>("last_refill_at")),
-        errors::internal(key.get_by_name::<Interval>("refill_interval")),
-        errors::internal(key.get_by_name::<i32>("refill_day")),
-        errors::internal(key.get_by_name::<String>("refill_schedule")).as_deref(),
+        errors::internal(row.get_by_name::<i64>("refill_amount")),
+        errors::internal(row.get_by_name::<TimestampWithTimeZone>("last_refill_at")),
+        errors::internal(row.get_by_name::<Interval>("refill_interval")),
+        errors::internal(row.get_by_name::<i32>("refill_day")),
+        errors::internal(row.get_by_name::<String>("refill_schedule")).as_deref(),
     );
-    errors::internal(key.set_by_name("next_refill_at", next));
-    key
+    errors::internal(row.set_by_name("next_refill_at", next));
 }
 
 /// When a quota that last refilled at `last` refills next (None without refill).
@@ -439,24 +467,6 @@ pub(crate) fn next_refill(
         None => crate::engine::add_interval(last, interval?),
     };
     Some(verify::from_epoch_us(next))
-}
-
-fn with_live_counts(key: ApiKey, live: &crate::engine::Live, credits: i64) -> ApiKey {
-    let mut key = key;
-    let requests = errors::internal(key.get_by_name::<i64>("request_count")).unwrap_or(0);
-    errors::internal(key.set_by_name("request_count", requests + live.uses as i64));
-    if let Some(at) = live.last_used_us {
-        let written = errors::internal(key.get_by_name::<TimestampWithTimeZone>("last_used_at"));
-        let at = verify::from_epoch_us(at);
-        errors::internal(key.set_by_name("last_used_at", written.map_or(at, |w| w.max(at))));
-    }
-    if let Some(remaining) = live.remaining_with(credits) {
-        errors::internal(key.set_by_name("remaining", remaining));
-    }
-    if let Some(last_refill) = live.last_refill_us {
-        errors::internal(key.set_by_name("last_refill_at", last_refill.map(verify::from_epoch_us)));
-    }
-    key
 }
 
 /// The columns `read_row` reads, for keys `filter` selects (a WHERE clause over `k`).
