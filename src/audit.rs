@@ -17,6 +17,29 @@ pub fn actor() -> String {
     }
 }
 
+thread_local! {
+    /// The authenticated key a self-service call (`my_*`) acts for, while it runs.
+    static ACTING_KEY: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` as key `key_id` acting (self-service): audit rows written meanwhile name it.
+pub fn acting_as<R>(key_id: &str, f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ACTING_KEY.with(|a| a.borrow_mut().take());
+        }
+    }
+    ACTING_KEY.with(|a| *a.borrow_mut() = Some(key_id.to_owned()));
+    let _reset = Reset;
+    f()
+}
+
+/// The key acting for a self-service call, if one runs.
+pub fn acting_key() -> Option<String> {
+    ACTING_KEY.with(|a| a.borrow().clone())
+}
+
 pub fn record(
     client: &mut SpiClient<'_>,
     action: &str,
@@ -25,13 +48,15 @@ pub fn record(
 ) {
     plans::update(
         client,
-        "INSERT INTO apikeys.audit_log (actor, action, key_id, details) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO apikeys.audit_log (actor, action, key_id, details, acting_key_id)
+         VALUES ($1, $2, $3, $4, $5)",
         None,
         &[
             actor().into(),
             action.into(),
             key_id.into(),
             JsonB(details).into(),
+            acting_key().into(),
         ],
     );
 }

@@ -90,6 +90,16 @@ pub fn relation_if_exists(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// Whether the extension's table `table` has `column` (a column added by a release the installed
+/// SQL has not been updated to yet is missing).
+pub fn has_column(table: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
+    let Some(relid) = relation_if_exists(table) else {
+        return false;
+    };
+    // SAFETY: a syscache lookup of an existing relation's attribute, in a transaction.
+    unsafe { pg_sys::get_attnum(relid, column.as_ptr()) > 0 }
+}
+
 /// Whether this database's SQL is the one this library meters with: the last column a release
 /// added to the metering tables is there (ALTER EXTENSION … UPDATE has run).
 pub fn metering_up_to_date() -> bool {

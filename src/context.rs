@@ -9,7 +9,8 @@
 
 use crate::jsonb::{self, Jsonb};
 use crate::verify::{self, Code, Verification};
-use crate::{claims, errors, permissions, tokens};
+use crate::addresses::{self, Client};
+use crate::{claims, errors, http, permissions, tokens};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
@@ -55,6 +56,12 @@ thread_local! {
 /// the caller does not return.
 fn with_current<R>(read: impl FnOnce(Option<&Context>) -> R) -> R {
     STACK.with(|s| read(s.borrow().last().and_then(|(_, c)| c.as_ref())))
+}
+
+/// Who the transaction is authenticated as, for self-service: the key's id, its owner and what
+/// the credential may do; None when nothing is authenticated.
+pub fn authenticated_as() -> Option<(String, Option<String>, permissions::Permissions)> {
+    with_current(|c| c.map(|c| (c.key_id.clone(), c.owner.clone(), c.permissions.clone())))
 }
 
 fn set(context: Option<Context>) {
@@ -126,13 +133,14 @@ pub fn init() {
     }
 }
 
-/// Verifies an API key or a token (told apart by shape) and, only when VALID, makes it the
-/// transaction's context. Charged like one verification (cost 1).
+/// Verifies an API key or a token (told apart by shape), counted for analytics, and, only when
+/// VALID, makes it the transaction's context. Charged like one verification (cost 1).
 fn try_authenticate(credential: Option<&str>, request: &verify::Request) -> Verification {
     let v = match credential {
         Some(c) if claims::looks_like_token(c) => tokens::verify_token_str(Some(c), request),
         other => verify::verify(other, request),
     };
+    let v = verify::counted(v, request);
     if v.code == Code::Valid {
         set(Some(Context::of(&v)));
     }
@@ -170,18 +178,34 @@ fn credential_from_headers(headers: &Value) -> Result<Option<&str>, ()> {
 /// Authenticates the transaction with an API key or a token: on success the context
 /// (`current_key_id()`, `current_owner()`, `current_permissions()`, `current_claims()`,
 /// `has_permission()`) is set until the transaction ends and the verification is returned.
-/// `required` permissions must be granted. Charged like one verification. On failure raises
-/// 28000 with the verification code in the message, and sets nothing.
+/// `required` permissions must be granted; `ratelimits` names limits as verify_key's does;
+/// `client_ip` is checked against the key's allow-list. Charged like one verification. On
+/// failure raises 28000 with the verification code in the message, and sets nothing.
 #[pg_extern(security_definer, volatile, name = "authenticate")]
 #[search_path(pg_catalog, pg_temp)]
-fn authenticate_with_limits(
+fn authenticate_from(
     credential: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     ratelimits: default!(Option<Jsonb>, "NULL"),
+    client_ip: default!(Option<pgrx::datum::Inet>, "NULL"),
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    let client = Client::from_arg(client_ip.as_ref());
+    authenticated(
+        credential,
+        verify::Request::from_args(required, Some(1), ratelimits, client),
+    )
+}
+
+/// authenticate as 0.7 declared it, for a database not updated yet (no SQL).
+#[pg_extern(security_definer, volatile, sql = false)]
+fn authenticate_with_limits(
+    credential: Option<&str>,
+    required: Option<Jsonb>,
+    ratelimits: Option<Jsonb>,
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     authenticated(
         credential,
-        verify::Request::from_args(required, Some(1), ratelimits),
+        verify::Request::from_args(required, Some(1), ratelimits, Client::At(None)),
     )
 }
 
@@ -193,7 +217,7 @@ fn authenticate(
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     authenticated(
         credential,
-        verify::Request::from_args(required, Some(1), None),
+        verify::Request::from_args(required, Some(1), None, Client::At(None)),
     )
 }
 
@@ -217,38 +241,87 @@ fn authenticated(credential: Option<&str>, request: verify::Request) -> verify::
     v.into_row()
 }
 
+/// The verification of the credential in `headers` (see `credential_from_headers`), with the
+/// request's address (`addresses::of_request`); None when the request carries no credential.
+fn authenticate_request_headers(headers: &Value, required: Option<Jsonb>) -> Option<Verification> {
+    let request = verify::Request::from_args(required, Some(1), None, addresses::of_request(headers));
+    match credential_from_headers(headers) {
+        Ok(Some(credential)) => Some(try_authenticate(Some(credential), &request)),
+        Ok(None) => None,
+        // Two credentials: refused as a bad one (counted as a NOT_FOUND attempt).
+        Err(()) => Some(verify::counted(Verification::not_found(), &request)),
+    }
+}
+
 /// Authenticates the credential an HTTP request carries in `headers` (a JSON object of
 /// header names to values: `x-api-key`, else `authorization: Bearer <key or token>`), like
 /// `authenticate` but without raising: the verification says why a request is refused
 /// (`NOT_FOUND` when no credential is present, or when `x-api-key` and a Bearer credential
-/// differ). The layer under `authenticate_request()`.
+/// differ). Allow-lists see the address of `apikeys.client_ip_header`, else the connection's.
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn authenticate_headers(
     headers: Option<Jsonb>,
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let headers = jsonb::argument("headers", headers).unwrap_or(Value::Null);
-    match credential_from_headers(&headers) {
-        Ok(Some(credential)) => try_authenticate(Some(credential), &verify::Request::plain(1)),
-        Ok(None) | Err(()) => Verification::not_found(),
-    }
-    .into_row()
+    authenticate_request_headers(&headers, None)
+        .unwrap_or_else(Verification::not_found)
+        .into_row()
 }
 
-// PostgreSQL refuses SET ROLE inside SECURITY DEFINER functions and pgrx reports every error a
-// Rust function raises with its own SQLSTATE list (no PT401), so the role switch and the
-// PostgREST status live in this small PL/pgSQL function that runs with the caller's rights.
+/// The layer under `authenticate_request(required)`: authenticates `headers` and returns the
+/// role to switch to (the key's, when valid) or, for a refusal, PostgREST's custom error:
+/// MESSAGE and DETAIL as JSON text (see `http`).
+#[pg_extern(security_definer, volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn authenticate_http(
+    headers: Option<Jsonb>,
+    required: default!(Option<Jsonb>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(role, Option<String>),
+        name!(message, Option<String>),
+        name!(detail, Option<String>),
+    ),
+> {
+    let headers = jsonb::argument("headers", headers).unwrap_or(Value::Null);
+    let v = authenticate_request_headers(&headers, required);
+    let refused = match &v {
+        None => Some(http::Refused::NoCredentials),
+        Some(v) if v.code != Code::Valid => Some(http::Refused::Verification {
+            code: v.code,
+            key_id: v.key_id.as_deref(),
+            retry_at_us: v.retry_at_us,
+        }),
+        Some(_) => None,
+    };
+    let now_us = verify::epoch_us(verify::wall_clock());
+    let row = match refused {
+        Some(refused) => {
+            let (message, detail) = http::refusal(&refused, now_us);
+            (None, Some(message), Some(detail))
+        }
+        None => (v.and_then(|v| v.role), None, None),
+    };
+    TableIterator::once(row)
+}
+
+// PostgreSQL refuses SET ROLE inside SECURITY DEFINER functions, and only PL/pgSQL's RAISE sets
+// SQLSTATE 'PGRST' with MESSAGE and DETAIL of our choosing: the role switch and the PostgREST
+// error live in this small PL/pgSQL function that runs with the caller's rights.
 extension_sql!(
     r#"
 -- For PostgREST's db-pre-request: authenticates the request's x-api-key or
--- Authorization: Bearer credential, switches to the key's role for the transaction, and
--- raises SQLSTATE PT401 (HTTP 401) when the request carries no valid credential.
-CREATE FUNCTION apikeys.authenticate_request() RETURNS void
+-- Authorization: Bearer credential (and `required` permissions), switches to the key's role for
+-- the transaction, and refuses with PostgREST's custom error (SQLSTATE PGRST: HTTP 401, 403 or
+-- 429 with WWW-Authenticate or Retry-After) when the request may not go on.
+CREATE FUNCTION apikeys.authenticate_request(required jsonb DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v record;  -- not apikeys.verification: no name is resolved before the check below
+    r record;  -- no name is resolved before the check below
 BEGIN
     -- This body names schema apikeys: it must be the extension's own (see catalog.rs).
     IF pg_catalog.to_regnamespace('apikeys')::pg_catalog.oid IS DISTINCT FROM
@@ -257,21 +330,19 @@ BEGIN
         RAISE EXCEPTION 'schema "apikeys" is not the schema of extension pg_apikeys'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    v := apikeys.authenticate_headers(
-        nullif(current_setting('request.headers', true), '')::jsonb);
-    IF NOT v.valid THEN
-        RAISE SQLSTATE 'PT401' USING
-            MESSAGE = 'authentication failed: ' || v.code,
-            HINT = 'Send an API key as "x-api-key: <key>" or a key or token as "Authorization: Bearer <credential>".';
+    SELECT * INTO r FROM apikeys.authenticate_http(
+        nullif(current_setting('request.headers', true), '')::jsonb, required);
+    IF r.message IS NOT NULL THEN
+        RAISE SQLSTATE 'PGRST' USING MESSAGE = r.message, DETAIL = r.detail;
     END IF;
-    IF v.role IS NOT NULL THEN
-        PERFORM set_config('role', v.role, true);
+    IF r.role IS NOT NULL THEN
+        PERFORM set_config('role', r.role, true);
     END IF;
 END
 $$;
 "#,
     name = "authenticate_request",
-    requires = [authenticate_headers]
+    requires = [authenticate_http]
 );
 
 /// The id of the key the transaction authenticated with; NULL when none.

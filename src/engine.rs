@@ -128,7 +128,9 @@ fn request_shared_memory() {
     unsafe {
         pg_sys::RequestAddinShmemSpace(shared_size(guc::shared_keys()));
         pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+        pg_sys::RequestAddinShmemSpace(crate::analytics::shared_size());
     }
+    crate::analytics::request_lock();
 }
 
 #[pg_guard]
@@ -163,6 +165,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         SLOTS = slots;
         DIRTY = slots.add(capacity).cast::<u32>();
         LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+        crate::analytics::attach();
         pg_sys::LWLockRelease(init_lock);
     }
 }
@@ -414,6 +417,19 @@ fn warn_once(message: &str) {
     if !WARNED.with(|w| w.replace(true)) {
         warning!("{message}");
     }
+}
+
+/// Asks for a writer for this database's verification tallies: one is started when none runs,
+/// and a running one is woken when `early` (the tallies' table is filling up).
+pub fn wake_writer_for_tallies(early: bool) {
+    let Some(index) = database_index() else {
+        return;
+    };
+    with_shared(true, |s| {
+        if early || s.header.databases[index].writer_pid == 0 {
+            s.wake_writer(index);
+        }
+    });
 }
 
 /// Says once per backend that the engine is missing, and why that matters.

@@ -22,6 +22,12 @@ pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
 pub static TOKEN_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TOKEN_CACHE_MEMORY: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static SHARED_KEYS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
+pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static ANALYTICS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static ANALYTICS_RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"90 days"));
+pub static ANALYTICS_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -122,6 +128,32 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_KB,
     );
+    // SUSET: a caller who could name the header would choose the address its allow-list sees.
+    GucRegistry::define_string_guc(
+        c"apikeys.client_ip_header",
+        c"The request header whose first address authenticate_request checks allow-lists against.",
+        c"For example x-forwarded-for behind a proxy. Unset: the connection's address (inet_client_addr()).",
+        &CLIENT_IP_HEADER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SUSET: a caller must not hide its verifications from the counts.
+    GucRegistry::define_bool_guc(
+        c"apikeys.analytics",
+        c"Whether verifications are counted for apikeys.verification_stats.",
+        c"Counted in shared memory and written in the background (needs shared_preload_libraries).",
+        &ANALYTICS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"apikeys.analytics_retention",
+        c"How long verification counts are kept (hours and days; minutes at most 7 days).",
+        c"An interval such as '90 days'. Read by the background writer of each database.",
+        &ANALYTICS_RETENTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     // PostgreSQL allows server-start settings only while preloading, which is also the only
     // case in which the metering engine exists.
     // SAFETY: a plain read of a postmaster global, set before _PG_init runs.
@@ -133,6 +165,16 @@ pub fn init() {
             &SHARED_KEYS,
             1024,
             1 << 24,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"apikeys.analytics_slots",
+            c"Keys whose verification counts shared memory holds between writes (about 200 bytes each).",
+            c"Counts move to apikeys.verification_counts every few seconds, sooner when this fills up.",
+            &ANALYTICS_SLOTS,
+            1024,
+            1 << 22,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -202,6 +244,29 @@ pub fn token_cache_bytes() -> usize {
 /// Slots of the metering engine's shared table.
 pub fn shared_keys() -> usize {
     usize::try_from(SHARED_KEYS.get())
+        .unwrap_or(16_384)
+        .max(1024)
+}
+
+/// The header `authenticate_request` reads the client's address from; None: the connection's.
+pub fn client_ip_header() -> Option<String> {
+    Some(string(&CLIENT_IP_HEADER)).filter(|s| !s.is_empty())
+}
+
+pub fn analytics() -> bool {
+    ANALYTICS.get()
+}
+
+/// How long counts are kept, as interval text (checked where it is used).
+pub fn analytics_retention() -> String {
+    Some(string(&ANALYTICS_RETENTION))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "90 days".into())
+}
+
+/// Slots of the analytics table in shared memory.
+pub fn analytics_slots() -> usize {
+    usize::try_from(ANALYTICS_SLOTS.get())
         .unwrap_or(16_384)
         .max(1024)
 }

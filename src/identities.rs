@@ -9,6 +9,7 @@ use crate::errors::{self, invalid_argument};
 use crate::jsonb::Jsonb;
 use crate::keys::{interval, span};
 use crate::plans;
+use crate::addresses::SqlCidr;
 use crate::settings::{self, Args, Settings, StoredLimits, Update};
 use crate::{audit, credits, engine, verify};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
@@ -78,6 +79,7 @@ fn args(
     ratelimits: Option<Jsonb>,
     refill_schedule: Option<String>,
     rate_limit_algorithm: Option<String>,
+    allowed_cidrs: Option<Vec<Option<SqlCidr>>>,
 ) -> Args {
     Args {
         metadata,
@@ -89,12 +91,19 @@ fn args(
         ratelimits: crate::jsonb::argument("ratelimits", ratelimits)
             .map(|v| crate::limits::parse_config(&v, crate::keys::pg_duration)),
         rate_limit_algorithm,
+        allowed_cidrs: crate::addresses::argument(allowed_cidrs),
         ..Args::default()
     }
 }
 
 /// What `clear` may name for an identity.
-const CLEARABLE: [&str; 4] = ["metadata", "remaining", "refill", "ratelimits"];
+const CLEARABLE: [&str; 5] = [
+    "metadata",
+    "remaining",
+    "refill",
+    "ratelimits",
+    "allowed_cidrs",
+];
 
 /// An identity row (`apikeys.identity`) with what the engine needs to add live counts.
 struct Row {
@@ -113,7 +122,7 @@ fn rows_sql(filter: &str) -> String {
                     CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at
                          ELSE k.last_refill_at END,
                     NULL::timestamptz, k.ratelimits, k.rate_limit_algorithm, k.created_at,
-                    k.created_by, k.updated_at, k.updated_by)::apikeys.identity,
+                    k.created_by, k.updated_at, k.updated_by, k.allowed_cidrs)::apikeys.identity,
                 k.id, k.created_at, k.remaining_version, k.refill_version, k.credits
            FROM apikeys.identities k LEFT JOIN apikeys.identity_meters m
              ON m.identity_id = k.id AND m.identity_created_at = k.created_at
@@ -175,6 +184,7 @@ fn create_identity(
     ratelimits: default!(Option<Jsonb>, "NULL"),
     refill_schedule: default!(Option<String>, "NULL"),
     rate_limit_algorithm: default!(Option<String>, "NULL"),
+    allowed_cidrs: default!(Option<Vec<Option<SqlCidr>>>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.identity")> {
     let owner = required_owner(owner);
     let s = errors::checked(Settings::for_create(args(
@@ -186,6 +196,7 @@ fn create_identity(
         ratelimits,
         refill_schedule,
         rate_limit_algorithm,
+        allowed_cidrs,
     )));
     let (refill_interval, refill_day, refill_schedule) =
         s.schedule.map_or((None, None, "interval"), |r| r.columns());
@@ -207,14 +218,18 @@ fn create_identity(
                 .into(),
             s.algorithm.unwrap_or_default().as_str().into(),
             actor.into(),
+            s.allowed_cidrs
+                .as_deref()
+                .and_then(crate::addresses::stored)
+                .into(),
         ];
         let inserted = plans::update(
             client,
             "INSERT INTO apikeys.identities (owner, metadata, remaining, refill_amount,
                     refill_interval, refill_day, refill_schedule, last_refill_at, ratelimits,
-                    rate_limit_algorithm, created_by, updated_by)
+                    rate_limit_algorithm, created_by, updated_by, allowed_cidrs)
              VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $4 IS NOT NULL THEN clock_timestamp() END,
-                     $8, $9, $10, $10)
+                     $8, $9, $10, $10, $11::text[]::cidr[])
              ON CONFLICT (owner) DO NOTHING RETURNING id",
             None,
             &args,
@@ -286,6 +301,7 @@ fn update_identity(
     refill_schedule: default!(Option<String>, "NULL"),
     rate_limit_algorithm: default!(Option<String>, "NULL"),
     clear: default!(Option<Vec<Option<String>>>, "NULL"),
+    allowed_cidrs: default!(Option<Vec<Option<SqlCidr>>>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.identity")> {
     let owner = required_owner(owner);
     let clear: Vec<String> = clear.unwrap_or_default().into_iter().flatten().collect();
@@ -302,7 +318,7 @@ fn update_identity(
         invalid_argument(
             "clear",
             format!(
-                "names \"{}\", which an identity cannot clear (metadata, remaining, refill, ratelimits)",
+                "names \"{}\", which an identity cannot clear (metadata, remaining, refill, ratelimits, allowed_cidrs)",
                 errors::shown(field)
             ),
         );
@@ -317,6 +333,7 @@ fn update_identity(
             ratelimits,
             refill_schedule,
             rate_limit_algorithm,
+            allowed_cidrs,
         ),
         clear,
     ));
@@ -396,6 +413,7 @@ fn update_identity(
                                       WHEN $6 THEN NULL ELSE last_refill_at END,
                 ratelimits = CASE WHEN $11 THEN $12 ELSE ratelimits END,
                 rate_limit_algorithm = COALESCE($13, rate_limit_algorithm),
+                allowed_cidrs = CASE WHEN $15 THEN $16::text[]::cidr[] ELSE allowed_cidrs END,
                 updated_at = clock_timestamp(), updated_by = $14
               WHERE owner = $1",
             None,
@@ -414,6 +432,11 @@ fn update_identity(
                 ratelimits.into(),
                 s.algorithm.map(|a| a.as_str()).into(),
                 audit::actor().into(),
+                (s.allowed_cidrs.is_some() || cleared("allowed_cidrs")).into(),
+                s.allowed_cidrs
+                    .as_deref()
+                    .and_then(crate::addresses::stored)
+                    .into(),
             ],
         );
         audit::record(
@@ -479,6 +502,8 @@ pub struct IdentityState {
     pub config: verify::Config,
     pub named: Vec<crate::limits::NamedLimit>,
     pub algorithm: crate::metering::Algorithm,
+    /// The networks its keys may be verified from (None: anywhere).
+    pub allowed: Option<Vec<crate::network::Cidr>>,
 }
 
 impl IdentityState {
@@ -607,10 +632,18 @@ fn read_identity_row(id: i64) -> Option<IdentityState> {
         Spi::connect(|client| {
             let table = plans::select(
                 client,
-                "SELECT k.created_at, k.meter_version, k.remaining, k.refill_amount,
-                        k.refill_interval, k.refill_day, k.refill_schedule, k.ratelimits,
-                        k.rate_limit_algorithm
-                   FROM apikeys.identities k WHERE k.id = $1",
+                if crate::catalog::has_column(c"identities", c"allowed_cidrs") {
+                    "SELECT k.created_at, k.meter_version, k.remaining, k.refill_amount,
+                            k.refill_interval, k.refill_day, k.refill_schedule, k.ratelimits,
+                            k.rate_limit_algorithm, k.allowed_cidrs::pg_catalog.text[]
+                       FROM apikeys.identities k WHERE k.id = $1"
+                } else {
+                    // Until ALTER EXTENSION … UPDATE adds the column: no allow-list.
+                    "SELECT k.created_at, k.meter_version, k.remaining, k.refill_amount,
+                            k.refill_interval, k.refill_day, k.refill_schedule, k.ratelimits,
+                            k.rate_limit_algorithm, NULL::pg_catalog.text[]
+                       FROM apikeys.identities k WHERE k.id = $1"
+                },
                 Some(1),
                 &[id.into()],
             );
@@ -645,6 +678,9 @@ fn read_identity_row(id: i64) -> Option<IdentityState> {
                     .map(|r| crate::limits::from_stored(&r.0))
                     .unwrap_or_default(),
                 algorithm,
+                allowed: crate::addresses::parse_list(errors::internal(
+                    row.get::<Vec<Option<String>>>(10),
+                )),
             })
         })
     })

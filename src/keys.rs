@@ -7,6 +7,7 @@ use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found
 use crate::jsonb::{self, Jsonb};
 use crate::plans;
 use crate::schema::{API_KEY_FROM, API_KEY_ROW};
+use crate::addresses::SqlCidr;
 use crate::settings::{self, Args, Expiry, Settings, StoredLimits, Update};
 use crate::{audit, guc, key_format, metering, verify};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
@@ -126,6 +127,7 @@ fn args(
     ratelimits: Option<Jsonb>,
     refill_day: Option<i32>,
     refill_schedule: Option<String>,
+    allowed_cidrs: Option<Vec<Option<SqlCidr>>>,
 ) -> Args {
     Args {
         name,
@@ -148,6 +150,7 @@ fn args(
             .map(|v| crate::limits::parse_config(&v, pg_duration)),
         refill_day,
         refill_schedule,
+        allowed_cidrs: crate::addresses::argument(allowed_cidrs),
     }
 }
 
@@ -175,16 +178,17 @@ fn insert_sql(id_given: bool) -> String {
                 permissions, metadata, role, master, enabled, expires_at, remaining,
                 refill_amount, refill_interval, last_refill_at, rate_limit_max,
                 rate_limit_window, created_by, updated_by, rate_limit_algorithm, roles,
-                effective_permissions, ratelimits, refill_day, refill_schedule, identity_id)
+                effective_permissions, ratelimits, refill_day, refill_schedule, identity_id,
+                allowed_cidrs)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                 COALESCE($13, clock_timestamp() + $14), $15, $16, $17,
                 CASE WHEN $16 IS NOT NULL THEN clock_timestamp() END, $18, $19, $20, $20, $22,
-                $23, $24, $25, $26, $27, $28)
+                $23, $24, $25, $26, $27, $28, $29::text[]::cidr[])
             {on_conflict}
             RETURNING id, expires_at, created_at
         ), audit AS (
-            INSERT INTO apikeys.audit_log (actor, action, key_id, details)
-            SELECT $20, 'create', id, $21 FROM k
+            INSERT INTO apikeys.audit_log (actor, action, key_id, details, acting_key_id)
+            SELECT $20, 'create', id, $21, $30 FROM k
         )
         SELECT expires_at, created_at FROM k"
     )
@@ -219,6 +223,7 @@ fn create_api_key(
     ratelimits: default!(Option<Jsonb>, "NULL"),
     refill_day: default!(Option<i32>, "NULL"),
     refill_schedule: default!(Option<String>, "NULL"),
+    allowed_cidrs: default!(Option<Vec<Option<SqlCidr>>>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -252,13 +257,38 @@ fn create_api_key(
         ratelimits,
         refill_day,
         refill_schedule,
+        allowed_cidrs,
     )));
+    let master = master.unwrap_or(false);
+    TableIterator::once(create(s, id, prefix, secret.as_deref(), master))
+}
+
+/// A created key as create_api_key returns it.
+pub(crate) type Created = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<TimestampWithTimeZone>,
+    Option<TimestampWithTimeZone>,
+);
+
+/// Creates a key with checked settings: id, key, start, prefix, name, owner, expiry, creation.
+pub(crate) fn create(
+    s: Settings,
+    id: Option<String>,
+    prefix: Option<String>,
+    secret: Option<&str>,
+    master: bool,
+) -> Created {
     let id_given = id.is_some();
     let id = match id {
         Some(id) => errors::checked(settings::id(&id)).to_owned(),
         None => format!("key_{}", key_format::random_id(16)),
     };
-    let (key, prefix, start) = new_key(prefix, secret.as_deref());
+    let (key, prefix, start) = new_key(prefix, secret);
     let new = NewKey {
         id: &id,
         id_given,
@@ -266,11 +296,11 @@ fn create_api_key(
         key: &key,
         prefix: &prefix,
         start: &start,
-        master: master.unwrap_or(false),
+        master,
     };
     let (name, owner) = (s.name.clone(), s.owner.clone());
     let (expires_at, created_at) = insert_key(&new, s);
-    TableIterator::once((id, key, start, prefix, name, owner, expires_at, created_at))
+    (id, key, start, prefix, name, owner, expires_at, created_at)
 }
 
 /// What a new key is besides its settings.
@@ -359,6 +389,11 @@ fn insert_key(
             refill_day.into(),
             refill_schedule.into(),
             identity_id.into(),
+            s.allowed_cidrs
+                .as_deref()
+                .and_then(crate::addresses::stored)
+                .into(),
+            audit::acting_key().into(),
         ];
         let table = plans::update(client, &insert_sql(new.id_given), None, &args);
         if table.is_empty() {
@@ -382,7 +417,7 @@ fn required_id(id: Option<String>) -> String {
 
 /// A row of `api_key_sql`: the key, when it was created, and the meter_versions at which
 /// management last set its quota and its refill.
-struct Row {
+pub(crate) struct Row {
     key: ApiKey,
     created_us: i64,
     set_at: (i64, i64),
@@ -390,7 +425,7 @@ struct Row {
     credits: i64,
 }
 
-fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
+pub(crate) fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
     let key = errors::internal(row.get::<ApiKey>(1))?;
     let created_us =
         errors::internal(row.get::<TimestampWithTimeZone>(2)).map_or(0, verify::epoch_us);
@@ -407,7 +442,7 @@ fn read_row(row: pgrx::spi::SpiHeapTupleData<'_>) -> Option<Row> {
 
 /// The key with what shared memory holds beyond its rows: uses not written yet, and the quota
 /// as it is now. Called outside SPI: the tuple is rebuilt in the caller's memory context.
-fn with_live(row: Row) -> ApiKey {
+pub(crate) fn with_live(row: Row) -> ApiKey {
     let mut key = row.key;
     let id = errors::internal(key.get_by_name::<String>("id")).unwrap_or_default();
     let live = crate::engine::live(&id, row.created_us, row.set_at);
@@ -470,7 +505,7 @@ pub(crate) fn next_refill(
 }
 
 /// The columns `read_row` reads, for keys `filter` selects (a WHERE clause over `k`).
-fn api_key_sql(filter: &str) -> String {
+pub(crate) fn api_key_sql(filter: &str) -> String {
     format!(
         "SELECT {API_KEY_ROW}, k.created_at, k.remaining_version, k.refill_version, k.credits \
          FROM {API_KEY_FROM} {filter}"
@@ -583,6 +618,7 @@ fn update_api_key(
     ratelimits: default!(Option<Jsonb>, "NULL"),
     refill_day: default!(Option<i32>, "NULL"),
     refill_schedule: default!(Option<String>, "NULL"),
+    allowed_cidrs: default!(Option<Vec<Option<SqlCidr>>>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let id = required_id(id);
     let update = errors::checked(Update::check(
@@ -606,6 +642,7 @@ fn update_api_key(
             ratelimits,
             refill_day,
             refill_schedule,
+            allowed_cidrs,
         ),
         clear.unwrap_or_default().into_iter().flatten().collect(),
     ));
@@ -613,7 +650,7 @@ fn update_api_key(
 }
 
 /// Applies a checked update to key `id` (merged with its stored limits and live quota).
-fn update_key(id: &str, update: Update) -> Option<Row> {
+pub(crate) fn update_key(id: &str, update: Update) -> Option<Row> {
     Spi::connect_mut(|client| {
         // The quota as it stands: counted use (apikeys.meters, shared memory) included.
         let current = plans::update(
@@ -725,6 +762,16 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
         ];
         for (field, value, default_sql) in plain_fields {
             set.assign(field, value, cleared.contains(&field), default_sql);
+        }
+        if let Some(list) = &s.allowed_cidrs {
+            let stored = crate::addresses::stored(list);
+            set.set(
+                "allowed_cidrs",
+                "allowed_cidrs = $?::text[]::cidr[]",
+                vec![stored.into()],
+            );
+        } else if cleared.contains(&"allowed_cidrs") {
+            set.set("allowed_cidrs", "allowed_cidrs = NULL", vec![]);
         }
         // A new owner may name an identity (or none): the key follows it.
         if let Some(owner) = &s.owner {
@@ -854,26 +901,30 @@ fn update_key(id: &str, update: Update) -> Option<Row> {
 #[pg_extern(security_definer, volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn revoke_api_key(id: Option<String>) -> bool {
-    let id = required_id(id);
+    revoke(&required_id(id))
+}
+
+/// Revokes key `id` (P0002 if there is none); false if it already was.
+pub(crate) fn revoke(id: &str) -> bool {
     Spi::connect_mut(|client| {
         let revoked = plans::update(client,
             "UPDATE apikeys.keys SET revoked_at = clock_timestamp(), updated_at = clock_timestamp(), \
              updated_by = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
             None,
-            &[id.as_str().into(), audit::actor().into()],
+            &[id.into(), audit::actor().into()],
         );
         if !revoked.is_empty() {
-            audit::record(client, "revoke", Some(&id), json!({}));
+            audit::record(client, "revoke", Some(id), json!({}));
             return true;
         }
         let exists = plans::select(
             client,
             "SELECT 1 FROM apikeys.keys WHERE id = $1",
             None,
-            &[id.as_str().into()],
+            &[id.into()],
         );
         if exists.is_empty() {
-            key_not_found(&id);
+            key_not_found(id);
         }
         false
     })
@@ -918,21 +969,30 @@ fn rotate_api_key(
     ),
 > {
     let id = required_id(id);
+    let (key, start, expires_at) = rotate(&id, grace);
+    TableIterator::once((id, key, start, expires_at))
+}
+
+/// Rotates key `id` (P0002 if there is none): its new key, start and expiry.
+pub(crate) fn rotate(
+    id: &str,
+    grace: Option<Interval>,
+) -> (String, String, Option<TimestampWithTimeZone>) {
     let grace = check_duration(
         "grace",
         grace.unwrap_or_else(|| Interval::from_micros(0)),
         true,
     );
     let keep_old = grace.as_micros() > 0;
-    let (key, start, expires_at) = Spi::connect_mut(|client| {
+    Spi::connect_mut(|client| {
         let current = plans::update(
             client,
             "SELECT prefix FROM apikeys.keys WHERE id = $1 FOR UPDATE",
             None,
-            &[id.as_str().into()],
+            &[id.into()],
         );
         if current.is_empty() {
-            key_not_found(&id);
+            key_not_found(id);
         }
         let prefix = errors::internal(current.first().get::<String>(1)).unwrap_or_default();
         let (key, start) = key_format::generate(&prefix);
@@ -945,7 +1005,7 @@ fn rotate_api_key(
              WHERE id = $1 RETURNING expires_at",
             None,
             &[
-                id.as_str().into(),
+                id.into(),
                 key_format::hash(&key).as_slice().into(),
                 start.as_str().into(),
                 keep_old.into(),
@@ -957,12 +1017,11 @@ fn rotate_api_key(
         audit::record(
             client,
             "rotate",
-            Some(&id),
+            Some(id),
             json!({ "grace_seconds": grace.as_micros() / 1_000_000 }),
         );
         (key, start, expires_at)
-    });
-    TableIterator::once((id, key, start, expires_at))
+    })
 }
 
 /// Deletes keys that expired more than `older_than` ago; returns how many.

@@ -3,6 +3,8 @@
 
 use pgrx::prelude::*;
 
+mod addresses;
+mod analytics;
 mod audit;
 mod catalog;
 pub mod claims;
@@ -12,6 +14,7 @@ pub mod durations;
 mod engine;
 mod errors;
 mod guc;
+mod http;
 mod identities;
 mod jsonb;
 pub mod key_format;
@@ -20,16 +23,19 @@ pub mod limits;
 mod lookup;
 pub mod metering;
 mod owner;
+pub mod network;
 pub mod permissions;
 mod plans;
 mod ratelimit;
 pub mod refills;
 mod roles;
 mod scan;
+mod selfservice;
 mod schema;
 pub mod settings;
 mod signing;
 pub mod slots;
+pub mod tallies;
 mod test_support;
 mod tokens;
 mod verify;

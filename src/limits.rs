@@ -289,15 +289,15 @@ pub struct Report {
     pub level: Level,
     pub limit: i64,
     pub remaining: i64,
-    /// ISO 8601 (`durations::iso8601`); None when no window is open.
-    pub reset_at: Option<String>,
+    /// When its window (bucket) ends, epoch µs; None when no window is open.
+    pub reset_us: Option<i64>,
     pub exceeded: bool,
 }
 
 pub fn report(
     applied: &Applied,
     remaining: i64,
-    reset_at: Option<String>,
+    reset_us: Option<i64>,
     exceeded: bool,
 ) -> Report {
     Report {
@@ -305,7 +305,7 @@ pub fn report(
         level: applied.level,
         limit: applied.rate.max,
         remaining,
-        reset_at,
+        reset_us,
         exceeded,
     }
 }

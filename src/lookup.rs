@@ -61,12 +61,14 @@ pub struct KeyRow {
     pub refill_schedule: Option<String>,
     /// The identity its owner names (SPEC §7), kept by management.
     pub identity_id: Option<i64>,
+    /// The networks it may be verified from (SPEC §8), as cidr text; None: anywhere.
+    pub allowed_cidrs: Option<Vec<Option<String>>>,
     /// A transaction still in progress that updated or deleted this version (a management
     /// change not committed yet), other than the caller's own.
     pub updater: Option<pg_sys::TransactionId>,
 }
 
-const N: usize = 26;
+const N: usize = 27;
 /// COLUMNS from here on came with 0.6.0 (and later).
 const FIRST_ADDED_IN_0_6: usize = 16;
 const COLUMNS: [&CStr; N] = [
@@ -96,6 +98,7 @@ const COLUMNS: [&CStr; N] = [
     c"refill_day",
     c"refill_schedule",
     c"identity_id",
+    c"allowed_cidrs",
 ];
 const ID: usize = 0;
 const HASH: usize = 1;
@@ -494,6 +497,8 @@ unsafe fn read(at: impl Fn(usize) -> (pg_sys::Datum, bool)) -> KeyRow {
         refill_day: get(at(23)),
         refill_schedule: get(at(24)),
         identity_id: get(at(25)),
+        allowed_cidrs: get::<Vec<Option<crate::addresses::SqlCidr>>>(at(26))
+            .map(|list| list.into_iter().map(|c| c.map(|c| c.0)).collect()),
         updater: None,
     }
 }

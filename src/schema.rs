@@ -84,6 +84,8 @@ CREATE TABLE apikeys.keys (
     ratelimits           jsonb,
     -- apikeys.identities.id of the identity owner names (NULL: none), kept by management
     identity_id          bigint,
+    -- the networks callers may verify the key from (SPEC §8), NULL: anywhere
+    allowed_cidrs        cidr[],
     CHECK ((refill_amount IS NULL) = (refill_interval IS NULL AND refill_day IS NULL)),
     CHECK ((rate_limit_max IS NULL) = (rate_limit_window IS NULL))
 );
@@ -116,6 +118,8 @@ CREATE TABLE apikeys.identities (
     created_by           text NOT NULL,
     updated_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_by           text NOT NULL,
+    -- the networks its keys may be verified from, besides each key's own list (NULL: anywhere)
+    allowed_cidrs        cidr[],
     CHECK ((refill_amount IS NULL) = (refill_interval IS NULL AND refill_day IS NULL))
 );
 CREATE INDEX keys_identity_id_idx ON apikeys.keys (identity_id) WHERE identity_id IS NOT NULL;
@@ -168,6 +172,21 @@ CREATE TABLE apikeys.ratelimit_overrides (
     PRIMARY KEY (namespace, identifier)
 );
 
+-- Verifications counted per minute, hour and day (SPEC §8): every code, by key and owner, with
+-- the cost spent. Written by the metering engine's writer from counts kept in shared memory
+-- (never a row per call); NOT_FOUND attempts have key_id ''. owner is the key's when written.
+CREATE TABLE apikeys.verification_counts (
+    granularity text NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
+    bucket      timestamptz NOT NULL,     -- the minute's, hour's or day's start (UTC)
+    key_id      text NOT NULL,            -- '' for NOT_FOUND
+    owner       text,
+    code        text NOT NULL,
+    count       bigint NOT NULL,
+    cost        bigint NOT NULL
+);
+CREATE UNIQUE INDEX verification_counts_bucket_idx ON apikeys.verification_counts
+    (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL));
+
 -- Every management action, with the database role that performed it.
 CREATE TABLE apikeys.audit_log (
     id      bigserial PRIMARY KEY,
@@ -177,7 +196,8 @@ CREATE TABLE apikeys.audit_log (
                              -- rotate_signing_key, retire_signing_key, export_signing_key,
                              -- purge_signing_keys
     key_id  text,
-    details jsonb
+    details jsonb,
+    acting_key_id text  -- self-service (my_* functions): the authenticated key that acted
 );
 CREATE INDEX audit_log_key_id_idx ON apikeys.audit_log (key_id);
 
@@ -203,6 +223,7 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.identities', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.identities_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.identity_meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
 
@@ -216,7 +237,8 @@ CREATE TYPE apikeys.api_key AS (
     request_count bigint, last_used_at timestamptz,
     created_at timestamptz, created_by text, updated_at timestamptz, updated_by text,
     rate_limit_algorithm text, roles text[], ratelimits jsonb,
-    refill_day integer, refill_schedule text, next_refill_at timestamptz
+    refill_day integer, refill_schedule text, next_refill_at timestamptz,
+    allowed_cidrs cidr[]
 );
 
 -- What callers see of an identity.
@@ -224,7 +246,7 @@ CREATE TYPE apikeys.identity AS (
     owner text, metadata jsonb, remaining bigint, refill_amount bigint, refill_interval interval,
     refill_day integer, refill_schedule text, last_refill_at timestamptz, next_refill_at timestamptz,
     ratelimits jsonb, rate_limit_algorithm text, created_at timestamptz, created_by text,
-    updated_at timestamptz, updated_by text
+    updated_at timestamptz, updated_by text, allowed_cidrs cidr[]
 );
 
 -- The result of every verification.
@@ -251,21 +273,28 @@ REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
 GRANT USAGE ON SCHEMA apikeys TO PUBLIC;
-GRANT EXECUTE ON FUNCTION apikeys.verify_key(text, jsonb, integer, jsonb) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.verify_key(text, jsonb, integer, jsonb, inet) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.verify_token(text, jsonb, integer, jsonb, inet) TO PUBLIC;
 -- Minting needs a valid API key, which is its own authorization.
 GRANT EXECUTE ON FUNCTION apikeys.mint_token(text, bigint, text, jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.jwks() TO PUBLIC;
 -- The request context: authenticating needs a valid credential, reading it needs nothing.
-GRANT EXECUTE ON FUNCTION apikeys.authenticate(text, jsonb, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.authenticate(text, jsonb, jsonb, inet) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.authenticate_headers(jsonb) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION apikeys.authenticate_request() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.authenticate_http(jsonb, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.authenticate_request(jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.current_key_id() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.current_owner() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.current_permissions() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.current_claims() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.has_permission(text, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.reset() TO PUBLIC;
+-- Self-service: each function checks the authenticated key's apikeys: manage and owner.
+GRANT EXECUTE ON FUNCTION apikeys.my_create_api_key(text, jsonb, interval, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.my_list_api_keys() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.my_update_api_key(text, text, jsonb, boolean) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.my_rotate_api_key(text, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION apikeys.my_revoke_api_key(text) TO PUBLIC;
 "#,
     name = "privileges",
     finalize
@@ -299,7 +328,8 @@ pub const API_KEY_ROW: &str = concat!(
      CASE WHEN m.meter_version >= k.refill_version THEN m.last_refill_at ELSE k.last_refill_at END, \
      k.rate_limit_max, k.rate_limit_window, COALESCE(m.request_count, 0), m.last_used_at, \
      k.created_at, k.created_by, k.updated_at, k.updated_by, k.rate_limit_algorithm, \
-     k.roles, k.ratelimits, k.refill_day, k.refill_schedule, NULL::timestamptz)::apikeys.api_key"
+     k.roles, k.ratelimits, k.refill_day, k.refill_schedule, NULL::timestamptz, \
+     k.allowed_cidrs)::apikeys.api_key"
 );
 
 /// The rows `API_KEY_ROW` reads.
@@ -355,6 +385,14 @@ mod tests {
         ("authenticate", "SELECT apikeys.authenticate('{key}')", [true, true, true]),
         ("authenticate_headers", "SELECT apikeys.authenticate_headers('{\"x-api-key\": \"{key}\"}')", [true, true, true]),
         ("authenticate_request", "SELECT apikeys.authenticate_request() FROM (SELECT set_config('request.headers', '{\"x-api-key\": \"{key}\"}', true)) s", [true, true, true]),
+        ("authenticate_http", "SELECT apikeys.authenticate_http('{\"x-api-key\": \"{key}\"}')", [true, true, true]),
+        ("verification_stats", "SELECT count(*) FROM apikeys.verification_stats()", [false, true, true]),
+        // Self-service: PUBLIC, and only for an authenticated key granting apikeys: manage.
+        ("my_create_api_key", "SELECT apikeys.authenticate('{key}'); SELECT apikeys.my_create_api_key('mine')", [true, true, true]),
+        ("my_list_api_keys", "SELECT apikeys.authenticate('{key}'); SELECT count(*) FROM apikeys.my_list_api_keys()", [true, true, true]),
+        ("my_update_api_key", "SELECT apikeys.authenticate('{key}'); SELECT apikeys.my_update_api_key('{id}', name => 'mine')", [true, true, true]),
+        ("my_rotate_api_key", "SELECT apikeys.authenticate('{key}'); SELECT apikeys.my_rotate_api_key('{id}', '1 minute')", [true, true, true]),
+        ("my_revoke_api_key", "SELECT apikeys.authenticate('{key}'); SELECT apikeys.my_revoke_api_key('{id}')", [true, true, true]),
         ("current_key_id", "SELECT apikeys.current_key_id()", [true, true, true]),
         ("current_owner", "SELECT apikeys.current_owner()", [true, true, true]),
         ("current_permissions", "SELECT apikeys.current_permissions()", [true, true, true]),
@@ -409,7 +447,8 @@ mod tests {
                 apikeys.delete_role, apikeys.list_roles, apikeys.update_credits,
                 apikeys.set_ratelimit_override, apikeys.delete_ratelimit_override,
                 apikeys.create_identity, apikeys.get_identity, apikeys.list_identities,
-                apikeys.update_identity, apikeys.delete_identity, apikeys.update_identity_credits
+                apikeys.update_identity, apikeys.delete_identity, apikeys.update_identity_credits,
+                apikeys.verification_stats
                 TO matrix_admin");
         run("SELECT apikeys.create_identity('matrix_identity')");
         // What an application that rate-limits by IP is granted.
@@ -433,7 +472,9 @@ mod tests {
             for (role, allowed) in ROLES.iter().zip(allowed) {
                 // Fresh material for every call: a key, its token, a signing key.
                 let kid = one::<String>("SELECT apikeys.rotate_signing_key()").unwrap();
-                let (id, key) = create("permissions => '{\"orders\": [\"read\"]}'");
+                let (id, key) = create(
+                    "owner => 'matrix_owner', permissions => '{\"orders\": [\"read\"], \"apikeys\": [\"manage\"]}'",
+                );
                 let token = mint(&key, "60000");
                 let sql = call
                     .replace("{id}", &id)
@@ -467,6 +508,7 @@ mod tests {
             ("ratelimit_overrides", "namespace"),
             ("identities", "owner"),
             ("identity_meters", "identity_id"),
+            ("verification_counts", "granularity"),
         ] {
             for (privilege, statement) in TABLE_PRIVILEGES {
                 for role in ["public", "matrix_public", "matrix_admin"] {

@@ -260,6 +260,8 @@ pub struct Args {
     pub ratelimits: Option<Result<Vec<NamedLimit>, String>>,
     pub refill_day: Option<i32>,
     pub refill_schedule: Option<String>,
+    /// The networks callers may verify from, as cidr text (PostgreSQL parsed them); empty: none.
+    pub allowed_cidrs: Option<Vec<String>>,
 }
 
 /// `Args`, each checked on its own. Pairs (refill, rate limit) are checked by `for_create`, or
@@ -287,6 +289,8 @@ pub struct Settings {
     pub calendar: Option<bool>,
     /// For a new key: the refill its arguments make (`for_create`).
     pub schedule: Option<Schedule>,
+    /// Empty: no allow-list (verified from anywhere).
+    pub allowed_cidrs: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -324,6 +328,7 @@ impl Settings {
             refill_day: a.refill_day,
             calendar: crate::refills::calendar(a.refill_schedule.as_deref())?,
             schedule: None,
+            allowed_cidrs: a.allowed_cidrs,
         })
     }
 
@@ -357,7 +362,7 @@ impl Settings {
     }
 
     /// Which fields (under their `clear` names) this call gives a value.
-    fn given(&self) -> [(&'static str, bool); 13] {
+    fn given(&self) -> [(&'static str, bool); 14] {
         [
             ("name", self.name.is_some()),
             ("owner", self.owner.is_some()),
@@ -372,6 +377,7 @@ impl Settings {
             ("enabled", self.enabled.is_some()),
             ("roles", self.roles.is_some()),
             ("ratelimits", self.ratelimits.is_some()),
+            ("allowed_cidrs", self.allowed_cidrs.is_some()),
         ]
     }
 }
@@ -394,6 +400,7 @@ fn clear_name(field: &str) -> Option<&'static str> {
         "enabled" => "enabled",
         "roles" => "roles",
         "ratelimits" => "ratelimits",
+        "allowed_cidrs" => "allowed_cidrs",
         _ => return None,
     })
 }
@@ -428,7 +435,7 @@ impl Update {
                 )
                 .hint(
                     "Fields: name, owner, description, permissions, metadata, role, expires_at, \
-                     remaining, refill, rate_limit, enabled, roles, ratelimits.",
+                     remaining, refill, rate_limit, enabled, roles, ratelimits, allowed_cidrs.",
                 ));
             };
             if !cleared.contains(&canonical) {

@@ -2,6 +2,7 @@
 //! verification. A token is only as good as its key: verify_token judges the key behind it
 //! with verify_key's checks, so revoking, disabling, deleting or expiring a key kills its tokens.
 
+use crate::addresses::Client;
 use crate::jsonb::{self, Jsonb};
 use crate::verify::{self, Code, Lookup, Token, Verification};
 use crate::{claims, durations, errors, guc, key_format, permissions, signing};
@@ -336,20 +337,30 @@ fn mint_token(
 
 /// Verifies a token minted by mint_token: signature (the algorithm is the signing key's),
 /// expiry to the millisecond, nbf, iss and aud, then the key behind it with every verify_key
-/// check, charging `cost` to its quota and rate limit. Never raises for a bad token. Runs with
-/// the caller's rights, like verify_key.
+/// check (its allow-list against `client_ip` included), charging `cost` to its quota and rate
+/// limit. Never raises for a bad token. Runs with the caller's rights, like verify_key.
 #[pg_extern(volatile, name = "verify_token")]
-fn verify_token_with_limits(
+fn verify_token_from(
     token: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
     ratelimits: default!(Option<Jsonb>, "NULL"),
+    client_ip: default!(Option<pgrx::datum::Inet>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    verify_token_str(
-        token,
-        &verify::Request::from_args(required, cost, ratelimits),
-    )
-    .into_row()
+    let client = Client::from_arg(client_ip.as_ref());
+    verified(token, verify::Request::from_args(required, cost, ratelimits, client))
+}
+
+/// verify_token as 0.7 declared it, for a database not updated yet (no SQL).
+#[pg_extern(volatile, sql = false)]
+fn verify_token_with_limits(
+    token: Option<&str>,
+    required: Option<Jsonb>,
+    cost: Option<i32>,
+    ratelimits: Option<Jsonb>,
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    let request = verify::Request::from_args(required, cost, ratelimits, Client::At(None));
+    verified(token, request)
 }
 
 /// verify_token as 0.6 and earlier declared it, for a database not updated yet (no SQL).
@@ -359,7 +370,11 @@ fn verify_token(
     required: Option<Jsonb>,
     cost: Option<i32>,
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    verify_token_str(token, &verify::Request::from_args(required, cost, None)).into_row()
+    verified(token, verify::Request::from_args(required, cost, None, Client::At(None)))
+}
+
+fn verified(token: Option<&str>, request: verify::Request) -> verify::VerificationRow {
+    verify::counted(verify_token_str(token, &request), &request).into_row()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

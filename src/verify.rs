@@ -1,8 +1,9 @@
 //! verify_key: the hot path. Checks run in the SPEC's order (NOT_FOUND, EXPIRED, DISABLED,
-//! REVOKED, USAGE_EXCEEDED, RATE_LIMITED, INSUFFICIENT_PERMISSIONS) and only a VALID result
+//! REVOKED, FORBIDDEN, USAGE_EXCEEDED, RATE_LIMITED, INSUFFICIENT_PERMISSIONS) and only a VALID result
 //! consumes anything. Keys with a quota or rate limit are re-read `FOR UPDATE`, so concurrent
 //! callers queue on the row and exactly `remaining` of them succeed.
 
+use crate::addresses::Client;
 use crate::errors::{self, invalid_argument};
 use crate::jsonb::{self, Jsonb};
 use crate::lookup;
@@ -25,9 +26,32 @@ pub enum Code {
     UsageExceeded,
     RateLimited,
     InsufficientPermissions,
+    Forbidden,
 }
 
 impl Code {
+    /// Every code, in the check order (VALID first): a code's index here is its number in
+    /// shared memory (analytics).
+    pub const ALL: [Code; 9] = [
+        Code::Valid,
+        Code::NotFound,
+        Code::Expired,
+        Code::Disabled,
+        Code::Revoked,
+        Code::Forbidden,
+        Code::UsageExceeded,
+        Code::RateLimited,
+        Code::InsufficientPermissions,
+    ];
+
+    pub fn number(self) -> u8 {
+        Code::ALL.iter().position(|c| *c == self).unwrap_or(0) as u8
+    }
+
+    pub fn from_number(n: u8) -> Option<Code> {
+        Code::ALL.get(usize::from(n)).copied()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Valid => "VALID",
@@ -38,6 +62,7 @@ impl Code {
             Code::UsageExceeded => "USAGE_EXCEEDED",
             Code::RateLimited => "RATE_LIMITED",
             Code::InsufficientPermissions => "INSUFFICIENT_PERMISSIONS",
+            Code::Forbidden => "FORBIDDEN",
         }
     }
 
@@ -51,6 +76,7 @@ impl Code {
             Code::UsageExceeded => Some("Raise the quota with apikeys.update_api_key(id, remaining => …), or wait for its refill."),
             Code::RateLimited => Some("Retry when the window ends (rate_limit_reset in verify_key's result)."),
             Code::InsufficientPermissions => Some("Grant the missing permissions with apikeys.update_api_key(id, permissions => …)."),
+            Code::Forbidden => Some("Call from an address in the key's (and its identity's) allowed_cidrs, or change them with apikeys.update_api_key(id, allowed_cidrs => …)."),
         }
     }
 }
@@ -76,6 +102,9 @@ pub struct Verification {
     pub identity_remaining: Option<i64>,
     /// When the key's quota refills next (None without refill).
     pub next_refill_at: Option<TimestampWithTimeZone>,
+    /// Not in the SQL result: when a refused call can succeed (the refusing window's end, the
+    /// refusing quota's refill), for HTTP's Retry-After.
+    pub retry_at_us: Option<i64>,
     /// Not in the SQL result: what minting needs to know about the key it judged.
     pub master: bool,
     pub now: Option<TimestampWithTimeZone>,
@@ -101,6 +130,7 @@ impl Verification {
             limited_by: None,
             identity_remaining: None,
             next_refill_at: None,
+            retry_at_us: None,
             master: false,
             now: None,
             created_us: 0,
@@ -152,9 +182,14 @@ fn ratelimits_jsonb(limits: Vec<crate::limits::Report>) -> Jsonb {
     if limits.is_empty() {
         return NO_LIMITS.with(Jsonb::clone);
     }
+    let resets: Vec<Option<String>> = limits
+        .iter()
+        .map(|r| r.reset_us.map(crate::durations::iso8601))
+        .collect();
     let objects: Vec<Vec<(&str, Scalar<'_>)>> = limits
         .iter()
-        .map(|r| {
+        .zip(&resets)
+        .map(|(r, reset_at)| {
             vec![
                 ("name", Scalar::Str(&r.name)),
                 ("level", Scalar::Str(r.level.as_str())),
@@ -162,7 +197,7 @@ fn ratelimits_jsonb(limits: Vec<crate::limits::Report>) -> Jsonb {
                 ("remaining", Scalar::Int(r.remaining)),
                 (
                     "reset_at",
-                    r.reset_at.as_deref().map_or(Scalar::Null, Scalar::Str),
+                    reset_at.as_deref().map_or(Scalar::Null, Scalar::Str),
                 ),
                 ("exceeded", Scalar::Bool(r.exceeded)),
             ]
@@ -177,6 +212,8 @@ pub struct Request {
     pub required: permissions::Query,
     pub cost: i64,
     pub ratelimits: Vec<(String, i64)>,
+    /// Whose address allow-lists are checked against (SPEC §8).
+    pub client: Client,
 }
 
 impl Request {
@@ -186,6 +223,7 @@ impl Request {
             required: permissions::Query::nothing(),
             cost,
             ratelimits: Vec::new(),
+            client: Client::Unchecked,
         }
     }
 
@@ -194,6 +232,7 @@ impl Request {
         required: Option<Jsonb>,
         cost: Option<i32>,
         ratelimits: Option<Jsonb>,
+        client: Client,
     ) -> Request {
         let ratelimits = match jsonb::argument("ratelimits", ratelimits) {
             None => Vec::new(),
@@ -204,6 +243,7 @@ impl Request {
             required: required_permissions(required),
             cost: checked_cost(cost),
             ratelimits,
+            client,
         }
     }
 }
@@ -264,6 +304,8 @@ struct KeyState {
     /// The identity its owner names, and that identity as read for this call (`with_identity`).
     identity_id: Option<i64>,
     identity: Option<crate::identities::IdentityState>,
+    /// The networks it may be verified from (None: anywhere).
+    allowed: Option<Vec<crate::network::Cidr>>,
 }
 
 /// A key's limits as its row says now (a management change applies from the next call).
@@ -378,6 +420,7 @@ impl KeyState {
                 .unwrap_or_default(),
             identity_id: row.identity_id,
             identity: None,
+            allowed: crate::addresses::parse_list(row.allowed_cidrs),
         }
     }
 
@@ -469,6 +512,17 @@ impl KeyState {
         }
     }
 
+    /// The checks that need no counters, FORBIDDEN included (SPEC §8: after REVOKED): the key's
+    /// allow-list and, once read (`with_identity`), its identity's must both let the client in.
+    fn refusal(&self, client: Client) -> Option<Code> {
+        self.status_code().or_else(|| {
+            let identity = self.identity.as_ref().and_then(|i| i.allowed.as_deref());
+            let allowed =
+                client.allowed_by(self.allowed.as_deref()) && client.allowed_by(identity);
+            (!allowed).then_some(Code::Forbidden)
+        })
+    }
+
     fn is_the_key_of(&self, token: Option<&Token>) -> bool {
         token.is_none_or(|t| t.key_created_us == self.created_us)
     }
@@ -519,6 +573,7 @@ impl KeyState {
             limited_by: None,
             identity_remaining: None,
             next_refill_at: None,
+            retry_at_us: None,
             master: self.master,
             now: Some(self.now),
             created_us: self.created_us,
@@ -631,6 +686,9 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         return state.verification(code, token);
     }
     let mut state = state.with_identity();
+    if let Some(code) = state.refusal(request.client) {
+        return state.verification(code, token);
+    }
     let (mut default_cost, mut applied) = state.applied(request);
     let mut windows = state.windows(&applied);
     if !state.limited(&windows) {
@@ -661,7 +719,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         };
         state = again.with_identity();
         state.bound_by(token);
-        if let Some(code) = state.status_code() {
+        if let Some(code) = state.refusal(request.client) {
             return state.verification(code, token);
         }
         (default_cost, applied) = state.applied(request);
@@ -716,7 +774,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
             Some("Add pg_apikeys to shared_preload_libraries (and restart)."),
         );
     }
-    meter_with_row_lock(&state, hash, cost, default_cost, required, token)
+    meter_with_row_lock(&state, hash, cost, default_cost, request, token)
 }
 
 /// Whether the key grants everything `required` names; a token must grant it too, so a key
@@ -773,8 +831,9 @@ struct Charged {
     own: Verdict,
     /// The identity's counters after the call, when it has a quota.
     identity: Option<Charge>,
-    /// When the key's quota refills next.
+    /// When the key's quota refills next, and its identity's.
     next_refill_us: Option<i64>,
+    identity_next_refill_us: Option<i64>,
     windows: Vec<crate::engine::WindowState>,
 }
 
@@ -801,13 +860,10 @@ impl Charged {
             own,
             identity,
             next_refill_us: m.next_refill_us.first().copied().flatten(),
+            identity_next_refill_us: m.next_refill_us.get(1).copied().flatten(),
             windows: m.windows,
         }
     }
-}
-
-fn iso(us: i64) -> String {
-    crate::durations::iso8601(us)
 }
 
 impl Charged {
@@ -832,7 +888,7 @@ impl Charged {
             result.ratelimits.push(crate::limits::report(
                 &default,
                 self.charge.rate_remaining.unwrap_or(0),
-                self.charge.reset_us.map(iso),
+                self.charge.reset_us,
                 self.own == Verdict::RateLimited,
             ));
         }
@@ -840,7 +896,7 @@ impl Charged {
             result.ratelimits.push(crate::limits::report(
                 applied,
                 w.remaining,
-                w.reset_us.map(iso),
+                w.reset_us,
                 w.exceeded,
             ));
         }
@@ -861,6 +917,20 @@ impl Charged {
                         .any(|(a, w)| w.exceeded && a.level == crate::limits::Level::Key);
                 Some(if by_key { "key" } else { "identity" })
             }
+            _ => None,
+        };
+        result.retry_at_us = match code {
+            Code::UsageExceeded if result.limited_by == Some("key") => result
+                .next_refill_at
+                .map(epoch_us),
+            Code::UsageExceeded => self.identity_next_refill_us,
+            // The latest end among the windows that refused.
+            Code::RateLimited => result
+                .ratelimits
+                .iter()
+                .filter(|r| r.exceeded)
+                .filter_map(|r| r.reset_us)
+                .max(),
             _ => None,
         };
         result
@@ -999,9 +1069,10 @@ fn meter_with_row_lock(
     hash: Option<&[u8]>,
     cost: i64,
     default_cost: Option<i64>,
-    required: &permissions::Query,
+    request: &Request,
     token: Option<&Token>,
 ) -> Verification {
+    let required = &request.required;
     if read_only() {
         errors::raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
@@ -1053,9 +1124,9 @@ fn meter_with_row_lock(
             else {
                 return Verification::not_found();
             };
-            let mut fresh = fresh;
+            let mut fresh = fresh.with_identity();
             fresh.bound_by(token);
-            if let Some(code) = fresh.status_code() {
+            if let Some(code) = fresh.refusal(request.client) {
                 return fresh.verification(code, token);
             }
             let permitted = permitted(&fresh, required, token);
@@ -1125,6 +1196,7 @@ fn meter_with_row_lock(
                 own,
                 identity: None,
                 next_refill_us,
+                identity_next_refill_us: None,
                 windows: Vec::new(),
             }
             .result(&fresh, &call, token)
@@ -1154,25 +1226,50 @@ pub fn checked_cost(cost: Option<i32>) -> i64 {
 /// `required` lists permissions the key must grant; `cost` is taken from its quota and rate
 /// limit when (and only when) the result is VALID. Runs with the caller's rights: it reads the
 /// key's row without privileges (`lookup`) and writes as the table's owner (`owner::as_owner`).
+/// `client_ip`: the caller's address, which a key (or its identity) with `allowed_cidrs` must
+/// allow (none given: FORBIDDEN for such a key).
 #[pg_extern(volatile, name = "verify_key")]
-fn verify_key_with_limits(
+fn verify_key_from(
     key: Option<&str>,
     required: default!(Option<Jsonb>, "NULL"),
     cost: default!(Option<i32>, 1),
     ratelimits: default!(Option<Jsonb>, "NULL"),
+    client_ip: default!(Option<pgrx::datum::Inet>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    verify(key, &Request::from_args(required, cost, ratelimits)).into_row()
+    let request = Request::from_args(required, cost, ratelimits, Client::from_arg(client_ip.as_ref()));
+    counted(verify(key, &request), &request).into_row()
 }
 
-/// verify_key as 0.6 and earlier declared it (three arguments), for a database whose SQL has not
-/// been updated to this library yet (`ALTER EXTENSION pg_apikeys UPDATE`): no SQL of its own.
+/// verify_key as 0.7 declared it (four arguments), for a database whose SQL has not been
+/// updated to this library yet (`ALTER EXTENSION pg_apikeys UPDATE`): no SQL of its own.
+#[pg_extern(volatile, sql = false)]
+fn verify_key_with_limits(
+    key: Option<&str>,
+    required: Option<Jsonb>,
+    cost: Option<i32>,
+    ratelimits: Option<Jsonb>,
+) -> pgrx::composite_type!('static, "apikeys.verification") {
+    let request = Request::from_args(required, cost, ratelimits, Client::At(None));
+    counted(verify(key, &request), &request).into_row()
+}
+
+/// verify_key as 0.6 and earlier declared it (three arguments), for the same reason.
 #[pg_extern(volatile, sql = false)]
 fn verify_key(
     key: Option<&str>,
     required: Option<Jsonb>,
     cost: Option<i32>,
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    verify(key, &Request::from_args(required, cost, None)).into_row()
+    let request = Request::from_args(required, cost, None, Client::At(None));
+    counted(verify(key, &request), &request).into_row()
+}
+
+/// A verification as callers get it, counted for analytics (SPEC §8) first: a VALID one spent
+/// the request's cost, a refused one nothing.
+pub fn counted(v: Verification, request: &Request) -> Verification {
+    let spent = if v.code == Code::Valid { request.cost } else { 0 };
+    crate::analytics::count(&v, spent);
+    v
 }
 
 #[cfg(any(test, feature = "pg_test"))]

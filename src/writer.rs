@@ -159,12 +159,13 @@ struct MeterRow {
     credits: i64,
 }
 
-/// A batch of what is to be written: uses to add and counters to set.
+/// A batch of what is to be written: uses to add, counters to set, verifications to count.
 #[derive(Default)]
 struct Batch {
     up_to: u64,
     uses: Vec<Use>,
     meters: Vec<MeterRow>,
+    tallies: Vec<crate::tallies::Tally>,
 }
 
 /// Takes what this database has to write out of shared memory: every changed counter (with that
@@ -427,6 +428,7 @@ fn write(batch: &Batch) -> Written {
             up_to: batch.up_to,
             uses: batch.uses.clone(),
             meters: keys,
+            tallies: Vec::new(),
         };
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
@@ -438,6 +440,14 @@ fn write(batch: &Batch) -> Written {
                     && crate::catalog::relation_if_exists(c"identity_meters").is_some()
                 {
                     unwritten.extend(set_identity_counters(client, &identities));
+                }
+                // Before ALTER EXTENSION … UPDATE makes the table, verifications are not counted.
+                if crate::catalog::relation_if_exists(c"verification_counts").is_some() {
+                    crate::analytics::write(client, &batch.tallies);
+                    if PRUNED_AT.with(|at| at.get().is_none_or(|t| t.elapsed() >= PRUNE_EVERY)) {
+                        PRUNED_AT.with(|at| at.set(Some(Instant::now())));
+                        crate::analytics::prune(client);
+                    }
                 }
                 Written::Done(unwritten)
             })
@@ -729,11 +739,21 @@ enum Written {
     NotYet,
 }
 
+thread_local! {
+    /// When this writer last pruned old verification counts (each writer at its first write).
+    static PRUNED_AT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// One round: collect, write, complete. A failed write puts the uses back and re-raises (the
-/// writer exits, the launcher starts another).
+/// writer exits, the launcher starts another). Verification tallies go with the uses (every few
+/// seconds, at rest), or at every round while their table is filling up.
 fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
-    let batch = collect(index, db, all_uses, at_rest);
-    if batch.uses.is_empty() && batch.meters.is_empty() {
+    let mut batch = collect(index, db, all_uses, at_rest);
+    if all_uses || at_rest || crate::analytics::filling() {
+        batch.tallies = crate::analytics::take(db);
+    }
+    if batch.uses.is_empty() && batch.meters.is_empty() && batch.tallies.is_empty() {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
             d.durable = d.durable.max(batch.up_to);
@@ -752,6 +772,7 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
     let written = PgTryBuilder::new(|| write(&batch))
         .catch_others(|error| {
             put_back(db, &batch);
+            crate::analytics::put_back(&batch.tallies);
             error.rethrow()
         })
         .execute();
@@ -764,6 +785,7 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
         }
         Written::NotYet => {
             put_back(db, &batch);
+            crate::analytics::put_back(&batch.tallies);
             return false;
         }
     };
@@ -854,6 +876,7 @@ unsafe extern "C-unwind" fn unregister(_code: i32, arg: pg_sys::Datum) {
                 k += 1;
             }
         }
+        pending |= crate::analytics::pending(db);
         let d = &mut s.header.databases[index];
         if d.writer_pid == me {
             d.writer_pid = 0;
@@ -926,14 +949,17 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
     let mut last_work = Instant::now();
     let mut last_uses = Instant::now();
     let mut uses_queued = 0;
+    let mut verifications_counted = crate::analytics::counted();
     loop {
         let running = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
         // New uses (of any database) count as activity: the writer stays while they come, and
         // leaves soon after they stop, having written them (DROP DATABASE waits 5 s at most).
         let queued = with_shared(false, |s| s.header.dirty_len[slots::USES]).unwrap_or(0);
-        if queued > uses_queued {
+        let counted = crate::analytics::counted();
+        if queued > uses_queued || counted != verifications_counted {
             last_work = Instant::now();
         }
+        verifications_counted = counted;
         let all_uses = !running || last_uses.elapsed() >= USES_EVERY;
         if all_uses {
             last_uses = Instant::now();

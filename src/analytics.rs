@@ -1,0 +1,407 @@
+//! Verification analytics (SPEC §8): every verification (verify_key, verify_token,
+//! authenticate; not mint_token) counts into a per-minute tally of (key, code) in shared memory,
+//! under its own lock — never a write per call. Each database's writer (`writer`) moves its
+//! tallies into `apikeys.verification_counts` every few seconds (sooner when the table fills
+//! up, and when it stops at a clean shutdown), adding each to its minute, hour and day at once,
+//! and prunes what is older than `apikeys.analytics_retention`. A crash loses the tallies not
+//! written yet: at most the last few seconds. Without shared_preload_libraries, and on
+//! standbys, nothing is counted.
+
+use crate::tallies::{self, Added, Tally, TallyKey};
+use crate::verify::{self, Code, Verification};
+use crate::{errors, guc, plans};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+#[repr(C)]
+struct Header {
+    capacity: usize,
+    used: usize,
+    /// Verifications counted since start-up (a writer that sees it move stays).
+    counted: u64,
+}
+
+// Set once per process by `attach` (in the postmaster, inherited by every child).
+static mut HEADER: *mut Header = std::ptr::null_mut();
+static mut SLOTS: *mut Tally = std::ptr::null_mut();
+static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+const NAME: &std::ffi::CStr = c"pg_apikeys analytics";
+
+/// Shared memory the tallies take (requested with the engine's).
+pub fn shared_size() -> usize {
+    std::mem::size_of::<Header>() + guc::analytics_slots() * std::mem::size_of::<Tally>()
+}
+
+/// Asks for the tallies' lock (with the engine's shared memory request).
+pub fn request_lock() {
+    // SAFETY: called only where the engine requests its own (see engine::request_shared_memory).
+    unsafe { pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1) };
+}
+
+/// Finds or creates the table; called by the engine's shmem_startup under AddinShmemInitLock.
+///
+/// # Safety
+/// Only from shmem_startup, holding AddinShmemInitLock.
+pub unsafe fn attach() {
+    let capacity = guc::analytics_slots();
+    // SAFETY: the caller holds AddinShmemInitLock; the memory is initialised only by whoever
+    // created it (found = false).
+    unsafe {
+        let mut found = false;
+        let size = std::mem::size_of::<Header>() + capacity * std::mem::size_of::<Tally>();
+        let base = pg_sys::ShmemInitStruct(NAME.as_ptr(), size, &mut found);
+        let header = base.cast::<Header>();
+        let slots = base
+            .cast::<u8>()
+            .add(std::mem::size_of::<Header>())
+            .cast::<Tally>();
+        if !found {
+            header.write(Header {
+                capacity,
+                used: 0,
+                counted: 0,
+            });
+            for i in 0..capacity {
+                slots.add(i).write(tallies::FREE);
+            }
+        }
+        HEADER = header;
+        SLOTS = slots;
+        LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+    }
+}
+
+/// Runs `f` on the table (slots, used) under its exclusive lock; None without shared memory.
+fn with_tallies<R>(f: impl FnOnce(&mut [Tally], &mut usize) -> R) -> Option<R> {
+    with_header(|header, slots| f(slots, &mut header.used))
+}
+
+/// Verifications counted since start-up, every database's.
+pub fn counted() -> u64 {
+    with_header(|header, _| header.counted).unwrap_or(0)
+}
+
+fn with_header<R>(f: impl FnOnce(&mut Header, &mut [Tally]) -> R) -> Option<R> {
+    // SAFETY: the pointers are written once at shared-memory start-up, before this can run.
+    let (header, lock) = unsafe { (HEADER, LOCK) };
+    if !crate::engine::available() || header.is_null() || lock.is_null() {
+        return None;
+    }
+    // SAFETY: pointers set at start-up, valid for the server's life, used under LOCK only; `f`
+    // is plain memory work that does not raise (an error would release the lock anyway).
+    unsafe {
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let header = &mut *header;
+        let slots = std::slice::from_raw_parts_mut(SLOTS, header.capacity);
+        let result = f(header, slots);
+        pg_sys::LWLockRelease(lock);
+        Some(result)
+    }
+}
+
+thread_local! {
+    /// Tallies that found the table full, added at a later call or when the backend exits
+    /// (bounded: beyond MAX_OVERFLOW they are dropped, with a WARNING).
+    static OVERFLOW: RefCell<HashMap<(String, i64, u8, i64), (i64, i64)>> = RefCell::new(HashMap::new());
+}
+const MAX_OVERFLOW: usize = 100_000;
+
+fn my_database() -> u32 {
+    // SAFETY: a plain read of a backend global.
+    u32::from(unsafe { pg_sys::MyDatabaseId })
+}
+
+/// Counts one verification (its code, key, and the cost it spent) in its minute.
+pub fn count(v: &Verification, spent: i64) {
+    // SAFETY: reads the server's state.
+    if !guc::analytics() || !crate::engine::available() || unsafe { pg_sys::RecoveryInProgress() }
+    {
+        return;
+    }
+    let now_us = v.now.map_or_else(|| verify::epoch_us(verify::wall_clock()), verify::epoch_us);
+    let (id, created_us) = match &v.key_id {
+        Some(id) if v.code != Code::NotFound => (id.as_str(), v.created_us),
+        _ => ("", 0),
+    };
+    let key = TallyKey {
+        db: my_database(),
+        id,
+        created_us,
+        code: v.code.number(),
+        minute: now_us.div_euclid(60_000_000),
+    };
+    let overflowing = OVERFLOW.with(|o| !o.borrow().is_empty());
+    let Some((added, filling)) = with_header(|header, slots| {
+        header.counted += 1;
+        let used = &mut header.used;
+        let added = tallies::add(slots, used, &key, 1, spent);
+        if overflowing {
+            drain_overflow(slots, used, key.db);
+        }
+        (added, *used * 4 > slots.len() * 3)
+    }) else {
+        return;
+    };
+    if added == Added::Full {
+        keep_for_later(&key, spent);
+    }
+    // A new tally may be the first of a while: a writer must come for it. A filling table asks
+    // for an early write.
+    if added != Added::Existing || filling {
+        crate::engine::wake_writer_for_tallies(filling);
+    }
+}
+
+fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
+    OVERFLOW.with(|o| {
+        let mut o = o.borrow_mut();
+        if o.is_empty() {
+            register_exit_drain();
+        }
+        let k = (key.id.to_owned(), key.created_us, key.code, key.minute);
+        if o.len() >= MAX_OVERFLOW && !o.contains_key(&k) {
+            warning!("pg_apikeys: the analytics table and this backend's overflow are full; some verifications are not counted (raise apikeys.analytics_slots)");
+            return;
+        }
+        let e = o.entry(k).or_default();
+        e.0 += 1;
+        e.1 += spent;
+    });
+}
+
+fn drain_overflow(slots: &mut [Tally], used: &mut usize, db: u32) {
+    OVERFLOW.with(|o| {
+        o.borrow_mut().retain(|(id, created_us, code, minute), (count, cost)| {
+            let key = TallyKey {
+                db,
+                id,
+                created_us: *created_us,
+                code: *code,
+                minute: *minute,
+            };
+            tallies::add(slots, used, &key, *count, *cost) == Added::Full
+        });
+    });
+}
+
+fn register_exit_drain() {
+    thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if REGISTERED.with(|r| r.replace(true)) {
+        return;
+    }
+    // SAFETY: registers a plain function PostgreSQL calls once at backend exit, while shared
+    // memory is still attached.
+    unsafe { pg_sys::before_shmem_exit(Some(drain_at_exit), pg_sys::Datum::from(0)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn drain_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    let db = my_database();
+    with_tallies(|slots, used| drain_overflow(slots, used, db));
+}
+
+/// The writer's side: every tally of database `db`, taken out of shared memory.
+pub fn take(db: u32) -> Vec<Tally> {
+    with_tallies(|slots, used| tallies::take(slots, used, db)).unwrap_or_default()
+}
+
+/// Puts tallies back after a failed write (what finds no room is dropped, with a WARNING).
+pub fn put_back(taken: &[Tally]) {
+    let lost = with_tallies(|slots, used| {
+        taken
+            .iter()
+            .filter(|t| tallies::add(slots, used, &t.key(), t.count, t.cost) == Added::Full)
+            .count()
+    })
+    .unwrap_or(0);
+    if lost > 0 {
+        warning!("pg_apikeys: {lost} verification tallies found no room after a failed write and are lost");
+    }
+}
+
+/// Whether database `db` has tallies waiting.
+pub fn pending(db: u32) -> bool {
+    with_tallies(|slots, _| tallies::any_of(slots, db)).unwrap_or(false)
+}
+
+/// Whether the table is three-quarters full (its tallies are then written at every round).
+pub fn filling() -> bool {
+    with_tallies(|slots, used| *used * 4 > slots.len() * 3).unwrap_or(false)
+}
+
+/// Writes tallies to `apikeys.verification_counts`: each into its minute, hour and day (UTC),
+/// with the owner of its key as it is now. One statement, in the writer's transaction.
+pub fn write(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
+    if taken.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = taken.iter().map(Tally::id).collect();
+    let created: Vec<Option<TimestampWithTimeZone>> = taken
+        .iter()
+        .map(|t| (!t.id().is_empty()).then(|| verify::from_epoch_us(t.created_us)))
+        .collect();
+    let codes: Vec<&str> = taken
+        .iter()
+        .map(|t| Code::from_number(t.code).map_or("VALID", Code::as_str))
+        .collect();
+    let minutes: Vec<TimestampWithTimeZone> = taken
+        .iter()
+        .map(|t| verify::from_epoch_us(t.minute.saturating_mul(60_000_000)))
+        .collect();
+    let counts: Vec<i64> = taken.iter().map(|t| t.count).collect();
+    let costs: Vec<i64> = taken.iter().map(|t| t.cost).collect();
+    plans::update(
+        client,
+        "WITH v AS (
+            SELECT v.key_id, v.code, v.minute, v.n, v.cost, k.owner
+              FROM pg_catalog.unnest($1::pg_catalog.text[], $2::pg_catalog.timestamptz[],
+                                     $3::pg_catalog.text[], $4::pg_catalog.timestamptz[],
+                                     $5::pg_catalog.int8[], $6::pg_catalog.int8[])
+                   AS v(key_id, created, code, minute, n, cost)
+              LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) v.key_id
+                                      AND k.created_at OPERATOR(pg_catalog.=) v.created
+         )
+         INSERT INTO apikeys.verification_counts AS t
+                (granularity, bucket, key_id, owner, code, count, cost)
+         SELECT g.granularity, pg_catalog.date_trunc(g.granularity, v.minute, 'UTC'), v.key_id,
+                v.owner, v.code, pg_catalog.sum(v.n)::pg_catalog.int8,
+                pg_catalog.sum(v.cost)::pg_catalog.int8
+           FROM v, (VALUES ('minute'), ('hour'), ('day')) AS g(granularity)
+          GROUP BY 1, 2, 3, 4, 5
+         ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
+         DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
+                       cost = t.cost OPERATOR(pg_catalog.+) excluded.cost",
+        None,
+        &[
+            ids.into(),
+            created.into(),
+            codes.into(),
+            minutes.into(),
+            counts.into(),
+            costs.into(),
+        ],
+    );
+}
+
+/// Minute counts are kept at most this long (hours and days: the retention).
+const MINUTES_KEPT_DAYS: i64 = 7;
+
+/// Deletes counts older than `apikeys.analytics_retention` (minutes: at most 7 days old). A
+/// retention that is not a positive interval keeps everything, with a WARNING.
+pub fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
+    let text = guc::analytics_retention();
+    let retention = match crate::keys::pg_duration(&text) {
+        Ok(span) if span.months > 0 || span.days > 0 || span.micros > 0 => span,
+        _ => {
+            warning!("pg_apikeys: apikeys.analytics_retention = \"{}\" is not a positive interval; verification counts are not pruned", errors::shown(&text));
+            return;
+        }
+    };
+    plans::update(
+        client,
+        "DELETE FROM apikeys.verification_counts
+          WHERE (granularity OPERATOR(pg_catalog.=) 'minute'
+                 AND bucket OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-)
+                     LEAST($1::pg_catalog.interval, $2::pg_catalog.interval))
+             OR (granularity OPERATOR(pg_catalog.=) 'hour'
+                 AND bucket OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) $1)
+             OR (granularity OPERATOR(pg_catalog.=) 'day'
+                 AND bucket OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) $1)",
+        None,
+        &[
+            crate::keys::interval(retention).into(),
+            Interval::from_micros(MINUTES_KEPT_DAYS * 86_400_000_000).into(),
+        ],
+    );
+}
+
+/// The table a bucket reads: the coarsest granularity it is a whole number of; 22023 for a
+/// bucket that is not a whole number of minutes (or has months).
+fn granularity_of(bucket: Interval) -> &'static str {
+    const MINUTE: i64 = 60_000_000;
+    let us = i64::from(bucket.days())
+        .saturating_mul(86_400_000_000)
+        .saturating_add(bucket.micros());
+    if bucket.months() != 0 || us <= 0 || us % MINUTE != 0 {
+        errors::invalid_argument(
+            "bucket",
+            "must be a positive whole number of minutes, without months or years",
+        );
+    }
+    if us % (24 * 60 * MINUTE) == 0 {
+        "day"
+    } else if us % (60 * MINUTE) == 0 {
+        "hour"
+    } else {
+        "minute"
+    }
+}
+
+/// Verification counts (SPEC §8) from `since` (inclusive) to `until` (exclusive), in buckets
+/// of `bucket` (whole minutes; aligned to 2001-01-01 00:00 UTC, a Monday), per key, owner and
+/// code: `count` calls, `cost` spent (0 for refused ones). NOT_FOUND attempts count under
+/// key_id NULL. Filtered by `key_id` and `owner` when given. Counts reach the tables within
+/// seconds (see the module comment); minutes are kept 7 days at most, hours and days for
+/// `apikeys.analytics_retention`.
+#[pg_extern(security_definer, stable)]
+#[search_path(pg_catalog, pg_temp)]
+fn verification_stats(
+    key_id: default!(Option<String>, "NULL"),
+    owner: default!(Option<String>, "NULL"),
+    since: default!(Option<TimestampWithTimeZone>, "now() - '1 day'::interval"),
+    until: default!(Option<TimestampWithTimeZone>, "now()"),
+    bucket: default!(Option<Interval>, "'1 hour'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(bucket, Option<TimestampWithTimeZone>),
+        name!(key_id, Option<String>),
+        name!(owner, Option<String>),
+        name!(code, Option<String>),
+        name!(count, Option<i64>),
+        name!(cost, Option<i64>),
+    ),
+> {
+    let since = since.unwrap_or_else(|| errors::invalid_argument("since", "must not be NULL"));
+    let until = until.unwrap_or_else(|| errors::invalid_argument("until", "must not be NULL"));
+    let bucket = bucket.unwrap_or_else(|| errors::invalid_argument("bucket", "must not be NULL"));
+    let granularity = granularity_of(bucket);
+    let rows = Spi::connect(|client| {
+        plans::select(
+            client,
+            "SELECT pg_catalog.date_bin($5, t.bucket, '2001-01-01 00:00:00+00'), NULLIF(t.key_id, ''),
+                    t.owner, t.code, pg_catalog.sum(t.count)::pg_catalog.int8,
+                    pg_catalog.sum(t.cost)::pg_catalog.int8
+               FROM apikeys.verification_counts t
+              WHERE t.granularity OPERATOR(pg_catalog.=) $6
+                AND t.bucket OPERATOR(pg_catalog.>=) $3 AND t.bucket OPERATOR(pg_catalog.<) $4
+                AND ($1::pg_catalog.text IS NULL OR t.key_id OPERATOR(pg_catalog.=) $1)
+                AND ($2::pg_catalog.text IS NULL OR t.owner OPERATOR(pg_catalog.=) $2)
+              GROUP BY 1, 2, 3, 4
+              ORDER BY 1, 2 NULLS FIRST, 3 NULLS FIRST, 4",
+            None,
+            &[
+                key_id.into(),
+                owner.into(),
+                since.into(),
+                until.into(),
+                bucket.into(),
+                granularity.into(),
+            ],
+        )
+        .map(|row| {
+            (
+                errors::internal(row.get::<TimestampWithTimeZone>(1)),
+                errors::internal(row.get::<String>(2)),
+                errors::internal(row.get::<String>(3)),
+                errors::internal(row.get::<String>(4)),
+                errors::internal(row.get::<i64>(5)),
+                errors::internal(row.get::<i64>(6)),
+            )
+        })
+        .collect::<Vec<_>>()
+    });
+    TableIterator::new(rows)
+}
