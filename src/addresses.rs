@@ -146,3 +146,136 @@ fn connection_address() -> Option<IpAddr> {
     };
     inet.and_then(|ip| network::parse_inet(&ip.0))
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    fn at(ip: &str) -> String {
+        format!("client_ip => '{ip}'")
+    }
+
+    #[pg_test]
+    fn an_allow_list_lets_in_only_addresses_inside_it_of_both_families() {
+        let (_, key) = create("allowed_cidrs => '{10.0.0.0/8, 2001:db8::/32}'");
+        assert_eq!(code(&key, &at("10.1.2.3")), "VALID");
+        assert_eq!(code(&key, &at("2001:db8:1::5")), "VALID");
+        // An IPv4-mapped address is the IPv4 address.
+        assert_eq!(code(&key, &at("::ffff:10.9.9.9")), "VALID");
+        assert_eq!(code(&key, &at("192.168.0.1")), "FORBIDDEN");
+        assert_eq!(code(&key, &at("2001:db9::1")), "FORBIDDEN");
+        // No address given: a key with a list refuses.
+        assert_eq!(code(&key, ""), "FORBIDDEN");
+        assert_eq!(code(&key, "client_ip => NULL"), "FORBIDDEN");
+        // A key without a list takes any address, and none.
+        let (_, open) = create("");
+        assert_eq!(code(&open, &at("192.168.0.1")), "VALID");
+        assert_eq!(code(&open, ""), "VALID");
+        assert_eq!(
+            field::<String>(&key, &at("1.1.1.1"), "key_id").is_some(),
+            true,
+            "FORBIDDEN names the key"
+        );
+    }
+
+    #[pg_test]
+    fn forbidden_comes_after_revoked_and_before_the_quota_and_spends_nothing() {
+        let (id, key) = create("allowed_cidrs => '{10.0.0.0/8}', remaining => 1, rate_limit_max => 1, rate_limit_window => '1 hour'");
+        assert_eq!(code(&key, &at("1.2.3.4")), "FORBIDDEN");
+        assert_eq!(code(&key, &at("1.2.3.4")), "FORBIDDEN");
+        // Neither the quota nor the window was touched by the refused calls.
+        assert_eq!(
+            field::<i64>(&key, &at("10.0.0.1"), "remaining"),
+            Some(0),
+            "the one unit of quota was still there"
+        );
+        assert_eq!(code(&key, &at("10.0.0.1")), "USAGE_EXCEEDED");
+        assert_eq!(code(&key, &at("1.2.3.4")), "FORBIDDEN");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => false)"));
+        assert_eq!(code(&key, &at("1.2.3.4")), "DISABLED");
+        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
+        assert_eq!(code(&key, &at("1.2.3.4")), "REVOKED");
+        let (_, expired) = create("allowed_cidrs => '{10.0.0.0/8}', expires_at => now() - '1 s'::interval");
+        assert_eq!(code(&expired, &at("1.2.3.4")), "EXPIRED");
+    }
+
+    #[pg_test]
+    fn key_and_identity_lists_must_both_allow_the_address() {
+        run("SELECT apikeys.create_identity('net_org', allowed_cidrs => '{10.0.0.0/8}')");
+        let (_, key) = create("owner => 'net_org'");
+        assert_eq!(code(&key, &at("10.0.0.1")), "VALID");
+        assert_eq!(code(&key, &at("11.0.0.1")), "FORBIDDEN");
+        let (_, narrow) = create("owner => 'net_org', allowed_cidrs => '{10.1.0.0/16, 12.0.0.0/8}'");
+        assert_eq!(code(&narrow, &at("10.1.2.3")), "VALID");
+        assert_eq!(code(&narrow, &at("10.2.0.1")), "FORBIDDEN", "outside the key's");
+        assert_eq!(code(&narrow, &at("12.0.0.1")), "FORBIDDEN", "outside the identity's");
+        assert_eq!(
+            one::<String>("SELECT allowed_cidrs::text FROM apikeys.get_identity('net_org')").as_deref(),
+            Some("{10.0.0.0/8}")
+        );
+        run("SELECT apikeys.update_identity('net_org', clear => ARRAY['allowed_cidrs'])");
+        assert_eq!(code(&key, &at("11.0.0.1")), "VALID");
+        run("SELECT apikeys.update_identity('net_org', allowed_cidrs => '{11.0.0.0/8}')");
+        assert_eq!(code(&key, &at("11.0.0.1")), "VALID");
+        assert_eq!(code(&key, &at("10.0.0.1")), "FORBIDDEN");
+    }
+
+    #[pg_test]
+    fn tokens_are_checked_where_they_are_verified_not_where_they_are_minted() {
+        let (_, key) = create("allowed_cidrs => '{10.0.0.0/8}'");
+        // Minting is a server-side call: no address, no allow-list.
+        let token = mint(&key, "60000");
+        assert_eq!(token_code(&token, &at("10.0.0.7")), "VALID");
+        assert_eq!(token_code(&token, &at("8.8.8.8")), "FORBIDDEN");
+        assert_eq!(token_code(&token, ""), "FORBIDDEN");
+        assert_error(
+            &format!("SELECT apikeys.authenticate('{key}', client_ip => '8.8.8.8')"),
+            "28000",
+            "FORBIDDEN",
+        );
+        run(&format!("SELECT apikeys.authenticate('{key}', client_ip => '10.0.0.7')"));
+        assert!(one::<String>("SELECT apikeys.current_key_id()").is_some());
+    }
+
+    #[pg_test]
+    fn allow_lists_are_managed_cleared_and_checked() {
+        let (id, key) = create("allowed_cidrs => '{10.0.0.0/8}'");
+        assert_eq!(
+            one::<String>(&format!("SELECT allowed_cidrs::text FROM apikeys.get_api_key('{id}')")).as_deref(),
+            Some("{10.0.0.0/8}")
+        );
+        run(&format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{192.168.0.0/16, ::1/128}}')"));
+        assert_eq!(code(&key, &at("10.0.0.1")), "FORBIDDEN");
+        assert_eq!(code(&key, &at("192.168.3.4")), "VALID");
+        assert_eq!(code(&key, &at("::1")), "VALID");
+        // An empty list is no list.
+        run(&format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{}}')"));
+        assert_eq!(
+            one::<bool>(&format!("SELECT allowed_cidrs IS NULL FROM apikeys.get_api_key('{id}')")),
+            Some(true)
+        );
+        assert_eq!(code(&key, ""), "VALID");
+        run(&format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{10.0.0.0/8}}')"));
+        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['allowed_cidrs'])"));
+        assert_eq!(code(&key, &at("8.8.8.8")), "VALID");
+        assert_error(
+            "SELECT apikeys.create_api_key(allowed_cidrs => ARRAY['10.0.0.0/8', NULL]::cidr[])",
+            "22023",
+            "allowed_cidrs",
+        );
+        // PostgreSQL's cidr refuses host bits and garbage before we see them.
+        assert_error(
+            "SELECT apikeys.create_api_key(allowed_cidrs => '{10.0.0.1/8}')",
+            "22P02",
+            "cidr",
+        );
+        assert_error(
+            &format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{10.0.0.0/8}}', clear => ARRAY['allowed_cidrs'])"),
+            "22023",
+            "clear",
+        );
+    }
+}

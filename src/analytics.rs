@@ -256,9 +256,12 @@ pub fn write(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
         client,
         "WITH v AS (
             SELECT v.key_id, v.code, v.minute, v.n, v.cost, k.owner
-              FROM pg_catalog.unnest($1::pg_catalog.text[], $2::pg_catalog.timestamptz[],
-                                     $3::pg_catalog.text[], $4::pg_catalog.timestamptz[],
-                                     $5::pg_catalog.int8[], $6::pg_catalog.int8[])
+              FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
+                              pg_catalog.unnest($2::pg_catalog.timestamptz[]),
+                              pg_catalog.unnest($3::pg_catalog.text[]),
+                              pg_catalog.unnest($4::pg_catalog.timestamptz[]),
+                              pg_catalog.unnest($5::pg_catalog.int8[]),
+                              pg_catalog.unnest($6::pg_catalog.int8[]))
                    AS v(key_id, created, code, minute, n, cost)
               LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) v.key_id
                                       AND k.created_at OPERATOR(pg_catalog.=) v.created
@@ -303,12 +306,10 @@ pub fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
         client,
         "DELETE FROM apikeys.verification_counts
           WHERE (granularity OPERATOR(pg_catalog.=) 'minute'
-                 AND bucket OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-)
-                     LEAST($1::pg_catalog.interval, $2::pg_catalog.interval))
-             OR (granularity OPERATOR(pg_catalog.=) 'hour'
-                 AND bucket OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) $1)
-             OR (granularity OPERATOR(pg_catalog.=) 'day'
-                 AND bucket OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) $1)",
+                 AND bucket OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
+                     LEAST($1::pg_catalog.interval, $2::pg_catalog.interval)))
+             OR (granularity OPERATOR(pg_catalog.=) ANY (ARRAY['hour', 'day'])
+                 AND bucket OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $1))",
         None,
         &[
             crate::keys::interval(retention).into(),
@@ -404,4 +405,101 @@ fn verification_stats(
         .collect::<Vec<_>>()
     });
     TableIterator::new(rows)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    /// `code:count:cost` of key `id` over the last hour, once the writer has written `calls`.
+    fn counted(id: &str, calls: i64) -> String {
+        for _ in 0..300 {
+            let total = one::<i64>(&format!(
+                "SELECT COALESCE(sum(count), 0)::bigint FROM apikeys.verification_stats(key_id => '{id}', until => clock_timestamp() + '1 hour'::interval)"
+            ))
+            .unwrap_or(0);
+            if total >= calls {
+                break;
+            }
+            run("SELECT pg_sleep(0.1)");
+        }
+        one::<String>(&format!(
+            "SELECT string_agg(code || ':' || count || ':' || cost, ',' ORDER BY code)
+               FROM (SELECT code, sum(count) AS count, sum(cost) AS cost
+                       FROM apikeys.verification_stats(key_id => '{id}', until => clock_timestamp() + '1 hour'::interval)
+                      GROUP BY code) s"
+        ))
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn every_verification_is_counted_with_its_code_and_cost_but_minting_is_not() {
+        let (id, key) = create(r#"permissions => '{"docs": ["read"]}', rate_limit_max => 4, rate_limit_window => '1 hour'"#);
+        assert_eq!(code(&key, "cost => 2"), "VALID");
+        assert_eq!(code(&key, r#"required => '{"docs": ["write"]}'"#), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(code(&key, ""), "VALID");
+        // Minting takes the last unit of the window, and is not counted.
+        let token = mint(&key, "60000");
+        assert_eq!(code(&key, ""), "RATE_LIMITED");
+        assert_eq!(token_code(&token, ""), "RATE_LIMITED");
+        assert_error(&format!("SELECT apikeys.authenticate('{key}')"), "28000", "RATE_LIMITED");
+        assert_eq!(
+            counted(&id, 6),
+            "INSUFFICIENT_PERMISSIONS:1:0,RATE_LIMITED:3:0,VALID:2:3"
+        );
+    }
+
+    #[pg_test]
+    fn stats_come_in_buckets_of_whole_minutes_hours_or_days() {
+        run("INSERT INTO apikeys.verification_counts VALUES
+               ('minute', '2026-01-05 10:00+00', 'k1', 'o', 'VALID', 2, 2),
+               ('minute', '2026-01-05 10:01+00', 'k1', 'o', 'VALID', 3, 6),
+               ('minute', '2026-01-05 10:07+00', '', NULL, 'NOT_FOUND', 4, 0),
+               ('hour', '2026-01-05 10:00+00', 'k1', 'o', 'VALID', 5, 8),
+               ('hour', '2026-01-05 11:00+00', 'k1', 'o', 'VALID', 1, 1),
+               ('day', '2026-01-05 00:00+00', 'k1', 'o', 'VALID', 6, 9)");
+        let stats = |args: &str| {
+            one::<String>(&format!(
+                "SET LOCAL TimeZone = 'UTC';
+                 SELECT string_agg(to_char(bucket, 'DD HH24:MI') || ' ' || COALESCE(key_id, '-') || ' '
+                                   || code || ' ' || count || ' ' || cost, ', ' ORDER BY bucket, code)
+                   FROM apikeys.verification_stats({args})"
+            ))
+            .unwrap_or_default()
+        };
+        let day = "since => '2026-01-05 00:00+00', until => '2026-01-06 00:00+00'";
+        assert_eq!(
+            stats(&format!("{day}, bucket => '5 minutes'")),
+            "05 10:00 k1 VALID 5 8, 05 10:05 - NOT_FOUND 4 0"
+        );
+        assert_eq!(
+            stats(&format!("{day}, bucket => '2 hours'")),
+            "05 10:00 k1 VALID 6 9"
+        );
+        assert_eq!(stats(&format!("{day}, bucket => '1 day'")), "05 00:00 k1 VALID 6 9");
+        assert_eq!(
+            stats(&format!("{day}, bucket => '1 hour', key_id => 'k1', owner => 'o'")),
+            "05 10:00 k1 VALID 5 8, 05 11:00 k1 VALID 1 1"
+        );
+        assert_eq!(stats(&format!("{day}, owner => 'nobody'")), "");
+        for bad in ["'90 seconds'", "'1 month'", "'0'", "'-1 hour'", "NULL"] {
+            assert_error(
+                &format!("SELECT * FROM apikeys.verification_stats(bucket => {bad})"),
+                "22023",
+                "bucket",
+            );
+        }
+        assert_error("SELECT * FROM apikeys.verification_stats(since => NULL)", "22023", "since");
+    }
+
+    #[pg_test]
+    fn only_a_superuser_turns_counting_off_or_changes_retention() {
+        run("CREATE ROLE analytics_user");
+        run("SET LOCAL ROLE analytics_user");
+        assert_error("SET apikeys.analytics = off", "42501", "apikeys.analytics");
+        assert_error("SET apikeys.analytics_retention = '1 day'", "42501", "apikeys.analytics_retention");
+        run("RESET ROLE");
+    }
 }

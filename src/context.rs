@@ -456,6 +456,7 @@ mod unit {
 mod tests {
     use crate::test_support::*;
     use pgrx::prelude::*;
+    use serde_json::{json, Value};
 
     fn authenticate(credential: &str) {
         run(&format!(
@@ -742,7 +743,7 @@ mod tests {
     }
 
     #[pg_test]
-    fn authenticate_request_raises_pt401_and_switches_role() {
+    fn authenticate_request_refuses_with_postgrest_errors_and_switches_role() {
         run("CREATE ROLE tenant_web NOLOGIN");
         let (id, key) = create("owner => 'acme', role => 'tenant_web'");
         let (_, roleless) = create("owner => 'acme'");
@@ -752,41 +753,153 @@ mod tests {
                 pgrx::spi::quote_literal(h.to_string())
             ))
         };
-        assert_error(
-            "SELECT apikeys.authenticate_request()",
-            "PT401",
-            "authentication failed: NOT_FOUND",
-        );
-        set_headers(serde_json::json!({"x-api-key": "sk_wrong"}));
-        assert_error(
-            "SELECT apikeys.authenticate_request()",
-            "PT401",
-            "NOT_FOUND",
+        pgrst_helper();
+        let (body, detail) = refusal("SELECT apikeys.authenticate_request()");
+        assert_eq!(body["code"], "NO_CREDENTIALS");
+        assert_eq!(detail, json!({"status": 401, "headers": {"WWW-Authenticate": "Bearer"}}));
+        set_headers(json!({"x-api-key": "sk_wrong"}));
+        let (body, detail) = refusal("SELECT apikeys.authenticate_request()");
+        assert_eq!(body["code"], "NOT_FOUND");
+        assert_eq!(body["details"], Value::Null);
+        assert_eq!(
+            detail["headers"]["WWW-Authenticate"],
+            "Bearer error=\"invalid_token\""
         );
         assert_eq!(who(), None);
         // Two different credentials: PostgREST's role from one, our identity from the other.
-        set_headers(
-            serde_json::json!({"x-api-key": roleless, "authorization": format!("Bearer {key}")}),
-        );
-        assert_error(
-            "SELECT apikeys.authenticate_request()",
-            "PT401",
-            "NOT_FOUND",
-        );
+        set_headers(json!({"x-api-key": roleless, "authorization": format!("Bearer {key}")}));
+        assert_eq!(refusal("SELECT apikeys.authenticate_request()").1["status"], 401);
         assert_eq!(who(), None);
-        set_headers(serde_json::json!({"x-api-key": roleless}));
+        set_headers(json!({"x-api-key": roleless}));
         run("SELECT apikeys.authenticate_request()");
         assert_eq!(
             one::<bool>("SELECT current_user = session_user"),
             Some(true)
         );
-        set_headers(serde_json::json!({"x-api-key": key}));
+        // `required` refuses with 403.
+        let (body, detail) =
+            refusal(r#"SELECT apikeys.authenticate_request('{"orders": ["write"]}')"#);
+        assert_eq!(body["code"], "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(detail, json!({"status": 403, "headers": {}}));
+        set_headers(json!({"x-api-key": key}));
         run("SELECT apikeys.authenticate_request()");
         assert_eq!(who(), Some(id));
         assert_eq!(
             one::<String>("SELECT current_user::text").as_deref(),
             Some("tenant_web")
         );
+        run("RESET ROLE");
+    }
+
+    /// PostgREST's custom error of `sql`: SQLSTATE PGRST, MESSAGE (the body) and DETAIL (status
+    /// and headers) as JSON.
+    fn refusal(sql: &str) -> (Value, Value) {
+        let raised = one::<String>(&format!(
+            "SELECT tests.pgrst_of({})",
+            pgrx::spi::quote_literal(sql)
+        ))
+        .unwrap_or_else(|| panic!("{sql} raised nothing"));
+        let mut parts = raised.splitn(3, '|');
+        assert_eq!(parts.next(), Some("PGRST"), "{raised}");
+        let body = serde_json::from_str(parts.next().unwrap()).unwrap();
+        let detail = serde_json::from_str(parts.next().unwrap()).unwrap();
+        (body, detail)
+    }
+
+    fn pgrst_helper() {
+        run(r#"CREATE OR REPLACE FUNCTION tests.pgrst_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
+               DECLARE d text;
+               BEGIN
+                   EXECUTE q;
+                   RETURN NULL;
+               EXCEPTION WHEN OTHERS THEN
+                   GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
+                   RETURN SQLSTATE || '|' || SQLERRM || '|' || d;
+               END $f$"#);
+    }
+
+    #[pg_test]
+    fn every_refusal_has_its_http_status_and_headers() {
+        pgrst_helper();
+        let request = |h: Value| {
+            run(&format!(
+                "SELECT set_config('request.headers', {}, true)",
+                pgrx::spi::quote_literal(h.to_string())
+            ));
+            refusal("SELECT apikeys.authenticate_request()")
+        };
+        let with = |key: &str| request(json!({"x-api-key": key}));
+        let (_, expired) = create("expires_at => now() - '1 s'::interval");
+        let (_, disabled) = create("enabled => false");
+        let (revoked_id, revoked) = create("");
+        run(&format!("SELECT apikeys.revoke_api_key('{revoked_id}')"));
+        for (key, code) in [(&expired, "EXPIRED"), (&disabled, "DISABLED"), (&revoked, "REVOKED")] {
+            let (body, detail) = with(key);
+            assert_eq!(body["code"], code);
+            assert!(body["details"].is_string(), "names the key: {body}");
+            assert!(!body.to_string().contains(key.as_str()), "never the secret");
+            assert_eq!(detail["status"], 401);
+        }
+        // 429 with Retry-After until the window ends (whole seconds, rounded up).
+        let (_, limited) = create("rate_limit_max => 1, rate_limit_window => '1 hour', rate_limit_algorithm => 'fixed'");
+        run(&format!("SELECT apikeys.verify_key('{limited}')"));
+        let (body, detail) = with(&limited);
+        assert_eq!(body["code"], "RATE_LIMITED");
+        assert_eq!(detail["status"], 429);
+        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        assert!((3590..=3600).contains(&retry), "{detail}");
+        // A spent quota: until the refill, or no Retry-After without one.
+        let (_, spent) = create("remaining => 0");
+        let (body, detail) = with(&spent);
+        assert_eq!(body["code"], "USAGE_EXCEEDED");
+        assert_eq!(detail, json!({"status": 429, "headers": {}}));
+        let (_, refilling) = create("remaining => 1, refill_amount => 1, refill_interval => '1 day'");
+        run(&format!("SELECT apikeys.verify_key('{refilling}')"));
+        let (_, detail) = with(&refilling);
+        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        assert!((86_390..=86_400).contains(&retry), "{detail}");
+        // An identity's exhausted quota: until the identity's refill.
+        run("SELECT apikeys.create_identity('http_org', remaining => 0, refill_amount => 5, refill_interval => '2 hours')");
+        let (_, member) = create("owner => 'http_org'");
+        let (body, detail) = with(&member);
+        assert_eq!(body["code"], "USAGE_EXCEEDED");
+        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        assert!((7190..=7200).contains(&retry), "{detail}");
+        // 403 for an address outside the allow-list (a unix socket has none).
+        let (_, listed) = create("allowed_cidrs => '{10.0.0.0/8}'");
+        let (body, detail) = with(&listed);
+        assert_eq!(body["code"], "FORBIDDEN");
+        assert_eq!(detail, json!({"status": 403, "headers": {}}));
+    }
+
+    #[pg_test]
+    fn the_client_ip_header_names_the_address_allow_lists_see() {
+        pgrst_helper();
+        let (_, key) = create("allowed_cidrs => '{10.0.0.0/8, 2001:db8::/32}'");
+        let request = |h: Value| {
+            run(&format!(
+                "SELECT set_config('request.headers', {}, true)",
+                pgrx::spi::quote_literal(h.to_string())
+            ));
+            one::<String>("SELECT tests.pgrst_of('SELECT apikeys.authenticate_request()')")
+        };
+        run("SET LOCAL apikeys.client_ip_header = 'x-forwarded-for'");
+        assert_eq!(request(json!({"x-api-key": key, "x-forwarded-for": "10.1.1.1, 192.168.0.1"})), None);
+        assert_eq!(request(json!({"x-api-key": key, "X-Forwarded-For": "[2001:db8::7]:443"})), None);
+        assert_eq!(request(json!({"x-api-key": key, "x-forwarded-for": "10.1.1.1:8080"})), None);
+        for refused in [
+            json!({"x-api-key": key, "x-forwarded-for": "192.168.0.1, 10.1.1.1"}),
+            json!({"x-api-key": key, "x-forwarded-for": "garbage"}),
+            json!({"x-api-key": key, "x-forwarded-for": ""}),
+            json!({"x-api-key": key}),
+        ] {
+            let raised = request(refused.clone()).unwrap_or_default();
+            assert!(raised.contains("FORBIDDEN") && raised.contains("403"), "{refused}: {raised}");
+        }
+        // Only a superuser names the header.
+        run("CREATE ROLE header_setter");
+        run("SET LOCAL ROLE header_setter");
+        assert_error("SET apikeys.client_ip_header = 'x-real-ip'", "42501", "apikeys.client_ip_header");
         run("RESET ROLE");
     }
 

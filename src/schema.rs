@@ -568,7 +568,7 @@ mod tests {
         );
         // What the admin did is audited under its own name.
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE actor = 'matrix_admin' AND action = 'create'"),
+            one::<i64>("SELECT count(*) FROM apikeys.audit_log WHERE actor = 'matrix_admin' AND action = 'create' AND acting_key_id IS NULL"),
             Some(1)
         );
     }

@@ -198,3 +198,157 @@ fn my_revoke_api_key(id: Option<String>) -> bool {
     let id = own_key(id, &me.owner);
     audit::acting_as(&me.key_id, || keys::revoke(&id))
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::test_support::*;
+    use pgrx::prelude::*;
+
+    const MANAGER: &str = r#"owner => 'alice', permissions => '{"apikeys": ["manage"], "docs": ["read", "write"]}'"#;
+
+    fn authenticate(credential: &str) {
+        run(&format!(
+            "SELECT apikeys.authenticate({})",
+            pgrx::spi::quote_literal(credential)
+        ));
+    }
+
+    #[pg_test]
+    fn an_end_user_manages_exactly_their_own_keys() {
+        let (manager_id, manager) = create(MANAGER);
+        let (other_id, _) = create("owner => 'bob'");
+        authenticate(&manager);
+        let (id, key) = Spi::get_two::<String, String>(
+            r#"SELECT id, key FROM apikeys.my_create_api_key('ci', '{"docs": ["read"]}', '30 days', '{"env": "ci"}')"#,
+        )
+        .unwrap();
+        let (id, key) = (id.unwrap(), key.unwrap());
+        run("SELECT apikeys.reset()");
+        assert_eq!(code(&key, ""), "VALID");
+        assert_eq!(field::<String>(&key, "", "owner").as_deref(), Some("alice"));
+        assert_eq!(
+            field::<String>(&key, "", "permissions::text").as_deref(),
+            Some(r#"{"docs": ["read"]}"#)
+        );
+        authenticate(&manager);
+        let listed = one::<String>(
+            "SELECT string_agg(id, ',' ORDER BY created_at) FROM apikeys.my_list_api_keys()",
+        );
+        assert_eq!(listed, Some(format!("{manager_id},{id}")));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT name || ':' || enabled FROM apikeys.my_update_api_key('{id}', name => 'ci2', enabled => false)"
+            ))
+            .as_deref(),
+            Some("ci2:false")
+        );
+        let rotated = one::<String>(&format!(
+            "SELECT key FROM apikeys.my_rotate_api_key('{id}', '1 minute')"
+        ))
+        .unwrap();
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.my_revoke_api_key('{id}')")),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT apikeys.my_revoke_api_key('{id}')")),
+            Some(false)
+        );
+        run("SELECT apikeys.reset()");
+        // Disabled (checked before revoked), and revoked for good.
+        assert_eq!(code(&rotated, ""), "DISABLED");
+        assert_eq!(
+            one::<bool>(&format!("SELECT revoked_at IS NOT NULL FROM apikeys.get_api_key('{id}')")),
+            Some(true)
+        );
+        // Bob's key was never within reach.
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT revoked_at IS NULL AND name IS NULL FROM apikeys.get_api_key('{other_id}')"
+            )),
+            Some(true)
+        );
+        // Every action is audited with the key that acted.
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT string_agg(action || ':' || acting_key_id, ',' ORDER BY id)
+                   FROM apikeys.audit_log WHERE key_id = '{id}'"
+            )),
+            Some(format!(
+                "create:{manager_id},update:{manager_id},rotate:{manager_id},revoke:{manager_id}"
+            ))
+        );
+    }
+
+    #[pg_test]
+    fn every_escalation_and_every_foreign_key_is_refused() {
+        let (manager_id, manager) = create(MANAGER);
+        let (other_id, _) = create("owner => 'bob'");
+        // Not authenticated: 28000.
+        for call in [
+            "SELECT apikeys.my_create_api_key('x')".to_string(),
+            "SELECT count(*) FROM apikeys.my_list_api_keys()".to_string(),
+            format!("SELECT apikeys.my_revoke_api_key('{other_id}')"),
+        ] {
+            assert_error(&call, "28000", "authenticated");
+        }
+        authenticate(&manager);
+        // Another owner's key, and a key that does not exist: the same 42501.
+        for id in [other_id.as_str(), "key_nonexistent"] {
+            for call in [
+                format!("SELECT apikeys.my_update_api_key('{id}', name => 'x')"),
+                format!("SELECT apikeys.my_rotate_api_key('{id}')"),
+                format!("SELECT apikeys.my_revoke_api_key('{id}')"),
+            ] {
+                assert_error(&call, "42501", "is not one of the authenticated owner's keys");
+            }
+        }
+        // Wider permissions than the caller's, by resource, action or wildcard.
+        for wider in [
+            r#"{"billing": ["read"]}"#,
+            r#"{"docs": ["delete"]}"#,
+            r#"{"docs": ["*"]}"#,
+            r#"{"*": ["read"]}"#,
+        ] {
+            assert_error(
+                &format!("SELECT apikeys.my_create_api_key('x', '{wider}')"),
+                "42501",
+                "grants more than",
+            );
+        }
+        // No role, master, limits or owner arguments exist to escalate with.
+        for call in [
+            "SELECT apikeys.my_create_api_key('x', role => 'postgres')",
+            "SELECT apikeys.my_create_api_key('x', master => true)",
+            "SELECT apikeys.my_create_api_key('x', remaining => 1000000)",
+            "SELECT apikeys.my_create_api_key('x', owner => 'bob')",
+        ] {
+            assert_error(call, "42883", "my_create_api_key");
+        }
+        // A key without apikeys: manage, and a token minted without it.
+        let (_, plain) = create(r#"owner => 'alice', permissions => '{"docs": ["read"]}'"#);
+        run("SELECT apikeys.reset()");
+        authenticate(&plain);
+        assert_error("SELECT apikeys.my_create_api_key('x')", "42501", "apikeys");
+        run("SELECT apikeys.reset()");
+        let narrow = one::<String>(&format!(
+            r#"SELECT apikeys.mint_token('{manager}', 60000)"#
+        ))
+        .unwrap();
+        // A token carries its key's permissions: it may manage. Shrink the key, and it may not.
+        authenticate(&narrow);
+        run("SELECT count(*) FROM apikeys.my_list_api_keys()");
+        run("SELECT apikeys.reset()");
+        run(&format!(
+            r#"SELECT apikeys.update_api_key('{manager_id}', permissions => '{{"docs": ["read"]}}')"#
+        ));
+        authenticate(&narrow);
+        assert_error("SELECT count(*) FROM apikeys.my_list_api_keys()", "42501", "apikeys");
+        run("SELECT apikeys.reset()");
+        // A key without an owner has no keys to manage.
+        let (_, ownerless) = create(r#"permissions => '{"apikeys": ["manage"]}'"#);
+        authenticate(&ownerless);
+        assert_error("SELECT count(*) FROM apikeys.my_list_api_keys()", "42501", "no owner");
+    }
+}

@@ -159,13 +159,12 @@ struct MeterRow {
     credits: i64,
 }
 
-/// A batch of what is to be written: uses to add, counters to set, verifications to count.
+/// A batch of what is to be written: uses to add and counters to set.
 #[derive(Default)]
 struct Batch {
     up_to: u64,
     uses: Vec<Use>,
     meters: Vec<MeterRow>,
-    tallies: Vec<crate::tallies::Tally>,
 }
 
 /// Takes what this database has to write out of shared memory: every changed counter (with that
@@ -428,7 +427,6 @@ fn write(batch: &Batch) -> Written {
             up_to: batch.up_to,
             uses: batch.uses.clone(),
             meters: keys,
-            tallies: Vec::new(),
         };
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
@@ -440,14 +438,6 @@ fn write(batch: &Batch) -> Written {
                     && crate::catalog::relation_if_exists(c"identity_meters").is_some()
                 {
                     unwritten.extend(set_identity_counters(client, &identities));
-                }
-                // Before ALTER EXTENSION … UPDATE makes the table, verifications are not counted.
-                if crate::catalog::relation_if_exists(c"verification_counts").is_some() {
-                    crate::analytics::write(client, &batch.tallies);
-                    if PRUNED_AT.with(|at| at.get().is_none_or(|t| t.elapsed() >= PRUNE_EVERY)) {
-                        PRUNED_AT.with(|at| at.set(Some(Instant::now())));
-                        crate::analytics::prune(client);
-                    }
                 }
                 Written::Done(unwritten)
             })
@@ -739,21 +729,70 @@ enum Written {
     NotYet,
 }
 
+/// One round: the counters and uses (`flush_meters`), then the verification tallies in a
+/// transaction of their own, so that nothing analytics does can hold up a quota spend. Tallies
+/// go with the uses (every few seconds, at rest), or at every round while their table is filling
+/// up. True when anything was written.
+fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
+    let metered = flush_meters(index, db, all_uses, at_rest);
+    let counted = (all_uses || at_rest || crate::analytics::filling()) && write_tallies(db);
+    metered || counted
+}
+
 thread_local! {
     /// When this writer last pruned old verification counts (each writer at its first write).
     static PRUNED_AT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
-/// One round: collect, write, complete. A failed write puts the uses back and re-raises (the
-/// writer exits, the launcher starts another). Verification tallies go with the uses (every few
-/// seconds, at rest), or at every round while their table is filling up.
-fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
-    let mut batch = collect(index, db, all_uses, at_rest);
-    if all_uses || at_rest || crate::analytics::filling() {
-        batch.tallies = crate::analytics::take(db);
+/// Moves this database's tallies into apikeys.verification_counts (and prunes old counts now
+/// and then). A failed write puts them back and is logged; the writer goes on.
+fn write_tallies(db: u32) -> bool {
+    let tallies = crate::analytics::take(db);
+    if tallies.is_empty() {
+        return false;
     }
-    if batch.uses.is_empty() && batch.meters.is_empty() && batch.tallies.is_empty() {
+    PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            // Before ALTER EXTENSION … UPDATE makes the table, verifications are not counted.
+            if !crate::catalog::installed()
+                || crate::catalog::relation_if_exists(c"verification_counts").is_none()
+            {
+                return;
+            }
+            crate::owner::as_owner(|| {
+                Spi::connect_mut(|client| {
+                    crate::analytics::write(client, &tallies);
+                    if PRUNED_AT.with(|at| at.get().is_none_or(|t| t.elapsed() >= PRUNE_EVERY)) {
+                        PRUNED_AT.with(|at| at.set(Some(Instant::now())));
+                        crate::analytics::prune(client);
+                    }
+                })
+            })
+        });
+        true
+    })
+    .catch_others(|error| {
+        crate::analytics::put_back(&tallies);
+        let message = match &error {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(e)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_owned(),
+            _ => "an internal error".to_owned(),
+        };
+        // SAFETY: the failed transaction is aborted and its resources released, as
+        // BackgroundWorker::transaction's own error path would before raising.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        warning!("pg_apikeys writer: verification counts not written yet: {message}");
+        false
+    })
+    .execute()
+}
+
+/// Counters and uses: collect, write, complete. A failed write puts the uses back and
+/// re-raises (the writer exits, the launcher starts another).
+fn flush_meters(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
+    let batch = collect(index, db, all_uses, at_rest);
+    if batch.uses.is_empty() && batch.meters.is_empty() {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
             d.durable = d.durable.max(batch.up_to);
@@ -772,7 +811,6 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
     let written = PgTryBuilder::new(|| write(&batch))
         .catch_others(|error| {
             put_back(db, &batch);
-            crate::analytics::put_back(&batch.tallies);
             error.rethrow()
         })
         .execute();
@@ -785,7 +823,6 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
         }
         Written::NotYet => {
             put_back(db, &batch);
-            crate::analytics::put_back(&batch.tallies);
             return false;
         }
     };

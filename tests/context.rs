@@ -307,15 +307,16 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
     .unwrap();
     assert_eq!(rows, ["anvil", "rocket"]);
 
-    // Bad or missing credentials: PT401, which PostgREST answers with HTTP 401.
-    for headers in [
-        serde_json::json!({"x-api-key": "sk_wrong"}),
-        serde_json::json!({"authorization": "Bearer not.a.token"}),
-        serde_json::json!({"authorization": "Basic dXNlcjpwYXNz"}),
-        none.clone(),
+    // Bad or missing credentials: PostgREST's custom error, HTTP 401.
+    for (headers, code) in [
+        (serde_json::json!({"x-api-key": "sk_wrong"}), "NOT_FOUND"),
+        (serde_json::json!({"authorization": "Bearer not.a.token"}), "NOT_FOUND"),
+        (serde_json::json!({"authorization": "Basic dXNlcjpwYXNz"}), "NO_CREDENTIALS"),
+        (none.clone(), "NO_CREDENTIALS"),
     ] {
         let err = request(&mut pgrst, "GET", headers.clone(), anon, none.clone()).unwrap_err();
-        assert_eq!(sqlstate(&err), "PT401", "{headers}: {err}");
+        let answer = Answer::of(&err);
+        assert_eq!((answer.status, answer.code.as_str()), (401, code), "{headers}: {err}");
     }
     // A revoked key's token is refused even though its signature is fine.
     admin
@@ -325,7 +326,8 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
         )
         .unwrap();
     let err = request(&mut pgrst, "GET", bearer, "it_web", claims).unwrap_err();
-    assert_eq!(sqlstate(&err), "PT401");
+    let answer = Answer::of(&err);
+    assert_eq!((answer.status, answer.code.as_str()), (401, "REVOKED"));
 
     // A key whose role may not read the table: authenticated, then refused by privileges.
     let err = get_with_key(&mut pgrst, &no_table).unwrap_err();
@@ -360,6 +362,139 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
         .get(0);
     assert_eq!(who, None);
     tx.commit().unwrap();
+}
+
+/// What PostgREST answers for an error raised with SQLSTATE PGRST: the status and headers of
+/// DETAIL, and MESSAGE as the JSON body (its docs/references/errors.rst, "Raise custom HTTP
+/// response"). Anything else is not such an error.
+struct Answer {
+    status: u64,
+    headers: serde_json::Map<String, serde_json::Value>,
+    code: String,
+    body: serde_json::Value,
+}
+
+impl Answer {
+    fn of(err: &postgres::Error) -> Answer {
+        assert_eq!(sqlstate(err), "PGRST", "{err}");
+        let db = err.as_db_error().unwrap();
+        let body: serde_json::Value = serde_json::from_str(db.message()).expect("MESSAGE is JSON");
+        let detail: serde_json::Value =
+            serde_json::from_str(db.detail().expect("a DETAIL")).expect("DETAIL is JSON");
+        // PostgREST requires these shapes: a body with code/message/details/hint, and a DETAIL
+        // with a numeric status and an object of string headers.
+        for field in ["code", "message", "details", "hint"] {
+            assert!(body.get(field).is_some(), "{field} missing from {body}");
+        }
+        let headers = detail["headers"].as_object().expect("headers object").clone();
+        assert!(headers.values().all(serde_json::Value::is_string), "{detail}");
+        Answer {
+            status: detail["status"].as_u64().expect("numeric status"),
+            headers,
+            code: body["code"].as_str().unwrap().to_owned(),
+            body,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(serde_json::Value::as_str)
+    }
+}
+
+#[test]
+fn postgrest_answers_each_refusal_with_its_status_headers_and_body() {
+    let mut admin = setup();
+    // Behind a proxy: the client's address is the first of x-forwarded-for.
+    admin
+        .batch_execute("ALTER ROLE it_authenticator SET apikeys.client_ip_header = 'x-forwarded-for'")
+        .unwrap();
+    let read = "role => 'it_web', owner => 'acme', permissions => '{\"orders\": [\"read\"]}'";
+    let (_, expired) = create(&mut admin, &format!("{read}, expires_at => now() - '1 s'::interval"));
+    let (_, disabled) = create(&mut admin, &format!("{read}, enabled => false"));
+    let (revoked_id, revoked) = create(&mut admin, read);
+    admin
+        .execute("SELECT apikeys.revoke_api_key($1)", &[&revoked_id])
+        .unwrap();
+    let (_, windowed) = create(
+        &mut admin,
+        &format!("{read}, rate_limit_max => 1, rate_limit_window => '1 minute', rate_limit_algorithm => 'fixed'"),
+    );
+    let (_, spent) = create(
+        &mut admin,
+        &format!("{read}, remaining => 1, refill_amount => 1, refill_interval => '1 hour'"),
+    );
+    let (_, listed) = create(
+        &mut admin,
+        &format!("{read}, allowed_cidrs => '{{10.0.0.0/8, 2001:db8::/32}}'"),
+    );
+    let mut pgrst = connect_as("it_authenticator");
+    let none = serde_json::json!({});
+    let get = |client: &mut Client, headers: serde_json::Value| {
+        request(client, "GET", headers, "it_anon", serde_json::json!({}))
+    };
+    let refused = |client: &mut Client, headers: serde_json::Value| {
+        Answer::of(&get(client, headers).unwrap_err())
+    };
+    let with_key = |key: &str| serde_json::json!({"x-api-key": key, "x-forwarded-for": "10.0.0.1"});
+
+    for (key, code) in [(&expired, "EXPIRED"), (&disabled, "DISABLED"), (&revoked, "REVOKED")] {
+        let a = refused(&mut pgrst, with_key(key));
+        assert_eq!((a.status, a.code.as_str()), (401, code));
+        assert_eq!(a.header("WWW-Authenticate"), Some("Bearer error=\"invalid_token\""));
+        assert!(a.body["details"].is_string(), "the key's id: {}", a.body);
+        assert!(!a.body.to_string().contains(key.as_str()), "never the secret");
+    }
+    let a = refused(&mut pgrst, none.clone());
+    assert_eq!((a.status, a.code.as_str()), (401, "NO_CREDENTIALS"));
+    assert_eq!(a.header("WWW-Authenticate"), Some("Bearer"));
+    assert_eq!(a.body["details"], serde_json::Value::Null);
+
+    // 429 with Retry-After: whole seconds until the window ends, and until the next refill.
+    get(&mut pgrst, with_key(&windowed)).unwrap();
+    let a = refused(&mut pgrst, with_key(&windowed));
+    assert_eq!((a.status, a.code.as_str()), (429, "RATE_LIMITED"));
+    let retry: u64 = a.header("Retry-After").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    get(&mut pgrst, with_key(&spent)).unwrap();
+    let a = refused(&mut pgrst, with_key(&spent));
+    assert_eq!((a.status, a.code.as_str()), (429, "USAGE_EXCEEDED"));
+    let retry: u64 = a.header("Retry-After").unwrap().parse().unwrap();
+    assert!((3590..=3600).contains(&retry), "{retry}");
+
+    // 403 for an address outside the allow-list, both families; a malformed header is an
+    // address outside it, never an error.
+    for ok in ["10.9.8.7", "10.9.8.7:4431, 192.168.0.1", "2001:db8::1", "[2001:db8::1]:443"] {
+        let (rows, _) = get(&mut pgrst, serde_json::json!({"x-api-key": listed, "x-forwarded-for": ok}))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(rows, ["anvil", "rocket"], "{ok}");
+    }
+    for bad in ["192.168.0.1, 10.0.0.1", "2001:db9::1", "not-an-address", ""] {
+        let a = refused(&mut pgrst, serde_json::json!({"x-api-key": listed, "x-forwarded-for": bad}));
+        assert_eq!((a.status, a.code.as_str()), (403, "FORBIDDEN"), "{bad}");
+        assert!(a.headers.is_empty());
+    }
+    let a = refused(&mut pgrst, serde_json::json!({"x-api-key": listed}));
+    assert_eq!((a.status, a.code.as_str()), (403, "FORBIDDEN"));
+
+    // authenticate_request(required): 403 for a key without the permission.
+    let mut tx = pgrst.transaction().unwrap();
+    tx.execute(
+        "SELECT set_config('request.headers', $1, true)",
+        &[&with_key(&listed).to_string()],
+    )
+    .unwrap();
+    let err = tx
+        .execute(
+            "SELECT apikeys.authenticate_request('{\"orders\": [\"write\"]}')",
+            &[],
+        )
+        .unwrap_err();
+    let a = Answer::of(&err);
+    assert_eq!((a.status, a.code.as_str()), (403, "INSUFFICIENT_PERMISSIONS"));
+    drop(tx);
+    admin
+        .batch_execute("ALTER ROLE it_authenticator RESET apikeys.client_ip_header")
+        .unwrap();
 }
 
 #[test]
