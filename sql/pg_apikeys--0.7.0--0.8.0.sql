@@ -318,6 +318,12 @@ REVOKE EXECUTE ON FUNCTION apikeys.verify_token FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION apikeys.authenticate FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION apikeys.authenticate_request FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION apikeys.verification_stats FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION apikeys.authenticate_http FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION apikeys.my_create_api_key FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION apikeys.my_list_api_keys FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION apikeys.my_update_api_key FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION apikeys.my_rotate_api_key FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION apikeys.my_revoke_api_key FROM PUBLIC;
 
 DO $carry_grants$
 DECLARE
@@ -334,7 +340,8 @@ BEGIN
 END
 $carry_grants$;
 
--- What anyone may call: authenticate_http is the layer under authenticate_request; the my_*
+-- What anyone may call (granted after the revokes above, as a fresh install orders the ACL):
+-- authenticate_http is the layer under authenticate_request; the my_*
 -- functions check the authenticated key themselves.
 GRANT EXECUTE ON FUNCTION apikeys.authenticate_http(jsonb, jsonb) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION apikeys.my_create_api_key(text, jsonb, interval, jsonb) TO PUBLIC;

@@ -104,7 +104,8 @@ SELECT current_user, apikeys.current_key_id();
 SELECT item FROM orders ORDER BY item;
 COMMIT;
 
--- A request without a valid credential gets SQLSTATE PT401: PostgREST answers HTTP 401.
+-- A request without a valid credential is refused with PostgREST's custom error (SQLSTATE
+-- PGRST): PostgREST answers the status and headers of DETAIL, with MESSAGE as the body.
 BEGIN;
 SELECT set_config('request.headers', '{"authorization": "Bearer sk_wrong"}', true) IS NOT NULL AS headers_set;
 SELECT apikeys.authenticate_request();

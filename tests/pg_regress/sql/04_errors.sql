@@ -85,7 +85,8 @@ SELECT code, remaining FROM apikeys.verify_key(:'metered');
 ROLLBACK;
 SELECT remaining FROM apikeys.get_api_key('errors-metered');
 
--- PT401: authenticate_request without a valid credential (PostgREST answers 401).
+-- PGRST: authenticate_request without a valid credential (PostgREST answers 401 with
+-- WWW-Authenticate, the JSON of MESSAGE as the body).
 SELECT set_config('request.headers', '{"x-api-key": "sk_not_a_key"}', false);
 SELECT apikeys.authenticate_request();
 \echo :LAST_ERROR_SQLSTATE
