@@ -19,8 +19,9 @@ use std::collections::HashMap;
 struct Header {
     capacity: usize,
     used: usize,
-    /// Verifications counted since start-up (a writer that sees it move stays).
-    counted: u64,
+    /// When each database's counts were last pruned (database OID, epoch µs): writers come and
+    /// go, the schedule stays.
+    pruned: [(u32, i64); crate::engine::DATABASES],
 }
 
 // Set once per process by `attach` (in the postmaster, inherited by every child).
@@ -61,7 +62,7 @@ pub unsafe fn attach() {
             header.write(Header {
                 capacity,
                 used: 0,
-                counted: 0,
+                pruned: [(0, 0); crate::engine::DATABASES],
             });
             for i in 0..capacity {
                 slots.add(i).write(tallies::FREE);
@@ -78,9 +79,26 @@ fn with_tallies<R>(f: impl FnOnce(&mut [Tally], &mut usize) -> R) -> Option<R> {
     with_header(|header, slots| f(slots, &mut header.used))
 }
 
-/// Verifications counted since start-up, every database's.
-pub fn counted() -> u64 {
-    with_header(|header, _| header.counted).unwrap_or(0)
+/// Whether database `db`'s counts are due for pruning (every PRUNE_EVERY_US), noting that
+/// they are being pruned now.
+pub fn prune_due(db: u32, now_us: i64) -> bool {
+    const PRUNE_EVERY_US: i64 = 600_000_000;
+    with_header(|header, _| {
+        let slots = &mut header.pruned;
+        let i = slots
+            .iter()
+            .position(|(oid, _)| *oid == db)
+            .or_else(|| slots.iter().position(|(oid, _)| *oid == 0))
+            // Every slot taken by other databases: the least recently pruned gives way.
+            .or_else(|| (0..slots.len()).min_by_key(|&i| slots[i].1))
+            .unwrap_or(0);
+        let due = slots[i].0 != db || now_us.saturating_sub(slots[i].1) >= PRUNE_EVERY_US;
+        if due {
+            slots[i] = (db, now_us);
+        }
+        due
+    })
+    .unwrap_or(false)
 }
 
 fn with_header<R>(f: impl FnOnce(&mut Header, &mut [Tally]) -> R) -> Option<R> {
@@ -120,6 +138,11 @@ pub fn count(v: &Verification, spent: i64) {
     {
         return;
     }
+    // A database the engine has no slot for (more than engine::DATABASES) has no writer to take
+    // its tallies: they would only fill the table.
+    if !crate::engine::has_writer_slot() {
+        return;
+    }
     let now_us = v.now.map_or_else(|| verify::epoch_us(verify::wall_clock()), verify::epoch_us);
     let (id, created_us) = match &v.key_id {
         Some(id) if v.code != Code::NotFound => (id.as_str(), v.created_us),
@@ -133,12 +156,11 @@ pub fn count(v: &Verification, spent: i64) {
         minute: now_us.div_euclid(60_000_000),
     };
     let overflowing = OVERFLOW.with(|o| !o.borrow().is_empty());
-    let Some((added, filling)) = with_header(|header, slots| {
-        header.counted += 1;
-        let used = &mut header.used;
+    let Some((added, filling)) = with_tallies(|slots, used| {
         let added = tallies::add(slots, used, &key, 1, spent);
-        if overflowing {
-            drain_overflow(slots, used, key.db);
+        // Only while there is ample room, a few at a time: the lock is every caller's.
+        if overflowing && *used * 2 < slots.len() {
+            drain_overflow(slots, used, key.db, OVERFLOW_BATCH);
         }
         (added, *used * 4 > slots.len() * 3)
     }) else {
@@ -148,10 +170,28 @@ pub fn count(v: &Verification, spent: i64) {
         keep_for_later(&key, spent);
     }
     // A new tally may be the first of a while: a writer must come for it. A filling table asks
-    // for an early write.
-    if added != Added::Existing || filling {
+    // for an early write (at most every 10 ms per backend: it takes the engine's lock).
+    if added == Added::New || (filling && early_wake_due()) {
         crate::engine::wake_writer_for_tallies(filling);
     }
+}
+
+/// Overflow tallies moved back into the table per call.
+const OVERFLOW_BATCH: usize = 64;
+
+fn early_wake_due() -> bool {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let due = last
+            .get()
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(10));
+        if due {
+            last.set(Some(std::time::Instant::now()));
+        }
+        due
+    })
 }
 
 fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
@@ -162,7 +202,10 @@ fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
         }
         let k = (key.id.to_owned(), key.created_us, key.code, key.minute);
         if o.len() >= MAX_OVERFLOW && !o.contains_key(&k) {
-            warning!("pg_apikeys: the analytics table and this backend's overflow are full; some verifications are not counted (raise apikeys.analytics_slots)");
+            thread_local! { static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+            if !WARNED.with(|w| w.replace(true)) {
+                warning!("pg_apikeys: the analytics table and this backend's overflow are full; some verifications are not counted (raise apikeys.analytics_slots)");
+            }
             return;
         }
         let e = o.entry(k).or_default();
@@ -171,9 +214,15 @@ fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
     });
 }
 
-fn drain_overflow(slots: &mut [Tally], used: &mut usize, db: u32) {
+/// Moves up to `at_most` of this backend's overflow tallies into the table.
+fn drain_overflow(slots: &mut [Tally], used: &mut usize, db: u32, at_most: usize) {
     OVERFLOW.with(|o| {
+        let mut moved = 0;
         o.borrow_mut().retain(|(id, created_us, code, minute), (count, cost)| {
+            if moved >= at_most {
+                return true;
+            }
+            moved += 1;
             let key = TallyKey {
                 db,
                 id,
@@ -199,7 +248,8 @@ fn register_exit_drain() {
 #[pg_guard]
 unsafe extern "C-unwind" fn drain_at_exit(_code: i32, _arg: pg_sys::Datum) {
     let db = my_database();
-    with_tallies(|slots, used| drain_overflow(slots, used, db));
+    with_tallies(|slots, used| drain_overflow(slots, used, db, usize::MAX));
+    crate::engine::wake_writer_for_tallies(false);
 }
 
 /// The writer's side: every tally of database `db`, taken out of shared memory.
@@ -219,6 +269,11 @@ pub fn put_back(taken: &[Tally]) {
     if lost > 0 {
         warning!("pg_apikeys: {lost} verification tallies found no room after a failed write and are lost");
     }
+}
+
+/// Drops database `db`'s tallies (the database is gone, or its extension).
+pub fn forget(db: u32) {
+    take(db);
 }
 
 /// Whether database `db` has tallies waiting.

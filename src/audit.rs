@@ -46,19 +46,25 @@ pub fn record(
     key_id: Option<&str>,
     details: serde_json::Value,
 ) {
-    plans::update(
-        client,
-        "INSERT INTO apikeys.audit_log (actor, action, key_id, details, acting_key_id)
-         VALUES ($1, $2, $3, $4, $5)",
-        None,
-        &[
-            actor().into(),
-            action.into(),
-            key_id.into(),
-            JsonB(details).into(),
-            acting_key().into(),
-        ],
-    );
+    let mut args = vec![
+        actor().into(),
+        action.into(),
+        key_id.into(),
+        JsonB(details).into(),
+    ];
+    // Only self-service names an acting key: other actions keep working on a database whose SQL
+    // predates the column (until ALTER EXTENSION … UPDATE).
+    let sql = match acting_key() {
+        Some(acting) => {
+            args.push(acting.into());
+            "INSERT INTO apikeys.audit_log (actor, action, key_id, details, acting_key_id)
+             VALUES ($1, $2, $3, $4, $5)"
+        }
+        None => {
+            "INSERT INTO apikeys.audit_log (actor, action, key_id, details) VALUES ($1, $2, $3, $4)"
+        }
+    };
+    plans::update(client, sql, None, &args);
 }
 
 #[cfg(any(test, feature = "pg_test"))]

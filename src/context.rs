@@ -24,6 +24,8 @@ struct Context {
     /// token and its key grant now.
     permissions: permissions::Permissions,
     claims: Option<Value>,
+    /// When the credential stops being valid (a token: its expiry or its key's, the earlier).
+    expires_at: Option<pgrx::datum::TimestampWithTimeZone>,
 }
 
 impl Context {
@@ -41,6 +43,7 @@ impl Context {
             owner: v.owner.clone(),
             permissions,
             claims,
+            expires_at: v.expires_at,
         }
     }
 }
@@ -58,10 +61,26 @@ fn with_current<R>(read: impl FnOnce(Option<&Context>) -> R) -> R {
     STACK.with(|s| read(s.borrow().last().and_then(|(_, c)| c.as_ref())))
 }
 
-/// Who the transaction is authenticated as, for self-service: the key's id, its owner and what
-/// the credential may do; None when nothing is authenticated.
-pub fn authenticated_as() -> Option<(String, Option<String>, permissions::Permissions)> {
-    with_current(|c| c.map(|c| (c.key_id.clone(), c.owner.clone(), c.permissions.clone())))
+/// Who the transaction is authenticated as, for self-service.
+pub struct Authenticated {
+    pub key_id: String,
+    pub owner: Option<String>,
+    /// What the credential may do.
+    pub permissions: permissions::Permissions,
+    /// When it stops being valid.
+    pub expires_at: Option<pgrx::datum::TimestampWithTimeZone>,
+}
+
+/// The transaction's credential; None when nothing is authenticated.
+pub fn authenticated_as() -> Option<Authenticated> {
+    with_current(|c| {
+        c.map(|c| Authenticated {
+            key_id: c.key_id.clone(),
+            owner: c.owner.clone(),
+            permissions: c.permissions.clone(),
+            expires_at: c.expires_at,
+        })
+    })
 }
 
 fn set(context: Option<Context>) {
@@ -865,6 +884,15 @@ mod tests {
         assert_eq!(body["code"], "USAGE_EXCEEDED");
         let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
         assert!((7190..=7200).contains(&retry), "{detail}");
+        // Both levels exhausted: a retry can succeed only once both have refilled.
+        run("SELECT apikeys.create_identity('http_both', remaining => 0, refill_amount => 5, refill_interval => '3 hours')");
+        let (_, both) = create("owner => 'http_both', remaining => 0, refill_amount => 1, refill_interval => '1 hour'");
+        let (_, detail) = with(&both);
+        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        assert!((10_790..=10_800).contains(&retry), "{detail}");
+        run("SELECT apikeys.create_identity('http_never', remaining => 0)");
+        let (_, never) = create("owner => 'http_never', remaining => 0, refill_amount => 1, refill_interval => '1 hour'");
+        assert_eq!(with(&never).1, json!({"status": 429, "headers": {}}));
         // 403 for an address outside the allow-list (a unix socket has none).
         let (_, listed) = create("allowed_cidrs => '{10.0.0.0/8}'");
         let (body, detail) = with(&listed);

@@ -419,6 +419,11 @@ fn warn_once(message: &str) {
     }
 }
 
+/// Whether this database has (or can claim) a slot in the shared state, and so a writer.
+pub fn has_writer_slot() -> bool {
+    database_index().is_some()
+}
+
 /// Asks for a writer for this database's verification tallies: one is started when none runs,
 /// and a running one is woken when `early` (the tallies' table is filling up).
 pub fn wake_writer_for_tallies(early: bool) {

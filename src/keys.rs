@@ -166,11 +166,17 @@ pub(crate) fn pg_duration(text: &str) -> Result<Span, String> {
 /// A key's row and its audit entry in one statement. With a caller's id, `ON CONFLICT` turns a
 /// taken id into no row; a generated id (95 random bits) cannot collide and skips the
 /// speculative insertion (an extra index probe per key).
-fn insert_sql(id_given: bool) -> String {
+fn insert_sql(id_given: bool, acting: bool) -> String {
     let on_conflict = if id_given {
         "ON CONFLICT (id) DO NOTHING"
     } else {
         ""
+    };
+    // The acting key of self-service (audit::acting_key); other calls name no such column.
+    let (acting_column, acting_value) = if acting {
+        (", acting_key_id", ", $30")
+    } else {
+        ("", "")
     };
     format!(
         "WITH k AS (
@@ -187,8 +193,8 @@ fn insert_sql(id_given: bool) -> String {
             {on_conflict}
             RETURNING id, expires_at, created_at
         ), audit AS (
-            INSERT INTO apikeys.audit_log (actor, action, key_id, details, acting_key_id)
-            SELECT $20, 'create', id, $21, $30 FROM k
+            INSERT INTO apikeys.audit_log (actor, action, key_id, details{acting_column})
+            SELECT $20, 'create', id, $21{acting_value} FROM k
         )
         SELECT expires_at, created_at FROM k"
     )
@@ -357,7 +363,7 @@ fn insert_key(
         let actor = audit::actor();
         let details =
             json!({"name": s.name, "owner": s.owner, "prefix": new.prefix, "master": new.master});
-        let args: Vec<DatumWithOid> = vec![
+        let mut args: Vec<DatumWithOid> = vec![
             id.into(),
             hash.as_slice().into(),
             new.prefix.into(),
@@ -393,9 +399,13 @@ fn insert_key(
                 .as_deref()
                 .and_then(crate::addresses::stored)
                 .into(),
-            audit::acting_key().into(),
         ];
-        let table = plans::update(client, &insert_sql(new.id_given), None, &args);
+        let acting = audit::acting_key();
+        let sql = insert_sql(new.id_given, acting.is_some());
+        if let Some(acting) = acting {
+            args.push(acting.into());
+        }
+        let table = plans::update(client, &sql, None, &args);
         if table.is_empty() {
             errors::raise(
                 PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,

@@ -18,11 +18,18 @@ struct Caller {
     key_id: String,
     owner: String,
     permissions: permissions::Permissions,
+    expires_at: Option<TimestampWithTimeZone>,
 }
 
 /// The caller, or 28000 (nothing authenticated) / 42501 (no `apikeys: manage`, no owner).
 fn caller() -> Caller {
-    let Some((key_id, owner, granted)) = context::authenticated_as() else {
+    let Some(context::Authenticated {
+        key_id,
+        owner,
+        permissions: granted,
+        expires_at,
+    }) = context::authenticated_as()
+    else {
         errors::raise(
             PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
             "self-service key management needs an authenticated transaction".into(),
@@ -53,30 +60,57 @@ fn caller() -> Caller {
         key_id,
         owner,
         permissions: granted,
+        expires_at,
     }
 }
 
-/// Locks key `id` if it is one of `owner`'s (it cannot change owner meanwhile); 42501 for any
-/// other id, existing or not.
-fn own_key(id: Option<String>, owner: &str) -> String {
+/// Locks key `id` if it is one of the caller's owner's keys and no more powerful than the caller
+/// (it cannot change meanwhile): no master flag, no database role, permissions the caller has
+/// too, an allow-list at least as narrow as the caller's. 42501 for any other id, existing or
+/// not: a self-service key must not rotate its way into a key that can do more.
+fn own_key(id: Option<String>, me: &Caller) -> String {
     let id = id.unwrap_or_else(|| errors::invalid_argument("id", "must not be NULL"));
-    let mine = Spi::connect_mut(|client| {
-        !plans::update(
+    let target = Spi::connect_mut(|client| {
+        let row = plans::update(
             client,
-            "SELECT 1 FROM apikeys.keys WHERE id = $1 AND owner = $2 FOR UPDATE",
+            "SELECT k.master OR k.role IS NOT NULL,
+                    COALESCE(k.effective_permissions, k.permissions),
+                    k.allowed_cidrs IS NOT DISTINCT FROM c.allowed_cidrs
+                        OR (c.allowed_cidrs IS NULL)
+                        OR (k.allowed_cidrs IS NOT NULL AND NOT EXISTS (
+                                SELECT FROM pg_catalog.unnest(k.allowed_cidrs) n
+                                 WHERE NOT EXISTS (
+                                       SELECT FROM pg_catalog.unnest(c.allowed_cidrs) m
+                                        WHERE n OPERATOR(pg_catalog.<<=) m)))
+               FROM apikeys.keys k LEFT JOIN apikeys.keys c ON c.id = $3
+              WHERE k.id = $1 AND k.owner = $2 FOR UPDATE OF k",
             None,
-            &[id.as_str().into(), owner.into()],
-        )
-        .is_empty()
+            &[id.as_str().into(), me.owner.as_str().into(), me.key_id.as_str().into()],
+        );
+        if row.is_empty() {
+            return None;
+        }
+        let row = row.first();
+        Some((
+            errors::internal(row.get::<bool>(1)).unwrap_or(true),
+            errors::internal(row.get::<pgrx::JsonB>(2))
+                .and_then(|p| permissions::parse(&p.0).ok()),
+            errors::internal(row.get::<bool>(3)).unwrap_or(false),
+        ))
     });
-    if !mine {
+    let within_reach = target.is_some_and(|(privileged, granted, narrow_enough)| {
+        !privileged
+            && narrow_enough
+            && granted.is_some_and(|g| permissions::covers(&me.permissions, &g))
+    });
+    if !within_reach {
         errors::raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!(
-                "API key \"{}\" is not one of the authenticated owner's keys",
+                "API key \"{}\" is not one of the authenticated owner's keys that it may manage",
                 errors::shown(&id)
             ),
-            None,
+            Some("Self-service manages the owner's keys that can do no more than the calling key."),
         );
     }
     id
@@ -123,7 +157,30 @@ fn my_create_api_key(
             Some("A self-service key may have only permissions its creator has."),
         );
     }
-    let created = audit::acting_as(&me.key_id, || keys::create(s, None, None, None, false));
+    let mut created = audit::acting_as(&me.key_id, || keys::create(s, None, None, None, false));
+    // No wider than its creator: its allow-list, and an expiry no later than the credential's.
+    created.6 = Spi::connect_mut(|client| {
+        let row = plans::update(
+            client,
+            "UPDATE apikeys.keys k
+                SET allowed_cidrs = c.allowed_cidrs,
+                    expires_at = CASE WHEN $3::timestamptz IS NULL THEN k.expires_at
+                                      ELSE LEAST(COALESCE(k.expires_at, $3), $3) END
+               FROM apikeys.keys c
+              WHERE k.id = $1 AND c.id = $2
+          RETURNING k.expires_at",
+            None,
+            &[
+                created.0.as_str().into(),
+                me.key_id.as_str().into(),
+                me.expires_at.into(),
+            ],
+        );
+        if row.is_empty() {
+            return created.6;
+        }
+        errors::internal(row.first().get::<TimestampWithTimeZone>(1))
+    });
     TableIterator::once(created)
 }
 
@@ -155,7 +212,7 @@ fn my_update_api_key(
     enabled: default!(Option<bool>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "apikeys.api_key")> {
     let me = caller();
-    let id = own_key(id, &me.owner);
+    let id = own_key(id, &me);
     let update = errors::checked(Update::check(
         Args {
             name,
@@ -184,7 +241,7 @@ fn my_rotate_api_key(
     ),
 > {
     let me = caller();
-    let id = own_key(id, &me.owner);
+    let id = own_key(id, &me);
     let (key, start, expires_at) = audit::acting_as(&me.key_id, || keys::rotate(&id, grace));
     TableIterator::once((id, key, start, expires_at))
 }
@@ -195,7 +252,7 @@ fn my_rotate_api_key(
 #[search_path(pg_catalog, pg_temp)]
 fn my_revoke_api_key(id: Option<String>) -> bool {
     let me = caller();
-    let id = own_key(id, &me.owner);
+    let id = own_key(id, &me);
     audit::acting_as(&me.key_id, || keys::revoke(&id))
 }
 
@@ -301,7 +358,7 @@ mod tests {
                 format!("SELECT apikeys.my_rotate_api_key('{id}')"),
                 format!("SELECT apikeys.my_revoke_api_key('{id}')"),
             ] {
-                assert_error(&call, "42501", "is not one of the authenticated owner's keys");
+                assert_error(&call, "42501", "may manage");
             }
         }
         // Wider permissions than the caller's, by resource, action or wildcard.
@@ -345,6 +402,52 @@ mod tests {
         ));
         authenticate(&narrow);
         assert_error("SELECT count(*) FROM apikeys.my_list_api_keys()", "42501", "apikeys");
+        run("SELECT apikeys.reset()");
+        // A key made with a token lives no longer than the token.
+        run(&format!(
+            r#"SELECT apikeys.update_api_key('{manager_id}', permissions => '{{"apikeys": ["manage"], "docs": ["read", "write"]}}')"#
+        ));
+        authenticate(&narrow);
+        assert_eq!(
+            one::<bool>(
+                "SELECT expires_at <= now() + '61 seconds'::interval FROM apikeys.my_create_api_key('brief', expires_in => '30 days')"
+            ),
+            Some(true)
+        );
+        run("SELECT apikeys.reset()");
+        // Keys of the same owner that can do more than the caller stay out of reach: a master
+        // key, a key with a database role, wider permissions, a wider allow-list.
+        run("CREATE ROLE selfservice_web");
+        let (master_id, _) = create("owner => 'alice', master => true");
+        let (role_id, _) = create("owner => 'alice', role => 'selfservice_web'");
+        let (wide_id, _) = create(r#"owner => 'alice', permissions => '{"billing": ["read"]}'"#);
+        let (listed_id, listed) = create(
+            r#"owner => 'alice', allowed_cidrs => '{10.0.0.0/8}', permissions => '{"apikeys": ["manage"], "docs": ["read", "write"]}'"#,
+        );
+        let (open_id, _) = create("owner => 'alice'");
+        run("SELECT apikeys.reset()");
+        authenticate(&manager);
+        for id in [&master_id, &role_id, &wide_id] {
+            assert_error(
+                &format!("SELECT apikeys.my_rotate_api_key('{id}')"),
+                "42501",
+                "may manage",
+            );
+        }
+        run("SELECT apikeys.reset()");
+        run(&format!("SELECT apikeys.authenticate('{listed}', client_ip => '10.0.0.1')"));
+        assert_error(
+            &format!("SELECT apikeys.my_revoke_api_key('{open_id}')"),
+            "42501",
+            "may manage",
+        );
+        // What it creates is no wider than itself: its allow-list comes along.
+        let made = one::<String>("SELECT id FROM apikeys.my_create_api_key('sub')").unwrap();
+        assert_eq!(
+            one::<String>(&format!("SELECT allowed_cidrs::text FROM apikeys.get_api_key('{made}')")).as_deref(),
+            Some("{10.0.0.0/8}")
+        );
+        run(&format!("SELECT apikeys.my_revoke_api_key('{listed_id}')"));
         run("SELECT apikeys.reset()");
         // A key without an owner has no keys to manage.
         let (_, ownerless) = create(r#"permissions => '{"apikeys": ["manage"]}'"#);

@@ -87,8 +87,9 @@ pub enum Added {
     Full,
 }
 
-/// Adds `count` verifications spending `cost` to `key`'s tally. `used` counts occupied slots;
-/// one slot always stays free, so that every probe ends.
+/// Adds `count` verifications spending `cost` to `key`'s tally. `used` counts occupied slots; a
+/// new tally is refused once seven-eighths are taken, so that probes stay short (the writer
+/// empties the table from three-quarters on).
 pub fn add(
     slots: &mut [Tally],
     used: &mut usize,
@@ -106,7 +107,7 @@ pub fn add(
         let i = (start + probe) % n;
         let t = &mut slots[i];
         if t.db == 0 {
-            if *used + 1 >= n {
+            if (*used + 1) * 8 > n * 7 {
                 return Added::Full;
             }
             *t = Tally {
@@ -205,12 +206,12 @@ mod unit {
 
     #[test]
     fn a_full_table_refuses_and_ids_that_do_not_fit_are_refused() {
-        let mut slots = vec![FREE; 4];
+        let mut slots = vec![FREE; 16];
         let mut used = 0;
-        for m in 0..3 {
+        for m in 0..14 {
             assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, m), 1, 0), Added::New);
         }
-        assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, 9), 1, 0), Added::Full);
+        assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, 99), 1, 0), Added::Full);
         // An existing tally still counts.
         assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, 2), 1, 0), Added::Existing);
         let long = "x".repeat(ID_BYTES + 1);

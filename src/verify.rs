@@ -920,10 +920,20 @@ impl Charged {
             _ => None,
         };
         result.retry_at_us = match code {
-            Code::UsageExceeded if result.limited_by == Some("key") => result
-                .next_refill_at
-                .map(epoch_us),
-            Code::UsageExceeded => self.identity_next_refill_us,
+            // Every exhausted level must have refilled: the later refill, none if one never does.
+            Code::UsageExceeded => {
+                let key = (self.own == Verdict::UsageExceeded)
+                    .then(|| result.next_refill_at.map(epoch_us));
+                let identity = self
+                    .identity
+                    .filter(|c| c.verdict == Verdict::UsageExceeded)
+                    .map(|_| self.identity_next_refill_us);
+                match (key, identity) {
+                    (Some(a), Some(b)) => a.zip(b).map(|(a, b)| a.max(b)),
+                    (Some(at), None) | (None, Some(at)) => at,
+                    (None, None) => None,
+                }
+            }
             // The latest end among the windows that refused.
             Code::RateLimited => result
                 .ratelimits

@@ -128,8 +128,9 @@ pub extern "C-unwind" fn pg_apikeys_launcher(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) }
 }
 
-/// Drops every entry of a database that is gone.
+/// Drops every entry of a database that is gone (its verification tallies too).
 fn forget_database(s: &mut engine::Shared<'_>, db: u32) {
+    crate::analytics::forget(db);
     let mut i = 0;
     while i < s.slots.len() {
         if s.slots[i].db == db {
@@ -739,12 +740,6 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
     metered || counted
 }
 
-thread_local! {
-    /// When this writer last pruned old verification counts (each writer at its first write).
-    static PRUNED_AT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
-}
-const PRUNE_EVERY: Duration = Duration::from_secs(600);
-
 /// Moves this database's tallies into apikeys.verification_counts (and prunes old counts now
 /// and then). A failed write puts them back and is logged; the writer goes on.
 fn write_tallies(db: u32) -> bool {
@@ -762,9 +757,15 @@ fn write_tallies(db: u32) -> bool {
             }
             crate::owner::as_owner(|| {
                 Spi::connect_mut(|client| {
+                    // A lock on the table (someone's LOCK, a VACUUM FULL) fails this write quickly
+                    // rather than delaying the metering rounds around it.
+                    crate::errors::internal(client.update(
+                        "SET LOCAL lock_timeout = '100ms'",
+                        None,
+                        &[],
+                    ));
                     crate::analytics::write(client, &tallies);
-                    if PRUNED_AT.with(|at| at.get().is_none_or(|t| t.elapsed() >= PRUNE_EVERY)) {
-                        PRUNED_AT.with(|at| at.set(Some(Instant::now())));
+                    if crate::analytics::prune_due(db, now_us()) {
                         crate::analytics::prune(client);
                     }
                 })
@@ -986,17 +987,15 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
     let mut last_work = Instant::now();
     let mut last_uses = Instant::now();
     let mut uses_queued = 0;
-    let mut verifications_counted = crate::analytics::counted();
     loop {
         let running = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
         // New uses (of any database) count as activity: the writer stays while they come, and
         // leaves soon after they stop, having written them (DROP DATABASE waits 5 s at most).
         let queued = with_shared(false, |s| s.header.dirty_len[slots::USES]).unwrap_or(0);
-        let counted = crate::analytics::counted();
-        if queued > uses_queued || counted != verifications_counted {
+        // So do this database's verification tallies, until they stop coming.
+        if queued > uses_queued || crate::analytics::pending(db) {
             last_work = Instant::now();
         }
-        verifications_counted = counted;
         let all_uses = !running || last_uses.elapsed() >= USES_EVERY;
         if all_uses {
             last_uses = Instant::now();

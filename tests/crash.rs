@@ -748,14 +748,15 @@ fn verification_counts_are_exact_under_concurrency_and_across_a_clean_restart() 
     assert!(restarted.status.success(), "{restarted:?}");
     let mut client = Client::connect(&app, NoTls).unwrap();
     let n = THREADS as i64;
-    let expected = vec![
+    let mut expected = vec![
         (String::new(), "NOT_FOUND".to_owned(), 30 * n, 0),
         (limited_id.clone(), "RATE_LIMITED".to_owned(), 20 * n, 0),
         (limited_id.clone(), "VALID".to_owned(), 5, 5),
         (plain_id.clone(), "VALID".to_owned(), 80 * n, 100 * n),
     ];
+    expected.sort();
     for bucket in ["1 minute", "1 hour", "1 day"] {
-        let rows: Vec<(String, String, i64, i64)> = client
+        let mut rows: Vec<(String, String, i64, i64)> = client
             .query(
                 "SELECT COALESCE(key_id, ''), code, sum(count)::bigint, sum(cost)::bigint
                    FROM apikeys.verification_stats(since => now() - '2 days'::interval,
@@ -768,6 +769,7 @@ fn verification_counts_are_exact_under_concurrency_and_across_a_clean_restart() 
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
+        rows.sort();
         assert_eq!(rows, expected, "in buckets of {bucket}");
     }
     let owners: Vec<(Option<String>, i64)> = client
