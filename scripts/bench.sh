@@ -44,6 +44,16 @@ pair() {
   done
   echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}")"
 }
+# "ours floor ratio" of the same bench/$1 with the default settings (ours) and with the settings
+# $2 (PGOPTIONS: the floor), $3 clients: what a feature costs, in alternating runs.
+pair_setting() {
+  local o f os=() fs=() rs=()
+  for _ in $(seq "$ROUNDS"); do
+    f=$(PGOPTIONS="$2" tps "$1" "${3:-$CLIENTS}"); o=$(tps "$1" "${3:-$CLIENTS}")
+    os+=("$o"); fs+=("$f"); rs+=("$(ratio "$o" "$f")")
+  done
+  echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}")"
+}
 # Median latency (ms) of bench/$1.pgbench, one client, from pgbench's per-transaction log.
 p50() {
   rm -f "$DIR"/lat.*
@@ -166,6 +176,8 @@ drow() { # like row, into the default deployment's table
 }
 read -r v2 f2 r2 <<<"$(pair verify_key_100k lookup_floor_100k 2)"
 drow "verify_key, plain key, 2 clients" "$v2" "index lookup" "$f2" tps "$r2" ">=" 0.8
+read -r va vn r <<<"$(pair_setting verify_key_100k '-c apikeys.analytics=off' 2)"
+drow "verify_key, plain key, 2 clients, verification analytics on (the default) vs off" "$va" "apikeys.analytics = off" "$vn" tps "$r" ">=" 0.95
 read -r v1 f1 r1 <<<"$(pair verify_key_100k lookup_floor_100k 1)"
 drow "verify_key, plain key, 1 client" "$v1" "index lookup" "$f1" tps "$r1" "" ""
 gain=$(ratio "$(ratio "$v2" "$v1")" "$(ratio "$f2" "$f1")")

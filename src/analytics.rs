@@ -22,6 +22,9 @@ struct Header {
     /// When each database's counts were last pruned (database OID, epoch µs): writers come and
     /// go, the schedule stays.
     pruned: [(u32, i64); crate::engine::DATABASES],
+    /// Verifications counted per database slot (`engine::writer_slot`): a writer that sees its
+    /// database's move stays, and leaves soon after they stop.
+    counted: [u64; crate::engine::DATABASES],
 }
 
 // Set once per process by `attach` (in the postmaster, inherited by every child).
@@ -63,6 +66,7 @@ pub unsafe fn attach() {
                 capacity,
                 used: 0,
                 pruned: [(0, 0); crate::engine::DATABASES],
+                counted: [0; crate::engine::DATABASES],
             });
             for i in 0..capacity {
                 slots.add(i).write(tallies::FREE);
@@ -77,6 +81,11 @@ pub unsafe fn attach() {
 /// Runs `f` on the table (slots, used) under its exclusive lock; None without shared memory.
 fn with_tallies<R>(f: impl FnOnce(&mut [Tally], &mut usize) -> R) -> Option<R> {
     with_header(|header, slots| f(slots, &mut header.used))
+}
+
+/// Verifications counted so far in the database of engine slot `slot`.
+pub fn counted(slot: usize) -> u64 {
+    with_header(|header, _| header.counted.get(slot).copied().unwrap_or(0)).unwrap_or(0)
 }
 
 /// Whether database `db`'s counts are due for pruning (every PRUNE_EVERY_US), noting that
@@ -140,9 +149,9 @@ pub fn count(v: &Verification, spent: i64) {
     }
     // A database the engine has no slot for (more than engine::DATABASES) has no writer to take
     // its tallies: they would only fill the table.
-    if !crate::engine::has_writer_slot() {
+    let Some(slot) = crate::engine::writer_slot() else {
         return;
-    }
+    };
     let now_us = v.now.map_or_else(|| verify::epoch_us(verify::wall_clock()), verify::epoch_us);
     let (id, created_us) = match &v.key_id {
         Some(id) if v.code != Code::NotFound => (id.as_str(), v.created_us),
@@ -156,7 +165,9 @@ pub fn count(v: &Verification, spent: i64) {
         minute: now_us.div_euclid(60_000_000),
     };
     let overflowing = OVERFLOW.with(|o| !o.borrow().is_empty());
-    let Some((added, filling)) = with_tallies(|slots, used| {
+    let Some((added, filling)) = with_header(|header, slots| {
+        header.counted[slot] = header.counted[slot].wrapping_add(1);
+        let used = &mut header.used;
         let added = tallies::add(slots, used, &key, 1, spent);
         // Only while there is ample room, a few at a time: the lock is every caller's.
         if overflowing && *used * 2 < slots.len() {

@@ -419,9 +419,10 @@ fn warn_once(message: &str) {
     }
 }
 
-/// Whether this database has (or can claim) a slot in the shared state, and so a writer.
-pub fn has_writer_slot() -> bool {
-    database_index().is_some()
+/// This database's slot in the shared state (claimed on first use), which gives it a writer;
+/// None when every slot is taken.
+pub fn writer_slot() -> Option<usize> {
+    database_index()
 }
 
 /// Asks for a writer for this database's verification tallies: one is started when none runs,

@@ -987,15 +987,18 @@ pub extern "C-unwind" fn pg_apikeys_writer(argument: pg_sys::Datum) {
     let mut last_work = Instant::now();
     let mut last_uses = Instant::now();
     let mut uses_queued = 0;
+    let mut verifications_counted = crate::analytics::counted(index);
     loop {
         let running = BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
         // New uses (of any database) count as activity: the writer stays while they come, and
         // leaves soon after they stop, having written them (DROP DATABASE waits 5 s at most).
         let queued = with_shared(false, |s| s.header.dirty_len[slots::USES]).unwrap_or(0);
-        // So do this database's verification tallies, until they stop coming.
-        if queued > uses_queued || crate::analytics::pending(db) {
+        // So do this database's verifications, until they stop coming.
+        let counted = crate::analytics::counted(index);
+        if queued > uses_queued || counted != verifications_counted {
             last_work = Instant::now();
         }
+        verifications_counted = counted;
         let all_uses = !running || last_uses.elapsed() >= USES_EVERY;
         if all_uses {
             last_uses = Instant::now();
