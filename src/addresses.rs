@@ -26,9 +26,7 @@ impl FromDatum for SqlCidr {
             return None;
         }
         // SAFETY: the caller's contract: a non-null datum of type cidr (or inet: same layout).
-        let text = unsafe {
-            pgrx::direct_function_call::<&CStr>(pg_sys::cidr_out, &[Some(datum)])
-        };
+        let text = unsafe { pgrx::direct_function_call::<&CStr>(pg_sys::cidr_out, &[Some(datum)]) };
         text.map(|t| SqlCidr(t.to_string_lossy().into_owned()))
     }
 }
@@ -141,9 +139,8 @@ pub fn of_request(headers: &serde_json::Value) -> Client {
 /// `inet_client_addr()`: the connection's peer address, None over a unix socket.
 fn connection_address() -> Option<IpAddr> {
     // SAFETY: inet_client_addr takes no arguments and returns NULL or an inet datum, read at once.
-    let inet = unsafe {
-        pgrx::direct_function_call::<pgrx::datum::Inet>(pg_sys::inet_client_addr, &[])
-    };
+    let inet =
+        unsafe { pgrx::direct_function_call::<pgrx::datum::Inet>(pg_sys::inet_client_addr, &[]) };
     inet.and_then(|ip| network::parse_inet(&ip.0))
 }
 
@@ -173,9 +170,8 @@ mod tests {
         let (_, open) = create("");
         assert_eq!(code(&open, &at("192.168.0.1")), "VALID");
         assert_eq!(code(&open, ""), "VALID");
-        assert_eq!(
+        assert!(
             field::<String>(&key, &at("1.1.1.1"), "key_id").is_some(),
-            true,
             "FORBIDDEN names the key"
         );
     }
@@ -193,12 +189,17 @@ mod tests {
         );
         assert_eq!(code(&key, &at("10.0.0.1")), "USAGE_EXCEEDED");
         assert_eq!(code(&key, &at("1.2.3.4")), "FORBIDDEN");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => false)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => false)"
+        ));
         assert_eq!(code(&key, &at("1.2.3.4")), "DISABLED");
-        run(&format!("SELECT apikeys.update_api_key('{id}', enabled => true)"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', enabled => true)"
+        ));
         run(&format!("SELECT apikeys.revoke_api_key('{id}')"));
         assert_eq!(code(&key, &at("1.2.3.4")), "REVOKED");
-        let (_, expired) = create("allowed_cidrs => '{10.0.0.0/8}', expires_at => now() - '1 s'::interval");
+        let (_, expired) =
+            create("allowed_cidrs => '{10.0.0.0/8}', expires_at => now() - '1 s'::interval");
         assert_eq!(code(&expired, &at("1.2.3.4")), "EXPIRED");
     }
 
@@ -208,12 +209,22 @@ mod tests {
         let (_, key) = create("owner => 'net_org'");
         assert_eq!(code(&key, &at("10.0.0.1")), "VALID");
         assert_eq!(code(&key, &at("11.0.0.1")), "FORBIDDEN");
-        let (_, narrow) = create("owner => 'net_org', allowed_cidrs => '{10.1.0.0/16, 12.0.0.0/8}'");
+        let (_, narrow) =
+            create("owner => 'net_org', allowed_cidrs => '{10.1.0.0/16, 12.0.0.0/8}'");
         assert_eq!(code(&narrow, &at("10.1.2.3")), "VALID");
-        assert_eq!(code(&narrow, &at("10.2.0.1")), "FORBIDDEN", "outside the key's");
-        assert_eq!(code(&narrow, &at("12.0.0.1")), "FORBIDDEN", "outside the identity's");
         assert_eq!(
-            one::<String>("SELECT allowed_cidrs::text FROM apikeys.get_identity('net_org')").as_deref(),
+            code(&narrow, &at("10.2.0.1")),
+            "FORBIDDEN",
+            "outside the key's"
+        );
+        assert_eq!(
+            code(&narrow, &at("12.0.0.1")),
+            "FORBIDDEN",
+            "outside the identity's"
+        );
+        assert_eq!(
+            one::<String>("SELECT allowed_cidrs::text FROM apikeys.get_identity('net_org')")
+                .as_deref(),
             Some("{10.0.0.0/8}")
         );
         run("SELECT apikeys.update_identity('net_org', clear => ARRAY['allowed_cidrs'])");
@@ -236,7 +247,9 @@ mod tests {
             "28000",
             "FORBIDDEN",
         );
-        run(&format!("SELECT apikeys.authenticate('{key}', client_ip => '10.0.0.7')"));
+        run(&format!(
+            "SELECT apikeys.authenticate('{key}', client_ip => '10.0.0.7')"
+        ));
         assert!(one::<String>("SELECT apikeys.current_key_id()").is_some());
     }
 
@@ -244,22 +257,35 @@ mod tests {
     fn allow_lists_are_managed_cleared_and_checked() {
         let (id, key) = create("allowed_cidrs => '{10.0.0.0/8}'");
         assert_eq!(
-            one::<String>(&format!("SELECT allowed_cidrs::text FROM apikeys.get_api_key('{id}')")).as_deref(),
+            one::<String>(&format!(
+                "SELECT allowed_cidrs::text FROM apikeys.get_api_key('{id}')"
+            ))
+            .as_deref(),
             Some("{10.0.0.0/8}")
         );
-        run(&format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{192.168.0.0/16, ::1/128}}')"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{192.168.0.0/16, ::1/128}}')"
+        ));
         assert_eq!(code(&key, &at("10.0.0.1")), "FORBIDDEN");
         assert_eq!(code(&key, &at("192.168.3.4")), "VALID");
         assert_eq!(code(&key, &at("::1")), "VALID");
         // An empty list is no list.
-        run(&format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{}}')"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{}}')"
+        ));
         assert_eq!(
-            one::<bool>(&format!("SELECT allowed_cidrs IS NULL FROM apikeys.get_api_key('{id}')")),
+            one::<bool>(&format!(
+                "SELECT allowed_cidrs IS NULL FROM apikeys.get_api_key('{id}')"
+            )),
             Some(true)
         );
         assert_eq!(code(&key, ""), "VALID");
-        run(&format!("SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{10.0.0.0/8}}')"));
-        run(&format!("SELECT apikeys.update_api_key('{id}', clear => ARRAY['allowed_cidrs'])"));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', allowed_cidrs => '{{10.0.0.0/8}}')"
+        ));
+        run(&format!(
+            "SELECT apikeys.update_api_key('{id}', clear => ARRAY['allowed_cidrs'])"
+        ));
         assert_eq!(code(&key, &at("8.8.8.8")), "VALID");
         assert_error(
             "SELECT apikeys.create_api_key(allowed_cidrs => ARRAY['10.0.0.0/8', NULL]::cidr[])",

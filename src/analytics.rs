@@ -128,10 +128,13 @@ fn with_header<R>(f: impl FnOnce(&mut Header, &mut [Tally]) -> R) -> Option<R> {
     }
 }
 
+/// A tally kept by a backend: (key id, created µs, code, minute) → (count, cost).
+type Overflow = HashMap<(String, i64, u8, i64), (i64, i64)>;
+
 thread_local! {
     /// Tallies that found the table full, added at a later call or when the backend exits
     /// (bounded: beyond MAX_OVERFLOW they are dropped, with a WARNING).
-    static OVERFLOW: RefCell<HashMap<(String, i64, u8, i64), (i64, i64)>> = RefCell::new(HashMap::new());
+    static OVERFLOW: RefCell<Overflow> = RefCell::new(HashMap::new());
 }
 const MAX_OVERFLOW: usize = 100_000;
 
@@ -143,8 +146,7 @@ fn my_database() -> u32 {
 /// Counts one verification (its code, key, and the cost it spent) in its minute.
 pub fn count(v: &Verification, spent: i64) {
     // SAFETY: reads the server's state.
-    if !guc::analytics() || !crate::engine::available() || unsafe { pg_sys::RecoveryInProgress() }
-    {
+    if !guc::analytics() || !crate::engine::available() || unsafe { pg_sys::RecoveryInProgress() } {
         return;
     }
     // A database the engine has no slot for (more than engine::DATABASES) has no writer to take
@@ -152,7 +154,9 @@ pub fn count(v: &Verification, spent: i64) {
     let Some(slot) = crate::engine::writer_slot() else {
         return;
     };
-    let now_us = v.now.map_or_else(|| verify::epoch_us(verify::wall_clock()), verify::epoch_us);
+    let now_us = v
+        .now
+        .map_or_else(|| verify::epoch_us(verify::wall_clock()), verify::epoch_us);
     let (id, created_us) = match &v.key_id {
         Some(id) if v.code != Code::NotFound => (id.as_str(), v.created_us),
         _ => ("", 0),
@@ -229,20 +233,21 @@ fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
 fn drain_overflow(slots: &mut [Tally], used: &mut usize, db: u32, at_most: usize) {
     OVERFLOW.with(|o| {
         let mut moved = 0;
-        o.borrow_mut().retain(|(id, created_us, code, minute), (count, cost)| {
-            if moved >= at_most {
-                return true;
-            }
-            moved += 1;
-            let key = TallyKey {
-                db,
-                id,
-                created_us: *created_us,
-                code: *code,
-                minute: *minute,
-            };
-            tallies::add(slots, used, &key, *count, *cost) == Added::Full
-        });
+        o.borrow_mut()
+            .retain(|(id, created_us, code, minute), (count, cost)| {
+                if moved >= at_most {
+                    return true;
+                }
+                moved += 1;
+                let key = TallyKey {
+                    db,
+                    id,
+                    created_us: *created_us,
+                    code: *code,
+                    minute: *minute,
+                };
+                tallies::add(slots, used, &key, *count, *cost) == Added::Full
+            });
     });
 }
 
@@ -414,6 +419,7 @@ fn granularity_of(bucket: Interval) -> &'static str {
 /// `apikeys.analytics_retention`.
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
 fn verification_stats(
     key_id: default!(Option<String>, "NULL"),
     owner: default!(Option<String>, "NULL"),
@@ -502,15 +508,24 @@ mod tests {
 
     #[pg_test]
     fn every_verification_is_counted_with_its_code_and_cost_but_minting_is_not() {
-        let (id, key) = create(r#"permissions => '{"docs": ["read"]}', rate_limit_max => 4, rate_limit_window => '1 hour'"#);
+        let (id, key) = create(
+            r#"permissions => '{"docs": ["read"]}', rate_limit_max => 4, rate_limit_window => '1 hour'"#,
+        );
         assert_eq!(code(&key, "cost => 2"), "VALID");
-        assert_eq!(code(&key, r#"required => '{"docs": ["write"]}'"#), "INSUFFICIENT_PERMISSIONS");
+        assert_eq!(
+            code(&key, r#"required => '{"docs": ["write"]}'"#),
+            "INSUFFICIENT_PERMISSIONS"
+        );
         assert_eq!(code(&key, ""), "VALID");
         // Minting takes the last unit of the window, and is not counted.
         let token = mint(&key, "60000");
         assert_eq!(code(&key, ""), "RATE_LIMITED");
         assert_eq!(token_code(&token, ""), "RATE_LIMITED");
-        assert_error(&format!("SELECT apikeys.authenticate('{key}')"), "28000", "RATE_LIMITED");
+        assert_error(
+            &format!("SELECT apikeys.authenticate('{key}')"),
+            "28000",
+            "RATE_LIMITED",
+        );
         assert_eq!(
             counted(&id, 6),
             "INSUFFICIENT_PERMISSIONS:1:0,RATE_LIMITED:3:0,VALID:2:3"
@@ -544,9 +559,14 @@ mod tests {
             stats(&format!("{day}, bucket => '2 hours'")),
             "05 10:00 k1 VALID 6 9"
         );
-        assert_eq!(stats(&format!("{day}, bucket => '1 day'")), "05 00:00 k1 VALID 6 9");
         assert_eq!(
-            stats(&format!("{day}, bucket => '1 hour', key_id => 'k1', owner => 'o'")),
+            stats(&format!("{day}, bucket => '1 day'")),
+            "05 00:00 k1 VALID 6 9"
+        );
+        assert_eq!(
+            stats(&format!(
+                "{day}, bucket => '1 hour', key_id => 'k1', owner => 'o'"
+            )),
             "05 10:00 k1 VALID 5 8, 05 11:00 k1 VALID 1 1"
         );
         assert_eq!(stats(&format!("{day}, owner => 'nobody'")), "");
@@ -557,7 +577,11 @@ mod tests {
                 "bucket",
             );
         }
-        assert_error("SELECT * FROM apikeys.verification_stats(since => NULL)", "22023", "since");
+        assert_error(
+            "SELECT * FROM apikeys.verification_stats(since => NULL)",
+            "22023",
+            "since",
+        );
     }
 
     #[pg_test]
@@ -565,7 +589,11 @@ mod tests {
         run("CREATE ROLE analytics_user");
         run("SET LOCAL ROLE analytics_user");
         assert_error("SET apikeys.analytics = off", "42501", "apikeys.analytics");
-        assert_error("SET apikeys.analytics_retention = '1 day'", "42501", "apikeys.analytics_retention");
+        assert_error(
+            "SET apikeys.analytics_retention = '1 day'",
+            "42501",
+            "apikeys.analytics_retention",
+        );
         run("RESET ROLE");
     }
 }

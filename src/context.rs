@@ -7,9 +7,9 @@
 //! next client an identity), and a rolled-back savepoint or PL/pgSQL exception block takes back
 //! what was authenticated inside it, as it would for `SET LOCAL`.
 
+use crate::addresses::{self, Client};
 use crate::jsonb::{self, Jsonb};
 use crate::verify::{self, Code, Verification};
-use crate::addresses::{self, Client};
 use crate::{claims, errors, http, permissions, tokens};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -263,7 +263,8 @@ fn authenticated(credential: Option<&str>, request: verify::Request) -> verify::
 /// The verification of the credential in `headers` (see `credential_from_headers`), with the
 /// request's address (`addresses::of_request`); None when the request carries no credential.
 fn authenticate_request_headers(headers: &Value, required: Option<Jsonb>) -> Option<Verification> {
-    let request = verify::Request::from_args(required, Some(1), None, addresses::of_request(headers));
+    let request =
+        verify::Request::from_args(required, Some(1), None, addresses::of_request(headers));
     match credential_from_headers(headers) {
         Ok(Some(credential)) => Some(try_authenticate(Some(credential), &request)),
         Ok(None) => None,
@@ -775,7 +776,10 @@ mod tests {
         pgrst_helper();
         let (body, detail) = refusal("SELECT apikeys.authenticate_request()");
         assert_eq!(body["code"], "NO_CREDENTIALS");
-        assert_eq!(detail, json!({"status": 401, "headers": {"WWW-Authenticate": "Bearer"}}));
+        assert_eq!(
+            detail,
+            json!({"status": 401, "headers": {"WWW-Authenticate": "Bearer"}})
+        );
         set_headers(json!({"x-api-key": "sk_wrong"}));
         let (body, detail) = refusal("SELECT apikeys.authenticate_request()");
         assert_eq!(body["code"], "NOT_FOUND");
@@ -787,7 +791,10 @@ mod tests {
         assert_eq!(who(), None);
         // Two different credentials: PostgREST's role from one, our identity from the other.
         set_headers(json!({"x-api-key": roleless, "authorization": format!("Bearer {key}")}));
-        assert_eq!(refusal("SELECT apikeys.authenticate_request()").1["status"], 401);
+        assert_eq!(
+            refusal("SELECT apikeys.authenticate_request()").1["status"],
+            401
+        );
         assert_eq!(who(), None);
         set_headers(json!({"x-api-key": roleless}));
         run("SELECT apikeys.authenticate_request()");
@@ -826,7 +833,8 @@ mod tests {
     }
 
     fn pgrst_helper() {
-        run(r#"CREATE OR REPLACE FUNCTION tests.pgrst_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
+        run(
+            r#"CREATE OR REPLACE FUNCTION tests.pgrst_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
                DECLARE d text;
                BEGIN
                    EXECUTE q;
@@ -834,7 +842,8 @@ mod tests {
                EXCEPTION WHEN OTHERS THEN
                    GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
                    RETURN SQLSTATE || '|' || SQLERRM || '|' || d;
-               END $f$"#);
+               END $f$"#,
+        );
     }
 
     #[pg_test]
@@ -852,7 +861,11 @@ mod tests {
         let (_, disabled) = create("enabled => false");
         let (revoked_id, revoked) = create("");
         run(&format!("SELECT apikeys.revoke_api_key('{revoked_id}')"));
-        for (key, code) in [(&expired, "EXPIRED"), (&disabled, "DISABLED"), (&revoked, "REVOKED")] {
+        for (key, code) in [
+            (&expired, "EXPIRED"),
+            (&disabled, "DISABLED"),
+            (&revoked, "REVOKED"),
+        ] {
             let (body, detail) = with(key);
             assert_eq!(body["code"], code);
             assert!(body["details"].is_string(), "names the key: {body}");
@@ -860,35 +873,56 @@ mod tests {
             assert_eq!(detail["status"], 401);
         }
         // 429 with Retry-After until the window ends (whole seconds, rounded up).
-        let (_, limited) = create("rate_limit_max => 1, rate_limit_window => '1 hour', rate_limit_algorithm => 'fixed'");
+        let (_, limited) = create(
+            "rate_limit_max => 1, rate_limit_window => '1 hour', rate_limit_algorithm => 'fixed'",
+        );
         run(&format!("SELECT apikeys.verify_key('{limited}')"));
         let (body, detail) = with(&limited);
         assert_eq!(body["code"], "RATE_LIMITED");
         assert_eq!(detail["status"], 429);
-        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        let retry: i64 = detail["headers"]["Retry-After"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((3590..=3600).contains(&retry), "{detail}");
         // A spent quota: until the refill, or no Retry-After without one.
         let (_, spent) = create("remaining => 0");
         let (body, detail) = with(&spent);
         assert_eq!(body["code"], "USAGE_EXCEEDED");
         assert_eq!(detail, json!({"status": 429, "headers": {}}));
-        let (_, refilling) = create("remaining => 1, refill_amount => 1, refill_interval => '1 day'");
+        let (_, refilling) =
+            create("remaining => 1, refill_amount => 1, refill_interval => '1 day'");
         run(&format!("SELECT apikeys.verify_key('{refilling}')"));
         let (_, detail) = with(&refilling);
-        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        let retry: i64 = detail["headers"]["Retry-After"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((86_390..=86_400).contains(&retry), "{detail}");
         // An identity's exhausted quota: until the identity's refill.
         run("SELECT apikeys.create_identity('http_org', remaining => 0, refill_amount => 5, refill_interval => '2 hours')");
         let (_, member) = create("owner => 'http_org'");
         let (body, detail) = with(&member);
         assert_eq!(body["code"], "USAGE_EXCEEDED");
-        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        let retry: i64 = detail["headers"]["Retry-After"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((7190..=7200).contains(&retry), "{detail}");
         // Both levels exhausted: a retry can succeed only once both have refilled.
         run("SELECT apikeys.create_identity('http_both', remaining => 0, refill_amount => 5, refill_interval => '3 hours')");
-        let (_, both) = create("owner => 'http_both', remaining => 0, refill_amount => 1, refill_interval => '1 hour'");
+        let (_, both) = create(
+            "owner => 'http_both', remaining => 0, refill_amount => 1, refill_interval => '1 hour'",
+        );
         let (_, detail) = with(&both);
-        let retry: i64 = detail["headers"]["Retry-After"].as_str().unwrap().parse().unwrap();
+        let retry: i64 = detail["headers"]["Retry-After"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((10_790..=10_800).contains(&retry), "{detail}");
         run("SELECT apikeys.create_identity('http_never', remaining => 0)");
         let (_, never) = create("owner => 'http_never', remaining => 0, refill_amount => 1, refill_interval => '1 hour'");
@@ -912,9 +946,18 @@ mod tests {
             one::<String>("SELECT tests.pgrst_of('SELECT apikeys.authenticate_request()')")
         };
         run("SET LOCAL apikeys.client_ip_header = 'x-forwarded-for'");
-        assert_eq!(request(json!({"x-api-key": key, "x-forwarded-for": "10.1.1.1, 192.168.0.1"})), None);
-        assert_eq!(request(json!({"x-api-key": key, "X-Forwarded-For": "[2001:db8::7]:443"})), None);
-        assert_eq!(request(json!({"x-api-key": key, "x-forwarded-for": "10.1.1.1:8080"})), None);
+        assert_eq!(
+            request(json!({"x-api-key": key, "x-forwarded-for": "10.1.1.1, 192.168.0.1"})),
+            None
+        );
+        assert_eq!(
+            request(json!({"x-api-key": key, "X-Forwarded-For": "[2001:db8::7]:443"})),
+            None
+        );
+        assert_eq!(
+            request(json!({"x-api-key": key, "x-forwarded-for": "10.1.1.1:8080"})),
+            None
+        );
         for refused in [
             json!({"x-api-key": key, "x-forwarded-for": "192.168.0.1, 10.1.1.1"}),
             json!({"x-api-key": key, "x-forwarded-for": "garbage"}),
@@ -922,12 +965,19 @@ mod tests {
             json!({"x-api-key": key}),
         ] {
             let raised = request(refused.clone()).unwrap_or_default();
-            assert!(raised.contains("FORBIDDEN") && raised.contains("403"), "{refused}: {raised}");
+            assert!(
+                raised.contains("FORBIDDEN") && raised.contains("403"),
+                "{refused}: {raised}"
+            );
         }
         // Only a superuser names the header.
         run("CREATE ROLE header_setter");
         run("SET LOCAL ROLE header_setter");
-        assert_error("SET apikeys.client_ip_header = 'x-real-ip'", "42501", "apikeys.client_ip_header");
+        assert_error(
+            "SET apikeys.client_ip_header = 'x-real-ip'",
+            "42501",
+            "apikeys.client_ip_header",
+        );
         run("RESET ROLE");
     }
 

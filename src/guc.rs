@@ -22,8 +22,7 @@ pub static JWT_AUDIENCE: GucSetting<Option<CString>> =
 pub static TOKEN_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TOKEN_CACHE_MEMORY: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static SHARED_KEYS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
-pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
+pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static ANALYTICS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ANALYTICS_RETENTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"90 days"));

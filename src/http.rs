@@ -41,7 +41,11 @@ pub fn refusal(refused: &Refused<'_>, now_us: i64) -> (String, String) {
                     headers.insert("Retry-After".into(), retry_after(at, now_us).into());
                 }
                 if *code == Code::RateLimited {
-                    (429, "rate limit exceeded", "Retry after the time Retry-After gives.")
+                    (
+                        429,
+                        "rate limit exceeded",
+                        "Retry after the time Retry-After gives.",
+                    )
                 } else {
                     (
                         429,
@@ -60,11 +64,7 @@ pub fn refusal(refused: &Refused<'_>, now_us: i64) -> (String, String) {
                 "the credential may not be used from this address",
                 "Call from an address the key allows.",
             ),
-            Code::Valid
-            | Code::NotFound
-            | Code::Expired
-            | Code::Disabled
-            | Code::Revoked => {
+            Code::Valid | Code::NotFound | Code::Expired | Code::Disabled | Code::Revoked => {
                 headers.insert(
                     "WWW-Authenticate".into(),
                     r#"Bearer error="invalid_token""#.into(),
@@ -83,8 +83,7 @@ pub fn refusal(refused: &Refused<'_>, now_us: i64) -> (String, String) {
     (body.to_string(), detail.to_string())
 }
 
-const SEND_CREDENTIALS: &str =
-    r#"Send an API key as "x-api-key: <key>" or a key or token as "Authorization: Bearer <credential>"."#;
+const SEND_CREDENTIALS: &str = r#"Send an API key as "x-api-key: <key>" or a key or token as "Authorization: Bearer <credential>"."#;
 
 /// Whole seconds from `now_us` until `at_us`, rounded up (never negative).
 pub fn retry_after(at_us: i64, now_us: i64) -> String {
@@ -134,7 +133,10 @@ mod unit {
         let (body, detail) = parsed(Refused::NoCredentials);
         assert_eq!(body["code"], "NO_CREDENTIALS");
         assert_eq!(body["details"], Value::Null);
-        assert_eq!(detail, json!({"status": 401, "headers": {"WWW-Authenticate": "Bearer"}}));
+        assert_eq!(
+            detail,
+            json!({"status": 401, "headers": {"WWW-Authenticate": "Bearer"}})
+        );
     }
 
     #[test]

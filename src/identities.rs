@@ -5,11 +5,11 @@
 //! (entry `engine::identity_entry`, rows in `apikeys.identity_meters`); its named limits are
 //! shared-memory windows.
 
+use crate::addresses::SqlCidr;
 use crate::errors::{self, invalid_argument};
 use crate::jsonb::Jsonb;
 use crate::keys::{interval, span};
 use crate::plans;
-use crate::addresses::SqlCidr;
 use crate::settings::{self, Args, Settings, StoredLimits, Update};
 use crate::{audit, credits, engine, verify};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};

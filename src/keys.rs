@@ -2,12 +2,12 @@
 //! SECURITY DEFINER with a fixed search_path (the tables are closed to PUBLIC), is not executable
 //! by PUBLIC, and writes an audit row for each change.
 
+use crate::addresses::SqlCidr;
 use crate::durations::Span;
 use crate::errors::{self, invalid_argument, invalid_argument_hint, key_not_found};
 use crate::jsonb::{self, Jsonb};
 use crate::plans;
 use crate::schema::{API_KEY_FROM, API_KEY_ROW};
-use crate::addresses::SqlCidr;
 use crate::settings::{self, Args, Expiry, Settings, StoredLimits, Update};
 use crate::{audit, guc, key_format, metering, verify};
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};

@@ -294,12 +294,7 @@ pub struct Report {
     pub exceeded: bool,
 }
 
-pub fn report(
-    applied: &Applied,
-    remaining: i64,
-    reset_us: Option<i64>,
-    exceeded: bool,
-) -> Report {
+pub fn report(applied: &Applied, remaining: i64, reset_us: Option<i64>, exceeded: bool) -> Report {
     Report {
         name: applied.name.clone(),
         level: applied.level,

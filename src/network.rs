@@ -14,9 +14,7 @@ pub struct Cidr {
 /// IPv4-mapped IPv6 addresses as IPv4; everything else as it is.
 pub fn normalize(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -172,7 +170,15 @@ mod unit {
 
     #[test]
     fn bad_networks_are_refused() {
-        for bad in ["", "10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/", "10.0.0.0/-1"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }
@@ -182,7 +188,10 @@ mod unit {
         assert_eq!(first_address("1.2.3.4"), Some(ip("1.2.3.4")));
         assert_eq!(first_address(" 1.2.3.4 , 10.0.0.1"), Some(ip("1.2.3.4")));
         assert_eq!(first_address("1.2.3.4:5678, 10.0.0.1"), Some(ip("1.2.3.4")));
-        assert_eq!(first_address("2001:db8::1, 1.2.3.4"), Some(ip("2001:db8::1")));
+        assert_eq!(
+            first_address("2001:db8::1, 1.2.3.4"),
+            Some(ip("2001:db8::1"))
+        );
         assert_eq!(first_address("[2001:db8::1]:443"), Some(ip("2001:db8::1")));
         assert_eq!(first_address("[::1]"), Some(ip("::1")));
         for malformed in [

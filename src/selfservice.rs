@@ -6,9 +6,9 @@
 //! identity's). Any other key id is 42501, revealing nothing; outside an authenticated
 //! transaction, 28000. Audit rows name the acting key (`audit_log.acting_key_id`).
 
+use crate::jsonb::{self, Jsonb};
 use crate::keys::{self, Row};
 use crate::settings::{Args, Settings, Update};
-use crate::jsonb::{self, Jsonb};
 use crate::{audit, context, errors, permissions, plans};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
@@ -85,7 +85,11 @@ fn own_key(id: Option<String>, me: &Caller) -> String {
                FROM apikeys.keys k LEFT JOIN apikeys.keys c ON c.id = $3
               WHERE k.id = $1 AND k.owner = $2 FOR UPDATE OF k",
             None,
-            &[id.as_str().into(), me.owner.as_str().into(), me.key_id.as_str().into()],
+            &[
+                id.as_str().into(),
+                me.owner.as_str().into(),
+                me.key_id.as_str().into(),
+            ],
         );
         if row.is_empty() {
             return None;
@@ -93,8 +97,7 @@ fn own_key(id: Option<String>, me: &Caller) -> String {
         let row = row.first();
         Some((
             errors::internal(row.get::<bool>(1)).unwrap_or(true),
-            errors::internal(row.get::<pgrx::JsonB>(2))
-                .and_then(|p| permissions::parse(&p.0).ok()),
+            errors::internal(row.get::<pgrx::JsonB>(2)).and_then(|p| permissions::parse(&p.0).ok()),
             errors::internal(row.get::<bool>(3)).unwrap_or(false),
         ))
     });
@@ -262,7 +265,8 @@ mod tests {
     use crate::test_support::*;
     use pgrx::prelude::*;
 
-    const MANAGER: &str = r#"owner => 'alice', permissions => '{"apikeys": ["manage"], "docs": ["read", "write"]}'"#;
+    const MANAGER: &str =
+        r#"owner => 'alice', permissions => '{"apikeys": ["manage"], "docs": ["read", "write"]}'"#;
 
     fn authenticate(credential: &str) {
         run(&format!(
@@ -316,7 +320,9 @@ mod tests {
         // Disabled (checked before revoked), and revoked for good.
         assert_eq!(code(&rotated, ""), "DISABLED");
         assert_eq!(
-            one::<bool>(&format!("SELECT revoked_at IS NOT NULL FROM apikeys.get_api_key('{id}')")),
+            one::<bool>(&format!(
+                "SELECT revoked_at IS NOT NULL FROM apikeys.get_api_key('{id}')"
+            )),
             Some(true)
         );
         // Bob's key was never within reach.
@@ -389,10 +395,8 @@ mod tests {
         authenticate(&plain);
         assert_error("SELECT apikeys.my_create_api_key('x')", "42501", "apikeys");
         run("SELECT apikeys.reset()");
-        let narrow = one::<String>(&format!(
-            r#"SELECT apikeys.mint_token('{manager}', 60000)"#
-        ))
-        .unwrap();
+        let narrow =
+            one::<String>(&format!(r#"SELECT apikeys.mint_token('{manager}', 60000)"#)).unwrap();
         // A token carries its key's permissions: it may manage. Shrink the key, and it may not.
         authenticate(&narrow);
         run("SELECT count(*) FROM apikeys.my_list_api_keys()");
@@ -401,7 +405,11 @@ mod tests {
             r#"SELECT apikeys.update_api_key('{manager_id}', permissions => '{{"docs": ["read"]}}')"#
         ));
         authenticate(&narrow);
-        assert_error("SELECT count(*) FROM apikeys.my_list_api_keys()", "42501", "apikeys");
+        assert_error(
+            "SELECT count(*) FROM apikeys.my_list_api_keys()",
+            "42501",
+            "apikeys",
+        );
         run("SELECT apikeys.reset()");
         // A key made with a token lives no longer than the token.
         run(&format!(
@@ -435,7 +443,9 @@ mod tests {
             );
         }
         run("SELECT apikeys.reset()");
-        run(&format!("SELECT apikeys.authenticate('{listed}', client_ip => '10.0.0.1')"));
+        run(&format!(
+            "SELECT apikeys.authenticate('{listed}', client_ip => '10.0.0.1')"
+        ));
         assert_error(
             &format!("SELECT apikeys.my_revoke_api_key('{open_id}')"),
             "42501",
@@ -444,7 +454,10 @@ mod tests {
         // What it creates is no wider than itself: its allow-list comes along.
         let made = one::<String>("SELECT id FROM apikeys.my_create_api_key('sub')").unwrap();
         assert_eq!(
-            one::<String>(&format!("SELECT allowed_cidrs::text FROM apikeys.get_api_key('{made}')")).as_deref(),
+            one::<String>(&format!(
+                "SELECT allowed_cidrs::text FROM apikeys.get_api_key('{made}')"
+            ))
+            .as_deref(),
             Some("{10.0.0.0/8}")
         );
         run(&format!("SELECT apikeys.my_revoke_api_key('{listed_id}')"));
@@ -452,6 +465,10 @@ mod tests {
         // A key without an owner has no keys to manage.
         let (_, ownerless) = create(r#"permissions => '{"apikeys": ["manage"]}'"#);
         authenticate(&ownerless);
-        assert_error("SELECT count(*) FROM apikeys.my_list_api_keys()", "42501", "no owner");
+        assert_error(
+            "SELECT count(*) FROM apikeys.my_list_api_keys()",
+            "42501",
+            "no owner",
+        );
     }
 }

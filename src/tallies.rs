@@ -183,12 +183,30 @@ mod unit {
     fn tallies_add_up_per_key_code_and_minute() {
         let mut slots = vec![FREE; 16];
         let mut used = 0;
-        assert_eq!(add(&mut slots, &mut used, &key(1, "a", 0, 5), 1, 3), Added::New);
-        assert_eq!(add(&mut slots, &mut used, &key(1, "a", 0, 5), 1, 2), Added::Existing);
-        assert_eq!(add(&mut slots, &mut used, &key(1, "a", 1, 5), 1, 0), Added::New);
-        assert_eq!(add(&mut slots, &mut used, &key(1, "a", 0, 6), 1, 1), Added::New);
-        assert_eq!(add(&mut slots, &mut used, &key(1, "", 1, 6), 1, 0), Added::New);
-        assert_eq!(add(&mut slots, &mut used, &key(2, "a", 0, 5), 1, 1), Added::New);
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "a", 0, 5), 1, 3),
+            Added::New
+        );
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "a", 0, 5), 1, 2),
+            Added::Existing
+        );
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "a", 1, 5), 1, 0),
+            Added::New
+        );
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "a", 0, 6), 1, 1),
+            Added::New
+        );
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "", 1, 6), 1, 0),
+            Added::New
+        );
+        assert_eq!(
+            add(&mut slots, &mut used, &key(2, "a", 0, 5), 1, 1),
+            Added::New
+        );
         assert_eq!(used, 5);
         let mut taken = take(&mut slots, &mut used, 1);
         taken.sort_by_key(|t| (t.id().to_owned(), t.code, t.minute));
@@ -198,7 +216,12 @@ mod unit {
             .collect();
         assert_eq!(
             seen,
-            [("", 1, 6, 1, 0), ("a", 0, 5, 2, 5), ("a", 0, 6, 1, 1), ("a", 1, 5, 1, 0)]
+            [
+                ("", 1, 6, 1, 0),
+                ("a", 0, 5, 2, 5),
+                ("a", 0, 6, 1, 1),
+                ("a", 1, 5, 1, 0)
+            ]
         );
         assert_eq!(used, 1);
         assert!(any_of(&slots, 2) && !any_of(&slots, 1));
@@ -209,14 +232,26 @@ mod unit {
         let mut slots = vec![FREE; 16];
         let mut used = 0;
         for m in 0..14 {
-            assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, m), 1, 0), Added::New);
+            assert_eq!(
+                add(&mut slots, &mut used, &key(1, "k", 0, m), 1, 0),
+                Added::New
+            );
         }
-        assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, 99), 1, 0), Added::Full);
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "k", 0, 99), 1, 0),
+            Added::Full
+        );
         // An existing tally still counts.
-        assert_eq!(add(&mut slots, &mut used, &key(1, "k", 0, 2), 1, 0), Added::Existing);
+        assert_eq!(
+            add(&mut slots, &mut used, &key(1, "k", 0, 2), 1, 0),
+            Added::Existing
+        );
         let long = "x".repeat(ID_BYTES + 1);
         let mut empty = vec![FREE; 4];
-        assert_eq!(add(&mut empty, &mut 0, &key(1, &long, 0, 0), 1, 0), Added::Full);
+        assert_eq!(
+            add(&mut empty, &mut 0, &key(1, &long, 0, 0), 1, 0),
+            Added::Full
+        );
     }
 
     proptest! {

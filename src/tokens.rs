@@ -348,7 +348,10 @@ fn verify_token_from(
     client_ip: default!(Option<pgrx::datum::Inet>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
     let client = Client::from_arg(client_ip.as_ref());
-    verified(token, verify::Request::from_args(required, cost, ratelimits, client))
+    verified(
+        token,
+        verify::Request::from_args(required, cost, ratelimits, client),
+    )
 }
 
 /// verify_token as 0.7 declared it, for a database not updated yet (no SQL).
@@ -370,7 +373,10 @@ fn verify_token(
     required: Option<Jsonb>,
     cost: Option<i32>,
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    verified(token, verify::Request::from_args(required, cost, None, Client::At(None)))
+    verified(
+        token,
+        verify::Request::from_args(required, cost, None, Client::At(None)),
+    )
 }
 
 fn verified(token: Option<&str>, request: verify::Request) -> verify::VerificationRow {

@@ -517,8 +517,7 @@ impl KeyState {
     fn refusal(&self, client: Client) -> Option<Code> {
         self.status_code().or_else(|| {
             let identity = self.identity.as_ref().and_then(|i| i.allowed.as_deref());
-            let allowed =
-                client.allowed_by(self.allowed.as_deref()) && client.allowed_by(identity);
+            let allowed = client.allowed_by(self.allowed.as_deref()) && client.allowed_by(identity);
             (!allowed).then_some(Code::Forbidden)
         })
     }
@@ -1246,7 +1245,12 @@ fn verify_key_from(
     ratelimits: default!(Option<Jsonb>, "NULL"),
     client_ip: default!(Option<pgrx::datum::Inet>, "NULL"),
 ) -> pgrx::composite_type!('static, "apikeys.verification") {
-    let request = Request::from_args(required, cost, ratelimits, Client::from_arg(client_ip.as_ref()));
+    let request = Request::from_args(
+        required,
+        cost,
+        ratelimits,
+        Client::from_arg(client_ip.as_ref()),
+    );
     counted(verify(key, &request), &request).into_row()
 }
 
@@ -1277,7 +1281,11 @@ fn verify_key(
 /// A verification as callers get it, counted for analytics (SPEC §8) first: a VALID one spent
 /// the request's cost, a refused one nothing.
 pub fn counted(v: Verification, request: &Request) -> Verification {
-    let spent = if v.code == Code::Valid { request.cost } else { 0 };
+    let spent = if v.code == Code::Valid {
+        request.cost
+    } else {
+        0
+    };
     crate::analytics::count(&v, spent);
     v
 }

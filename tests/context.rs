@@ -310,13 +310,23 @@ fn postgrest_requests_authenticate_in_the_pre_request_function() {
     // Bad or missing credentials: PostgREST's custom error, HTTP 401.
     for (headers, code) in [
         (serde_json::json!({"x-api-key": "sk_wrong"}), "NOT_FOUND"),
-        (serde_json::json!({"authorization": "Bearer not.a.token"}), "NOT_FOUND"),
-        (serde_json::json!({"authorization": "Basic dXNlcjpwYXNz"}), "NO_CREDENTIALS"),
+        (
+            serde_json::json!({"authorization": "Bearer not.a.token"}),
+            "NOT_FOUND",
+        ),
+        (
+            serde_json::json!({"authorization": "Basic dXNlcjpwYXNz"}),
+            "NO_CREDENTIALS",
+        ),
         (none.clone(), "NO_CREDENTIALS"),
     ] {
         let err = request(&mut pgrst, "GET", headers.clone(), anon, none.clone()).unwrap_err();
         let answer = Answer::of(&err);
-        assert_eq!((answer.status, answer.code.as_str()), (401, code), "{headers}: {err}");
+        assert_eq!(
+            (answer.status, answer.code.as_str()),
+            (401, code),
+            "{headers}: {err}"
+        );
     }
     // A revoked key's token is refused even though its signature is fine.
     admin
@@ -386,8 +396,14 @@ impl Answer {
         for field in ["code", "message", "details", "hint"] {
             assert!(body.get(field).is_some(), "{field} missing from {body}");
         }
-        let headers = detail["headers"].as_object().expect("headers object").clone();
-        assert!(headers.values().all(serde_json::Value::is_string), "{detail}");
+        let headers = detail["headers"]
+            .as_object()
+            .expect("headers object")
+            .clone();
+        assert!(
+            headers.values().all(serde_json::Value::is_string),
+            "{detail}"
+        );
         Answer {
             status: detail["status"].as_u64().expect("numeric status"),
             headers,
@@ -406,10 +422,15 @@ fn postgrest_answers_each_refusal_with_its_status_headers_and_body() {
     let mut admin = setup();
     // Behind a proxy: the client's address is the first of x-forwarded-for.
     admin
-        .batch_execute("ALTER ROLE it_authenticator SET apikeys.client_ip_header = 'x-forwarded-for'")
+        .batch_execute(
+            "ALTER ROLE it_authenticator SET apikeys.client_ip_header = 'x-forwarded-for'",
+        )
         .unwrap();
     let read = "role => 'it_web', owner => 'acme', permissions => '{\"orders\": [\"read\"]}'";
-    let (_, expired) = create(&mut admin, &format!("{read}, expires_at => now() - '1 s'::interval"));
+    let (_, expired) = create(
+        &mut admin,
+        &format!("{read}, expires_at => now() - '1 s'::interval"),
+    );
     let (_, disabled) = create(&mut admin, &format!("{read}, enabled => false"));
     let (revoked_id, revoked) = create(&mut admin, read);
     admin
@@ -437,12 +458,22 @@ fn postgrest_answers_each_refusal_with_its_status_headers_and_body() {
     };
     let with_key = |key: &str| serde_json::json!({"x-api-key": key, "x-forwarded-for": "10.0.0.1"});
 
-    for (key, code) in [(&expired, "EXPIRED"), (&disabled, "DISABLED"), (&revoked, "REVOKED")] {
+    for (key, code) in [
+        (&expired, "EXPIRED"),
+        (&disabled, "DISABLED"),
+        (&revoked, "REVOKED"),
+    ] {
         let a = refused(&mut pgrst, with_key(key));
         assert_eq!((a.status, a.code.as_str()), (401, code));
-        assert_eq!(a.header("WWW-Authenticate"), Some("Bearer error=\"invalid_token\""));
+        assert_eq!(
+            a.header("WWW-Authenticate"),
+            Some("Bearer error=\"invalid_token\"")
+        );
         assert!(a.body["details"].is_string(), "the key's id: {}", a.body);
-        assert!(!a.body.to_string().contains(key.as_str()), "never the secret");
+        assert!(
+            !a.body.to_string().contains(key.as_str()),
+            "never the secret"
+        );
     }
     let a = refused(&mut pgrst, none.clone());
     assert_eq!((a.status, a.code.as_str()), (401, "NO_CREDENTIALS"));
@@ -463,13 +494,24 @@ fn postgrest_answers_each_refusal_with_its_status_headers_and_body() {
 
     // 403 for an address outside the allow-list, both families; a malformed header is an
     // address outside it, never an error.
-    for ok in ["10.9.8.7", "10.9.8.7:4431, 192.168.0.1", "2001:db8::1", "[2001:db8::1]:443"] {
-        let (rows, _) = get(&mut pgrst, serde_json::json!({"x-api-key": listed, "x-forwarded-for": ok}))
-            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    for ok in [
+        "10.9.8.7",
+        "10.9.8.7:4431, 192.168.0.1",
+        "2001:db8::1",
+        "[2001:db8::1]:443",
+    ] {
+        let (rows, _) = get(
+            &mut pgrst,
+            serde_json::json!({"x-api-key": listed, "x-forwarded-for": ok}),
+        )
+        .unwrap_or_else(|e| panic!("{ok}: {e}"));
         assert_eq!(rows, ["anvil", "rocket"], "{ok}");
     }
     for bad in ["192.168.0.1, 10.0.0.1", "2001:db9::1", "not-an-address", ""] {
-        let a = refused(&mut pgrst, serde_json::json!({"x-api-key": listed, "x-forwarded-for": bad}));
+        let a = refused(
+            &mut pgrst,
+            serde_json::json!({"x-api-key": listed, "x-forwarded-for": bad}),
+        );
         assert_eq!((a.status, a.code.as_str()), (403, "FORBIDDEN"), "{bad}");
         assert!(a.headers.is_empty());
     }
@@ -490,7 +532,10 @@ fn postgrest_answers_each_refusal_with_its_status_headers_and_body() {
         )
         .unwrap_err();
     let a = Answer::of(&err);
-    assert_eq!((a.status, a.code.as_str()), (403, "INSUFFICIENT_PERMISSIONS"));
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (403, "INSUFFICIENT_PERMISSIONS")
+    );
     drop(tx);
     admin
         .batch_execute("ALTER ROLE it_authenticator RESET apikeys.client_ip_header")

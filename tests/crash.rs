@@ -721,18 +721,40 @@ fn verification_counts_are_exact_under_concurrency_and_across_a_clean_restart() 
                     .unwrap()
                     .get(0);
                 for i in 0..50 {
-                    assert_eq!(code(&mut c, "SELECT code FROM apikeys.verify_key($1)", &plain), "VALID");
+                    assert_eq!(
+                        code(&mut c, "SELECT code FROM apikeys.verify_key($1)", &plain),
+                        "VALID"
+                    );
                     if i % 5 == 0 {
-                        assert_eq!(code(&mut c, "SELECT code FROM apikeys.verify_key($1, cost => 3)", &plain), "VALID");
-                        assert_eq!(code(&mut c, "SELECT code FROM apikeys.verify_token($1)", &token), "VALID");
-                        assert_eq!(code(&mut c, "SELECT code FROM apikeys.authenticate($1)", &plain), "VALID");
+                        assert_eq!(
+                            code(
+                                &mut c,
+                                "SELECT code FROM apikeys.verify_key($1, cost => 3)",
+                                &plain
+                            ),
+                            "VALID"
+                        );
+                        assert_eq!(
+                            code(&mut c, "SELECT code FROM apikeys.verify_token($1)", &token),
+                            "VALID"
+                        );
+                        assert_eq!(
+                            code(&mut c, "SELECT code FROM apikeys.authenticate($1)", &plain),
+                            "VALID"
+                        );
                     }
                     if i % 5 < 3 {
                         let missing = format!("sk_missing{t}x{i}abcdefghijklmnopqrstuv");
-                        assert_eq!(code(&mut c, "SELECT code FROM apikeys.verify_key($1)", &missing), "NOT_FOUND");
+                        assert_eq!(
+                            code(&mut c, "SELECT code FROM apikeys.verify_key($1)", &missing),
+                            "NOT_FOUND"
+                        );
                     }
                     if i % 5 < 2 {
-                        assert_eq!(code(&mut c, "SELECT code FROM apikeys.verify_key($1)", &limited), "RATE_LIMITED");
+                        assert_eq!(
+                            code(&mut c, "SELECT code FROM apikeys.verify_key($1)", &limited),
+                            "RATE_LIMITED"
+                        );
                     }
                 }
             })
@@ -784,7 +806,11 @@ fn verification_counts_are_exact_under_concurrency_and_across_a_clean_restart() 
         .collect();
     assert_eq!(
         owners,
-        [(None, 30 * n), (Some("tenant-a".into()), 80 * n), (Some("tenant-b".into()), 20 * n + 5)]
+        [
+            (None, 30 * n),
+            (Some("tenant-a".into()), 80 * n),
+            (Some("tenant-b".into()), 20 * n + 5)
+        ]
     );
     drop(client);
     cluster(&["stop", DIR, PORT]);

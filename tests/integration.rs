@@ -479,15 +479,20 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
     // SPEC §8: allow-lists of a key and an identity, a self-service key (its audit row names the
     // acting key), and verification counts (written by the writer within seconds).
     client
-        .batch_execute("SELECT apikeys.create_identity('dump-net', allowed_cidrs => '{10.0.0.0/8}')")
+        .batch_execute(
+            "SELECT apikeys.create_identity('dump-net', allowed_cidrs => '{10.0.0.0/8}')",
+        )
         .unwrap();
     let (_, listed) = create(
         &mut client,
         "owner => 'dump-net', allowed_cidrs => '{10.1.0.0/16}', permissions => '{\"apikeys\": [\"manage\"]}'",
     );
     let mut tx = client.transaction().unwrap();
-    tx.execute("SELECT apikeys.authenticate($1, client_ip => '10.1.2.3')", &[&listed])
-        .unwrap();
+    tx.execute(
+        "SELECT apikeys.authenticate($1, client_ip => '10.1.2.3')",
+        &[&listed],
+    )
+    .unwrap();
     let mine: String = tx
         .query_one("SELECT id FROM apikeys.my_create_api_key('mine')", &[])
         .unwrap()
@@ -509,7 +514,10 @@ fn dump_and_restore_keep_keys_quotas_and_audit() {
         if after > 0 && after == before {
             break after;
         }
-        assert!(std::time::Instant::now() < deadline, "verification counts still moving");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "verification counts still moving"
+        );
     };
     let audit_rows: i64 = client
         .query_one("SELECT count(*) FROM apikeys.audit_log", &[])
