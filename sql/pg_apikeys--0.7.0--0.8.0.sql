@@ -1,7 +1,8 @@
 -- pg_apikeys 0.7.0 -> 0.8.0 (verification analytics, self-service keys, HTTP statuses, IP
 -- allow-lists: SPEC §8)
 --
--- New table verification_counts (dumped with pg_dump), written by the metering engine's writer.
+-- New tables verification_counts and verification_batches (dumped with pg_dump), written by the
+-- metering engine's writer.
 -- Keys and identities gain allowed_cidrs; audit rows name the key a self-service call acted for.
 -- create_api_key, update_api_key, create_identity and update_identity gain allowed_cidrs,
 -- verify_key, verify_token and authenticate gain client_ip (last, so positional calls keep
@@ -16,16 +17,31 @@ ALTER TABLE apikeys.audit_log ADD COLUMN acting_key_id text;
 CREATE TABLE apikeys.verification_counts (
     granularity text NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
     bucket      timestamptz NOT NULL,
-    key_id      text NOT NULL,
-    owner       text,
-    code        text NOT NULL,
+    key_id      text COLLATE pg_catalog."C" NOT NULL,
+    owner       text COLLATE pg_catalog."C",
+    code        text COLLATE pg_catalog."C" NOT NULL,
     count       bigint NOT NULL,
     cost        bigint NOT NULL
-);
+) WITH (fillfactor = 50);  -- hour and day rows are updated every minute: room for HOT updates
 CREATE UNIQUE INDEX verification_counts_bucket_idx ON apikeys.verification_counts
     (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL));
+CREATE TABLE apikeys.verification_batches (
+    minute     timestamptz NOT NULL,
+    key_ids    text[] NOT NULL,
+    created    timestamptz[] NOT NULL,
+    codes      smallint[] NOT NULL,
+    counts     bigint[] NOT NULL,
+    costs      bigint[] NOT NULL
+);
+CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
+-- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
+-- than writing them.
+ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERNAL,
+    ALTER COLUMN created SET STORAGE EXTERNAL, ALTER COLUMN codes SET STORAGE EXTERNAL,
+    ALTER COLUMN counts SET STORAGE EXTERNAL, ALTER COLUMN costs SET STORAGE EXTERNAL;
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
-REVOKE ALL ON apikeys.verification_counts FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_batches', '');
+REVOKE ALL ON apikeys.verification_counts, apikeys.verification_batches FROM PUBLIC;
 
 ALTER TYPE apikeys.api_key ADD ATTRIBUTE allowed_cidrs cidr[];
 ALTER TYPE apikeys.identity ADD ATTRIBUTE allowed_cidrs cidr[];

@@ -1,17 +1,22 @@
 //! Verification analytics (SPEC §8): every verification (verify_key, verify_token,
 //! authenticate; not mint_token) counts into a per-minute tally of (key, code) in shared memory,
 //! under its own lock — never a write per call. Each database's writer (`writer`) moves its
-//! tallies into `apikeys.verification_counts` every few seconds (sooner when the table fills
-//! up, and when it stops at a clean shutdown), adding each to its minute, hour and day at once,
-//! and prunes what is older than `apikeys.analytics_retention`. A crash loses the tallies not
-//! written yet: at most the last few seconds. Without shared_preload_libraries, and on
-//! standbys, nothing is counted.
+//! tallies into `apikeys.verification_batches` every few seconds (sooner when the table fills
+//! up, and when it stops at a clean shutdown): one row of arrays per minute, however many keys.
+//! Once a minute is over, its batches are added to `apikeys.verification_counts` — each tally
+//! into its minute, hour and day at once — so a key used many times a minute costs one row
+//! there per minute, not one per write (with many distinct keys, per-write upserts were most of
+//! what analytics cost). `verification_stats` reads both. Counts older than
+//! `apikeys.analytics_retention` are pruned. A crash loses the tallies not written yet: at most
+//! the last few seconds. Without shared_preload_libraries, and on standbys, nothing is counted.
 
 use crate::tallies::{self, Added, Tally, TallyKey};
 use crate::verify::{self, Code, Verification};
 use crate::{errors, guc, plans};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -22,6 +27,8 @@ struct Header {
     /// When each database's counts were last pruned (database OID, epoch µs): writers come and
     /// go, the schedule stays.
     pruned: [(u32, i64); crate::engine::DATABASES],
+    /// When each database's batches were last compacted, likewise.
+    compacted: [(u32, i64); crate::engine::DATABASES],
     /// Verifications counted per database slot (`engine::writer_slot`): a writer that sees its
     /// database's move stays, and leaves soon after they stop.
     counted: [u64; crate::engine::DATABASES],
@@ -66,6 +73,7 @@ pub unsafe fn attach() {
                 capacity,
                 used: 0,
                 pruned: [(0, 0); crate::engine::DATABASES],
+                compacted: [(0, 0); crate::engine::DATABASES],
                 counted: [0; crate::engine::DATABASES],
             });
             for i in 0..capacity {
@@ -88,20 +96,33 @@ pub fn counted(slot: usize) -> u64 {
     with_header(|header, _| header.counted.get(slot).copied().unwrap_or(0)).unwrap_or(0)
 }
 
-/// Whether database `db`'s counts are due for pruning (every PRUNE_EVERY_US), noting that
-/// they are being pruned now.
-pub fn prune_due(db: u32, now_us: i64) -> bool {
-    const PRUNE_EVERY_US: i64 = 600_000_000;
+/// The writer's periodic work on the tables.
+#[derive(Clone, Copy)]
+enum Due {
+    Compact,
+    Prune,
+}
+
+/// Whether database `db`'s `what` is due (compaction every 10 s, pruning every 10 minutes),
+/// noting that it runs now. Kept in shared memory: writers come and go, the schedule stays.
+fn due(db: u32, now_us: i64, what: Due) -> bool {
+    let every_us = match what {
+        Due::Compact => 10_000_000,
+        Due::Prune => 600_000_000,
+    };
     with_header(|header, _| {
-        let slots = &mut header.pruned;
+        let slots = match what {
+            Due::Compact => &mut header.compacted,
+            Due::Prune => &mut header.pruned,
+        };
         let i = slots
             .iter()
             .position(|(oid, _)| *oid == db)
             .or_else(|| slots.iter().position(|(oid, _)| *oid == 0))
-            // Every slot taken by other databases: the least recently pruned gives way.
+            // Every slot taken by other databases: the least recently served gives way.
             .or_else(|| (0..slots.len()).min_by_key(|&i| slots[i].1))
             .unwrap_or(0);
-        let due = slots[i].0 != db || now_us.saturating_sub(slots[i].1) >= PRUNE_EVERY_US;
+        let due = slots[i].0 != db || now_us.saturating_sub(slots[i].1) >= every_us;
         if due {
             slots[i] = (db, now_us);
         }
@@ -184,9 +205,12 @@ pub fn count(v: &Verification, spent: i64) {
     if added == Added::Full {
         keep_for_later(&key, spent);
     }
-    // A new tally may be the first of a while: a writer must come for it. A filling table asks
+    // A new tally may be the first of a while: a writer must come for it (a VALID one's use has
+    // asked for one already, and a running writer takes every tally anyway). A filling table asks
     // for an early write (at most every 10 ms per backend: it takes the engine's lock).
-    if added == Added::New || (filling && early_wake_due()) {
+    let unseen =
+        added == Added::New && v.code != Code::Valid && !crate::engine::writer_running(slot);
+    if unseen || (filling && early_wake_due()) {
         crate::engine::wake_writer_for_tallies(filling);
     }
 }
@@ -302,61 +326,154 @@ pub fn filling() -> bool {
     with_tallies(|slots, used| *used * 4 > slots.len() * 3).unwrap_or(false)
 }
 
-/// Writes tallies to `apikeys.verification_counts`: each into its minute, hour and day (UTC),
-/// with the owner of its key as it is now. One statement, in the writer's transaction.
-pub fn write(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
-    if taken.is_empty() {
-        return;
+/// The minutes whose batches are added to verification_counts: those over for this long (their
+/// last tallies reach the batches within a write round, about five seconds, after the minute).
+const COMPACT_AFTER: &str = "70 seconds";
+
+/// The writer's side, in a transaction of its own after the metering round: when `take`, this
+/// database's tallies become batch rows (one per minute, see `write_batches`); minutes that are
+/// over are compacted into verification_counts (at most every ten seconds) and old counts pruned
+/// (every ten minutes). A failure puts the tallies back and is logged (the writer goes on):
+/// nothing analytics does holds up a quota spend. True when tallies were written.
+pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
+    let tallies = if take { self::take(db) } else { Vec::new() };
+    let compact = due(db, now_us, Due::Compact);
+    if tallies.is_empty() && !compact {
+        return false;
     }
-    let ids: Vec<&str> = taken.iter().map(Tally::id).collect();
-    let created: Vec<Option<TimestampWithTimeZone>> = taken
+    let prune = due(db, now_us, Due::Prune);
+    PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            // Before ALTER EXTENSION … UPDATE makes the tables, verifications are not counted.
+            if !crate::catalog::installed()
+                || crate::catalog::relation_if_exists(c"verification_batches").is_none()
+            {
+                return;
+            }
+            crate::owner::as_owner(|| {
+                Spi::connect_mut(|client| {
+                    // A lock on the tables (someone's LOCK, a VACUUM FULL) fails this round
+                    // quickly rather than delaying the metering rounds around it.
+                    errors::internal(client.update("SET LOCAL lock_timeout = '100ms'", None, &[]));
+                    write_batches(client, &tallies);
+                    if compact {
+                        self::compact(client);
+                    }
+                    if prune {
+                        self::prune(client);
+                    }
+                })
+            })
+        });
+        !tallies.is_empty()
+    })
+    .catch_others(|error| {
+        put_back(&tallies);
+        let message = match &error {
+            pg_sys::panic::CaughtError::PostgresError(e)
+            | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_owned(),
+            _ => "an internal error".to_owned(),
+        };
+        // SAFETY: the failed transaction is aborted and its resources released, as
+        // BackgroundWorker::transaction's own error path would before raising.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        warning!("pg_apikeys writer: verification counts not written yet: {message}");
+        false
+    })
+    .execute()
+}
+
+/// Writes tallies as batch rows: one row per minute they count in, whatever their number.
+fn write_batches(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
+    let mut by_minute: std::collections::BTreeMap<i64, Vec<&Tally>> = Default::default();
+    for t in taken {
+        by_minute.entry(t.minute).or_default().push(t);
+    }
+    for (minute, tallies) in by_minute {
+        let ids: Vec<&str> = tallies.iter().map(|t| t.id()).collect();
+        let created: Vec<Option<TimestampWithTimeZone>> = tallies
+            .iter()
+            .map(|t| (!t.id().is_empty()).then(|| verify::from_epoch_us(t.created_us)))
+            .collect();
+        let codes: Vec<i16> = tallies.iter().map(|t| i16::from(t.code)).collect();
+        let counts: Vec<i64> = tallies.iter().map(|t| t.count).collect();
+        let costs: Vec<i64> = tallies.iter().map(|t| t.cost).collect();
+        plans::update(
+            client,
+            "INSERT INTO apikeys.verification_batches (minute, key_ids, created, codes, counts, costs)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            None,
+            &[
+                verify::from_epoch_us(minute.saturating_mul(60_000_000)).into(),
+                ids.into(),
+                created.into(),
+                codes.into(),
+                counts.into(),
+                costs.into(),
+            ],
+        );
+    }
+}
+
+/// `ARRAY['VALID', 'NOT_FOUND', …]`: code names by number plus one (`verify::Code::ALL`).
+fn code_names_sql() -> String {
+    let names: Vec<String> = Code::ALL
         .iter()
-        .map(|t| (!t.id().is_empty()).then(|| verify::from_epoch_us(t.created_us)))
+        .map(|c| format!("'{}'", c.as_str()))
         .collect();
-    let codes: Vec<&str> = taken
-        .iter()
-        .map(|t| Code::from_number(t.code).map_or("VALID", Code::as_str))
-        .collect();
-    let minutes: Vec<TimestampWithTimeZone> = taken
-        .iter()
-        .map(|t| verify::from_epoch_us(t.minute.saturating_mul(60_000_000)))
-        .collect();
-    let counts: Vec<i64> = taken.iter().map(|t| t.count).collect();
-    let costs: Vec<i64> = taken.iter().map(|t| t.cost).collect();
-    plans::update(
-        client,
-        "WITH v AS (
-            SELECT v.key_id, v.code, v.minute, v.n, v.cost, k.owner
-              FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
-                              pg_catalog.unnest($2::pg_catalog.timestamptz[]),
-                              pg_catalog.unnest($3::pg_catalog.text[]),
-                              pg_catalog.unnest($4::pg_catalog.timestamptz[]),
-                              pg_catalog.unnest($5::pg_catalog.int8[]),
-                              pg_catalog.unnest($6::pg_catalog.int8[]))
-                   AS v(key_id, created, code, minute, n, cost)
-              LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) v.key_id
-                                      AND k.created_at OPERATOR(pg_catalog.=) v.created
+    format!("ARRAY[{}]::pg_catalog.text[]", names.join(", "))
+}
+
+/// The tallies of batch rows `b` (a FROM item), one row each: key_id, created, code (text),
+/// minute, n, cost.
+fn unnested_sql(batches: &str) -> String {
+    format!(
+        "SELECT u.key_id, u.created, ({names})[u.code OPERATOR(pg_catalog.+) 1] AS code,
+                b.minute, u.n, u.cost
+           FROM {batches} b,
+                ROWS FROM (pg_catalog.unnest(b.key_ids), pg_catalog.unnest(b.created),
+                           pg_catalog.unnest(b.codes), pg_catalog.unnest(b.counts),
+                           pg_catalog.unnest(b.costs)) AS u(key_id, created, code, n, cost)",
+        names = code_names_sql()
+    )
+}
+
+/// Adds the batches of minutes that are over to verification_counts — each tally into its
+/// minute, hour and day (UTC), with the owner of its key as it is now — and deletes them, in
+/// one statement.
+fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
+    let sql = format!(
+        "WITH moved AS (
+            DELETE FROM apikeys.verification_batches b
+             WHERE b.minute OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
+                                                    '{COMPACT_AFTER}'::pg_catalog.interval)
+             RETURNING b.*
+         ), v AS ({unnested}),
+         -- A key's tallies of a minute come in several batches: summed before its owner is
+         -- looked up (one probe per key and minute, not per batch).
+         s AS (
+            SELECT v.key_id, v.created, v.code, v.minute, pg_catalog.sum(v.n) AS n,
+                   pg_catalog.sum(v.cost) AS cost
+              FROM v GROUP BY 1, 2, 3, 4
+         ),
+         o AS (
+            SELECT s.key_id, s.code, s.minute, s.n, s.cost, k.owner
+              FROM s LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) s.key_id
+                                             AND k.created_at OPERATOR(pg_catalog.=) s.created
          )
          INSERT INTO apikeys.verification_counts AS t
                 (granularity, bucket, key_id, owner, code, count, cost)
-         SELECT g.granularity, pg_catalog.date_trunc(g.granularity, v.minute, 'UTC'), v.key_id,
-                v.owner, v.code, pg_catalog.sum(v.n)::pg_catalog.int8,
-                pg_catalog.sum(v.cost)::pg_catalog.int8
-           FROM v, (VALUES ('minute'), ('hour'), ('day')) AS g(granularity)
+         SELECT g.granularity, pg_catalog.date_trunc(g.granularity, o.minute, 'UTC'), o.key_id,
+                o.owner, o.code, pg_catalog.sum(o.n)::pg_catalog.int8,
+                pg_catalog.sum(o.cost)::pg_catalog.int8
+           FROM o, (VALUES ('minute'), ('hour'), ('day')) AS g(granularity)
           GROUP BY 1, 2, 3, 4, 5
          ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
          DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
                        cost = t.cost OPERATOR(pg_catalog.+) excluded.cost",
-        None,
-        &[
-            ids.into(),
-            created.into(),
-            codes.into(),
-            minutes.into(),
-            counts.into(),
-            costs.into(),
-        ],
+        unnested = unnested_sql("moved")
     );
+    errors::internal(client.update(&sql, None, &[]));
 }
 
 /// Minute counts are kept at most this long (hours and days: the retention).
@@ -441,19 +558,35 @@ fn verification_stats(
     let until = until.unwrap_or_else(|| errors::invalid_argument("until", "must not be NULL"));
     let bucket = bucket.unwrap_or_else(|| errors::invalid_argument("bucket", "must not be NULL"));
     let granularity = granularity_of(bucket);
+    // What is compacted, and the batches of the last minutes that are not yet.
+    let sql = format!(
+        "WITH stored AS (
+            SELECT t.bucket, t.key_id, t.owner, t.code, t.count, t.cost
+              FROM apikeys.verification_counts t
+             WHERE t.granularity OPERATOR(pg_catalog.=) $6
+            UNION ALL
+            -- (in the counts' collation, C: keys' own is the database's, for their index)
+            SELECT pg_catalog.date_trunc($6, v.minute, 'UTC'), v.key_id COLLATE pg_catalog.\"C\",
+                   k.owner COLLATE pg_catalog.\"C\", v.code COLLATE pg_catalog.\"C\", v.n, v.cost
+              FROM ({unnested}) v
+              LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) v.key_id
+                                      AND k.created_at OPERATOR(pg_catalog.=) v.created
+         )
+         SELECT pg_catalog.date_bin($5, t.bucket, '2001-01-01 00:00:00+00'), NULLIF(t.key_id, ''),
+                t.owner, t.code, pg_catalog.sum(t.count)::pg_catalog.int8,
+                pg_catalog.sum(t.cost)::pg_catalog.int8
+           FROM stored t
+          WHERE t.bucket OPERATOR(pg_catalog.>=) $3 AND t.bucket OPERATOR(pg_catalog.<) $4
+            AND ($1::pg_catalog.text IS NULL OR t.key_id OPERATOR(pg_catalog.=) $1)
+            AND ($2::pg_catalog.text IS NULL OR t.owner OPERATOR(pg_catalog.=) $2)
+          GROUP BY 1, 2, 3, 4
+          ORDER BY 1, 2 NULLS FIRST, 3 NULLS FIRST, 4",
+        unnested = unnested_sql("apikeys.verification_batches")
+    );
     let rows = Spi::connect(|client| {
         plans::select(
             client,
-            "SELECT pg_catalog.date_bin($5, t.bucket, '2001-01-01 00:00:00+00'), NULLIF(t.key_id, ''),
-                    t.owner, t.code, pg_catalog.sum(t.count)::pg_catalog.int8,
-                    pg_catalog.sum(t.cost)::pg_catalog.int8
-               FROM apikeys.verification_counts t
-              WHERE t.granularity OPERATOR(pg_catalog.=) $6
-                AND t.bucket OPERATOR(pg_catalog.>=) $3 AND t.bucket OPERATOR(pg_catalog.<) $4
-                AND ($1::pg_catalog.text IS NULL OR t.key_id OPERATOR(pg_catalog.=) $1)
-                AND ($2::pg_catalog.text IS NULL OR t.owner OPERATOR(pg_catalog.=) $2)
-              GROUP BY 1, 2, 3, 4
-              ORDER BY 1, 2 NULLS FIRST, 3 NULLS FIRST, 4",
+            &sql,
             None,
             &[
                 key_id.into(),

@@ -425,6 +425,17 @@ pub fn writer_slot() -> Option<usize> {
     database_index()
 }
 
+/// Whether database slot `index` has a writer now, read without the lock: a hint (a writer that
+/// leaves right after finds the tallies left behind and asks for the next one, `unregister`).
+pub fn writer_running(index: usize) -> bool {
+    if !available() || index >= DATABASES {
+        return false;
+    }
+    // SAFETY: HEADER is set at start-up and valid for the server's life; an aligned i32 read
+    // (volatile: a concurrent write gives the old or the new value) of a slot that exists.
+    unsafe { std::ptr::read_volatile(&raw const (*HEADER).databases[index].writer_pid) != 0 }
+}
+
 /// Asks for a writer for this database's verification tallies: one is started when none runs,
 /// and a running one is woken when `early` (the tallies' table is filling up).
 pub fn wake_writer_for_tallies(early: bool) {

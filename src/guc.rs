@@ -26,7 +26,7 @@ pub static CLIENT_IP_HEADER: GucSetting<Option<CString>> = GucSetting::<Option<C
 pub static ANALYTICS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ANALYTICS_RETENTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"90 days"));
-pub static ANALYTICS_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(16_384);
+pub static ANALYTICS_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
 
 /// Rejects a bad prefix at SET time rather than at the next create_api_key.
 #[pgrx::pg_guard]
@@ -169,7 +169,7 @@ pub fn init() {
         );
         GucRegistry::define_int_guc(
             c"apikeys.analytics_slots",
-            c"Keys whose verification counts shared memory holds between writes (about 200 bytes each).",
+            c"Tallies of (key, code, minute) shared memory holds between writes (about 170 bytes each).",
             c"Counts move to apikeys.verification_counts every few seconds, sooner when this fills up.",
             &ANALYTICS_SLOTS,
             1024,
@@ -266,6 +266,6 @@ pub fn analytics_retention() -> String {
 /// Slots of the analytics table in shared memory.
 pub fn analytics_slots() -> usize {
     usize::try_from(ANALYTICS_SLOTS.get())
-        .unwrap_or(16_384)
+        .unwrap_or(131_072)
         .max(1024)
 }

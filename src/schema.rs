@@ -178,14 +178,33 @@ CREATE TABLE apikeys.ratelimit_overrides (
 CREATE TABLE apikeys.verification_counts (
     granularity text NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
     bucket      timestamptz NOT NULL,     -- the minute's, hour's or day's start (UTC)
-    key_id      text NOT NULL,            -- '' for NOT_FOUND
-    owner       text,
-    code        text NOT NULL,
+    key_id      text COLLATE pg_catalog."C" NOT NULL,  -- '' for NOT_FOUND (C: compared bytewise, fast)
+    owner       text COLLATE pg_catalog."C",
+    code        text COLLATE pg_catalog."C" NOT NULL,
     count       bigint NOT NULL,
     cost        bigint NOT NULL
-);
+) WITH (fillfactor = 50);  -- hour and day rows are updated every minute: room for HOT updates
 CREATE UNIQUE INDEX verification_counts_bucket_idx ON apikeys.verification_counts
     (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL));
+
+-- Tallies as the writer takes them from shared memory every few seconds, one row per minute
+-- they count in (arrays: one row per write, however many keys), until that minute is over and
+-- they are added to verification_counts (compacted): a key used a few times a minute costs one
+-- row there per minute, not one per write. verification_stats reads both.
+CREATE TABLE apikeys.verification_batches (
+    minute     timestamptz NOT NULL,
+    key_ids    text[] NOT NULL,           -- '' for NOT_FOUND
+    created    timestamptz[] NOT NULL,    -- each key's created_at (NULL for NOT_FOUND)
+    codes      smallint[] NOT NULL,       -- verify::Code numbers
+    counts     bigint[] NOT NULL,
+    costs      bigint[] NOT NULL
+);
+CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
+-- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
+-- than writing them.
+ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERNAL,
+    ALTER COLUMN created SET STORAGE EXTERNAL, ALTER COLUMN codes SET STORAGE EXTERNAL,
+    ALTER COLUMN counts SET STORAGE EXTERNAL, ALTER COLUMN costs SET STORAGE EXTERNAL;
 
 -- Every management action, with the database role that performed it.
 CREATE TABLE apikeys.audit_log (
@@ -224,6 +243,7 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.identities_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.identity_meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_batches', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
 
@@ -509,6 +529,7 @@ mod tests {
             ("identities", "owner"),
             ("identity_meters", "identity_id"),
             ("verification_counts", "granularity"),
+            ("verification_batches", "minute"),
         ] {
             for (privilege, statement) in TABLE_PRIVILEGES {
                 for role in ["public", "matrix_public", "matrix_admin"] {

@@ -48,10 +48,6 @@ impl Code {
         Code::ALL.iter().position(|c| *c == self).unwrap_or(0) as u8
     }
 
-    pub fn from_number(n: u8) -> Option<Code> {
-        Code::ALL.get(usize::from(n)).copied()
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Valid => "VALID",

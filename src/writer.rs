@@ -736,57 +736,9 @@ enum Written {
 /// up. True when anything was written.
 fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
     let metered = flush_meters(index, db, all_uses, at_rest);
-    let counted = (all_uses || at_rest || crate::analytics::filling()) && write_tallies(db);
+    let take = all_uses || at_rest || crate::analytics::filling();
+    let counted = crate::analytics::persist(db, take, now_us());
     metered || counted
-}
-
-/// Moves this database's tallies into apikeys.verification_counts (and prunes old counts now
-/// and then). A failed write puts them back and is logged; the writer goes on.
-fn write_tallies(db: u32) -> bool {
-    let tallies = crate::analytics::take(db);
-    if tallies.is_empty() {
-        return false;
-    }
-    PgTryBuilder::new(|| {
-        BackgroundWorker::transaction(|| {
-            // Before ALTER EXTENSION … UPDATE makes the table, verifications are not counted.
-            if !crate::catalog::installed()
-                || crate::catalog::relation_if_exists(c"verification_counts").is_none()
-            {
-                return;
-            }
-            crate::owner::as_owner(|| {
-                Spi::connect_mut(|client| {
-                    // A lock on the table (someone's LOCK, a VACUUM FULL) fails this write quickly
-                    // rather than delaying the metering rounds around it.
-                    crate::errors::internal(client.update(
-                        "SET LOCAL lock_timeout = '100ms'",
-                        None,
-                        &[],
-                    ));
-                    crate::analytics::write(client, &tallies);
-                    if crate::analytics::prune_due(db, now_us()) {
-                        crate::analytics::prune(client);
-                    }
-                })
-            })
-        });
-        true
-    })
-    .catch_others(|error| {
-        crate::analytics::put_back(&tallies);
-        let message = match &error {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(e)
-            | pgrx::pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_owned(),
-            _ => "an internal error".to_owned(),
-        };
-        // SAFETY: the failed transaction is aborted and its resources released, as
-        // BackgroundWorker::transaction's own error path would before raising.
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        warning!("pg_apikeys writer: verification counts not written yet: {message}");
-        false
-    })
-    .execute()
 }
 
 /// Counters and uses: collect, write, complete. A failed write puts the uses back and

@@ -308,3 +308,102 @@ fn identity_changes_rolled_back_or_seen_from_an_old_snapshot_do_not_stick() {
     tx.commit().unwrap();
     assert_eq!(identity_left(&mut reader), Some(99));
 }
+
+/// SPEC §8: tallies reach `apikeys.verification_batches` within seconds; once their minute is
+/// over, the writer adds them to the minute, hour and day counts (with the key's owner) and
+/// deletes the batch — the stats are the same before and after.
+#[test]
+fn batches_of_minutes_that_are_over_are_compacted_into_minutes_hours_and_days() {
+    let mut client = connect();
+    let (id, _) = create(&mut client, "owner => 'compact-owner'");
+    let (_, waker) = create(&mut client, "");
+    // A batch as the writer leaves it, of a minute three hours ago: 3 VALID calls costing 5,
+    // and 2 NOT_FOUND attempts.
+    let minute: String = client
+        .query_one(
+            "SELECT date_trunc('minute', now() - '3 hours'::interval)::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO apikeys.verification_batches (minute, key_ids, created, codes, counts, costs)
+             SELECT $2::text::timestamptz, ARRAY[id, ''], ARRAY[created_at, NULL], '{0, 1}', '{3, 2}', '{5, 0}'
+               FROM apikeys.keys WHERE id = $1",
+            &[&id, &minute],
+        )
+        .unwrap();
+    let stats = |c: &mut Client,
+                 bucket: &str,
+                 key: Option<&str>|
+     -> Vec<(Option<String>, Option<String>, String, i64, i64)> {
+        c.query(
+            "SELECT key_id, owner, code, count, cost FROM apikeys.verification_stats(
+                 key_id => $3, since => $2::text::timestamptz - '1 day'::interval,
+                 until => $2::text::timestamptz + '1 day'::interval, bucket => $1::text::interval)
+              WHERE bucket <= $2::text::timestamptz AND bucket > $2::text::timestamptz - $1::text::interval
+              ORDER BY code",
+            &[&bucket, &minute, &key],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+    };
+    let valid = vec![(
+        Some(id.clone()),
+        Some("compact-owner".to_owned()),
+        "VALID".to_owned(),
+        3,
+        5,
+    )];
+    let both = vec![(None, None, "NOT_FOUND".to_owned(), 2, 0), valid[0].clone()];
+    assert_eq!(
+        stats(&mut client, "1 minute", None),
+        both,
+        "read from the batch"
+    );
+    // Any verification brings a writer, which compacts within seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        client
+            .query_one("SELECT apikeys.verify_key($1)", &[&waker])
+            .unwrap();
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM apikeys.verification_batches WHERE minute = $1::text::timestamptz",
+                &[&minute],
+            )
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch was never compacted"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        stats(&mut client, "1 minute", None),
+        both,
+        "compacted into its minute"
+    );
+    for bucket in ["1 hour", "1 day"] {
+        assert_eq!(
+            stats(&mut client, bucket, Some(&id)),
+            valid,
+            "compacted, in buckets of {bucket}"
+        );
+    }
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM apikeys.verification_counts WHERE key_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 3, "one row in each of minute, hour and day");
+}

@@ -183,14 +183,33 @@ CREATE TABLE apikeys.ratelimit_overrides (
 CREATE TABLE apikeys.verification_counts (
     granularity text NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
     bucket      timestamptz NOT NULL,     -- the minute's, hour's or day's start (UTC)
-    key_id      text NOT NULL,            -- '' for NOT_FOUND
-    owner       text,
-    code        text NOT NULL,
+    key_id      text COLLATE pg_catalog."C" NOT NULL,  -- '' for NOT_FOUND (C: compared bytewise, fast)
+    owner       text COLLATE pg_catalog."C",
+    code        text COLLATE pg_catalog."C" NOT NULL,
     count       bigint NOT NULL,
     cost        bigint NOT NULL
-);
+) WITH (fillfactor = 50);  -- hour and day rows are updated every minute: room for HOT updates
 CREATE UNIQUE INDEX verification_counts_bucket_idx ON apikeys.verification_counts
     (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL));
+
+-- Tallies as the writer takes them from shared memory every few seconds, one row per minute
+-- they count in (arrays: one row per write, however many keys), until that minute is over and
+-- they are added to verification_counts (compacted): a key used a few times a minute costs one
+-- row there per minute, not one per write. verification_stats reads both.
+CREATE TABLE apikeys.verification_batches (
+    minute     timestamptz NOT NULL,
+    key_ids    text[] NOT NULL,           -- '' for NOT_FOUND
+    created    timestamptz[] NOT NULL,    -- each key's created_at (NULL for NOT_FOUND)
+    codes      smallint[] NOT NULL,       -- verify::Code numbers
+    counts     bigint[] NOT NULL,
+    costs      bigint[] NOT NULL
+);
+CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
+-- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
+-- than writing them.
+ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERNAL,
+    ALTER COLUMN created SET STORAGE EXTERNAL, ALTER COLUMN codes SET STORAGE EXTERNAL,
+    ALTER COLUMN counts SET STORAGE EXTERNAL, ALTER COLUMN costs SET STORAGE EXTERNAL;
 
 -- Every management action, with the database role that performed it.
 CREATE TABLE apikeys.audit_log (
@@ -229,6 +248,7 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.identities_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.identity_meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_batches', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
 
@@ -282,13 +302,13 @@ CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:213
+-- src/context.rs:232
 -- pg_apikeys::context::authenticate
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:184
+-- src/context.rs:203
 -- pg_apikeys::context::authenticate
 CREATE  FUNCTION "authenticate"(
 	"credential" TEXT, /* Option < & str > */
@@ -304,7 +324,7 @@ AS 'MODULE_PATHNAME', 'authenticate_from_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:261
+-- src/context.rs:281
 -- pg_apikeys::context::authenticate_headers
 CREATE  FUNCTION "authenticate_headers"(
 	"headers" jsonb /* Option < Jsonb > */
@@ -317,7 +337,7 @@ AS 'MODULE_PATHNAME', 'authenticate_headers_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:275
+-- src/context.rs:295
 -- pg_apikeys::context::authenticate_http
 CREATE  FUNCTION "authenticate_http"(
 	"headers" jsonb, /* Option < Jsonb > */
@@ -334,7 +354,7 @@ AS 'MODULE_PATHNAME', 'authenticate_http_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:313
+-- src/context.rs:333
 -- requires:
 --   authenticate_http
 
@@ -370,13 +390,13 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:200
+-- src/context.rs:219
 -- pg_apikeys::context::authenticate_with_limits
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:199
+-- src/keys.rs:205
 -- pg_apikeys::keys::create_api_key
 CREATE  FUNCTION "create_api_key"(
 	"name" TEXT DEFAULT NULL, /* Option < String > */
@@ -457,7 +477,7 @@ AS 'MODULE_PATHNAME', 'create_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:369
+-- src/context.rs:389
 -- pg_apikeys::context::current_claims
 CREATE  FUNCTION "current_claims"() RETURNS jsonb /* Option < JsonB > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -466,7 +486,7 @@ AS 'MODULE_PATHNAME', 'current_claims_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:349
+-- src/context.rs:369
 -- pg_apikeys::context::current_key_id
 CREATE  FUNCTION "current_key_id"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -475,7 +495,7 @@ AS 'MODULE_PATHNAME', 'current_key_id_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:355
+-- src/context.rs:375
 -- pg_apikeys::context::current_owner
 CREATE  FUNCTION "current_owner"() RETURNS TEXT /* Option < String > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -484,7 +504,7 @@ AS 'MODULE_PATHNAME', 'current_owner_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:362
+-- src/context.rs:382
 -- pg_apikeys::context::current_permissions
 CREATE  FUNCTION "current_permissions"() RETURNS jsonb /* Option < JsonB > */
 STRICT STABLE PARALLEL RESTRICTED
@@ -493,7 +513,7 @@ AS 'MODULE_PATHNAME', 'current_permissions_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:934
+-- src/keys.rs:944
 -- pg_apikeys::keys::delete_api_key
 CREATE  FUNCTION "delete_api_key"(
 	"id" TEXT /* Option < String > */
@@ -505,7 +525,7 @@ AS 'MODULE_PATHNAME', 'delete_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:1028
+-- src/keys.rs:1038
 -- pg_apikeys::keys::delete_expired_api_keys
 CREATE  FUNCTION "delete_expired_api_keys"(
 	"older_than" interval DEFAULT '0' /* Option < Interval > */
@@ -566,7 +586,7 @@ AS 'MODULE_PATHNAME', 'export_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:523
+-- src/keys.rs:533
 -- pg_apikeys::keys::get_api_key
 CREATE  FUNCTION "get_api_key"(
 	"id" TEXT /* Option < String > */
@@ -592,7 +612,7 @@ AS 'MODULE_PATHNAME', 'get_identity_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:376
+-- src/context.rs:396
 -- pg_apikeys::context::has_permission
 CREATE  FUNCTION "has_permission"(
 	"resource" TEXT, /* & str */
@@ -614,7 +634,7 @@ AS 'MODULE_PATHNAME', 'jwks_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:539
+-- src/keys.rs:549
 -- pg_apikeys::keys::list_api_keys
 CREATE  FUNCTION "list_api_keys"(
 	"owner" TEXT DEFAULT NULL /* Option < String > */
@@ -681,7 +701,7 @@ AS 'MODULE_PATHNAME', 'mint_token_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/selfservice.rs:87
+-- src/selfservice.rs:124
 -- pg_apikeys::selfservice::my_create_api_key
 CREATE  FUNCTION "my_create_api_key"(
 	"name" TEXT DEFAULT NULL, /* Option < String > */
@@ -705,7 +725,7 @@ AS 'MODULE_PATHNAME', 'my_create_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/selfservice.rs:131
+-- src/selfservice.rs:191
 -- pg_apikeys::selfservice::my_list_api_keys
 CREATE  FUNCTION "my_list_api_keys"() RETURNS SETOF apikeys.api_key /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
 > */
@@ -716,7 +736,7 @@ AS 'MODULE_PATHNAME', 'my_list_api_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/selfservice.rs:194
+-- src/selfservice.rs:254
 -- pg_apikeys::selfservice::my_revoke_api_key
 CREATE  FUNCTION "my_revoke_api_key"(
 	"id" TEXT /* Option < String > */
@@ -728,7 +748,7 @@ AS 'MODULE_PATHNAME', 'my_revoke_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/selfservice.rs:172
+-- src/selfservice.rs:232
 -- pg_apikeys::selfservice::my_rotate_api_key
 CREATE  FUNCTION "my_rotate_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -746,7 +766,7 @@ AS 'MODULE_PATHNAME', 'my_rotate_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/selfservice.rs:149
+-- src/selfservice.rs:209
 -- pg_apikeys::selfservice::my_update_api_key
 CREATE  FUNCTION "my_update_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -795,7 +815,7 @@ AS 'MODULE_PATHNAME', 'ratelimit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/context.rs:383
+-- src/context.rs:403
 -- pg_apikeys::context::reset
 CREATE  FUNCTION "reset"() RETURNS void
 STRICT VOLATILE PARALLEL RESTRICTED
@@ -816,7 +836,7 @@ AS 'MODULE_PATHNAME', 'retire_signing_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:901
+-- src/keys.rs:911
 -- pg_apikeys::keys::revoke_api_key
 CREATE  FUNCTION "revoke_api_key"(
 	"id" TEXT /* Option < String > */
@@ -828,7 +848,7 @@ AS 'MODULE_PATHNAME', 'revoke_api_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:957
+-- src/keys.rs:967
 -- pg_apikeys::keys::rotate_api_key
 CREATE  FUNCTION "rotate_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -873,7 +893,7 @@ AS 'MODULE_PATHNAME', 'set_ratelimit_override_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/keys.rs:596
+-- src/keys.rs:606
 -- pg_apikeys::keys::update_api_key
 CREATE  FUNCTION "update_api_key"(
 	"id" TEXT, /* Option < String > */
@@ -973,7 +993,7 @@ AS 'MODULE_PATHNAME', 'update_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/analytics.rs:349
+-- src/analytics.rs:537
 -- pg_apikeys::analytics::verification_stats
 CREATE  FUNCTION "verification_stats"(
 	"key_id" TEXT DEFAULT NULL, /* Option < String > */
@@ -996,13 +1016,13 @@ AS 'MODULE_PATHNAME', 'verification_stats_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1257
+-- src/verify.rs:1267
 -- pg_apikeys::verify::verify_key
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1231
+-- src/verify.rs:1236
 -- pg_apikeys::verify::verify_key
 CREATE  FUNCTION "verify_key"(
 	"key" TEXT, /* Option < & str > */
@@ -1018,13 +1038,13 @@ AS 'MODULE_PATHNAME', 'verify_key_from_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1245
+-- src/verify.rs:1255
 -- pg_apikeys::verify::verify_key_with_limits
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/tokens.rs:367
+-- src/tokens.rs:370
 -- pg_apikeys::tokens::verify_token
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
@@ -1046,13 +1066,13 @@ AS 'MODULE_PATHNAME', 'verify_token_from_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/tokens.rs:355
+-- src/tokens.rs:358
 -- pg_apikeys::tokens::verify_token_with_limits
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/schema.rs:269
+-- src/schema.rs:289
 -- finalize
 
 -- Management is for roles a DBA grants it to; verification is for everyone.
