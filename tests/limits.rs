@@ -309,6 +309,9 @@ fn identity_changes_rolled_back_or_seen_from_an_old_snapshot_do_not_stick() {
     assert_eq!(identity_left(&mut reader), Some(99));
 }
 
+/// A row of verification_stats: key_id, owner, code, count, cost.
+type Stat = (Option<String>, Option<String>, String, i64, i64);
+
 /// SPEC §8: tallies reach `apikeys.verification_batches` within seconds; once their minute is
 /// over, the writer adds them to the minute, hour and day counts (with the key's owner) and
 /// deletes the batch — the stats are the same before and after.
@@ -334,10 +337,7 @@ fn batches_of_minutes_that_are_over_are_compacted_into_minutes_hours_and_days() 
             &[&id, &minute],
         )
         .unwrap();
-    let stats = |c: &mut Client,
-                 bucket: &str,
-                 key: Option<&str>|
-     -> Vec<(Option<String>, Option<String>, String, i64, i64)> {
+    let stats = |c: &mut Client, bucket: &str, key: Option<&str>| -> Vec<Stat> {
         c.query(
             "SELECT key_id, owner, code, count, cost FROM apikeys.verification_stats(
                  key_id => $3, since => $2::text::timestamptz - '1 day'::interval,
