@@ -29,10 +29,10 @@ CREATE TABLE apikeys.verification_batches (
     minute     timestamptz NOT NULL,
     key_ids    text[] NOT NULL,
     created    timestamptz[] NOT NULL,
-    codes      smallint[] NOT NULL,
+    codes      text[] NOT NULL,
     counts     bigint[] NOT NULL,
     costs      bigint[] NOT NULL
-);
+) WITH (vacuum_truncate = false);  -- emptied every minute: no AccessExclusive truncation
 CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
 -- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
 -- than writing them.

@@ -205,11 +205,10 @@ pub fn count(v: &Verification, spent: i64) {
     if added == Added::Full {
         keep_for_later(&key, spent);
     }
-    // A new tally may be the first of a while: a writer must come for it (a VALID one's use has
-    // asked for one already, and a running writer takes every tally anyway). A filling table asks
-    // for an early write (at most every 10 ms per backend: it takes the engine's lock).
-    let unseen =
-        added == Added::New && v.code != Code::Valid && !crate::engine::writer_running(slot);
+    // A new tally may be the first of a while: a writer must come for it (a running one takes
+    // every tally anyway: checked without the engine's lock). A filling table asks for an early
+    // write (at most every 10 ms per backend: that takes the engine's lock).
+    let unseen = added == Added::New && !crate::engine::writer_running(slot);
     if unseen || (filling && early_wake_due()) {
         crate::engine::wake_writer_for_tallies(filling);
     }
@@ -337,38 +336,57 @@ const COMPACT_AFTER: &str = "70 seconds";
 /// nothing analytics does holds up a quota spend. True when tallies were written.
 pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
     let tallies = if take { self::take(db) } else { Vec::new() };
-    let compact = due(db, now_us, Due::Compact);
-    if tallies.is_empty() && !compact {
-        return false;
+    let written = !tallies.is_empty()
+        && in_transaction("verification counts not written yet", |client| {
+            write_batches(client, &tallies)
+        });
+    if !tallies.is_empty() && !written {
+        put_back(&tallies);
     }
-    let prune = due(db, now_us, Due::Prune);
-    PgTryBuilder::new(|| {
+    // Compaction and pruning in a transaction of their own: should they fail, the batches
+    // above are still written.
+    if due(db, now_us, Due::Compact) {
+        let prune = due(db, now_us, Due::Prune);
+        in_transaction("verification counts not compacted yet", |client| {
+            compact(client);
+            if prune {
+                self::prune(client);
+            }
+        });
+    }
+    written
+}
+
+/// Runs `f` in a transaction as the tables' owner, with short lock and statement timeouts (a
+/// lock on the tables — someone's LOCK, a VACUUM FULL — fails it quickly rather than delaying
+/// the metering rounds around it). False, with a WARNING, when it failed; false too when this
+/// database's SQL has no analytics tables yet (before ALTER EXTENSION … UPDATE nothing is
+/// counted).
+fn in_transaction(
+    failed: &str,
+    f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> bool {
+    PgTryBuilder::new(move || {
         BackgroundWorker::transaction(|| {
-            // Before ALTER EXTENSION … UPDATE makes the tables, verifications are not counted.
             if !crate::catalog::installed()
                 || crate::catalog::relation_if_exists(c"verification_batches").is_none()
             {
-                return;
+                return false;
             }
             crate::owner::as_owner(|| {
                 Spi::connect_mut(|client| {
-                    // A lock on the tables (someone's LOCK, a VACUUM FULL) fails this round
-                    // quickly rather than delaying the metering rounds around it.
-                    errors::internal(client.update("SET LOCAL lock_timeout = '100ms'", None, &[]));
-                    write_batches(client, &tallies);
-                    if compact {
-                        self::compact(client);
-                    }
-                    if prune {
-                        self::prune(client);
-                    }
+                    errors::internal(client.update(
+                        "SET LOCAL lock_timeout = '100ms'; SET LOCAL statement_timeout = '20s'",
+                        None,
+                        &[],
+                    ));
+                    f(client);
                 })
-            })
-        });
-        !tallies.is_empty()
+            });
+            true
+        })
     })
     .catch_others(|error| {
-        put_back(&tallies);
         let message = match &error {
             pg_sys::panic::CaughtError::PostgresError(e)
             | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_owned(),
@@ -377,7 +395,7 @@ pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
         // SAFETY: the failed transaction is aborted and its resources released, as
         // BackgroundWorker::transaction's own error path would before raising.
         unsafe { pg_sys::AbortCurrentTransaction() };
-        warning!("pg_apikeys writer: verification counts not written yet: {message}");
+        warning!("pg_apikeys writer: {failed}: {message}");
         false
     })
     .execute()
@@ -395,7 +413,14 @@ fn write_batches(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
             .iter()
             .map(|t| (!t.id().is_empty()).then(|| verify::from_epoch_us(t.created_us)))
             .collect();
-        let codes: Vec<i16> = tallies.iter().map(|t| i16::from(t.code)).collect();
+        let codes: Vec<&str> = tallies
+            .iter()
+            .map(|t| {
+                Code::ALL
+                    .get(usize::from(t.code))
+                    .map_or("VALID", |c| c.as_str())
+            })
+            .collect();
         let counts: Vec<i64> = tallies.iter().map(|t| t.count).collect();
         let costs: Vec<i64> = tallies.iter().map(|t| t.cost).collect();
         plans::update(
@@ -415,26 +440,17 @@ fn write_batches(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
     }
 }
 
-/// `ARRAY['VALID', 'NOT_FOUND', …]`: code names by number plus one (`verify::Code::ALL`).
-fn code_names_sql() -> String {
-    let names: Vec<String> = Code::ALL
-        .iter()
-        .map(|c| format!("'{}'", c.as_str()))
-        .collect();
-    format!("ARRAY[{}]::pg_catalog.text[]", names.join(", "))
-}
-
-/// The tallies of batch rows `b` (a FROM item), one row each: key_id, created, code (text),
-/// minute, n, cost.
+/// The tallies of batch rows `b` (a FROM item), one row each: key_id, created, code, minute, n,
+/// cost. Elements a malformed row lacks (arrays of unequal length) are skipped, not fatal.
 fn unnested_sql(batches: &str) -> String {
     format!(
-        "SELECT u.key_id, u.created, ({names})[u.code OPERATOR(pg_catalog.+) 1] AS code,
-                b.minute, u.n, u.cost
+        "SELECT u.key_id, u.created, u.code, b.minute, u.n, u.cost
            FROM {batches} b,
                 ROWS FROM (pg_catalog.unnest(b.key_ids), pg_catalog.unnest(b.created),
                            pg_catalog.unnest(b.codes), pg_catalog.unnest(b.counts),
-                           pg_catalog.unnest(b.costs)) AS u(key_id, created, code, n, cost)",
-        names = code_names_sql()
+                           pg_catalog.unnest(b.costs)) AS u(key_id, created, code, n, cost)
+          WHERE u.key_id IS NOT NULL AND u.code IS NOT NULL AND u.n IS NOT NULL
+            AND u.cost IS NOT NULL"
     )
 }
 
@@ -447,6 +463,11 @@ fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
             DELETE FROM apikeys.verification_batches b
              WHERE b.minute OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
                                                     '{COMPACT_AFTER}'::pg_catalog.interval)
+               -- a backlog (the writer was away, a lock held compaction up) goes in steps
+               AND b.minute OPERATOR(pg_catalog.<) (
+                       SELECT pg_catalog.min(f.minute)
+                              OPERATOR(pg_catalog.+) '10 minutes'::pg_catalog.interval
+                         FROM apikeys.verification_batches f)
              RETURNING b.*
          ), v AS ({unnested}),
          -- A key's tallies of a minute come in several batches: summed before its owner is
@@ -494,10 +515,16 @@ pub fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
         client,
         "DELETE FROM apikeys.verification_counts
           WHERE (granularity OPERATOR(pg_catalog.=) 'minute'
-                 AND bucket OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
+                 AND bucket OPERATOR(pg_catalog.+) '1 minute'::pg_catalog.interval
+                     OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
                      LEAST($1::pg_catalog.interval, $2::pg_catalog.interval)))
-             OR (granularity OPERATOR(pg_catalog.=) ANY (ARRAY['hour', 'day'])
-                 AND bucket OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $1))",
+             -- a bucket goes once all of it is older than the retention (its end, not start)
+             OR (granularity OPERATOR(pg_catalog.=) 'hour'
+                 AND bucket OPERATOR(pg_catalog.+) '1 hour'::pg_catalog.interval
+                     OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $1))
+             OR (granularity OPERATOR(pg_catalog.=) 'day'
+                 AND bucket OPERATOR(pg_catalog.+) '1 day'::pg_catalog.interval
+                     OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $1))",
         None,
         &[
             crate::keys::interval(retention).into(),
@@ -581,7 +608,12 @@ fn verification_stats(
             AND ($2::pg_catalog.text IS NULL OR t.owner OPERATOR(pg_catalog.=) $2)
           GROUP BY 1, 2, 3, 4
           ORDER BY 1, 2 NULLS FIRST, 3 NULLS FIRST, 4",
-        unnested = unnested_sql("apikeys.verification_batches")
+        unnested = unnested_sql(
+            "(SELECT * FROM apikeys.verification_batches w
+               WHERE w.minute OPERATOR(pg_catalog.>=) $3
+                 AND ($1::pg_catalog.text IS NULL
+                      OR $1 OPERATOR(pg_catalog.=) ANY (w.key_ids)))"
+        )
     );
     let rows = Spi::connect(|client| {
         plans::select(

@@ -170,7 +170,7 @@ pub fn init() {
         GucRegistry::define_int_guc(
             c"apikeys.analytics_slots",
             c"Tallies of (key, code, minute) shared memory holds between writes (about 170 bytes each).",
-            c"Counts move to apikeys.verification_counts every few seconds, sooner when this fills up.",
+            c"Tallies are written every five seconds, sooner when three-quarters of this are taken.",
             &ANALYTICS_SLOTS,
             1024,
             1 << 22,

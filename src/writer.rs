@@ -805,6 +805,12 @@ const PINNED: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
     // every write (perf: a seq scan and hash of apikeys.keys was most of the writer's time).
     (c"enable_hashjoin", c"off"),
     (c"enable_mergejoin", c"off"),
+    // …and the index probes those nested loops need stay on whatever a database's or role's
+    // settings say (without them, a join of a batch with apikeys.keys scans it per row).
+    (c"enable_nestloop", c"on"),
+    (c"enable_indexscan", c"on"),
+    (c"enable_bitmapscan", c"on"),
+    (c"enable_seqscan", c"on"),
 ];
 
 /// Sets `name` for the rest of the session: PGC_S_SESSION outranks a database's or role's
@@ -866,12 +872,15 @@ unsafe extern "C-unwind" fn unregister(_code: i32, arg: pg_sys::Datum) {
                 k += 1;
             }
         }
-        pending |= crate::analytics::pending(db);
         let d = &mut s.header.databases[index];
         if d.writer_pid == me {
             d.writer_pid = 0;
             d.writer_procno = -1;
             d.flush_requested = false;
+            // Tallies are checked after the pid is cleared: one counted before this check is
+            // seen here, one counted after finds no writer and asks for one itself.
+            pending |= crate::analytics::pending(db);
+            let d = &mut s.header.databases[index];
             if pending || d.durable < d.next_seq {
                 d.wanted = true;
                 engine::set_latch(s.header.launcher_procno);

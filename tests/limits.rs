@@ -332,7 +332,7 @@ fn batches_of_minutes_that_are_over_are_compacted_into_minutes_hours_and_days() 
     client
         .execute(
             "INSERT INTO apikeys.verification_batches (minute, key_ids, created, codes, counts, costs)
-             SELECT $2::text::timestamptz, ARRAY[id, ''], ARRAY[created_at, NULL], '{0, 1}', '{3, 2}', '{5, 0}'
+             SELECT $2::text::timestamptz, ARRAY[id, ''], ARRAY[created_at, NULL], '{VALID, NOT_FOUND}', '{3, 2}', '{5, 0}'
                FROM apikeys.keys WHERE id = $1",
             &[&id, &minute],
         )

@@ -200,10 +200,10 @@ CREATE TABLE apikeys.verification_batches (
     minute     timestamptz NOT NULL,
     key_ids    text[] NOT NULL,           -- '' for NOT_FOUND
     created    timestamptz[] NOT NULL,    -- each key's created_at (NULL for NOT_FOUND)
-    codes      smallint[] NOT NULL,       -- verify::Code numbers
+    codes      text[] NOT NULL,
     counts     bigint[] NOT NULL,
     costs      bigint[] NOT NULL
-);
+) WITH (vacuum_truncate = false);  -- emptied every minute: no AccessExclusive truncation
 CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
 -- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
 -- than writing them.
@@ -993,7 +993,7 @@ AS 'MODULE_PATHNAME', 'update_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/analytics.rs:537
+-- src/analytics.rs:564
 -- pg_apikeys::analytics::verification_stats
 CREATE  FUNCTION "verification_stats"(
 	"key_id" TEXT DEFAULT NULL, /* Option < String > */
