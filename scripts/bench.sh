@@ -176,8 +176,10 @@ drow() { # like row, into the default deployment's table
 }
 read -r v2 f2 r2 <<<"$(pair verify_key_100k lookup_floor_100k 2)"
 drow "verify_key, plain key, 2 clients" "$v2" "index lookup" "$f2" tps "$r2" ">=" 0.8
-read -r va vn r <<<"$(pair_setting verify_key_100k '-c apikeys.analytics=off' 2)"
-drow "verify_key, plain key, 2 clients, verification analytics on (the default) vs off" "$va" "apikeys.analytics = off" "$vn" tps "$r" ">=" 0.95
+# 60 s runs: the writer adds each minute's tallies to the counts once that minute is over, so an
+# 8 s run sees that work or not by chance; a minute of calls sees it once.
+read -r va vn r <<<"$(T=60 pair_setting verify_key_100k '-c apikeys.analytics=off' 2)"
+drow "verify_key, plain key, 2 clients, verification analytics on (the default) vs off, 60 s runs" "$va" "apikeys.analytics = off" "$vn" tps "$r" ">=" 0.95
 read -r v1 f1 r1 <<<"$(pair verify_key_100k lookup_floor_100k 1)"
 drow "verify_key, plain key, 1 client" "$v1" "index lookup" "$f1" tps "$r1" "" ""
 gain=$(ratio "$(ratio "$v2" "$v1")" "$(ratio "$f2" "$f1")")
