@@ -233,17 +233,22 @@ impl Entry {
     }
 }
 
+/// FNV-1a of `bytes`: where an open-addressing table (this one, `tallies`) starts probing.
+pub fn fnv1a<'a>(bytes: impl Iterator<Item = &'a u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn home(key: &KeyRef<'_>, capacity: usize) -> usize {
-    // FNV-1a over the database, the id and the creation time.
-    let hash = key
-        .db
-        .to_le_bytes()
-        .iter()
-        .chain(key.id.as_bytes())
-        .chain(&key.created_us.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    // Over the database, the id and the creation time.
+    let hash = fnv1a(
+        key.db
+            .to_le_bytes()
+            .iter()
+            .chain(key.id.as_bytes())
+            .chain(&key.created_us.to_le_bytes()),
+    );
     (hash % capacity as u64) as usize
 }
 

@@ -61,18 +61,16 @@ impl Tally {
 }
 
 fn home(key: &TallyKey<'_>, capacity: usize) -> usize {
-    // FNV-1a over every part of the key.
-    let hash = key
-        .db
-        .to_le_bytes()
-        .iter()
-        .chain(key.id.as_bytes())
-        .chain(&key.created_us.to_le_bytes())
-        .chain(&[key.code])
-        .chain(&key.minute.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    // Over every part of the key.
+    let hash = crate::slots::fnv1a(
+        key.db
+            .to_le_bytes()
+            .iter()
+            .chain(key.id.as_bytes())
+            .chain(&key.created_us.to_le_bytes())
+            .chain(&[key.code])
+            .chain(&key.minute.to_le_bytes()),
+    );
     (hash % capacity as u64) as usize
 }
 
