@@ -156,13 +156,10 @@ thread_local! {
     /// Tallies that found the table full, added at a later call or when the backend exits
     /// (bounded: beyond MAX_OVERFLOW they are dropped, with a WARNING).
     static OVERFLOW: RefCell<Overflow> = RefCell::new(HashMap::new());
+    /// Whether `drain_at_exit` is registered in this backend.
+    static EXIT_DRAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 const MAX_OVERFLOW: usize = 100_000;
-
-fn my_database() -> u32 {
-    // SAFETY: a plain read of a backend global.
-    u32::from(unsafe { pg_sys::MyDatabaseId })
-}
 
 /// Counts one verification (its code, key, and the cost it spent) in its minute.
 pub fn count(v: &Verification, spent: i64) {
@@ -183,7 +180,7 @@ pub fn count(v: &Verification, spent: i64) {
         _ => ("", 0),
     };
     let key = TallyKey {
-        db: my_database(),
+        db: crate::engine::my_database(),
         id,
         created_us,
         code: v.code.number(),
@@ -236,7 +233,7 @@ fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
     OVERFLOW.with(|o| {
         let mut o = o.borrow_mut();
         if o.is_empty() {
-            register_exit_drain();
+            crate::engine::once_at_exit(&EXIT_DRAIN, drain_at_exit);
         }
         let k = (key.id.to_owned(), key.created_us, key.code, key.minute);
         if o.len() >= MAX_OVERFLOW && !o.contains_key(&k) {
@@ -274,25 +271,15 @@ fn drain_overflow(slots: &mut [Tally], used: &mut usize, db: u32, at_most: usize
     });
 }
 
-fn register_exit_drain() {
-    thread_local! { static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
-    if REGISTERED.with(|r| r.replace(true)) {
-        return;
-    }
-    // SAFETY: registers a plain function PostgreSQL calls once at backend exit, while shared
-    // memory is still attached.
-    unsafe { pg_sys::before_shmem_exit(Some(drain_at_exit), pg_sys::Datum::from(0)) }
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn drain_at_exit(_code: i32, _arg: pg_sys::Datum) {
-    let db = my_database();
+    let db = crate::engine::my_database();
     with_tallies(|slots, used| drain_overflow(slots, used, db, usize::MAX));
     crate::engine::wake_writer_for_tallies(false);
 }
 
 /// The writer's side: every tally of database `db`, taken out of shared memory.
-pub fn take(db: u32) -> Vec<Tally> {
+fn take(db: u32) -> Vec<Tally> {
     with_tallies(|slots, used| tallies::take(slots, used, db)).unwrap_or_default()
 }
 
@@ -502,7 +489,7 @@ const MINUTES_KEPT_DAYS: i64 = 7;
 
 /// Deletes counts older than `apikeys.analytics_retention` (minutes: at most 7 days old). A
 /// retention that is not a positive interval keeps everything, with a WARNING.
-pub fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
+fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
     let text = guc::analytics_retention();
     let retention = match crate::keys::pg_duration(&text) {
         Ok(span) if span.months > 0 || span.days > 0 || span.micros > 0 => span,

@@ -342,7 +342,7 @@ pub fn my_procno() -> i32 {
     unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) as i32 }
 }
 
-fn my_database() -> u32 {
+pub(crate) fn my_database() -> u32 {
     // SAFETY: a plain read of a backend global.
     u32::from(unsafe { pg_sys::MyDatabaseId })
 }
@@ -499,7 +499,7 @@ fn keep_for_later(id: &str, created_us: i64, uses: u64, at_us: i64) {
     OVERFLOW.with(|o| {
         let mut o = o.borrow_mut();
         if o.is_empty() {
-            register_exit_drain();
+            once_at_exit(&EXIT_DRAIN, drain_at_exit);
         }
         let key = (id.to_owned(), created_us);
         if o.len() >= MAX_OVERFLOW && !o.contains_key(&key) {
@@ -533,14 +533,23 @@ fn drain_overflow(s: &mut Shared<'_>, db: u32) {
     });
 }
 
-fn register_exit_drain() {
-    thread_local! { static REGISTERED: Cell<bool> = const { Cell::new(false) }; }
-    if REGISTERED.with(|r| r.replace(true)) {
+thread_local! {
+    /// Whether `drain_at_exit` is registered in this backend.
+    static EXIT_DRAIN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Registers `callback` to run at this backend's exit, while shared memory is still attached,
+/// once: `registered` remembers that it was.
+pub(crate) fn once_at_exit(
+    registered: &'static std::thread::LocalKey<Cell<bool>>,
+    callback: unsafe extern "C-unwind" fn(i32, pg_sys::Datum),
+) {
+    if registered.with(|r| r.replace(true)) {
         return;
     }
     // SAFETY: registers a plain function PostgreSQL calls once at backend exit, while shared
     // memory is still attached.
-    unsafe { pg_sys::before_shmem_exit(Some(drain_at_exit), pg_sys::Datum::from(0)) }
+    unsafe { pg_sys::before_shmem_exit(Some(callback), pg_sys::Datum::from(0)) }
 }
 
 #[pg_guard]

@@ -687,19 +687,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
     let (mut default_cost, mut applied) = state.applied(request);
     let mut windows = state.windows(&applied);
     if !state.limited(&windows) {
-        let code = if permitted(&state, required, token) {
-            Code::Valid
-        } else {
-            Code::InsufficientPermissions
-        };
-        if code == Code::Valid && !recovering() {
-            if crate::engine::available() {
-                crate::engine::record_use(&state.id, state.created_us, epoch_us(state.now));
-            } else {
-                crate::engine::warn_not_preloaded();
-            }
-        }
-        return state.verification(code, token);
+        return judge_unlimited(&state, required, token);
     }
     // A management change of this key not committed yet (a revoke, a new quota) is waited for,
     // as a row lock would be, and the key read again as it then is.
@@ -720,7 +708,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         (default_cost, applied) = state.applied(request);
         windows = state.windows(&applied);
         if !state.limited(&windows) {
-            return judge_again_unlimited(state, required, token);
+            return judge_unlimited(&state, required, token);
         }
     }
     if recovering() {
@@ -788,17 +776,25 @@ fn lookup_matches(state: &KeyState, hash: &[u8]) -> bool {
         || lookup::find_latest(lookup::By::PreviousHash(hash)).is_some_and(|r| r.id == state.id)
 }
 
-/// A key that lost its limits while the verification waited for the change.
-fn judge_again_unlimited(
-    state: KeyState,
+/// A key without quota or rate limit (from the start, or since a change the call waited for):
+/// VALID when it grants what is required, and then a use counted in shared memory.
+fn judge_unlimited(
+    state: &KeyState,
     required: &permissions::Query,
     token: Option<&Token>,
 ) -> Verification {
-    let code = if permitted(&state, required, token) {
+    let code = if permitted(state, required, token) {
         Code::Valid
     } else {
         Code::InsufficientPermissions
     };
+    if code == Code::Valid && !recovering() {
+        if crate::engine::available() {
+            crate::engine::record_use(&state.id, state.created_us, epoch_us(state.now));
+        } else {
+            crate::engine::warn_not_preloaded();
+        }
+    }
     state.verification(code, token)
 }
 

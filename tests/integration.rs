@@ -849,6 +849,28 @@ fn a_revocation_committed_while_a_metered_verification_waits_wins() {
 }
 
 #[test]
+fn a_use_is_counted_when_the_quota_is_cleared_while_the_verification_waits() {
+    let mut admin = connect();
+    let (id, key) = create(&mut admin, "remaining => 5");
+    admin.batch_execute("BEGIN").unwrap();
+    admin
+        .query_one(
+            "SELECT apikeys.update_api_key($1, clear => ARRAY['remaining'])",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(verify_across_a_commit(&mut admin, &key), "VALID");
+    let (uses, remaining): (i64, Option<i64>) = admin
+        .query_one(
+            "SELECT request_count, remaining FROM apikeys.get_api_key($1)",
+            &[&id],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((uses, remaining), (1, None), "the VALID answer is a use");
+}
+
+#[test]
 fn a_rotation_committed_while_a_metered_verification_waits_wins() {
     let mut admin = connect();
     let (id, old) = create(&mut admin, "remaining => 5");
