@@ -1,8 +1,8 @@
 -- pg_apikeys 0.7.0 -> 0.8.0 (verification analytics, self-service keys, HTTP statuses, IP
 -- allow-lists: SPEC §8)
 --
--- New tables verification_counts and verification_batches (dumped with pg_dump), written by the
--- metering engine's writer.
+-- New tables verification_counts, verification_batches and verification_rollup (dumped with
+-- pg_dump), written by the metering engine's writer.
 -- Keys and identities gain allowed_cidrs; audit rows name the key a self-service call acted for.
 -- create_api_key, update_api_key, create_identity and update_identity gain allowed_cidrs,
 -- verify_key, verify_token and authenticate gain client_ip (last, so positional calls keep
@@ -34,6 +34,10 @@ CREATE TABLE apikeys.verification_batches (
     costs      bigint[] NOT NULL
 ) WITH (vacuum_truncate = false);  -- emptied every minute: no AccessExclusive truncation
 CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
+CREATE TABLE apikeys.verification_rollup (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    through timestamptz NOT NULL
+);
 -- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
 -- than writing them.
 ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERNAL,
@@ -41,7 +45,9 @@ ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERN
     ALTER COLUMN counts SET STORAGE EXTERNAL, ALTER COLUMN costs SET STORAGE EXTERNAL;
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_batches', '');
-REVOKE ALL ON apikeys.verification_counts, apikeys.verification_batches FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_rollup', '');
+REVOKE ALL ON apikeys.verification_counts, apikeys.verification_batches,
+    apikeys.verification_rollup FROM PUBLIC;
 
 ALTER TYPE apikeys.api_key ADD ATTRIBUTE allowed_cidrs cidr[];
 ALTER TYPE apikeys.identity ADD ATTRIBUTE allowed_cidrs cidr[];

@@ -3,10 +3,12 @@
 //! under its own lock — never a write per call. Each database's writer (`writer`) moves its
 //! tallies into `apikeys.verification_batches` every few seconds (sooner when the table fills
 //! up, and when it stops at a clean shutdown): one row of arrays per minute, however many keys.
-//! Once a minute is over, its batches are added to `apikeys.verification_counts` — each tally
-//! into its minute, hour and day at once — so a key used many times a minute costs one row
-//! there per minute, not one per write (with many distinct keys, per-write upserts were most of
-//! what analytics cost). `verification_stats` reads both. Counts older than
+//! Once a minute is over, its batches are added to `apikeys.verification_counts` as minute rows,
+//! so a key used many times a minute costs one row there per minute, not one per write (with
+//! many distinct keys, per-write upserts were most of what analytics cost); every ten minutes
+//! the minutes since `verification_rollup.through` are added to their hours and days (upserting
+//! hour and day rows every minute was most of what was left). `verification_stats` reads counts,
+//! the minutes not rolled up yet and the batches. Counts older than
 //! `apikeys.analytics_retention` are pruned. A crash loses the tallies not written yet: at most
 //! the last few seconds. Without shared_preload_libraries, and on standbys, nothing is counted.
 
@@ -318,8 +320,8 @@ const COMPACT_AFTER: &str = "70 seconds";
 
 /// The writer's side, in a transaction of its own after the metering round: when `take`, this
 /// database's tallies become batch rows (one per minute, see `write_batches`); minutes that are
-/// over are compacted into verification_counts (at most every ten seconds) and old counts pruned
-/// (every ten minutes). A failure puts the tallies back and is logged (the writer goes on):
+/// over are compacted into verification_counts (at most every ten seconds), rolled up into hours
+/// and days (every ten minutes) and old counts pruned (every ten minutes). A failure puts the tallies back and is logged (the writer goes on):
 /// nothing analytics does holds up a quota spend. True when tallies were written.
 pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
     let tallies = if take { self::take(db) } else { Vec::new() };
@@ -336,6 +338,7 @@ pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
         let prune = due(db, now_us, Due::Prune);
         in_transaction("verification counts not compacted yet", |client| {
             compact(client);
+            roll_up(client);
             if prune {
                 self::prune(client);
             }
@@ -363,7 +366,9 @@ fn in_transaction(
             crate::owner::as_owner(|| {
                 Spi::connect_mut(|client| {
                     errors::internal(client.update(
-                        "SET LOCAL lock_timeout = '100ms'; SET LOCAL statement_timeout = '20s'",
+                        // (work_mem: the aggregates of a minute or ten hold a row per key)
+                        "SET LOCAL lock_timeout = '100ms'; SET LOCAL statement_timeout = '20s';
+                         SET LOCAL work_mem = '64MB'",
                         None,
                         &[],
                     ));
@@ -442,8 +447,9 @@ fn unnested_sql(batches: &str) -> String {
 }
 
 /// Adds the batches of minutes that are over to verification_counts — each tally into its
-/// minute, hour and day (UTC), with the owner of its key as it is now — and deletes them, in
-/// one statement.
+/// minute, with the owner of its key as it is now; into its hour and day (UTC) too when the
+/// minute is one `roll_up` has passed already (a batch put back after a failed write) — and
+/// deletes them, in one statement.
 fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
     let sql = format!(
         "WITH moved AS (
@@ -475,11 +481,57 @@ fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
                 o.owner, o.code, pg_catalog.sum(o.n)::pg_catalog.int8,
                 pg_catalog.sum(o.cost)::pg_catalog.int8
            FROM o, (VALUES ('minute'), ('hour'), ('day')) AS g(granularity)
+          WHERE g.granularity OPERATOR(pg_catalog.=) 'minute'
+             OR o.minute OPERATOR(pg_catalog.<) {through}
           GROUP BY 1, 2, 3, 4, 5
          ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
          DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
                        cost = t.cost OPERATOR(pg_catalog.+) excluded.cost",
-        unnested = unnested_sql("moved")
+        unnested = unnested_sql("moved"),
+        through = ROLLED_UP_THROUGH,
+    );
+    errors::internal(client.update(&sql, None, &[]));
+}
+
+/// The first minute whose counts no hour or day row includes yet.
+const ROLLED_UP_THROUGH: &str = "COALESCE((SELECT r.through FROM apikeys.verification_rollup r),
+                                          '-infinity'::pg_catalog.timestamptz)";
+
+/// Adds the minute counts since `verification_rollup.through` to their hours and days (UTC) and
+/// moves `through` on, every ten minutes: up to the first minute that may still get batches (not
+/// over for 70 s yet, or not compacted yet). Hour and day rows then cost a write per key every ten
+/// minutes, not every minute; verification_stats adds the minutes from `through` on.
+fn roll_up(client: &mut pgrx::spi::SpiClient<'_>) {
+    let sql = format!(
+        "WITH span AS (
+            SELECT f.since, u.until
+              FROM (SELECT {through} AS since) f,
+                   (SELECT LEAST(pg_catalog.date_trunc('minute', pg_catalog.now()
+                                     OPERATOR(pg_catalog.-) '{COMPACT_AFTER}'::pg_catalog.interval, 'UTC'),
+                                 COALESCE((SELECT pg_catalog.min(b.minute)
+                                             FROM apikeys.verification_batches b),
+                                          'infinity'::pg_catalog.timestamptz)) AS until) u
+             WHERE u.until OPERATOR(pg_catalog.>=)
+                   (f.since OPERATOR(pg_catalog.+) '10 minutes'::pg_catalog.interval)
+         ), moved AS (
+            INSERT INTO apikeys.verification_rollup AS r (one, through)
+            SELECT true, span.until FROM span
+            ON CONFLICT (one) DO UPDATE SET through = excluded.through
+         )
+         INSERT INTO apikeys.verification_counts AS t
+                (granularity, bucket, key_id, owner, code, count, cost)
+         SELECT g.granularity, pg_catalog.date_trunc(g.granularity, m.bucket, 'UTC'), m.key_id,
+                m.owner, m.code, pg_catalog.sum(m.count)::pg_catalog.int8,
+                pg_catalog.sum(m.cost)::pg_catalog.int8
+           FROM apikeys.verification_counts m, span, (VALUES ('hour'), ('day')) AS g(granularity)
+          WHERE m.granularity OPERATOR(pg_catalog.=) 'minute'
+            AND m.bucket OPERATOR(pg_catalog.>=) span.since
+            AND m.bucket OPERATOR(pg_catalog.<) span.until
+          GROUP BY 1, 2, 3, 4, 5
+         ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
+         DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
+                       cost = t.cost OPERATOR(pg_catalog.+) excluded.cost",
+        through = ROLLED_UP_THROUGH,
     );
     errors::internal(client.update(&sql, None, &[]));
 }
@@ -498,13 +550,14 @@ fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
             return;
         }
     };
-    plans::update(
-        client,
+    let sql = format!(
         "DELETE FROM apikeys.verification_counts
           WHERE (granularity OPERATOR(pg_catalog.=) 'minute'
                  AND bucket OPERATOR(pg_catalog.+) '1 minute'::pg_catalog.interval
                      OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)
-                     LEAST($1::pg_catalog.interval, $2::pg_catalog.interval)))
+                     LEAST($1::pg_catalog.interval, $2::pg_catalog.interval))
+                 -- not before its hour and day have it
+                 AND bucket OPERATOR(pg_catalog.<) {through})
              -- a bucket goes once all of it is older than the retention (its end, not start)
              OR (granularity OPERATOR(pg_catalog.=) 'hour'
                  AND bucket OPERATOR(pg_catalog.+) '1 hour'::pg_catalog.interval
@@ -512,6 +565,11 @@ fn prune(client: &mut pgrx::spi::SpiClient<'_>) {
              OR (granularity OPERATOR(pg_catalog.=) 'day'
                  AND bucket OPERATOR(pg_catalog.+) '1 day'::pg_catalog.interval
                      OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $1))",
+        through = ROLLED_UP_THROUGH,
+    );
+    plans::update(
+        client,
+        &sql,
         None,
         &[
             crate::keys::interval(retention).into(),
@@ -572,12 +630,20 @@ fn verification_stats(
     let until = until.unwrap_or_else(|| errors::invalid_argument("until", "must not be NULL"));
     let bucket = bucket.unwrap_or_else(|| errors::invalid_argument("bucket", "must not be NULL"));
     let granularity = granularity_of(bucket);
-    // What is compacted, and the batches of the last minutes that are not yet.
+    // What is compacted (rolled up or not), and the batches of the last minutes that are not yet.
     let sql = format!(
         "WITH stored AS (
             SELECT t.bucket, t.key_id, t.owner, t.code, t.count, t.cost
               FROM apikeys.verification_counts t
              WHERE t.granularity OPERATOR(pg_catalog.=) $6
+            UNION ALL
+            -- minutes no hour or day row includes yet
+            SELECT pg_catalog.date_trunc($6, t.bucket, 'UTC'), t.key_id, t.owner, t.code, t.count,
+                   t.cost
+              FROM apikeys.verification_counts t
+             WHERE $6 OPERATOR(pg_catalog.<>) 'minute'
+               AND t.granularity OPERATOR(pg_catalog.=) 'minute'
+               AND t.bucket OPERATOR(pg_catalog.>=) {through}
             UNION ALL
             -- (in the counts' collation, C: keys' own is the database's, for their index)
             SELECT pg_catalog.date_trunc($6, v.minute, 'UTC'), v.key_id COLLATE pg_catalog.\"C\",
@@ -600,7 +666,8 @@ fn verification_stats(
                WHERE w.minute OPERATOR(pg_catalog.>=) $3
                  AND ($1::pg_catalog.text IS NULL
                       OR $1 OPERATOR(pg_catalog.=) ANY (w.key_ids)))"
-        )
+        ),
+        through = ROLLED_UP_THROUGH,
     );
     let rows = Spi::connect(|client| {
         plans::select(
@@ -684,8 +751,17 @@ mod tests {
         );
     }
 
+    /// Sets `verification_rollup.through` (the minutes before it count in hours and days).
+    fn rolled_up_through(at: &str) {
+        run(&format!(
+            "DELETE FROM apikeys.verification_rollup;
+             INSERT INTO apikeys.verification_rollup VALUES (true, '{at}')"
+        ));
+    }
+
     #[pg_test]
     fn stats_come_in_buckets_of_whole_minutes_hours_or_days() {
+        rolled_up_through("2026-01-05 12:00+00");
         run("INSERT INTO apikeys.verification_counts VALUES
                ('minute', '2026-01-05 10:00+00', 'k1', 'o', 'VALID', 2, 2),
                ('minute', '2026-01-05 10:01+00', 'k1', 'o', 'VALID', 3, 6),
@@ -734,6 +810,68 @@ mod tests {
             "22023",
             "since",
         );
+    }
+
+    /// verification_stats of key `rollup-key` on 2020-01-01, in buckets of `bucket`.
+    fn day_of(bucket: &str) -> String {
+        one::<String>(&format!(
+            "SET LOCAL TimeZone = 'UTC';
+             SELECT string_agg(to_char(bucket, 'HH24:MI') || ' ' || count || ' ' || cost, ', '
+                               ORDER BY bucket)
+               FROM apikeys.verification_stats(key_id => 'rollup-key',
+                        since => '2020-01-01 00:00+00', until => '2020-01-02 00:00+00',
+                        bucket => '{bucket}')"
+        ))
+        .unwrap_or_default()
+    }
+
+    fn rollup_rows(granularity: &str) -> String {
+        one::<String>(&format!(
+            "SET LOCAL TimeZone = 'UTC';
+             SELECT string_agg(to_char(bucket, 'HH24:MI') || ' ' || count, ', ' ORDER BY bucket)
+               FROM apikeys.verification_counts
+              WHERE key_id = 'rollup-key' AND granularity = '{granularity}'"
+        ))
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn minutes_are_rolled_up_into_hours_and_days_once_and_stats_count_each_call_once() {
+        // 09:59 is rolled up already (in its hour and day); 10:00, 10:05 and 10:30 are not.
+        rolled_up_through("2020-01-01 10:00+00");
+        run("INSERT INTO apikeys.verification_counts VALUES
+               ('minute', '2020-01-01 09:59+00', 'rollup-key', NULL, 'VALID', 1, 1),
+               ('hour', '2020-01-01 09:00+00', 'rollup-key', NULL, 'VALID', 1, 1),
+               ('day', '2020-01-01 00:00+00', 'rollup-key', NULL, 'VALID', 1, 1),
+               ('minute', '2020-01-01 10:00+00', 'rollup-key', NULL, 'VALID', 1, 2),
+               ('minute', '2020-01-01 10:05+00', 'rollup-key', NULL, 'VALID', 1, 2),
+               ('minute', '2020-01-01 10:30+00', 'rollup-key', NULL, 'VALID', 1, 2)");
+        let (hours, days) = ("09:00 1 1, 10:00 3 6", "00:00 4 7");
+        assert_eq!(day_of("1 hour"), hours, "hours from hour rows and minutes");
+        assert_eq!(day_of("1 day"), days, "the day from its row and minutes");
+        Spi::connect_mut(super::roll_up);
+        assert_eq!(rollup_rows("hour"), "09:00 1, 10:00 3");
+        assert_eq!(rollup_rows("day"), "00:00 4");
+        assert_eq!(
+            one::<bool>("SELECT through > '2020-01-02' FROM apikeys.verification_rollup"),
+            Some(true),
+            "through moved on to the minutes that may still get batches"
+        );
+        assert_eq!(day_of("1 hour"), hours, "each call counted once");
+        assert_eq!(day_of("1 day"), days);
+        assert_eq!(day_of("1 minute"), "09:59 1 1, 10:00 1 2, 10:05 1 2, 10:30 1 2");
+        // Within ten minutes nothing more is rolled up.
+        Spi::connect_mut(super::roll_up);
+        assert_eq!(rollup_rows("hour"), "09:00 1, 10:00 3");
+
+        // A batch of a minute rolled up already (put back after a failed write) goes into its
+        // minute, hour and day at once.
+        run("INSERT INTO apikeys.verification_batches VALUES ('2020-01-01 10:10+00',
+               '{rollup-key}', '{NULL}', '{VALID}', '{2}', '{4}')");
+        Spi::connect_mut(super::compact);
+        assert_eq!(rollup_rows("minute"), "09:59 1, 10:00 1, 10:05 1, 10:10 2, 10:30 1");
+        assert_eq!(day_of("1 hour"), "09:00 1 1, 10:00 5 10");
+        assert_eq!(day_of("1 day"), "00:00 6 11");
     }
 
     #[pg_test]

@@ -1639,7 +1639,7 @@ mod tests {
         );
         assert_eq!(
             dumped.as_deref(),
-            Some("audit_log,audit_log_id_seq,identities,identities_id_seq,identity_meters,keys,meters,ratelimit_overrides,roles,signing_keys,verification_batches,verification_counts")
+            Some("audit_log,audit_log_id_seq,identities,identities_id_seq,identity_meters,keys,meters,ratelimit_overrides,roles,signing_keys,verification_batches,verification_counts,verification_rollup")
         );
     }
 }

@@ -175,6 +175,7 @@ CREATE TABLE apikeys.ratelimit_overrides (
 -- Verifications counted per minute, hour and day (SPEC §8): every code, by key and owner, with
 -- the cost spent. Written by the metering engine's writer from counts kept in shared memory
 -- (never a row per call); NOT_FOUND attempts have key_id ''. owner is the key's when written.
+-- Hour and day rows include the minutes before verification_rollup.through.
 CREATE TABLE apikeys.verification_counts (
     granularity text NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
     bucket      timestamptz NOT NULL,     -- the minute's, hour's or day's start (UTC)
@@ -200,6 +201,13 @@ CREATE TABLE apikeys.verification_batches (
     costs      bigint[] NOT NULL
 ) WITH (vacuum_truncate = false);  -- emptied every minute: no AccessExclusive truncation
 CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
+-- How far the minute counts are included in the hour and day counts (one row; none: not at all).
+-- The writer adds the minutes since to their hours and days every ten minutes, a write per key
+-- and hour rather than one per key and minute; verification_stats adds the minutes from here on.
+CREATE TABLE apikeys.verification_rollup (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    through timestamptz NOT NULL
+);
 -- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
 -- than writing them.
 ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERNAL,
@@ -244,6 +252,7 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.identity_meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_batches', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
 
@@ -530,6 +539,7 @@ mod tests {
             ("identity_meters", "identity_id"),
             ("verification_counts", "granularity"),
             ("verification_batches", "minute"),
+            ("verification_rollup", "through"),
         ] {
             for (privilege, statement) in TABLE_PRIVILEGES {
                 for role in ["public", "matrix_public", "matrix_admin"] {

@@ -180,6 +180,7 @@ CREATE TABLE apikeys.ratelimit_overrides (
 -- Verifications counted per minute, hour and day (SPEC §8): every code, by key and owner, with
 -- the cost spent. Written by the metering engine's writer from counts kept in shared memory
 -- (never a row per call); NOT_FOUND attempts have key_id ''. owner is the key's when written.
+-- Hour and day rows include the minutes before verification_rollup.through.
 CREATE TABLE apikeys.verification_counts (
     granularity text NOT NULL CHECK (granularity IN ('minute', 'hour', 'day')),
     bucket      timestamptz NOT NULL,     -- the minute's, hour's or day's start (UTC)
@@ -205,6 +206,13 @@ CREATE TABLE apikeys.verification_batches (
     costs      bigint[] NOT NULL
 ) WITH (vacuum_truncate = false);  -- emptied every minute: no AccessExclusive truncation
 CREATE INDEX verification_batches_minute_idx ON apikeys.verification_batches (minute);
+-- How far the minute counts are included in the hour and day counts (one row; none: not at all).
+-- The writer adds the minutes since to their hours and days every ten minutes, a write per key
+-- and hour rather than one per key and minute; verification_stats adds the minutes from here on.
+CREATE TABLE apikeys.verification_rollup (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    through timestamptz NOT NULL
+);
 -- Short-lived (a minute or two): stored out of line uncompressed, compressing them cost more
 -- than writing them.
 ALTER TABLE apikeys.verification_batches ALTER COLUMN key_ids SET STORAGE EXTERNAL,
@@ -249,6 +257,7 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.identity_meters', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.signing_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_batches', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.verification_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log_id_seq', '');
 
@@ -993,7 +1002,7 @@ AS 'MODULE_PATHNAME', 'update_role_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/analytics.rs:564
+-- src/analytics.rs:609
 -- pg_apikeys::analytics::verification_stats
 CREATE  FUNCTION "verification_stats"(
 	"key_id" TEXT DEFAULT NULL, /* Option < String > */
@@ -1016,13 +1025,13 @@ AS 'MODULE_PATHNAME', 'verification_stats_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1267
+-- src/verify.rs:1263
 -- pg_apikeys::verify::verify_key
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1236
+-- src/verify.rs:1232
 -- pg_apikeys::verify::verify_key
 CREATE  FUNCTION "verify_key"(
 	"key" TEXT, /* Option < & str > */
@@ -1038,7 +1047,7 @@ AS 'MODULE_PATHNAME', 'verify_key_from_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/verify.rs:1255
+-- src/verify.rs:1251
 -- pg_apikeys::verify::verify_key_with_limits
 -- Skipped due to `#[pgrx(sql = false)]`
 /* </end connected objects> */
@@ -1072,7 +1081,7 @@ AS 'MODULE_PATHNAME', 'verify_token_from_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/schema.rs:289
+-- src/schema.rs:298
 -- finalize
 
 -- Management is for roles a DBA grants it to; verification is for everyone.
