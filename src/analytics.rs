@@ -859,17 +859,25 @@ mod tests {
         );
         assert_eq!(day_of("1 hour"), hours, "each call counted once");
         assert_eq!(day_of("1 day"), days);
-        assert_eq!(day_of("1 minute"), "09:59 1 1, 10:00 1 2, 10:05 1 2, 10:30 1 2");
+        assert_eq!(
+            day_of("1 minute"),
+            "09:59 1 1, 10:00 1 2, 10:05 1 2, 10:30 1 2"
+        );
         // Within ten minutes nothing more is rolled up.
         Spi::connect_mut(super::roll_up);
         assert_eq!(rollup_rows("hour"), "09:00 1, 10:00 3");
 
         // A batch of a minute rolled up already (put back after a failed write) goes into its
         // minute, hour and day at once.
-        run("INSERT INTO apikeys.verification_batches VALUES ('2020-01-01 10:10+00',
-               '{rollup-key}', '{NULL}', '{VALID}', '{2}', '{4}')");
+        run(
+            "INSERT INTO apikeys.verification_batches VALUES ('2020-01-01 10:10+00',
+               '{rollup-key}', '{NULL}', '{VALID}', '{2}', '{4}')",
+        );
         Spi::connect_mut(super::compact);
-        assert_eq!(rollup_rows("minute"), "09:59 1, 10:00 1, 10:05 1, 10:10 2, 10:30 1");
+        assert_eq!(
+            rollup_rows("minute"),
+            "09:59 1, 10:00 1, 10:05 1, 10:10 2, 10:30 1"
+        );
         assert_eq!(day_of("1 hour"), "09:00 1 1, 10:00 5 10");
         assert_eq!(day_of("1 day"), "00:00 6 11");
     }
