@@ -825,18 +825,27 @@ mod tests {
         .unwrap_or_default()
     }
 
-    fn rollup_rows(granularity: &str) -> String {
+    /// `HH24:MI count` of key `key`'s rows of `granularity`, as stored.
+    fn rows_of(key: &str, granularity: &str) -> String {
         one::<String>(&format!(
             "SET LOCAL TimeZone = 'UTC';
              SELECT string_agg(to_char(bucket, 'HH24:MI') || ' ' || count, ', ' ORDER BY bucket)
                FROM apikeys.verification_counts
-              WHERE key_id = 'rollup-key' AND granularity = '{granularity}'"
+              WHERE key_id = '{key}' AND granularity = '{granularity}'"
         ))
         .unwrap_or_default()
     }
 
+    fn batch(minute: &str, key: &str, count: i64, cost: i64) {
+        run(&format!(
+            "INSERT INTO apikeys.verification_batches VALUES ('{minute}', '{{{key}}}', '{{NULL}}',
+               '{{VALID}}', '{{{count}}}', '{{{cost}}}')"
+        ));
+    }
+
     #[pg_test]
     fn minutes_are_rolled_up_into_hours_and_days_once_and_stats_count_each_call_once() {
+        let rows = |granularity| rows_of("rollup-key", granularity);
         // 09:59 is rolled up already (in its hour and day); 10:00, 10:05 and 10:30 are not.
         rolled_up_through("2020-01-01 10:00+00");
         run("INSERT INTO apikeys.verification_counts VALUES
@@ -846,12 +855,22 @@ mod tests {
                ('minute', '2020-01-01 10:00+00', 'rollup-key', NULL, 'VALID', 1, 2),
                ('minute', '2020-01-01 10:05+00', 'rollup-key', NULL, 'VALID', 1, 2),
                ('minute', '2020-01-01 10:30+00', 'rollup-key', NULL, 'VALID', 1, 2)");
-        let (hours, days) = ("09:00 1 1, 10:00 3 6", "00:00 4 7");
-        assert_eq!(day_of("1 hour"), hours, "hours from hour rows and minutes");
-        assert_eq!(day_of("1 day"), days, "the day from its row and minutes");
+        assert_eq!(
+            day_of("1 hour"),
+            "09:00 1 1, 10:00 3 6",
+            "hour rows and minutes"
+        );
+        assert_eq!(day_of("1 day"), "00:00 4 7", "the day's row and minutes");
+        // A batch of a minute not rolled up yet becomes a minute row only.
+        batch("2020-01-01 10:20+00", "rollup-key", 1, 2);
+        Spi::connect_mut(super::compact);
+        assert_eq!(rows("hour"), "09:00 1");
+        let (hours, days) = ("09:00 1 1, 10:00 4 8", "00:00 5 9");
+        assert_eq!(day_of("1 hour"), hours);
+        assert_eq!(day_of("1 day"), days);
         Spi::connect_mut(super::roll_up);
-        assert_eq!(rollup_rows("hour"), "09:00 1, 10:00 3");
-        assert_eq!(rollup_rows("day"), "00:00 4");
+        assert_eq!(rows("hour"), "09:00 1, 10:00 4");
+        assert_eq!(rows("day"), "00:00 5");
         assert_eq!(
             one::<bool>("SELECT through > '2020-01-02' FROM apikeys.verification_rollup"),
             Some(true),
@@ -861,25 +880,74 @@ mod tests {
         assert_eq!(day_of("1 day"), days);
         assert_eq!(
             day_of("1 minute"),
-            "09:59 1 1, 10:00 1 2, 10:05 1 2, 10:30 1 2"
+            "09:59 1 1, 10:00 1 2, 10:05 1 2, 10:20 1 2, 10:30 1 2"
         );
-        // Within ten minutes nothing more is rolled up.
-        Spi::connect_mut(super::roll_up);
-        assert_eq!(rollup_rows("hour"), "09:00 1, 10:00 3");
-
         // A batch of a minute rolled up already (put back after a failed write) goes into its
         // minute, hour and day at once.
-        run(
-            "INSERT INTO apikeys.verification_batches VALUES ('2020-01-01 10:10+00',
-               '{rollup-key}', '{NULL}', '{VALID}', '{2}', '{4}')",
-        );
+        batch("2020-01-01 10:10+00", "rollup-key", 2, 4);
         Spi::connect_mut(super::compact);
         assert_eq!(
-            rollup_rows("minute"),
-            "09:59 1, 10:00 1, 10:05 1, 10:10 2, 10:30 1"
+            rows("minute"),
+            "09:59 1, 10:00 1, 10:05 1, 10:10 2, 10:20 1, 10:30 1"
         );
-        assert_eq!(day_of("1 hour"), "09:00 1 1, 10:00 5 10");
-        assert_eq!(day_of("1 day"), "00:00 6 11");
+        assert_eq!(day_of("1 hour"), "09:00 1 1, 10:00 6 12");
+        assert_eq!(day_of("1 day"), "00:00 7 13");
+    }
+
+    #[pg_test]
+    fn minutes_are_rolled_up_every_ten_minutes_and_at_once_when_never_before() {
+        // Rolled up five minutes ago: not again before ten.
+        run("DELETE FROM apikeys.verification_rollup;
+             INSERT INTO apikeys.verification_rollup
+             VALUES (true, date_trunc('minute', now(), 'UTC') - '5 minutes'::interval);
+             INSERT INTO apikeys.verification_counts
+             SELECT 'minute', through, 'recent-key', NULL, 'VALID', 1, 1 FROM apikeys.verification_rollup");
+        let through = "SELECT through::text FROM apikeys.verification_rollup";
+        let before = one::<String>(through);
+        Spi::connect_mut(super::roll_up);
+        assert_eq!(rows_of("recent-key", "hour"), "");
+        assert_eq!(one::<String>(through), before);
+        // Nothing rolled up yet (a new database): every minute goes into its hour, once.
+        run("DELETE FROM apikeys.verification_rollup;
+             INSERT INTO apikeys.verification_counts VALUES
+               ('minute', '2020-02-01 10:00+00', 'fresh-key', NULL, 'VALID', 1, 1),
+               ('minute', '2020-02-01 10:01+00', 'fresh-key', NULL, 'VALID', 1, 1)");
+        Spi::connect_mut(super::roll_up);
+        assert_eq!(rows_of("fresh-key", "hour"), "10:00 2");
+        assert_eq!(rows_of("fresh-key", "day"), "00:00 2");
+        assert_eq!(
+            one::<i64>(
+                "SELECT sum(count)::bigint FROM apikeys.verification_counts
+                  WHERE key_id = 'recent-key' AND granularity = 'hour'"
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT sum(count)::bigint FROM apikeys.verification_stats(key_id => 'fresh-key',
+                   since => '2020-02-01', until => '2020-02-02', bucket => '1 hour')"
+            ),
+            Some(2)
+        );
+    }
+
+    #[pg_test]
+    fn minutes_are_pruned_after_seven_days_only_once_rolled_up() {
+        run("INSERT INTO apikeys.verification_counts VALUES
+               ('minute', date_trunc('minute', now(), 'UTC') - '8 days'::interval, 'old-key', NULL, 'VALID', 1, 1),
+               ('minute', date_trunc('minute', now(), 'UTC') - '1 day'::interval, 'old-key', NULL, 'VALID', 1, 1)");
+        let minutes = "SELECT count(*) FROM apikeys.verification_counts
+                        WHERE key_id = 'old-key' AND granularity = 'minute'";
+        rolled_up_through("-infinity");
+        Spi::connect_mut(super::prune);
+        assert_eq!(one::<i64>(minutes), Some(2), "not in any hour yet: kept");
+        run("UPDATE apikeys.verification_rollup SET through = now()");
+        Spi::connect_mut(super::prune);
+        assert_eq!(
+            one::<i64>(minutes),
+            Some(1),
+            "the one older than 7 days went"
+        );
     }
 
     #[pg_test]

@@ -184,7 +184,7 @@ CREATE TABLE apikeys.verification_counts (
     code        text COLLATE pg_catalog."C" NOT NULL,
     count       bigint NOT NULL,
     cost        bigint NOT NULL
-) WITH (fillfactor = 50);  -- hour and day rows are updated every minute: room for HOT updates
+) WITH (fillfactor = 50);  -- hour and day rows are updated in place: room for HOT updates
 CREATE UNIQUE INDEX verification_counts_bucket_idx ON apikeys.verification_counts
     (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL));
 
