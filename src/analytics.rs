@@ -321,8 +321,9 @@ const COMPACT_AFTER: &str = "70 seconds";
 /// The writer's side, in a transaction of its own after the metering round: when `take`, this
 /// database's tallies become batch rows (one per minute, see `write_batches`); minutes that are
 /// over are compacted into verification_counts (at most every ten seconds), rolled up into hours
-/// and days (every ten minutes) and old counts pruned (every ten minutes). A failure puts the tallies back and is logged (the writer goes on):
-/// nothing analytics does holds up a quota spend. True when tallies were written.
+/// and days (every ten minutes) and old counts pruned (every ten minutes). A failure puts the
+/// tallies back and is logged (the writer goes on): nothing analytics does holds up a quota
+/// spend. True when tallies were written.
 pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
     let tallies = if take { self::take(db) } else { Vec::new() };
     let written = !tallies.is_empty()
@@ -475,8 +476,7 @@ fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
               FROM s LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) s.key_id
                                              AND k.created_at OPERATOR(pg_catalog.=) s.created
          )
-         INSERT INTO apikeys.verification_counts AS t
-                (granularity, bucket, key_id, owner, code, count, cost)
+         {add_to_counts}
          SELECT g.granularity, pg_catalog.date_trunc(g.granularity, o.minute, 'UTC'), o.key_id,
                 o.owner, o.code, pg_catalog.sum(o.n)::pg_catalog.int8,
                 pg_catalog.sum(o.cost)::pg_catalog.int8
@@ -484,14 +484,24 @@ fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
           WHERE g.granularity OPERATOR(pg_catalog.=) 'minute'
              OR o.minute OPERATOR(pg_catalog.<) {through}
           GROUP BY 1, 2, 3, 4, 5
-         ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
-         DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
-                       cost = t.cost OPERATOR(pg_catalog.+) excluded.cost",
+         {on_conflict_add}",
         unnested = unnested_sql("moved"),
         through = ROLLED_UP_THROUGH,
+        add_to_counts = ADD_TO_COUNTS,
+        on_conflict_add = ON_CONFLICT_ADD,
     );
     errors::internal(client.update(&sql, None, &[]));
 }
+
+/// Compaction and roll-up add rows to verification_counts the same way: `ADD_TO_COUNTS`, a
+/// SELECT of (granularity, bucket, key_id, owner, code, count, cost), then `ON_CONFLICT_ADD`,
+/// whose arbiter is verification_counts_bucket_idx.
+const ADD_TO_COUNTS: &str = "INSERT INTO apikeys.verification_counts AS t
+                (granularity, bucket, key_id, owner, code, count, cost)";
+const ON_CONFLICT_ADD: &str =
+    "ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
+         DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
+                       cost = t.cost OPERATOR(pg_catalog.+) excluded.cost";
 
 /// The first minute whose counts no hour or day row includes yet.
 const ROLLED_UP_THROUGH: &str = "COALESCE((SELECT r.through FROM apikeys.verification_rollup r),
@@ -518,8 +528,7 @@ fn roll_up(client: &mut pgrx::spi::SpiClient<'_>) {
             SELECT true, span.until FROM span
             ON CONFLICT (one) DO UPDATE SET through = excluded.through
          )
-         INSERT INTO apikeys.verification_counts AS t
-                (granularity, bucket, key_id, owner, code, count, cost)
+         {add_to_counts}
          SELECT g.granularity, pg_catalog.date_trunc(g.granularity, m.bucket, 'UTC'), m.key_id,
                 m.owner, m.code, pg_catalog.sum(m.count)::pg_catalog.int8,
                 pg_catalog.sum(m.cost)::pg_catalog.int8
@@ -528,10 +537,10 @@ fn roll_up(client: &mut pgrx::spi::SpiClient<'_>) {
             AND m.bucket OPERATOR(pg_catalog.>=) span.since
             AND m.bucket OPERATOR(pg_catalog.<) span.until
           GROUP BY 1, 2, 3, 4, 5
-         ON CONFLICT (granularity, bucket, key_id, code, (COALESCE(owner, '')), (owner IS NULL))
-         DO UPDATE SET count = t.count OPERATOR(pg_catalog.+) excluded.count,
-                       cost = t.cost OPERATOR(pg_catalog.+) excluded.cost",
+         {on_conflict_add}",
         through = ROLLED_UP_THROUGH,
+        add_to_counts = ADD_TO_COUNTS,
+        on_conflict_add = ON_CONFLICT_ADD,
     );
     errors::internal(client.update(&sql, None, &[]));
 }
