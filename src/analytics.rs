@@ -5,7 +5,9 @@
 //! up, and when it stops at a clean shutdown): one row of arrays per minute, however many keys.
 //! Once a minute is over, its batches are added to `apikeys.verification_counts` as minute rows,
 //! so a key used many times a minute costs one row there per minute, not one per write (with
-//! many distinct keys, per-write upserts were most of what analytics cost); every ten minutes
+//! many distinct keys, per-write upserts were most of what analytics cost); the writer adds the
+//! sums it kept of its own batches (`tallies::Digests`) rather than unnesting and summing them
+//! again, which was most of what was left; every ten minutes
 //! the minutes since `verification_rollup.through` are added to their hours and days (upserting
 //! hour and day rows every minute was most of what was left). `verification_stats` reads counts,
 //! the minutes not rolled up yet and the batches. Counts older than
@@ -330,7 +332,9 @@ pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
         && in_transaction("verification counts not written yet", |client| {
             write_batches(client, &tallies)
         });
-    if !tallies.is_empty() && !written {
+    if written {
+        DIGESTS.with(|d| d.borrow_mut().remember(&tallies));
+    } else if !tallies.is_empty() {
         put_back(&tallies);
     }
     // Compaction and pruning in a transaction of their own: should they fail, the batches
@@ -338,6 +342,7 @@ pub fn persist(db: u32, take: bool, now_us: i64) -> bool {
     if due(db, now_us, Due::Compact) {
         let prune = due(db, now_us, Due::Prune);
         in_transaction("verification counts not compacted yet", |client| {
+            compact_digested(client);
             compact(client);
             roll_up(client);
             if prune {
@@ -401,35 +406,65 @@ fn write_batches(client: &mut pgrx::spi::SpiClient<'_>, taken: &[Tally]) {
         by_minute.entry(t.minute).or_default().push(t);
     }
     for (minute, tallies) in by_minute {
-        let ids: Vec<&str> = tallies.iter().map(|t| t.id()).collect();
-        let created: Vec<Option<TimestampWithTimeZone>> = tallies
-            .iter()
-            .map(|t| (!t.id().is_empty()).then(|| verify::from_epoch_us(t.created_us)))
-            .collect();
-        let codes: Vec<&str> = tallies
-            .iter()
-            .map(|t| {
-                Code::ALL
-                    .get(usize::from(t.code))
-                    .map_or("VALID", |c| c.as_str())
-            })
-            .collect();
-        let counts: Vec<i64> = tallies.iter().map(|t| t.count).collect();
-        let costs: Vec<i64> = tallies.iter().map(|t| t.cost).collect();
+        let columns = Columns::of(
+            tallies
+                .iter()
+                .map(|t| (t.id(), t.created_us, t.code, t.count, t.cost)),
+        );
         plans::update(
             client,
             "INSERT INTO apikeys.verification_batches (minute, key_ids, created, codes, counts, costs)
              VALUES ($1, $2, $3, $4, $5, $6)",
             None,
-            &[
-                verify::from_epoch_us(minute.saturating_mul(60_000_000)).into(),
-                ids.into(),
-                created.into(),
-                codes.into(),
-                counts.into(),
-                costs.into(),
-            ],
+            &columns.args(minute),
         );
+    }
+}
+
+/// Tallies as the arrays of a batch row (key_ids, created, codes, counts, costs).
+struct Columns<'a> {
+    ids: Vec<&'a str>,
+    created: Vec<Option<TimestampWithTimeZone>>,
+    codes: Vec<&'static str>,
+    counts: Vec<i64>,
+    costs: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    /// From (key id, created µs, code, count, cost).
+    fn of(tallies: impl Iterator<Item = (&'a str, i64, u8, i64, i64)>) -> Self {
+        let mut c = Columns {
+            ids: Vec::new(),
+            created: Vec::new(),
+            codes: Vec::new(),
+            counts: Vec::new(),
+            costs: Vec::new(),
+        };
+        for (id, created_us, code, count, cost) in tallies {
+            c.ids.push(id);
+            c.created
+                .push((!id.is_empty()).then(|| verify::from_epoch_us(created_us)));
+            c.codes.push(
+                Code::ALL
+                    .get(usize::from(code))
+                    .map_or("VALID", |c| c.as_str()),
+            );
+            c.counts.push(count);
+            c.costs.push(cost);
+        }
+        c
+    }
+
+    /// $1 the minute (epoch minutes, as its start), $2–$6 the arrays.
+    fn args(self, minute: i64) -> [pgrx::datum::DatumWithOid<'static>; 6] {
+        [
+            verify::from_epoch_us(minute.saturating_mul(60_000_000)).into(),
+            self.ids.into(),
+            self.created.into(),
+            self.codes.into(),
+            self.counts.into(),
+            self.costs.into(),
+        ]
     }
 }
 
@@ -450,7 +485,7 @@ fn unnested_sql(batches: &str) -> String {
 /// Adds the batches of minutes that are over to verification_counts — each tally into its
 /// minute, with the owner of its key as it is now; into its hour and day (UTC) too when the
 /// minute is one `roll_up` has passed already (a batch put back after a failed write) — and
-/// deletes them, in one statement.
+/// deletes them, in one statement. (The writer's own minutes went already: `compact_digested`.)
 fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
     let sql = format!(
         "WITH moved AS (
@@ -470,27 +505,124 @@ fn compact(client: &mut pgrx::spi::SpiClient<'_>) {
             SELECT v.key_id, v.created, v.code, v.minute, pg_catalog.sum(v.n) AS n,
                    pg_catalog.sum(v.cost) AS cost
               FROM v GROUP BY 1, 2, 3, 4
-         ),
-         o AS (
+         ), {add_sums}",
+        unnested = unnested_sql("moved"),
+        add_sums = add_sums_sql(),
+    );
+    errors::internal(client.update(&sql, None, &[]));
+}
+
+/// The end of a compaction statement whose CTE `s` (key_id, created, code, minute, n, cost)
+/// holds one sum per key, code and minute: adds them to verification_counts, with each key's
+/// owner as it is now.
+fn add_sums_sql() -> String {
+    format!(
+        "o AS (
             SELECT s.key_id, s.code, s.minute, s.n, s.cost, k.owner
               FROM s LEFT JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) s.key_id
                                              AND k.created_at OPERATOR(pg_catalog.=) s.created
          )
-         {add_to_counts}
+         {ADD_TO_COUNTS}
          SELECT g.granularity, pg_catalog.date_trunc(g.granularity, o.minute, 'UTC'), o.key_id,
                 o.owner, o.code, pg_catalog.sum(o.n)::pg_catalog.int8,
                 pg_catalog.sum(o.cost)::pg_catalog.int8
            FROM o, (VALUES ('minute'), ('hour'), ('day')) AS g(granularity)
           WHERE g.granularity OPERATOR(pg_catalog.=) 'minute'
-             OR o.minute OPERATOR(pg_catalog.<) {through}
+             OR o.minute OPERATOR(pg_catalog.<) {ROLLED_UP_THROUGH}
           GROUP BY 1, 2, 3, 4, 5
-         {on_conflict_add}",
-        unnested = unnested_sql("moved"),
-        through = ROLLED_UP_THROUGH,
-        add_to_counts = ADD_TO_COUNTS,
-        on_conflict_add = ON_CONFLICT_ADD,
+         {ON_CONFLICT_ADD}"
+    )
+}
+
+thread_local! {
+    /// In the writer: what it wrote to verification_batches, summed per minute, holding at most
+    /// four times `apikeys.analytics_slots` sums (some three minutes of as many keys as the
+    /// shared table holds; ~150 bytes each, 80 MB at the default): beyond, a minute is summed
+    /// from its batch rows instead.
+    static DIGESTS: RefCell<tallies::Digests> =
+        RefCell::new(tallies::Digests::new(guc::analytics_slots().saturating_mul(4)));
+}
+
+/// Compacts the minutes that are over whose batch rows are all this writer's, from its digests:
+/// the sums are inserted as they are (about a dozen batches a minute, each of up to every key
+/// used, no longer unnested and summed again: that was most of what compaction cost) and exactly
+/// the batch rows counted are deleted. The batch rows are counted under FOR UPDATE first: a
+/// minute with a row the digest did not see (an earlier writer's, or one written by hand) is left
+/// to `compact`, which runs next in the same transaction with the same cutoff (`now()` is the
+/// transaction's).
+fn compact_digested(client: &mut pgrx::spi::SpiClient<'_>) {
+    if DIGESTS.with(|d| d.borrow().is_empty()) {
+        return;
+    }
+    let cutoff = plans::select(
+        client,
+        &format!(
+            "SELECT pg_catalog.now() OPERATOR(pg_catalog.-) '{COMPACT_AFTER}'::pg_catalog.interval"
+        ),
+        None,
+        &[],
+    )
+    .first()
+    .get_one::<TimestampWithTimeZone>();
+    let Some(cutoff) = errors::internal(cutoff) else {
+        return;
+    };
+    // Batch rows by their minute (epoch µs), with their row ids.
+    let mut batches: std::collections::BTreeMap<i64, Vec<pg_sys::ItemPointerData>> =
+        Default::default();
+    for row in plans::update(
+        client,
+        "SELECT b.ctid, b.minute FROM apikeys.verification_batches b
+          WHERE b.minute OPERATOR(pg_catalog.<) $1 FOR UPDATE OF b",
+        None,
+        &[cutoff.into()],
+    ) {
+        let ctid = errors::internal(row.get::<pg_sys::ItemPointerData>(1));
+        let minute = errors::internal(row.get::<TimestampWithTimeZone>(2));
+        if let (Some(ctid), Some(minute)) = (ctid, minute) {
+            batches
+                .entry(verify::epoch_us(minute))
+                .or_default()
+                .push(ctid);
+        }
+    }
+    let sql = format!(
+        "WITH s AS (
+            SELECT u.key_id, u.created, u.code, $1::pg_catalog.timestamptz AS minute, u.n, u.cost
+              FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]),
+                              pg_catalog.unnest($3::pg_catalog.timestamptz[]),
+                              pg_catalog.unnest($4::pg_catalog.text[]),
+                              pg_catalog.unnest($5::pg_catalog.int8[]),
+                              pg_catalog.unnest($6::pg_catalog.int8[])) AS u(key_id, created, code, n, cost)
+         ), {add_sums}",
+        add_sums = add_sums_sql(),
     );
-    errors::internal(client.update(&sql, None, &[]));
+    for (minute_us, rows) in batches {
+        // The writer's rows start on the minute; any other is not one of its batches.
+        if minute_us.rem_euclid(60_000_000) != 0 {
+            continue;
+        }
+        let minute = minute_us.div_euclid(60_000_000);
+        let Some(sums) = DIGESTS.with(|d| d.borrow_mut().take(minute, rows.len())) else {
+            continue;
+        };
+        let columns = Columns::of(sums.iter().map(|((id, created_us, code), (n, cost))| {
+            (id.as_str(), *created_us, *code, *n, *cost)
+        }));
+        plans::update(client, &sql, None, &columns.args(minute));
+        plans::update(
+            client,
+            "DELETE FROM apikeys.verification_batches b
+              WHERE b.ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[])",
+            None,
+            &[rows.into()],
+        );
+    }
+    // The minutes over whose batches went some other way (compact, or by hand).
+    DIGESTS.with(|d| {
+        d.borrow_mut()
+            .forget_before(verify::epoch_us(cutoff).div_euclid(60_000_000))
+    });
 }
 
 /// Compaction and roll-up add rows to verification_counts the same way: `ADD_TO_COUNTS`, a
@@ -957,6 +1089,170 @@ mod tests {
             Some(1),
             "the one older than 7 days went"
         );
+    }
+
+    /// Tallies (key id, created µs, code, epoch minute, count, cost) as the writer takes them.
+    fn tallies(
+        list: &[(&str, i64, crate::verify::Code, i64, i64, i64)],
+    ) -> Vec<crate::tallies::Tally> {
+        let mut slots = vec![crate::tallies::FREE; 64];
+        let mut used = 0;
+        for &(id, created_us, code, minute, count, cost) in list {
+            let key = crate::tallies::TallyKey {
+                db: 1,
+                id,
+                created_us,
+                code: code.number(),
+                minute,
+            };
+            crate::tallies::add(&mut slots, &mut used, &key, count, cost);
+        }
+        crate::tallies::take(&mut slots, &mut used, 1)
+    }
+
+    /// Writes `taken` as the writer does: batch rows, and the writer's digest.
+    fn written_by_the_writer(taken: &[crate::tallies::Tally]) {
+        Spi::connect_mut(|client| super::write_batches(client, taken));
+        super::DIGESTS.with(|d| d.borrow_mut().remember(taken));
+    }
+
+    /// A key's id and created_at in epoch µs.
+    fn created_us(id: &str) -> i64 {
+        one::<i64>(&format!(
+            "SELECT (extract(epoch FROM created_at) * 1000000)::bigint FROM apikeys.keys WHERE id = '{id}'"
+        ))
+        .unwrap()
+    }
+
+    /// 2020-03-01 10:00 UTC in epoch minutes.
+    const MARCH_MINUTE: i64 = 1_583_056_800 / 60;
+
+    fn march_counts() -> String {
+        one::<String>(
+            "SET LOCAL TimeZone = 'UTC';
+             SELECT string_agg(granularity || ' ' || to_char(bucket, 'HH24:MI') || ' ' || key_id || ' '
+                               || COALESCE(owner, '-') || ' ' || code || ' ' || count || ' ' || cost,
+                               ', ' ORDER BY granularity, key_id, code, bucket)
+               FROM apikeys.verification_counts
+              WHERE bucket >= '2020-03-01 00:00+00' AND bucket < '2020-03-02 00:00+00'",
+        )
+        .unwrap_or_default()
+    }
+
+    fn batches_of_march() -> i64 {
+        one::<i64>(
+            "SELECT count(*) FROM apikeys.verification_batches
+                     WHERE minute >= '2020-03-01 00:00+00' AND minute < '2020-03-02 00:00+00'",
+        )
+        .unwrap_or(-1)
+    }
+
+    #[pg_test]
+    fn the_writers_own_minutes_are_compacted_from_its_digest_with_the_keys_owners() {
+        use crate::verify::Code;
+        let (id, _) = create("owner => 'digest-owner'");
+        let created = created_us(&id);
+        rolled_up_through("2020-03-01 10:00+00");
+        written_by_the_writer(&tallies(&[
+            (&id, created, Code::Valid, MARCH_MINUTE, 2, 3),
+            ("", 0, Code::NotFound, MARCH_MINUTE, 1, 0),
+            (&id, created, Code::Valid, MARCH_MINUTE + 1, 1, 1),
+        ]));
+        written_by_the_writer(&tallies(&[
+            (&id, created, Code::Valid, MARCH_MINUTE, 1, 2),
+            (&id, created, Code::RateLimited, MARCH_MINUTE, 1, 0),
+        ]));
+        assert_eq!(batches_of_march(), 3);
+        Spi::connect_mut(super::compact_digested);
+        assert_eq!(batches_of_march(), 0, "every batch row went");
+        assert_eq!(
+            march_counts(),
+            format!(
+                "minute 10:00  - NOT_FOUND 1 0, minute 10:00 {id} digest-owner RATE_LIMITED 1 0, \
+                 minute 10:00 {id} digest-owner VALID 3 5, minute 10:01 {id} digest-owner VALID 1 1"
+            )
+        );
+        assert!(super::DIGESTS.with(|d| d.borrow().is_empty()));
+        // A late write of a minute compacted already (a put-back): its own digest, added to the
+        // minute and, being before `through`, to its hour and day too.
+        rolled_up_through("2020-03-02 00:00+00");
+        written_by_the_writer(&tallies(&[(&id, created, Code::Valid, MARCH_MINUTE, 5, 5)]));
+        Spi::connect_mut(super::compact_digested);
+        assert_eq!(
+            march_counts(),
+            format!(
+                "day 00:00 {id} digest-owner VALID 5 5, hour 10:00 {id} digest-owner VALID 5 5, \
+                 minute 10:00  - NOT_FOUND 1 0, minute 10:00 {id} digest-owner RATE_LIMITED 1 0, \
+                 minute 10:00 {id} digest-owner VALID 8 10, minute 10:01 {id} digest-owner VALID 1 1"
+            )
+        );
+    }
+
+    #[pg_test]
+    fn a_minute_with_a_batch_the_writer_did_not_write_is_compacted_from_its_batches_once() {
+        use crate::verify::Code;
+        rolled_up_through("2020-03-01 10:00+00");
+        written_by_the_writer(&tallies(&[(
+            "gone-key",
+            5,
+            Code::Valid,
+            MARCH_MINUTE,
+            2,
+            2,
+        )]));
+        // An earlier writer's batch of the same minute.
+        batch("2020-03-01 10:00+00", "gone-key", 3, 3);
+        Spi::connect_mut(super::compact_digested);
+        assert_eq!(batches_of_march(), 2, "left to compact");
+        assert_eq!(march_counts(), "");
+        assert!(
+            super::DIGESTS.with(|d| d.borrow().is_empty()),
+            "digest dropped"
+        );
+        Spi::connect_mut(super::compact);
+        assert_eq!(batches_of_march(), 0);
+        assert_eq!(march_counts(), "minute 10:00 gone-key - VALID 5 5");
+    }
+
+    #[pg_test]
+    fn a_minute_compacted_from_its_batches_before_a_late_write_counts_every_write_once() {
+        use crate::verify::Code;
+        rolled_up_through("2020-03-01 10:00+00");
+        written_by_the_writer(&tallies(&[(
+            "late-key",
+            5,
+            Code::Valid,
+            MARCH_MINUTE,
+            2,
+            2,
+        )]));
+        Spi::connect_mut(super::compact);
+        // A write of the same minute after it (tallies put back after a failed write): the
+        // digest now says two batches, the table holds one.
+        written_by_the_writer(&tallies(&[(
+            "late-key",
+            5,
+            Code::Valid,
+            MARCH_MINUTE,
+            3,
+            3,
+        )]));
+        Spi::connect_mut(super::compact_digested);
+        assert_eq!(batches_of_march(), 1, "left to compact");
+        Spi::connect_mut(super::compact);
+        assert_eq!(batches_of_march(), 0);
+        assert_eq!(march_counts(), "minute 10:00 late-key - VALID 5 5");
+    }
+
+    #[pg_test]
+    fn a_batch_row_off_the_minute_is_never_taken_for_the_writers() {
+        use crate::verify::Code;
+        rolled_up_through("2020-03-01 10:00+00");
+        written_by_the_writer(&tallies(&[("odd-key", 5, Code::Valid, MARCH_MINUTE, 2, 2)]));
+        batch("2020-03-01 10:00:30+00", "odd-key", 3, 3);
+        Spi::connect_mut(super::compact_digested);
+        assert_eq!(batches_of_march(), 1, "only the writer's row went");
+        assert_eq!(march_counts(), "minute 10:00 odd-key - VALID 2 2");
     }
 
     #[pg_test]

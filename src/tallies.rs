@@ -159,6 +159,90 @@ pub fn any_of(slots: &[Tally], db: u32) -> bool {
     slots.iter().any(|t| t.db == db)
 }
 
+/// What a digest sums, per minute: (key id, created µs, code) → (count, cost).
+pub type Sums = std::collections::HashMap<(String, i64, u8), (i64, i64)>;
+
+/// The writer's running sums of the tallies it has written as batch rows, per minute, and how
+/// many batch rows each minute got (one per write that had tallies of it). Once the minute is
+/// over, its sums are what compacting its batch rows would compute, provided the table holds
+/// exactly those rows: the writer then inserts them as they are instead of unnesting and summing
+/// a dozen batches again (`analytics::compact`).
+#[derive(Debug, Default)]
+pub struct Digests {
+    minutes: std::collections::BTreeMap<i64, Digest>,
+    entries: usize,
+    limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct Digest {
+    batches: usize,
+    /// False once a tally did not fit under the limit: the sums are incomplete for good.
+    complete: bool,
+    sums: Sums,
+}
+
+impl Digests {
+    /// Digests holding at most `limit` sums in all (beyond, a minute's digest is given up and
+    /// its batches are compacted the slow way).
+    pub fn new(limit: usize) -> Self {
+        Digests {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    /// Adds the tallies of one write (a batch row per minute among them).
+    pub fn remember(&mut self, written: &[Tally]) {
+        let mut seen = std::collections::BTreeSet::new();
+        for t in written {
+            let digest = self.minutes.entry(t.minute).or_insert_with(|| Digest {
+                complete: true,
+                ..Default::default()
+            });
+            if seen.insert(t.minute) {
+                digest.batches += 1;
+            }
+            if !digest.complete {
+                continue;
+            }
+            let key = (t.id().to_owned(), t.created_us, t.code);
+            if !digest.sums.contains_key(&key) && self.entries >= self.limit {
+                self.entries -= digest.sums.len();
+                digest.sums = Sums::new();
+                digest.complete = false;
+                continue;
+            }
+            let sum = digest.sums.entry(key).or_insert_with(|| {
+                self.entries += 1;
+                (0, 0)
+            });
+            sum.0 = sum.0.saturating_add(t.count);
+            sum.1 = sum.1.saturating_add(t.cost);
+        }
+    }
+
+    /// Takes `minute`'s sums when they are complete and cover exactly `batches` batch rows;
+    /// the minute is forgotten either way.
+    pub fn take(&mut self, minute: i64, batches: usize) -> Option<Sums> {
+        let digest = self.minutes.remove(&minute)?;
+        self.entries -= digest.sums.len();
+        (digest.complete && digest.batches == batches).then_some(digest.sums)
+    }
+
+    /// Forgets the minutes before `minute` (their batches were compacted some other way).
+    pub fn forget_before(&mut self, minute: i64) {
+        let kept = self.minutes.split_off(&minute);
+        for digest in std::mem::replace(&mut self.minutes, kept).into_values() {
+            self.entries -= digest.sums.len();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -250,6 +334,55 @@ mod unit {
             add(&mut empty, &mut 0, &key(1, &long, 0, 0), 1, 0),
             Added::Full
         );
+    }
+
+    fn tally(id: &str, code: u8, minute: i64, count: i64, cost: i64) -> Tally {
+        let mut slots = vec![FREE; 4];
+        add(&mut slots, &mut 0, &key(1, id, code, minute), count, cost);
+        take(&mut slots, &mut 0, 1)[0]
+    }
+
+    #[test]
+    fn a_digest_sums_a_minute_over_its_writes_and_counts_its_batches() {
+        let mut d = Digests::new(100);
+        d.remember(&[
+            tally("a", 0, 5, 2, 3),
+            tally("b", 1, 5, 1, 0),
+            tally("a", 0, 6, 1, 1),
+        ]);
+        d.remember(&[tally("a", 0, 5, 4, 4)]);
+        let five = d.take(5, 2).expect("two batches of minute 5");
+        assert_eq!(five.len(), 2);
+        assert_eq!(five[&("a".to_owned(), 7, 0)], (6, 7));
+        assert_eq!(five[&("b".to_owned(), 7, 1)], (1, 0));
+        assert_eq!(d.take(5, 2), None, "taken once");
+        assert_eq!(d.entries, 1);
+    }
+
+    #[test]
+    fn a_digest_is_not_used_when_the_table_holds_other_batches_of_its_minute() {
+        let mut d = Digests::new(100);
+        d.remember(&[tally("a", 0, 5, 1, 1)]);
+        assert_eq!(d.take(5, 2), None, "a batch it did not see");
+        assert!(d.is_empty(), "and it is forgotten");
+        d.remember(&[tally("a", 0, 5, 1, 1)]);
+        d.remember(&[tally("a", 0, 6, 1, 1)]);
+        d.forget_before(6);
+        assert_eq!(d.take(5, 1), None);
+        assert!(d.take(6, 1).is_some());
+        assert_eq!(d.entries, 0);
+    }
+
+    #[test]
+    fn a_digest_over_the_limit_is_given_up_but_counts_stay_right() {
+        let mut d = Digests::new(2);
+        d.remember(&[tally("a", 0, 5, 1, 1), tally("b", 0, 5, 1, 1)]);
+        d.remember(&[tally("a", 0, 5, 1, 1), tally("c", 0, 6, 1, 1)]);
+        assert_eq!(d.take(6, 1), None, "no room for c: given up");
+        assert_eq!(d.take(5, 2).map(|s| s.len()), Some(2), "a and b fit");
+        assert_eq!(d.entries, 0);
+        d.remember(&[tally("c", 0, 7, 1, 1)]);
+        assert!(d.take(7, 1).is_some(), "room again once taken");
     }
 
     proptest! {
