@@ -7,7 +7,7 @@
 //! so a key used many times a minute costs one row there per minute, not one per write (with
 //! many distinct keys, per-write upserts were most of what analytics cost); the writer adds the
 //! sums it kept of its own batches (`tallies::Digests`) rather than unnesting and summing them
-//! again, which was most of what was left; every ten minutes
+//! again, which was most of what compaction still cost; every ten minutes
 //! the minutes since `verification_rollup.through` are added to their hours and days (upserting
 //! hour and day rows every minute was most of what was left). `verification_stats` reads counts,
 //! the minutes not rolled up yet and the batches. Counts older than
