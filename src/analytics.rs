@@ -895,8 +895,11 @@ mod tests {
     /// Sets `verification_rollup.through` (the minutes before it count in hours and days).
     fn rolled_up_through(at: &str) {
         run(&format!(
-            "DELETE FROM apikeys.verification_rollup;
-             INSERT INTO apikeys.verification_rollup VALUES (true, '{at}')"
+            // An upsert, not DELETE + INSERT: the test database's own writer may be inserting
+            // the row (uncommitted, so the DELETE misses it), and a plain INSERT would then fail
+            // on the primary key once the writer commits.
+            "INSERT INTO apikeys.verification_rollup VALUES (true, '{at}')
+             ON CONFLICT (one) DO UPDATE SET through = excluded.through"
         ));
     }
 
@@ -1038,9 +1041,9 @@ mod tests {
     #[pg_test]
     fn minutes_are_rolled_up_every_ten_minutes_and_at_once_when_never_before() {
         // Rolled up five minutes ago: not again before ten.
-        run("DELETE FROM apikeys.verification_rollup;
-             INSERT INTO apikeys.verification_rollup
-             VALUES (true, date_trunc('minute', now(), 'UTC') - '5 minutes'::interval);
+        rolled_up_through("now");
+        run("UPDATE apikeys.verification_rollup
+                SET through = date_trunc('minute', now(), 'UTC') - '5 minutes'::interval;
              INSERT INTO apikeys.verification_counts
              SELECT 'minute', through, 'recent-key', NULL, 'VALID', 1, 1 FROM apikeys.verification_rollup");
         let through = "SELECT through::text FROM apikeys.verification_rollup";
