@@ -57,6 +57,8 @@ while pb.poll() is None:
         s1 = stat(); t_end = now
     time.sleep(0.5)
 err = pb.stderr.read()
+if s0 is None:
+    sys.exit(f'pgbench ended before the 140 s window:\n{err}')
 tps = [float(m.group(2)) for m in re.finditer(r'progress: (\d+\.\d) s, (\d+\.\d) tps', err) if float(m.group(1)) > 140]
 byc = collections.Counter()
 for pid in last:

@@ -1041,10 +1041,12 @@ mod tests {
     #[pg_test]
     fn minutes_are_rolled_up_every_ten_minutes_and_at_once_when_never_before() {
         // Rolled up five minutes ago: not again before ten.
-        rolled_up_through("now");
-        run("UPDATE apikeys.verification_rollup
-                SET through = date_trunc('minute', now(), 'UTC') - '5 minutes'::interval;
-             INSERT INTO apikeys.verification_counts
+        let five_minutes_ago = one::<String>(
+            "SELECT (date_trunc('minute', now(), 'UTC') - '5 minutes'::interval)::text",
+        )
+        .unwrap();
+        rolled_up_through(&five_minutes_ago);
+        run("INSERT INTO apikeys.verification_counts
              SELECT 'minute', through, 'recent-key', NULL, 'VALID', 1, 1 FROM apikeys.verification_rollup");
         let through = "SELECT through::text FROM apikeys.verification_rollup";
         let before = one::<String>(through);
