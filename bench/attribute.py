@@ -5,9 +5,11 @@
 # (backends, pgbench, the pg_apikeys writer, autovacuum, ...) and /proc/stat shares.
 # pgbench's own CPU per transaction is a control: its work does not depend on the server, so a
 # change in it means the machine ran slower, not the server.
+# The last line, `summary TPS SERVER_US PGBENCH_US`, is for scripts/bench.sh: tps, and the CPU µs
+# per transaction of every postgres process (backends and background work alike) and of pgbench.
 # Usage: bench/attribute.py LABEL PGOPTIONS   (e.g. off "-c apikeys.analytics=off", on "")
 # Env: SOCKET_DIR (default /tmp/pg_apikeys_bench_default), PORT (55440), DB (app),
-#      SCRIPT (bench/verify_key_100k.pgbench), PGBIN (/usr/lib/postgresql/15/bin).
+#      SCRIPT (bench/verify_key_100k.pgbench), PGBIN (/usr/lib/postgresql/15/bin), CLIENTS (2).
 import os, subprocess, sys, time, collections, re
 label, pgopts = sys.argv[1], sys.argv[2]
 SOCKET_DIR = os.environ.get('SOCKET_DIR', '/tmp/pg_apikeys_bench_default')
@@ -15,6 +17,7 @@ PORT = os.environ.get('PORT', '55440')
 DB = os.environ.get('DB', 'app')
 SCRIPT = os.environ.get('SCRIPT', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'verify_key_100k.pgbench'))
 PGBIN = os.environ.get('PGBIN', '/usr/lib/postgresql/15/bin')
+CLIENTS = os.environ.get('CLIENTS', '2')
 HZ = os.sysconf('SC_CLK_TCK')
 def procs():
     out = {}
@@ -41,7 +44,7 @@ def stat():
     return list(map(int, f))
 env = dict(os.environ, PGOPTIONS=pgopts)
 pb = subprocess.Popen([os.path.join(PGBIN, 'pgbench'), '-h', SOCKET_DIR, '-p', PORT,
-    '-U', 'postgres', '-n', '-M', 'prepared', '-c', '2', '-j', '2', '-T', '200', '-P', '10',
+    '-U', 'postgres', '-n', '-M', 'prepared', '-c', CLIENTS, '-j', CLIENTS, '-T', '200', '-P', '10',
     '-f', SCRIPT, DB], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 t0 = time.time()
 first, last, names = {}, {}, {}
@@ -69,4 +72,6 @@ print(f"{label}: tps {sum(tps)/len(tps):.0f} ({' '.join('%.0f' % t for t in tps)
 calls = sum(tps) / len(tps) * (t_end - t_start)
 print(f"   µs per call: backend {1e6 * byc['backend'] / calls:.1f}, pgbench {1e6 * byc['pgbench'] / calls:.2f}")
 print("   cpu s: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(byc.items(), key=lambda x: -x[1]) if v >= 0.05))
+server = sum(v for k, v in byc.items() if k not in ('pgbench', 'other'))
 print(f"   /proc/stat %: user {100*d[0]/tot:.1f} sys {100*d[2]/tot:.1f} idle {100*d[3]/tot:.1f} iowait {100*d[4]/tot:.1f} steal {100*d[7]/tot:.1f}")
+print(f"summary {sum(tps)/len(tps):.0f} {1e6 * server / calls:.2f} {1e6 * byc['pgbench'] / calls:.3f}")

@@ -9,7 +9,7 @@
 # Knobs: BENCH_SECONDS (per pgbench run, default 8), BENCH_ROUNDS (default 5),
 #        BENCH_KEYS (default 1000000), BENCH_BIG_KEYS (the latency row's large table, default
 #        10000000), BENCH_WARMUP (s of calls before the default deployment's rows, default 300),
-#        STEADY_ROUNDS (steady-state rounds, 200 s a side, default 2).
+#        STEADY_ROUNDS (steady-state rounds, 200 s a side, default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_MAJOR=${PG_MAJOR:-15}
@@ -45,25 +45,40 @@ pair() {
   done
   echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}")"
 }
-# "ours floor ratio" of the same bench/$1 with the default settings (ours) and with the settings
-# $2 (PGOPTIONS: the floor), $3 clients: what a feature costs, in steady state: runs of 200 s,
-# each figure the tps of its last 60 s (pgbench -P 10). Background work a run causes may fall after it, into the next
-# run: the verification writer compacts each minute about 70 s after it ends. 140 s into a run
-# the work the previous run left is done and a minute's compaction of the run's own calls falls
-# into every 60 s window, so neither side is charged the other's work. STEADY_ROUNDS (default 2)
-# alternating rounds.
+# What a feature costs, in steady state: bench/$1 with the default settings (ours) and with the
+# settings $2 (PGOPTIONS: the floor), 2 clients, runs of 200 s, each figure from its last 60 s
+# (bench/attribute.py). Background work a run causes may fall after it, into the next run: the
+# verification writer compacts each minute about 70 s after it ends. 140 s into a run the work the
+# previous run left is done and a minute's compaction of the run's own calls falls into every 60 s
+# window, so neither side is charged the other's work. STEADY_ROUNDS (default 4) rounds, the order
+# within a round alternating (off-on, on-off, ...) so that a drift of the cluster over the rounds
+# (its tables grow) is not charged to one side. Prints "ours floor tps-ratio cpu-ratio ours-µs
+# floor-µs" (medians): cpu-ratio is the throughput ratio the CPU per call implies at equal machine
+# speed, (server/pgbench + 1) of the floor over ours, server being the CPU µs per call of every
+# postgres process (backends, writer, autovacuum, ...) and pgbench the client's own, whose work
+# does not depend on the server: on 2 shared cores the machine's speed varies by more than 5% from
+# one run to the next, and that divides out.
 steady_setting() {
-  local o f os=() fs=() rs=()
-  for _ in $(seq "${STEADY_ROUNDS:-2}"); do
-    f=$(PGOPTIONS="$2" last60 "$1" "${3:-$CLIENTS}"); o=$(last60 "$1" "${3:-$CLIENTS}")
+  local o f os=() fs=() rs=() cs=() ous=() fus=() i on off
+  for i in $(seq "${STEADY_ROUNDS:-4}"); do
+    if [ $((i % 2)) -eq 1 ]; then
+      off=$(steady_run off "$2" "$1"); on=$(steady_run on "" "$1")
+    else
+      on=$(steady_run on "" "$1"); off=$(steady_run off "$2" "$1")
+    fi
+    read -r o os_us op_us <<<"$on"; read -r f fs_us fp_us <<<"$off"
+    log "steady round $i: on $o tps, $os_us + $op_us µs/call; off $f tps, $fs_us + $fp_us µs/call"
     os+=("$o"); fs+=("$f"); rs+=("$(ratio "$o" "$f")")
+    ous+=("$os_us"); fus+=("$fs_us")
+    cs+=("$(awk -v so="$os_us" -v po="$op_us" -v sf="$fs_us" -v pf="$fp_us" \
+      'BEGIN {printf "%.3f", (sf / pf + 1) / (so / po + 1)}')")
   done
-  echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}")"
+  echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}") $(median_of "${cs[@]}") $(median_of "${ous[@]}") $(median_of "${fus[@]}")"
 }
-last60() {
-  "$BIN/pgbench" -h "$HOST" -p $PORT -U postgres -n -M prepared -c "$2" -j "$2" -T 200 -P 10 \
-    -f "bench/$1.pgbench" "$DB" 2>&1 >/dev/null \
-    | awk '/^progress: /{ if ($2 + 0 > 140) { sum += $4; n++ } } END { printf "%.0f", sum / n }'
+# "tps server-µs pgbench-µs" of one 200 s run of bench/$3 with PGOPTIONS $2 (label $1).
+steady_run() {
+  SOCKET_DIR=$HOST PORT=$PORT DB=$DB PGBIN=$BIN SCRIPT="bench/$3.pgbench" \
+    python3 bench/attribute.py "$1" "$2" | tee -a "$DIR/steady.log" | awk '/^summary /{print $2, $3, $4}'
 }
 # Median latency (ms) of bench/$1.pgbench, one client, from pgbench's per-transaction log.
 p50() {
@@ -196,8 +211,9 @@ drow "verify_key, plain key, 2 clients" "$v2" "index lookup" "$f2" tps "$r2" ">=
 # Steady state: the writer adds each minute's tallies to the counts once that minute is over,
 # so an 8 s run sees that work or not by chance, and alternating 60 s runs charge it to the run
 # after (analytics off) — measured that way, on/off came out 1.00.
-read -r va vn r <<<"$(steady_setting verify_key_100k '-c apikeys.analytics=off' 2)"
+read -r va vn r cr ua un <<<"$(steady_setting verify_key_100k '-c apikeys.analytics=off')"
 drow "verify_key, plain key, 2 clients, verification analytics on (the default) vs off, steady state (the last 60 s of 200 s runs)" "$va" "apikeys.analytics = off" "$vn" tps "$r" ">=" 0.95
+drow "the same runs' CPU per verification (every postgres process), as the throughput it implies at equal machine speed (see bench/notes.md)" "$ua" "apikeys.analytics = off" "$un" "µs" "$cr" ">=" 0.95
 read -r v1 f1 r1 <<<"$(pair verify_key_100k lookup_floor_100k 1)"
 drow "verify_key, plain key, 1 client" "$v1" "index lookup" "$f1" tps "$r1" "" ""
 gain=$(ratio "$(ratio "$v2" "$v1")" "$(ratio "$f2" "$f1")")
