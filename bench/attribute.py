@@ -56,7 +56,9 @@ while pb.poll() is None:
         if s0 is None: s0 = stat(); base = ps; t_start = now
         for pid, (ticks, cmd) in ps.items():
             if pid not in first: first[pid] = base[pid][0] if pid in base else 0
-            last[pid] = ticks; names[pid] = cmd
+            # A process that has exited but not been reaped has an empty cmdline: keep its name.
+            last[pid] = ticks
+            if cmd: names[pid] = cmd
         s1 = stat(); t_end = now
     time.sleep(0.5)
 err = pb.stderr.read()
@@ -65,7 +67,7 @@ if s0 is None:
 tps = [float(m.group(2)) for m in re.finditer(r'progress: (\d+\.\d) s, (\d+\.\d) tps', err) if float(m.group(1)) > 140]
 byc = collections.Counter()
 for pid in last:
-    byc[cls(names[pid])] += (last[pid] - first[pid]) / HZ
+    byc[cls(names.get(pid, ''))] += (last[pid] - first[pid]) / HZ
 d = [b - a for a, b in zip(s0, s1)]
 tot = sum(d)
 print(f"{label}: tps {sum(tps)/len(tps):.0f} ({' '.join('%.0f' % t for t in tps)})")

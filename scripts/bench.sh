@@ -55,11 +55,12 @@ pair() {
 # (its tables grow) is not charged to one side. Prints "ours floor tps-ratio cpu-ratio ours-µs
 # floor-µs" (medians): cpu-ratio is the throughput ratio the CPU per call implies at equal machine
 # speed, (server/pgbench + 1) of the floor over ours, server being the CPU µs per call of every
-# postgres process (backends, writer, autovacuum, ...) and pgbench the client's own, whose work
-# does not depend on the server: on 2 shared cores the machine's speed varies by more than 5% from
-# one run to the next, and that divides out.
+# postgres process (backends, writer, autovacuum, ...) and pgbench the client's own, whose
+# instructions do not depend on the server: on 2 shared cores the machine's speed varies by more
+# than 5% from one run to the next, and that divides out; but so does whatever the server makes
+# pgbench pay (its cache and TLB entries evicted), so it is reported, not a target.
 steady_setting() {
-  local o f os=() fs=() rs=() cs=() ous=() fus=() i on off
+  local o f c os=() fs=() rs=() cs=() ous=() fus=() i on off
   for i in $(seq "${STEADY_ROUNDS:-4}"); do
     if [ $((i % 2)) -eq 1 ]; then
       off=$(steady_run off "$2" "$1"); on=$(steady_run on "" "$1")
@@ -70,8 +71,9 @@ steady_setting() {
     log "steady round $i: on $o tps, $os_us + $op_us µs/call; off $f tps, $fs_us + $fp_us µs/call"
     os+=("$o"); fs+=("$f"); rs+=("$(ratio "$o" "$f")")
     ous+=("$os_us"); fus+=("$fs_us")
-    cs+=("$(awk -v so="$os_us" -v po="$op_us" -v sf="$fs_us" -v pf="$fp_us" \
-      'BEGIN {printf "%.3f", (sf / pf + 1) / (so / po + 1)}')")
+    c=$(awk -v so="$os_us" -v po="$op_us" -v sf="$fs_us" -v pf="$fp_us" \
+      'BEGIN { if (po > 0 && pf > 0) printf "%.3f", (sf / pf + 1) / (so / po + 1) }')
+    if [ -n "$c" ]; then cs+=("$c"); fi
   done
   echo "$(median_of "${os[@]}") $(median_of "${fs[@]}") $(median_of "${rs[@]}") $(median_of "${cs[@]}") $(median_of "${ous[@]}") $(median_of "${fus[@]}")"
 }
@@ -213,7 +215,9 @@ drow "verify_key, plain key, 2 clients" "$v2" "index lookup" "$f2" tps "$r2" ">=
 # after (analytics off) — measured that way, on/off came out 1.00.
 read -r va vn r cr ua un <<<"$(steady_setting verify_key_100k '-c apikeys.analytics=off')"
 drow "verify_key, plain key, 2 clients, verification analytics on (the default) vs off, steady state (the last 60 s of 200 s runs)" "$va" "apikeys.analytics = off" "$vn" tps "$r" ">=" 0.95
-drow "the same runs' CPU per verification (every postgres process), as the throughput it implies at equal machine speed (see bench/notes.md)" "$ua" "apikeys.analytics = off" "$un" "µs" "$cr" ">=" 0.95
+# Reported, not a target: it divides out the machine's speed, but also the cache and TLB misses
+# analytics causes other processes (pgbench's CPU per call rises with analytics on), see notes.
+drow "the same runs' CPU per verification (every postgres process), as the throughput it implies at pgbench's speed (see bench/notes.md)" "$ua" "apikeys.analytics = off" "$un" "µs" "$cr" "" ""
 read -r v1 f1 r1 <<<"$(pair verify_key_100k lookup_floor_100k 1)"
 drow "verify_key, plain key, 1 client" "$v1" "index lookup" "$f1" tps "$r1" "" ""
 gain=$(ratio "$(ratio "$v2" "$v1")" "$(ratio "$f2" "$f1")")
