@@ -1,8 +1,12 @@
 //! Verification analytics (SPEC §8): every verification (verify_key, verify_token,
 //! authenticate; not mint_token) counts into a per-minute tally of (key, code) in shared memory,
-//! under its own lock — never a write per call. Each database's writer (`writer`) moves its
-//! tallies into `apikeys.verification_batches` every few seconds (sooner when the table fills
-//! up, and when it stops at a clean shutdown): one row of arrays per minute, however many keys.
+//! under its own lock — never a write per call. A VALID verification of a key without limits
+//! counts in the key's entry of the metering engine instead (`engine::record_use`: the call
+//! finds that entry anyway, and a second random read of shared memory was most of what counting
+//! cost it); the writer moves those counts here when it takes the uses. Each database's writer
+//! (`writer`) moves its tallies into `apikeys.verification_batches` every few seconds (sooner
+//! when the table fills up, and when it stops at a clean shutdown): one row of arrays per
+//! minute, however many keys.
 //! Once a minute is over, its batches are added to `apikeys.verification_counts` as minute rows,
 //! so a key used many times a minute costs one row there per minute, not one per write (with
 //! many distinct keys, per-write upserts were most of what analytics cost); the writer adds the
@@ -167,6 +171,10 @@ const MAX_OVERFLOW: usize = 100_000;
 
 /// Counts one verification (its code, key, and the cost it spent) in its minute.
 pub fn count(v: &Verification, spent: i64) {
+    // Counted already, in its key's entry of the metering engine (`engine::record_use`).
+    if v.tallied {
+        return;
+    }
     // SAFETY: reads the server's state.
     if !guc::analytics() || !crate::engine::available() || unsafe { pg_sys::RecoveryInProgress() } {
         return;
@@ -204,7 +212,7 @@ pub fn count(v: &Verification, spent: i64) {
         return;
     };
     if added == Added::Full {
-        keep_for_later(&key, spent);
+        keep_for_later(&key, 1, spent);
     }
     // A new tally may be the first of a while: a writer must come for it (a running one takes
     // every tally anyway: checked without the engine's lock). A filling table asks for an early
@@ -212,6 +220,31 @@ pub fn count(v: &Verification, spent: i64) {
     let unseen = added == Added::New && !crate::engine::writer_running(slot);
     if unseen || (filling && early_wake_due()) {
         crate::engine::wake_writer_for_tallies(filling);
+    }
+}
+
+/// Adds `count` VALID verifications of key `id` (created at `created_us`) in `minute`, spending
+/// `cost`, to the table: a tally of an earlier minute that the key's engine entry still held
+/// when the next minute's first verification came (`engine::record_use`).
+pub fn add_valid(id: &str, created_us: i64, minute: i64, count: i64, cost: i64) {
+    let key = TallyKey {
+        db: crate::engine::my_database(),
+        id,
+        created_us,
+        code: Code::Valid.number(),
+        minute,
+    };
+    let added = with_tallies(|slots, used| tallies::add(slots, used, &key, count, cost));
+    if added == Some(Added::Full) {
+        keep_for_later(&key, count, cost);
+    }
+}
+
+/// The writer's side: the VALID tallies it took out of the engine's entries with their uses
+/// (`writer::collect`) join the table's, to be written with them.
+pub fn add_taken(taken: &[Tally]) {
+    if !taken.is_empty() {
+        put_back(taken);
     }
 }
 
@@ -233,7 +266,7 @@ fn early_wake_due() -> bool {
     })
 }
 
-fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
+fn keep_for_later(key: &TallyKey<'_>, count: i64, spent: i64) {
     OVERFLOW.with(|o| {
         let mut o = o.borrow_mut();
         if o.is_empty() {
@@ -248,7 +281,7 @@ fn keep_for_later(key: &TallyKey<'_>, spent: i64) {
             return;
         }
         let e = o.entry(k).or_default();
-        e.0 += 1;
+        e.0 += count;
         e.1 += spent;
     });
 }
@@ -890,6 +923,54 @@ mod tests {
             counted(&id, 6),
             "INSUFFICIENT_PERMISSIONS:1:0,RATE_LIMITED:3:0,VALID:2:3"
         );
+    }
+
+    #[pg_test]
+    fn valid_verifications_of_a_key_without_limits_are_counted_but_minting_is_not() {
+        // Counted in the key's entry of the metering engine, taken by the writer with its uses.
+        let (id, key) = create("");
+        assert_eq!(code(&key, "cost => 3"), "VALID");
+        assert_eq!(code(&key, ""), "VALID");
+        let token = mint(&key, "60000");
+        assert_eq!(token_code(&token, ""), "VALID");
+        assert_eq!(
+            code(&key, r#"required => '{"docs": ["read"]}'"#),
+            "INSUFFICIENT_PERMISSIONS"
+        );
+        assert_eq!(counted(&id, 4), "INSUFFICIENT_PERMISSIONS:1:0,VALID:3:5");
+    }
+
+    #[pg_test]
+    fn valid_verifications_across_a_minute_boundary_count_in_their_own_minutes() {
+        let (id, key) = create("");
+        run("CREATE TEMP TABLE calls (minute timestamptz, code text)");
+        // To 1.5 s before the next minute: the writer takes the key's count with its uses every
+        // five seconds, so its engine entry usually sees both minutes (the earlier minute's
+        // count then moves to the tallies table).
+        run("SELECT pg_sleep(mod(118.5 - extract(second FROM clock_timestamp()), 60))");
+        for _ in 0..30 {
+            run(&format!(
+                "INSERT INTO calls SELECT date_trunc('minute', clock_timestamp()), (apikeys.verify_key('{key}')).code"
+            ));
+            run("SELECT pg_sleep(0.1)");
+        }
+        counted(&id, 30);
+        let per_minute = |sql: &str| one::<String>(sql).unwrap_or_default();
+        let made = per_minute(
+            "SELECT string_agg(minute || ' ' || code || ' ' || n, ', ' ORDER BY minute)
+               FROM (SELECT minute, code, count(*) AS n FROM calls GROUP BY 1, 2) c",
+        );
+        let stats = per_minute(&format!(
+            "SELECT string_agg(bucket || ' ' || code || ' ' || count, ', ' ORDER BY bucket)
+               FROM apikeys.verification_stats(key_id => '{id}', since => now() - '1 hour'::interval,
+                      until => clock_timestamp() + '1 hour'::interval, bucket => '1 minute')"
+        ));
+        assert_eq!(
+            made.matches("VALID").count(),
+            2,
+            "the calls spanned two minutes: {made}"
+        );
+        assert_eq!(stats, made);
     }
 
     /// Sets `verification_rollup.through` (the minutes before it count in hours and days).

@@ -456,11 +456,17 @@ pub fn warn_not_preloaded() {
 
 /// Counts one VALID use of a key (`id` created at `created_us`) at `now_us`. Never waits for
 /// another session and never writes: a full table keeps the use in this backend until there is
-/// room (and wakes the writer to make some).
-pub fn record_use(id: &str, created_us: i64, now_us: i64) {
+/// room (and wakes the writer to make some). With `analytics_cost`, the verification is also
+/// counted for analytics in the key's entry (`Entry::valid_count`), spending that cost; true
+/// when it was (the caller then leaves the tallies table alone).
+pub fn record_use(id: &str, created_us: i64, now_us: i64, analytics_cost: Option<i64>) -> bool {
     let Some(index) = database_index() else {
-        return;
+        return false;
     };
+    let minute = now_us.div_euclid(60_000_000);
+    // A tally of an earlier minute the entry still held: it goes to the tallies table, outside
+    // the engine's lock.
+    let mut earlier = None;
     let db = my_database();
     let overflowing = OVERFLOW.with(|o| !o.borrow().is_empty());
     let stored = with_shared(true, |s| {
@@ -472,7 +478,18 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
         let key = KeyRef { db, id, created_us };
         let stored = match s.insert(&key) {
             Some(i) => {
-                s.slots[i].last_access_us = now_us;
+                let e = &mut s.slots[i];
+                e.last_access_us = now_us;
+                if let Some(cost) = analytics_cost {
+                    if e.valid_count > 0 && e.valid_minute != minute {
+                        earlier = Some((e.valid_minute, e.valid_count, e.valid_cost));
+                        e.valid_count = 0;
+                        e.valid_cost = 0;
+                    }
+                    e.valid_minute = minute;
+                    e.valid_count = e.valid_count.saturating_add(1);
+                    e.valid_cost = e.valid_cost.saturating_add(cost);
+                }
                 s.add_uses(i, 1, now_us);
                 true
             }
@@ -486,12 +503,22 @@ pub fn record_use(id: &str, created_us: i64, now_us: i64) {
         }
         Some(stored)
     });
+    if let Some((minute, count, cost)) = earlier {
+        crate::analytics::add_valid(id, created_us, minute, count, cost);
+    }
     match stored {
-        Some(Some(true)) | None => {}
-        Some(Some(false)) => keep_for_later(id, created_us, 1, now_us),
+        Some(Some(true)) => analytics_cost.is_some(),
+        None => false,
+        Some(Some(false)) => {
+            keep_for_later(id, created_us, 1, now_us);
+            false
+        }
         // The launcher gave this database's slot up (its writer could not connect): claim one
         // again next time.
-        Some(None) => DATABASE.with(|d| d.set(None)),
+        Some(None) => {
+            DATABASE.with(|d| d.set(None));
+            false
+        }
     }
 }
 

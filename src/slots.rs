@@ -74,6 +74,13 @@ pub struct Entry {
     /// `apikeys.keys.credits` (update_credits since the quota was last set) that `remaining`
     /// includes: a credit reaches the entry as a new meter_version, and adds what it changed.
     pub credits: i64,
+    /// VALID verifications counted for analytics (SPEC §8) in minute `valid_minute` (epoch
+    /// minutes) and the cost they spent, taken by the writer with the uses: the verification
+    /// finds this entry anyway, so counting here spares it a second random read of shared
+    /// memory (the tallies table's).
+    pub valid_minute: i64,
+    pub valid_count: i64,
+    pub valid_cost: i64,
 }
 
 pub const FREE: Entry = Entry {
@@ -104,6 +111,9 @@ pub const FREE: Entry = Entry {
     written_refill_us: NONE,
     pending_remaining: NONE,
     credits: 0,
+    valid_minute: 0,
+    valid_count: 0,
+    valid_cost: 0,
 };
 
 fn opt(v: i64) -> Option<i64> {
@@ -227,6 +237,7 @@ impl Entry {
     /// go without losing anything.
     pub fn clean(&self) -> bool {
         self.uses == 0
+            && self.valid_count == 0
             && self.flushed_seq >= self.dirty_seq
             && self.unused_ahead() == 0
             && self.pending_remaining == NONE

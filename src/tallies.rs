@@ -45,6 +45,26 @@ pub const FREE: Tally = Tally {
 };
 
 impl Tally {
+    /// A tally of `count` verifications of `key` spending `cost`; None when the id does not fit.
+    pub fn new(key: &TallyKey<'_>, count: i64, cost: i64) -> Option<Tally> {
+        let bytes = key.id.as_bytes();
+        if bytes.len() > ID_BYTES {
+            return None;
+        }
+        let mut t = Tally {
+            db: key.db,
+            code: key.code,
+            id_len: bytes.len() as u8,
+            created_us: key.created_us,
+            minute: key.minute,
+            count,
+            cost,
+            id: FREE.id,
+        };
+        t.id[..bytes.len()].copy_from_slice(bytes);
+        Some(t)
+    }
+
     pub fn id(&self) -> &str {
         std::str::from_utf8(&self.id[..usize::from(self.id_len)]).unwrap_or("")
     }
@@ -108,17 +128,10 @@ pub fn add(
             if (*used + 1) * 8 > n * 7 {
                 return Added::Full;
             }
-            *t = Tally {
-                db: key.db,
-                code: key.code,
-                id_len: bytes.len() as u8,
-                created_us: key.created_us,
-                minute: key.minute,
-                count,
-                cost,
-                id: FREE.id,
+            let Some(new) = Tally::new(key, count, cost) else {
+                return Added::Full;
             };
-            t.id[..bytes.len()].copy_from_slice(bytes);
+            *t = new;
             *used += 1;
             return Added::New;
         }

@@ -105,6 +105,9 @@ pub struct Verification {
     pub master: bool,
     pub now: Option<TimestampWithTimeZone>,
     pub created_us: i64,
+    /// Not in the SQL result: counted for analytics already, in the key's entry of the metering
+    /// engine (`engine::record_use`), so `analytics::count` leaves it.
+    pub tallied: bool,
 }
 
 impl Verification {
@@ -130,6 +133,7 @@ impl Verification {
             master: false,
             now: None,
             created_us: 0,
+            tallied: false,
         }
     }
 
@@ -210,6 +214,9 @@ pub struct Request {
     pub ratelimits: Vec<(String, i64)>,
     /// Whose address allow-lists are checked against (SPEC §8).
     pub client: Client,
+    /// Whether the verification is counted for analytics (`counted`): every SQL verification,
+    /// not the one minting does.
+    pub counted: bool,
 }
 
 impl Request {
@@ -220,6 +227,7 @@ impl Request {
             cost,
             ratelimits: Vec::new(),
             client: Client::Unchecked,
+            counted: false,
         }
     }
 
@@ -240,6 +248,7 @@ impl Request {
             cost: checked_cost(cost),
             ratelimits,
             client,
+            counted: true,
         }
     }
 }
@@ -572,6 +581,7 @@ impl KeyState {
             master: self.master,
             now: Some(self.now),
             created_us: self.created_us,
+            tallied: false,
         }
     }
 }
@@ -687,7 +697,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
     let (mut default_cost, mut applied) = state.applied(request);
     let mut windows = state.windows(&applied);
     if !state.limited(&windows) {
-        return judge_unlimited(&state, required, token);
+        return judge_unlimited(&state, request, token);
     }
     // A management change of this key not committed yet (a revoke, a new quota) is waited for,
     // as a row lock would be, and the key read again as it then is.
@@ -708,7 +718,7 @@ pub fn judge(lookup: Lookup<'_>, request: &Request, token: Option<&Token>) -> Ve
         (default_cost, applied) = state.applied(request);
         windows = state.windows(&applied);
         if !state.limited(&windows) {
-            return judge_unlimited(&state, required, token);
+            return judge_unlimited(&state, request, token);
         }
     }
     if recovering() {
@@ -778,24 +788,31 @@ fn lookup_matches(state: &KeyState, hash: &[u8]) -> bool {
 
 /// A key without quota or rate limit (from the start, or since a change the call waited for):
 /// VALID when it grants what is required, and then a use counted in shared memory.
-fn judge_unlimited(
-    state: &KeyState,
-    required: &permissions::Query,
-    token: Option<&Token>,
-) -> Verification {
-    let code = if permitted(state, required, token) {
+fn judge_unlimited(state: &KeyState, request: &Request, token: Option<&Token>) -> Verification {
+    let code = if permitted(state, &request.required, token) {
         Code::Valid
     } else {
         Code::InsufficientPermissions
     };
+    let mut tallied = false;
     if code == Code::Valid && !recovering() {
         if crate::engine::available() {
-            crate::engine::record_use(&state.id, state.created_us, epoch_us(state.now));
+            let analytics_cost =
+                (request.counted && crate::guc::analytics()).then_some(request.cost);
+            tallied = crate::engine::record_use(
+                &state.id,
+                state.created_us,
+                epoch_us(state.now),
+                analytics_cost,
+            );
         } else {
             crate::engine::warn_not_preloaded();
         }
     }
-    state.verification(code, token)
+    Verification {
+        tallied,
+        ..state.verification(code, token)
+    }
 }
 
 fn recovering() -> bool {

@@ -166,6 +166,9 @@ struct Batch {
     up_to: u64,
     uses: Vec<Use>,
     meters: Vec<MeterRow>,
+    /// VALID verifications the entries counted for analytics (`Entry::valid_count`), for the
+    /// tallies table: taken whatever becomes of the batch.
+    valid: Vec<crate::tallies::Tally>,
 }
 
 /// Takes what this database has to write out of shared memory: every changed counter (with that
@@ -197,6 +200,22 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                     continue;
                 }
                 let e = &mut s.slots[i];
+                if e.valid_count > 0 {
+                    let key = crate::tallies::TallyKey {
+                        db,
+                        id: e.id(),
+                        created_us: e.created_us,
+                        code: crate::verify::Code::Valid.number(),
+                        minute: e.valid_minute,
+                    };
+                    batch.valid.extend(crate::tallies::Tally::new(
+                        &key,
+                        e.valid_count,
+                        e.valid_cost,
+                    ));
+                    e.valid_count = 0;
+                    e.valid_cost = 0;
+                }
                 // A key in use with quota written ahead waits, queued, until half its cover is
                 // used (its callers then ask for the write; every spend so far is covered, so
                 // none waits for this one) — otherwise a writer woken for anything would commit
@@ -428,6 +447,7 @@ fn write(batch: &Batch) -> Written {
             up_to: batch.up_to,
             uses: batch.uses.clone(),
             meters: keys,
+            valid: Vec::new(),
         };
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
@@ -744,7 +764,8 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
 /// Counters and uses: collect, write, complete. A failed write puts the uses back and
 /// re-raises (the writer exits, the launcher starts another).
 fn flush_meters(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
-    let batch = collect(index, db, all_uses, at_rest);
+    let mut batch = collect(index, db, all_uses, at_rest);
+    crate::analytics::add_taken(&std::mem::take(&mut batch.valid));
     if batch.uses.is_empty() && batch.meters.is_empty() {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
