@@ -159,7 +159,7 @@ pub fn init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_int_guc(
             c"apikeys.shared_keys",
-            c"Keys the metering engine holds in shared memory at once (about 300 bytes each).",
+            c"Keys the metering engine holds in shared memory at once (about 330 bytes each).",
             c"Every database's keys in use share it. Keys with limits stay while used; keys without limits leave at each write, about every second.",
             &SHARED_KEYS,
             1024,
