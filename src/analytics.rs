@@ -244,7 +244,10 @@ pub fn add_valid(id: &str, created_us: i64, minute: i64, count: i64, cost: i64) 
 /// (`writer::collect`) join the table's, to be written with them.
 pub fn add_taken(taken: &[Tally]) {
     if !taken.is_empty() {
-        put_back(taken);
+        add_all(
+            taken,
+            "when the writer took them from the metering engine's entries",
+        );
     }
 }
 
@@ -322,15 +325,20 @@ fn take(db: u32) -> Vec<Tally> {
 
 /// Puts tallies back after a failed write (what finds no room is dropped, with a WARNING).
 pub fn put_back(taken: &[Tally]) {
+    add_all(taken, "after a failed write");
+}
+
+/// Adds `adding` to the table; what finds no room is dropped, with a WARNING saying `when`.
+fn add_all(adding: &[Tally], when: &str) {
     let lost = with_tallies(|slots, used| {
-        taken
+        adding
             .iter()
             .filter(|t| tallies::add(slots, used, &t.key(), t.count, t.cost) == Added::Full)
             .count()
     })
     .unwrap_or(0);
     if lost > 0 {
-        warning!("pg_apikeys: {lost} verification tallies found no room after a failed write and are lost");
+        warning!("pg_apikeys: {lost} verification tallies found no room {when} and are lost");
     }
 }
 
