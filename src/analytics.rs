@@ -227,16 +227,22 @@ pub fn count(v: &Verification, spent: i64) {
 /// `cost`, to the table: a tally of an earlier minute that the key's engine entry still held
 /// when the next minute's first verification came (`engine::record_use`).
 pub fn add_valid(id: &str, created_us: i64, minute: i64, count: i64, cost: i64) {
-    let key = TallyKey {
-        db: crate::engine::my_database(),
+    let key = valid_key(crate::engine::my_database(), id, created_us, minute);
+    let added = with_tallies(|slots, used| tallies::add(slots, used, &key, count, cost));
+    if added == Some(Added::Full) {
+        keep_for_later(&key, count, cost);
+    }
+}
+
+/// The tally key of key `id`'s VALID verifications in `minute` (database `db`): what the engine's
+/// entries count for keys without limits.
+pub fn valid_key(db: u32, id: &str, created_us: i64, minute: i64) -> TallyKey<'_> {
+    TallyKey {
+        db,
         id,
         created_us,
         code: Code::Valid.number(),
         minute,
-    };
-    let added = with_tallies(|slots, used| tallies::add(slots, used, &key, count, cost));
-    if added == Some(Added::Full) {
-        keep_for_later(&key, count, cost);
     }
 }
 

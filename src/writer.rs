@@ -166,16 +166,19 @@ struct Batch {
     up_to: u64,
     uses: Vec<Use>,
     meters: Vec<MeterRow>,
-    /// VALID verifications the entries counted for analytics (`Entry::valid_count`), for the
-    /// tallies table: taken whatever becomes of the batch.
-    valid: Vec<crate::tallies::Tally>,
 }
 
 /// Takes what this database has to write out of shared memory: every changed counter (with that
 /// key's uses, so that request_count keeps step with a quota), and, when `all_uses` (every few
 /// seconds, when the table fills up, at exit), the uses of every key. Only the dirty lists are
-/// visited, not the whole table.
-fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
+/// visited, not the whole table. Beside the batch: the VALID verifications the entries counted for
+/// analytics (`Entry::valid_count`), for the tallies table whatever becomes of the batch.
+fn collect(
+    index: usize,
+    db: u32,
+    all_uses: bool,
+    at_rest: bool,
+) -> (Batch, Vec<crate::tallies::Tally>) {
     let now = now_us();
     with_shared(true, |s| {
         let all_uses = all_uses || s.header.used * 4 > s.header.capacity * 3;
@@ -186,6 +189,7 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
             up_to: d.next_seq,
             ..Batch::default()
         };
+        let mut valid = Vec::new();
         let mut plain = Vec::new();
         let lists: &[usize] = if all_uses {
             &[slots::COUNTERS, slots::USES]
@@ -201,14 +205,8 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                 }
                 let e = &mut s.slots[i];
                 if e.valid_count > 0 {
-                    let key = crate::tallies::TallyKey {
-                        db,
-                        id: e.id(),
-                        created_us: e.created_us,
-                        code: crate::verify::Code::Valid.number(),
-                        minute: e.valid_minute,
-                    };
-                    batch.valid.extend(crate::tallies::Tally::new(
+                    let key = crate::analytics::valid_key(db, e.id(), e.created_us, e.valid_minute);
+                    valid.extend(crate::tallies::Tally::new(
                         &key,
                         e.valid_count,
                         e.valid_cost,
@@ -283,7 +281,7 @@ fn collect(index: usize, db: u32, all_uses: bool, at_rest: bool) -> Batch {
                 }
             }
         }
-        batch
+        (batch, valid)
     })
     .unwrap_or_default()
 }
@@ -447,7 +445,6 @@ fn write(batch: &Batch) -> Written {
             up_to: batch.up_to,
             uses: batch.uses.clone(),
             meters: keys,
-            valid: Vec::new(),
         };
         crate::owner::as_owner(|| {
             Spi::connect_mut(|client| {
@@ -764,8 +761,8 @@ fn flush(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
 /// Counters and uses: collect, write, complete. A failed write puts the uses back and
 /// re-raises (the writer exits, the launcher starts another).
 fn flush_meters(index: usize, db: u32, all_uses: bool, at_rest: bool) -> bool {
-    let mut batch = collect(index, db, all_uses, at_rest);
-    crate::analytics::add_taken(&std::mem::take(&mut batch.valid));
+    let (batch, valid) = collect(index, db, all_uses, at_rest);
+    crate::analytics::add_taken(&valid);
     if batch.uses.is_empty() && batch.meters.is_empty() {
         with_shared(true, |s| {
             let d = &mut s.header.databases[index];
