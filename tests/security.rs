@@ -61,6 +61,24 @@ fn database_with_a_key(admin: &mut Client, name: &str) -> (String, Client, Strin
     (url, client, key)
 }
 
+/// Terminates writer `pid` and waits until it has left (its claim is given up before it leaves
+/// pg_stat_activity): a verification made while it still ran would be written by its last flush
+/// and ask for no new writer.
+fn terminate_writer(admin: &mut Client, pid: i32) {
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while admin
+        .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "writer {pid} still runs");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The pid of a usage writer other than `old`, waiting up to 15 s for one (after a restart).
 fn next_writer(admin: &mut Client, old: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -141,9 +159,7 @@ fn the_usage_writer_runs_no_operator_a_database_owner_planted() {
     let (id, key) = create(&mut client, "");
     poke(&mut client, &key);
     let before = writer_pid(&mut admin, Duration::from_secs(10)).expect("a writer runs");
-    admin
-        .execute("SELECT pg_terminate_backend($1)", &[&before])
-        .unwrap();
+    terminate_writer(&mut admin, before);
     poke(&mut client, &key);
     next_writer(&mut admin, before);
     wait_for_count(&mut client, &id, 2);
@@ -206,9 +222,7 @@ fn the_usage_writer_comes_back_after_it_is_terminated() {
                 thread::sleep(Duration::from_millis(200));
             }
         } else {
-            admin
-                .execute("SELECT pg_terminate_backend($1)", &[&last])
-                .unwrap();
+            terminate_writer(&mut admin, last);
         }
         // Counted while no writer runs: kept in shared memory for the next one.
         poke(&mut client, &key);
